@@ -1,0 +1,86 @@
+//! One error type for the core. Each variant carries what a user needs to act on it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O call failed on `path`.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+
+    /// The disk (or quota) is full while writing `path`.
+    #[error("no space left on device while writing {}", path.display())]
+    NoSpace { path: PathBuf },
+
+    /// A file that is not a valid packds dataset/index/shard, or a damaged one.
+    #[error("{}: {what}", path.display())]
+    Format { path: PathBuf, what: String },
+
+    /// A sample's or shard's bytes do not match the recorded checksum.
+    #[error("checksum mismatch for {key} in {}", shard.display())]
+    Checksum { key: String, shard: PathBuf },
+
+    /// A user error that is not about a file's contents (bad arguments, existing output, ...).
+    #[error("{msg}")]
+    Usage { msg: String, hint: Option<String> },
+
+    /// A file changed while it was being packed.
+    #[error("{} changed while it was read ({what})", path.display())]
+    Changed { path: PathBuf, what: String },
+
+    /// An archive member would be written outside the destination.
+    #[error("refusing to write {member:?}: {why}")]
+    Escape { member: String, why: &'static str },
+
+    /// The operation was cancelled (Ctrl-C / SIGTERM).
+    #[error("interrupted")]
+    Cancelled,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an `io::Error` with the operation and path; ENOSPC/EDQUOT become `NoSpace`.
+    pub fn io(op: &'static str, path: impl AsRef<Path>, source: io::Error) -> Error {
+        let path = path.as_ref().to_path_buf();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::NoSpace { path },
+            _ => Error::Io { op, path, source },
+        }
+    }
+
+    pub fn format(path: impl AsRef<Path>, what: impl Into<String>) -> Error {
+        Error::Format { path: path.as_ref().to_path_buf(), what: what.into() }
+    }
+
+    pub fn usage(msg: impl Into<String>, hint: impl Into<String>) -> Error {
+        Error::Usage { msg: msg.into(), hint: Some(hint.into()) }
+    }
+
+    /// What to do about it, when there is something to say.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::Usage { hint, .. } => hint.clone(),
+            Error::NoSpace { .. } => Some("free space or write elsewhere; completed shards are kept, rerun with --resume".into()),
+            Error::Format { .. } => Some("the dataset is damaged or incomplete: re-run `packds pack` (with --resume if it was interrupted), or `packds verify` to see what is wrong".into()),
+            Error::Checksum { .. } => Some("the data on disk is damaged: copy or pack the dataset again".into()),
+            Error::Changed { .. } => Some("pack from a tree that is not being modified, or pass --on-error skip".into()),
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                Some("fix the permissions, or pass --on-error skip to leave such files out".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Shorthand: `.ctx("open", path)` on an `io::Result`.
+pub trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}

@@ -1,0 +1,39 @@
+//! Filesystem helpers: atomic writes and directory fsync.
+
+use crate::error::{IoContext, Result};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Writes `data` to `path` atomically: a temporary file in the same directory, fsync, rename,
+/// then fsync of the directory. Readers see the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = tmp_name(path);
+    {
+        let mut f = File::create(&tmp).ctx("create", &tmp)?;
+        f.write_all(data).ctx("write", &tmp)?;
+        f.sync_all().ctx("fsync", &tmp)?;
+    }
+    fs::rename(&tmp, path).ctx("rename", path)?;
+    sync_parent(path)
+}
+
+/// `dir/.name.tmp` for `dir/name`.
+pub fn tmp_name(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// fsync the directory that holds `path`, so a rename in it survives a crash.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).ctx("open", dir)?;
+    d.sync_all().ctx("fsync", dir)
+}

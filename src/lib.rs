@@ -1,0 +1,29 @@
+//! packds: pack many small files into a few indexed tar shards, and read any sample back fast.
+//!
+//! Modules in pipeline order:
+//! - [`error`]   one error type; every variant names the path or key a user can act on
+//! - [`fsx`]     filesystem helpers: atomic write (temp + fsync + rename), directory fsync
+//! - [`walk`]    parallel discovery of the input tree, odd files, deterministic order
+//! - [`tar`]     pax/ustar header writer and header reader for the shard format
+//! - [`index`]   the binary index: builder, validation at open, O(1)/O(log n) lookups (mapped)
+//! - [`manifest`] the human-readable `manifest.json`
+//! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
+//! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
+//! - `py`        the only code that names pyo3 (feature `python`)
+
+pub mod error;
+pub mod fsx;
+pub mod index;
+pub mod manifest;
+pub mod pack;
+pub mod read;
+pub mod tar;
+pub mod walk;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Error, Result};
+
+/// Version of this library, written into every manifest.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,730 @@
+//! The pack pipeline: walk → parallel open/read/CRC (a pool of I/O threads) → one writer that
+//! lays members into tar shards in key order → index → manifest (last).
+//!
+//! Crash safety: a shard is written as `.shard-NNNNN.tar.tmp`, fsynced and renamed; then a
+//! per-shard index goes into `.pack-state/`. The final index and `manifest.json` are written
+//! atomically at the end and `.pack-state/` is removed. A directory without `manifest.json` is
+//! never opened as a dataset. `--resume` reuses every shard that has its per-shard index.
+//!
+//! Memory: the in-flight window holds at most `window` files of at most `small_max` bytes each;
+//! larger files are streamed by the writer. The index costs 32 bytes + key length per file.
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsx;
+use crate::index::{Index, IndexBuilder, ShardInfo};
+use crate::manifest::{self, hex128, IndexRecord, Manifest, ShardRecord};
+use crate::tar::{self, Meta};
+use crate::walk::{self, FileEntry, OnError, SourceRoot, Skipped, WalkOptions};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+use xxhash_rust::xxh3::Xxh3;
+
+pub const STATE_DIR: &str = ".pack-state";
+const STATE_OPTIONS: &str = "options.json";
+pub const DEFAULT_SHARD_SIZE: u64 = 1 << 30;
+const WRITE_BUF: usize = 8 << 20;
+const STREAM_CHUNK: usize = 1 << 20;
+const INFLIGHT_BYTES: usize = 256 << 20;
+
+pub fn shard_name(k: usize) -> String {
+    format!("shard-{k:05}.tar")
+}
+
+fn shard_state_name(k: usize) -> String {
+    format!("shard-{k:05}.pdsi")
+}
+
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    pub sources: Vec<PathBuf>,
+    pub output: PathBuf,
+    pub shard_size: u64,
+    pub threads: usize,
+    pub follow_symlinks: bool,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub on_error: OnError,
+    pub force: bool,
+    pub resume: bool,
+    /// Recorded verbatim in the manifest's `options`.
+    pub options_json: serde_json::Value,
+}
+
+impl PackOptions {
+    pub fn new(sources: Vec<PathBuf>, output: PathBuf) -> Self {
+        PackOptions {
+            sources,
+            output,
+            shard_size: DEFAULT_SHARD_SIZE,
+            threads: 32,
+            follow_symlinks: false,
+            include: vec![],
+            exclude: vec![],
+            on_error: OnError::Fail,
+            force: false,
+            resume: false,
+            options_json: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Counters the caller may read while a pack runs (progress), and a cancel switch.
+#[derive(Default)]
+pub struct Progress {
+    /// 0 walking, 1 packing, 2 finishing, 3 done.
+    pub phase: AtomicU8,
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackSummary {
+    pub output: PathBuf,
+    pub files: u64,
+    pub bytes: u64,
+    pub shards: u64,
+    pub resumed_shards: u64,
+    pub skipped: Vec<Skipped>,
+    pub seconds: f64,
+    /// The dataset was already complete (`--resume` on a finished pack): nothing was done.
+    pub already_complete: bool,
+}
+
+fn globset(pats: &[String], what: &str) -> Result<Option<GlobSet>> {
+    if pats.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in pats {
+        let g = Glob::new(p).map_err(|e| Error::usage(format!("bad --{what} pattern {p:?}: {e}"), "see the glob syntax in `packds pack --help`"))?;
+        b.add(g);
+    }
+    b.build().map(Some).map_err(|e| Error::usage(format!("bad --{what} patterns: {e}"), "check the patterns"))
+}
+
+/// Test-only fault injection (`PACKDS_FAULT=kill-after-shards:N` or `kill-after-files:N`): the
+/// process kills itself with SIGKILL at that point, as a node failure would.
+#[derive(Clone, Copy, Default)]
+struct Fault {
+    after_shards: Option<u64>,
+    after_files: Option<u64>,
+}
+
+impl Fault {
+    fn from_env() -> Fault {
+        let mut f = Fault::default();
+        if let Ok(v) = std::env::var("PACKDS_FAULT") {
+            if let Some((what, n)) = v.split_once(':') {
+                let n = n.parse().ok();
+                match what {
+                    "kill-after-shards" => f.after_shards = n,
+                    "kill-after-files" => f.after_files = n,
+                    _ => {}
+                }
+            }
+        }
+        f
+    }
+
+    fn check(limit: Option<u64>, count: u64) {
+        if limit == Some(count) {
+            // SAFETY: raising a signal in our own process.
+            unsafe {
+                libc::raise(libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Is every entry of `dir` something packds writes? (Only then may `--force` clear it.)
+fn only_packds_files(dir: &Path) -> Result<bool> {
+    for e in fs::read_dir(dir).ctx("list directory", dir)? {
+        let e = e.ctx("list directory", dir)?;
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        let ours = n == manifest::FILE
+            || n == manifest::INDEX_FILE
+            || n == STATE_DIR
+            || (n.starts_with("shard-") && n.ends_with(".tar"))
+            || (n.starts_with('.') && n.ends_with(".tmp"));
+        if !ours {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn clear_dir(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).ctx("list directory", dir)? {
+        let p = e.ctx("list directory", dir)?.path();
+        if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p).ctx("remove", &p)?;
+        } else {
+            fs::remove_file(&p).ctx("remove", &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Holds an exclusive flock on the output directory for the life of the pack.
+struct DirLock {
+    _file: File,
+}
+
+fn lock_dir(dir: &Path) -> Result<DirLock> {
+    let f = File::open(dir).ctx("open", dir)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::usage(
+            format!("another packds process is writing {}", dir.display()),
+            "wait for it to finish, or write to another directory",
+        ));
+    }
+    Ok(DirLock { _file: f })
+}
+
+/// What the stored state says about completed shards (for `--resume`).
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+struct StateOptions {
+    shard_size: u64,
+    sources: Vec<String>,
+}
+
+/// Packs `opts.sources` into `opts.output`.
+pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
+    let t0 = Instant::now();
+    let out = &opts.output;
+    if opts.shard_size < 4096 {
+        return Err(Error::usage(format!("--shard-size {} is too small", opts.shard_size), "use at least 4 KiB (default 1 GiB)"));
+    }
+    let mut created = false;
+    match fs::symlink_metadata(out) {
+        Ok(md) if md.is_dir() => {
+            if out.join(manifest::FILE).exists() && opts.resume && !opts.force {
+                let m = Manifest::load(out)?;
+                progress.phase.store(3, Relaxed);
+                return Ok(PackSummary {
+                    output: out.clone(),
+                    files: m.samples,
+                    bytes: m.total_bytes,
+                    shards: m.shards.len() as u64,
+                    resumed_shards: m.shards.len() as u64,
+                    skipped: m.skipped,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    already_complete: true,
+                });
+            }
+            let empty = fs::read_dir(out).ctx("list directory", out)?.next().is_none();
+            if !empty && !opts.force && !(opts.resume && out.join(STATE_DIR).is_dir()) {
+                return Err(Error::usage(
+                    format!("output {} already exists", out.display()),
+                    "pass --force to replace it, --resume to finish an interrupted pack, or choose another -o",
+                ));
+            }
+            if opts.force && !only_packds_files(out)? {
+                return Err(Error::usage(
+                    format!("output {} holds files that packds did not write; refusing to delete them", out.display()),
+                    "choose another -o, or remove that directory yourself",
+                ));
+            }
+        }
+        Ok(_) => {
+            return Err(Error::usage(format!("output {} exists and is not a directory", out.display()), "choose another -o"));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir(out).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::usage(format!("cannot create {}: its parent directory does not exist", out.display()), "create the parent directory first")
+                } else {
+                    Error::io("create directory", out, e)
+                }
+            })?;
+            created = true;
+        }
+        Err(e) => return Err(Error::io("stat", out, e)),
+    }
+    let lock = lock_dir(out)?;
+    let res = pack_locked(opts, progress, t0);
+    if res.is_err() && created {
+        // Nothing worth resuming unless a shard was completed.
+        let has_shards = fs::read_dir(out.join(STATE_DIR)).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".pdsi")))).unwrap_or(false);
+        if !has_shards {
+            let _ = fs::remove_dir_all(out);
+        }
+    }
+    drop(lock);
+    res
+}
+
+fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<PackSummary> {
+    let out = &opts.output;
+    if opts.force && !opts.resume {
+        clear_dir(out)?;
+    }
+    let out_md = fs::metadata(out).ctx("stat", out)?;
+    let wopts = WalkOptions {
+        follow_symlinks: opts.follow_symlinks,
+        include: globset(&opts.include, "include")?,
+        exclude: globset(&opts.exclude, "exclude")?,
+        threads: opts.threads.min(64),
+        on_error: opts.on_error,
+        prune: vec![(out_md.dev(), out_md.ino())],
+    };
+    progress.phase.store(0, Relaxed);
+    let walked = walk::walk(&opts.sources, &wopts)?;
+    if walked.files.is_empty() {
+        let srcs: Vec<String> = opts.sources.iter().map(|s| s.display().to_string()).collect();
+        return Err(Error::usage(
+            format!("no files to pack in {} ({} entries skipped)", srcs.join(", "), walked.skipped.len()),
+            "check the source path and the --include/--exclude patterns",
+        ));
+    }
+    progress.files_total.store(walked.files.len() as u64, Relaxed);
+    progress.phase.store(1, Relaxed);
+
+    let state = out.join(STATE_DIR);
+    let state_opts = StateOptions {
+        shard_size: opts.shard_size,
+        sources: opts.sources.iter().map(|s| s.display().to_string()).collect(),
+    };
+    // Resume: take every completed shard whose keys match the walk, in order.
+    let mut builder = IndexBuilder::new();
+    let mut shard_records = Vec::new();
+    let mut start = 0usize;
+    let mut resumed = 0u64;
+    if opts.resume && state.is_dir() {
+        let prev: StateOptions = manifest::read_json(&state.join(STATE_OPTIONS))?;
+        if prev.shard_size != opts.shard_size {
+            return Err(Error::usage(
+                format!("the interrupted pack in {} used --shard-size {}, not {}", out.display(), prev.shard_size, opts.shard_size),
+                "resume with the same options, or start over with --force",
+            ));
+        }
+        let mut k = 0;
+        loop {
+            let ip = state.join(shard_state_name(k));
+            let sp = out.join(shard_name(k));
+            if !ip.exists() {
+                break;
+            }
+            let ix = Index::open(&ip)?;
+            let info = ix.shards().first().cloned().ok_or_else(|| Error::format(&ip, "per-shard index without a shard"))?;
+            let actual = fs::metadata(&sp).map(|m| m.len()).unwrap_or(u64::MAX);
+            if actual != info.size {
+                break; // shard missing or damaged: write it again from here
+            }
+            let n = ix.len();
+            let matches = start + n <= walked.files.len() && (0..n).all(|i| ix.key(i).ok() == Some(&walked.files[start + i].key[..]));
+            if !matches {
+                return Err(Error::usage(
+                    format!("the source tree changed since the pack into {} was interrupted", out.display()),
+                    "start over with --force",
+                ));
+            }
+            builder.extend_from(&ix)?;
+            shard_records.push(ShardRecord { file: shard_name(k), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
+            start += n;
+            k += 1;
+            resumed += 1;
+            progress.files_done.store(start as u64, Relaxed);
+        }
+        // Anything after the first gap is rewritten.
+        for e in fs::read_dir(&state).ctx("list directory", &state)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(num) = name.strip_prefix("shard-").and_then(|r| r.strip_suffix(".pdsi")).and_then(|r| r.parse::<usize>().ok()) {
+                if num >= k {
+                    fs::remove_file(e.path()).ctx("remove", e.path())?;
+                }
+            }
+        }
+    } else {
+        if state.exists() {
+            fs::remove_dir_all(&state).ctx("remove", &state)?;
+        }
+        fs::create_dir(&state).ctx("create directory", &state)?;
+        fsx::write_atomic(&state.join(STATE_OPTIONS), &serde_json::to_vec(&state_opts).unwrap_or_default())?;
+        fsx::sync_dir(out)?;
+    }
+
+    let mut skipped = walked.skipped.clone();
+    run_pipeline(opts, progress, &walked.roots, &walked.files, start, shard_records.len(), &mut builder, &mut shard_records, &mut skipped)?;
+
+    // Final index, then manifest (last: its presence marks the dataset complete).
+    progress.phase.store(2, Relaxed);
+    let index_bytes = builder.to_bytes();
+    let index_path = out.join(manifest::INDEX_FILE);
+    fsx::write_atomic(&index_path, &index_bytes)?;
+    let total_bytes = builder.total_bytes();
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    let m = Manifest {
+        format: manifest::FORMAT_NAME.into(),
+        format_version: manifest::FORMAT_VERSION,
+        shard_format: "tar".into(),
+        tool: format!("packds {}", crate::VERSION),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        options: opts.options_json.clone(),
+        samples: builder.len() as u64,
+        total_bytes,
+        index: IndexRecord {
+            file: manifest::INDEX_FILE.into(),
+            size: index_bytes.len() as u64,
+            xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(&index_bytes)),
+        },
+        shards: shard_records,
+        skipped: skipped.clone(),
+    };
+    fsx::write_atomic(&out.join(manifest::FILE), &m.to_json()?)?;
+    fs::remove_dir_all(&state).ctx("remove", &state)?;
+    fsx::sync_dir(out)?;
+    progress.phase.store(3, Relaxed);
+    Ok(PackSummary {
+        output: out.clone(),
+        files: m.samples,
+        bytes: total_bytes,
+        shards: m.shards.len() as u64,
+        resumed_shards: resumed,
+        skipped,
+        seconds: t0.elapsed().as_secs_f64(),
+        already_complete: false,
+    })
+}
+
+/// What an I/O thread hands the writer for one file.
+enum Item {
+    Small { meta: Meta, data: Vec<u8>, crc: u32 },
+    Large { meta: Meta, file: File, path: PathBuf },
+    Skip(Skipped),
+    Fail(Error),
+}
+
+fn meta_of(md: &fs::Metadata) -> Meta {
+    Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() }
+}
+
+fn read_one(path: &Path, follow: bool, small_max: u64) -> Result<Item> {
+    let mut oo = OpenOptions::new();
+    oo.read(true);
+    let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    oo.custom_flags(flags);
+    let mut f = oo.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            Error::Changed { path: path.to_path_buf(), what: "it became a symlink".into() }
+        } else {
+            Error::io("open", path, e)
+        }
+    })?;
+    let md = f.metadata().ctx("stat", path)?;
+    if !md.is_file() {
+        return Err(Error::Changed { path: path.to_path_buf(), what: "it is no longer a regular file".into() });
+    }
+    let meta = meta_of(&md);
+    if meta.size > small_max {
+        return Ok(Item::Large { meta, file: f, path: path.to_path_buf() });
+    }
+    let mut data = Vec::with_capacity(meta.size as usize + 1);
+    f.read_to_end(&mut data).ctx("read", path)?;
+    if data.len() as u64 != meta.size {
+        return Err(Error::Changed { path: path.to_path_buf(), what: format!("size was {} bytes at open, {} bytes were read", meta.size, data.len()) });
+    }
+    let crc = crc32c::crc32c(&data);
+    Ok(Item::Small { meta, data, crc })
+}
+
+/// The ordered window shared by the I/O threads and the writer.
+struct Window {
+    next: usize,
+    written: usize,
+    slots: Vec<Option<Item>>,
+    stop: bool,
+}
+
+struct ShardOut {
+    k: usize,
+    tmp: PathBuf,
+    w: BufWriter<File>,
+    pos: u64,
+    hash: Xxh3,
+    index: IndexBuilder,
+}
+
+impl ShardOut {
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.w.write_all(b).ctx("write", &self.tmp)?;
+        self.hash.update(b);
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_pipeline(
+    opts: &PackOptions,
+    progress: &Progress,
+    roots: &[SourceRoot],
+    files: &[FileEntry],
+    start: usize,
+    first_shard: usize,
+    builder: &mut IndexBuilder,
+    records: &mut Vec<ShardRecord>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<u64> {
+    let n = files.len();
+    let threads = opts.threads.clamp(1, 256);
+    let window = (threads * 2 + 16).min(4096);
+    let small_max = (INFLIGHT_BYTES / window).clamp(64 << 10, 8 << 20) as u64;
+    let shared = Mutex::new(Window { next: start, written: start, slots: (0..window).map(|_| None).collect(), stop: false });
+    let space = Condvar::new();
+    let ready = Condvar::new();
+    let fault = Fault::from_env();
+
+    let worker = || loop {
+        let i = {
+            let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if w.stop || w.next >= n {
+                    return;
+                }
+                if w.next < w.written + window {
+                    break;
+                }
+                w = space.wait(w).unwrap_or_else(|p| p.into_inner());
+            }
+            w.next += 1;
+            w.next - 1
+        };
+        let path = files[i].path(roots);
+        let item = if progress.cancel.load(Relaxed) {
+            Item::Fail(Error::Cancelled)
+        } else {
+            match read_one(&path, opts.follow_symlinks, small_max) {
+                Ok(it) => it,
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && opts.on_error == OnError::Skip => {
+                    Item::Skip(Skipped { path: path.display().to_string(), reason: "deleted while packing".into() })
+                }
+                Err(e) if opts.on_error == OnError::Skip && !matches!(e, Error::NoSpace { .. }) => Item::Skip(Skipped { path: path.display().to_string(), reason: e.to_string() }),
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Item::Fail(Error::Changed { path: path.clone(), what: "it was deleted".into() }),
+                Err(e) => Item::Fail(e),
+            }
+        };
+        let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
+        w.slots[i % window] = Some(item);
+        ready.notify_one();
+    };
+
+    let mut write_all = || -> Result<u64> {
+        let mut cur: Option<ShardOut> = None;
+        let mut k = first_shard;
+        let mut files_written = 0u64;
+        let mut hdr = Vec::with_capacity(2048);
+        let result = (|| -> Result<()> {
+            for i in start..n {
+                let item = {
+                    let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    loop {
+                        if let Some(it) = w.slots[i % window].take() {
+                            w.written = i + 1;
+                            space.notify_all();
+                            break it;
+                        }
+                        w = ready.wait(w).unwrap_or_else(|p| p.into_inner());
+                    }
+                };
+                if progress.cancel.load(Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let meta = match &item {
+                    Item::Small { meta, .. } | Item::Large { meta, .. } => *meta,
+                    Item::Skip(s) => {
+                        skipped.push(s.clone());
+                        continue;
+                    }
+                    Item::Fail(_) => {
+                        let Item::Fail(e) = item else { unreachable!() };
+                        return Err(e);
+                    }
+                };
+                let key = &files[i].key;
+                hdr.clear();
+                let hlen = tar::write_header(&mut hdr, key, &meta) as u64;
+                let member = hlen + meta.size + tar::padding(meta.size);
+                if let Some(s) = &cur {
+                    if s.pos + member + tar::END.len() as u64 > opts.shard_size && !s.index.is_empty() {
+                        let s = cur.take().expect("checked above");
+                        close_shard(opts, s, builder, records)?;
+                        k += 1;
+                        Fault::check(fault.after_shards, (k - first_shard) as u64);
+                    }
+                }
+                if cur.is_none() {
+                    let tmp = opts.output.join(format!(".{}.tmp", shard_name(k)));
+                    let f = File::create(&tmp).ctx("create", &tmp)?;
+                    cur = Some(ShardOut { k, tmp, w: BufWriter::with_capacity(WRITE_BUF, f), pos: 0, hash: Xxh3::new(), index: IndexBuilder::new() });
+                }
+                let s = cur.as_mut().expect("opened above");
+                let member_start = s.pos;
+                let hash_before = s.hash.clone();
+                s.put(&hdr)?;
+                let data_off = s.pos;
+                let crc = match item {
+                    Item::Small { data, crc, .. } => {
+                        s.put(&data)?;
+                        crc
+                    }
+                    Item::Large { mut file, path, .. } => match stream_file(s, &mut file, &path, meta.size) {
+                        Ok(c) => c,
+                        Err(e @ Error::Changed { .. }) if opts.on_error == OnError::Skip => {
+                            // Roll the shard back to where this member began.
+                            s.w.flush().ctx("write", &s.tmp)?;
+                            s.w.get_ref().set_len(member_start).ctx("truncate", &s.tmp)?;
+                            s.w.get_mut().seek(SeekFrom::Start(member_start)).ctx("seek", &s.tmp)?;
+                            s.pos = member_start;
+                            s.hash = hash_before;
+                            skipped.push(Skipped { path: path.display().to_string(), reason: e.to_string() });
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    },
+                    _ => unreachable!(),
+                };
+                s.put(&[0u8; 512][..tar::padding(meta.size) as usize])?;
+                s.index.push(key, 0, data_off, meta.size, crc);
+                files_written += 1;
+                progress.files_done.store(i as u64 + 1, Relaxed);
+                progress.bytes_done.fetch_add(meta.size, Relaxed);
+                Fault::check(fault.after_files, files_written);
+            }
+            if let Some(s) = cur.take() {
+                close_shard(opts, s, builder, records)?;
+            }
+            Ok(())
+        })();
+        if let Some(s) = cur.take() {
+            let _ = fs::remove_file(&s.tmp);
+        }
+        let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
+        w.stop = true;
+        space.notify_all();
+        drop(w);
+        result.map(|_| files_written)
+    };
+
+    std::thread::scope(|sc| {
+        for _ in 0..threads.min(n - start).max(1) {
+            sc.spawn(worker);
+        }
+        write_all()
+    })
+}
+
+/// Copies a large file into the shard in chunks, checking it has exactly `size` bytes.
+fn stream_file(s: &mut ShardOut, f: &mut File, path: &Path, size: u64) -> Result<u32> {
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut left = size;
+    let mut crc = 0u32;
+    while left > 0 {
+        let want = (left.min(STREAM_CHUNK as u64)) as usize;
+        let got = f.read(&mut buf[..want]).ctx("read", path)?;
+        if got == 0 {
+            return Err(Error::Changed { path: path.to_path_buf(), what: format!("it shrank: {} of {size} bytes were there", size - left) });
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..got]);
+        s.put(&buf[..got])?;
+        left -= got as u64;
+    }
+    if f.read(&mut buf[..1]).ctx("read", path)? != 0 {
+        return Err(Error::Changed { path: path.to_path_buf(), what: format!("it grew past {size} bytes") });
+    }
+    Ok(crc)
+}
+
+fn close_shard(opts: &PackOptions, mut s: ShardOut, builder: &mut IndexBuilder, records: &mut Vec<ShardRecord>) -> Result<()> {
+    s.put(&tar::END)?;
+    let f = s.w.into_inner().map_err(|e| Error::io("write", &s.tmp, e.into_error()))?;
+    f.sync_all().ctx("fsync", &s.tmp)?;
+    drop(f);
+    let name = shard_name(s.k);
+    let dst = opts.output.join(&name);
+    fs::rename(&s.tmp, &dst).ctx("rename", &dst)?;
+    let info = ShardInfo { name: name.clone(), size: s.pos, hash: s.hash.digest128() };
+    s.index.push_shard(info.clone());
+    let bytes = s.index.to_bytes();
+    let ip = opts.output.join(STATE_DIR).join(shard_state_name(s.k));
+    fsx::write_atomic(&ip, &bytes)?; // also fsyncs the state dir
+    fsx::sync_dir(&opts.output)?;
+    let ix = Index::open(&ip)?;
+    builder.extend_from(&ix)?;
+    records.push(ShardRecord { file: name, size: info.size, samples: ix.len() as u64, xxh3_128: hex128(info.hash) });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::read::Reader;
+
+    fn tree(dir: &Path, n: usize) -> Vec<(String, Vec<u8>)> {
+        let mut v = Vec::new();
+        for i in 0..n {
+            let key = format!("c{:02}/f{i:05}.bin", i % 7);
+            let data: Vec<u8> = (0..(i * 37) % 3000).map(|j| (i + j) as u8).collect();
+            fs::create_dir_all(dir.join(&key).parent().unwrap()).unwrap();
+            fs::write(dir.join(&key), &data).unwrap();
+            v.push((key, data));
+        }
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn pack_read_back_and_deterministic() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let want = tree(&src, 500);
+        let mut o = PackOptions::new(vec![src.clone()], d.path().join("a"));
+        o.shard_size = 64 << 10;
+        o.threads = 8;
+        let s = pack(&o, &Progress::default()).unwrap();
+        assert_eq!(s.files, 500);
+        assert!(s.shards > 5);
+        let r = Reader::open(&o.output).unwrap();
+        for (i, (k, data)) in want.iter().enumerate() {
+            assert_eq!(r.key(i).unwrap(), k.as_bytes());
+            assert_eq!(r.get(i).unwrap(), &data[..]);
+        }
+        r.verify().unwrap();
+        let mut o2 = o.clone();
+        o2.output = d.path().join("b");
+        o2.threads = 3;
+        pack(&o2, &Progress::default()).unwrap();
+        for name in std::iter::once(manifest::INDEX_FILE.to_string()).chain((0..s.shards as usize).map(shard_name)) {
+            assert_eq!(fs::read(o.output.join(&name)).unwrap(), fs::read(o2.output.join(&name)).unwrap(), "{name}");
+        }
+    }
+
+    #[test]
+    fn refuses_existing_output_and_empty_source() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let o = PackOptions::new(vec![src.clone()], d.path().join("out"));
+        let e = pack(&o, &Progress::default()).unwrap_err();
+        assert!(e.to_string().contains("no files to pack"), "{e}");
+        assert!(!o.output.exists(), "a failed first pack leaves nothing behind");
+        fs::write(src.join("x"), b"x").unwrap();
+        pack(&o, &Progress::default()).unwrap();
+        let e = pack(&o, &Progress::default()).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+    }
+}

@@ -1,0 +1,370 @@
+//! `Reader`: an opened dataset. The index and every shard are memory-mapped read-only; a
+//! sample is a bounds-checked slice of its shard's mapping.
+
+use crate::error::{Error, IoContext, Result};
+use crate::index::{Index, ShardInfo};
+use crate::manifest::{self, hex128, Manifest};
+use crate::tar;
+use memmap2::{Mmap, MmapOptions};
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptionsPds {
+    /// Map shards with MAP_POPULATE: page tables filled at open, so no read faults later
+    /// (reads every shard into memory once; for staged or in-memory datasets).
+    pub populate: bool,
+}
+
+pub struct Reader {
+    dir: PathBuf,
+    index: Index,
+    manifest: Manifest,
+    maps: Vec<Option<Mmap>>,
+}
+
+/// The outcome of `verify`: what was checked and every problem found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub samples: u64,
+    pub shards: u64,
+    pub bytes: u64,
+    pub problems: Vec<String>,
+}
+
+impl Reader {
+    pub fn open(dir: &Path) -> Result<Reader> {
+        Self::open_with(dir, OpenOptionsPds::default())
+    }
+
+    /// Opens a dataset: reads the manifest, maps and checks the index header and maps every
+    /// shard after checking its size. O(shards), independent of the number of samples.
+    pub fn open_with(dir: &Path, opts: OpenOptionsPds) -> Result<Reader> {
+        let md = fs::metadata(dir).ctx("open", dir)?;
+        if !md.is_dir() {
+            return Err(Error::format(dir, "not a packds dataset (a dataset is a directory with manifest.json)"));
+        }
+        let manifest = Manifest::load(dir)?;
+        let ipath = dir.join(manifest::INDEX_FILE);
+        let index = Index::open(&ipath)?;
+        let isize = fs::metadata(&ipath).ctx("stat", &ipath)?.len();
+        if isize != manifest.index.size || index.len() as u64 != manifest.samples || index.shards().len() != manifest.shards.len() {
+            return Err(Error::format(dir, "manifest.json and index.pdsi disagree (index replaced or damaged)"));
+        }
+        let mut maps = Vec::with_capacity(index.shards().len());
+        for (s, rec) in index.shards().iter().zip(&manifest.shards) {
+            if s.name != rec.file || s.size != rec.size || hex128(s.hash) != rec.xxh3_128 {
+                return Err(Error::format(dir, format!("manifest.json and index.pdsi disagree about shard {}", s.name)));
+            }
+            maps.push(map_shard(dir, s, opts)?);
+        }
+        Ok(Reader { dir: dir.to_path_buf(), index, manifest, maps })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn key(&self, i: usize) -> Result<&[u8]> {
+        self.index.key(i)
+    }
+
+    pub fn find(&self, key: &[u8]) -> Result<Option<usize>> {
+        self.index.find(key)
+    }
+
+    pub fn size(&self, i: usize) -> Result<u64> {
+        Ok(self.index.entry(i)?.size)
+    }
+
+    /// (shard file, data offset, size) of sample `i`.
+    pub fn locate(&self, i: usize) -> Result<(PathBuf, u64, u64)> {
+        let e = self.index.entry(i)?;
+        Ok((self.dir.join(&self.index.shards()[e.shard as usize].name), e.offset, e.size))
+    }
+
+    /// The stored bytes of sample `i`, borrowed from the mapping.
+    #[inline]
+    pub fn get(&self, i: usize) -> Result<&[u8]> {
+        let e = self.index.entry(i)?;
+        match &self.maps[e.shard as usize] {
+            // In bounds: `entry` checked offset + size <= the shard size recorded in the index,
+            // and `map_shard` checked that the mapped file has exactly that size.
+            Some(m) => Ok(&m[e.offset as usize..(e.offset + e.size) as usize]),
+            None => Ok(&[]),
+        }
+    }
+
+    /// Like `get`, and checks the sample's CRC32C.
+    pub fn get_checked(&self, i: usize) -> Result<&[u8]> {
+        let b = self.get(i)?;
+        let e = self.index.entry(i)?;
+        if crc32c::crc32c(b) != e.crc {
+            return Err(self.checksum_error(i, e.shard));
+        }
+        Ok(b)
+    }
+
+    fn checksum_error(&self, i: usize, shard: u32) -> Error {
+        let key = self.index.key(i).map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_else(|_| format!("#{i}"));
+        Error::Checksum { key, shard: self.dir.join(&self.index.shards()[shard as usize].name) }
+    }
+
+    /// Checks everything: the index (all entries, key order, checksum), each shard's size and
+    /// XXH3-128 against the manifest, and every sample's CRC32C. Each shard is read once,
+    /// sequentially with large reads; shards are checked by up to `threads` threads.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        self.verify_with(4)
+    }
+
+    pub fn verify_with(&self, threads: usize) -> Result<VerifyReport> {
+        let mut rep = VerifyReport::default();
+        if let Err(e) = self.index.validate_all() {
+            rep.problems.push(e.to_string());
+            return Ok(rep);
+        }
+        let ipath = self.dir.join(manifest::INDEX_FILE);
+        let ibytes = fs::read(&ipath).ctx("read", &ipath)?;
+        if hex128(xxhash_rust::xxh3::xxh3_128(&ibytes)) != self.manifest.index.xxh3_128 {
+            rep.problems.push(format!("{}: checksum does not match manifest.json", ipath.display()));
+        }
+        // Samples per shard, in offset order.
+        let mut per: Vec<Vec<(usize, u64, u64, u32)>> = vec![Vec::new(); self.index.shards().len()];
+        for i in 0..self.index.len() {
+            let e = self.index.entry(i)?;
+            per[e.shard as usize].push((i, e.offset, e.size, e.crc));
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: std::sync::Mutex<Vec<(usize, Result<Vec<String>>)>> = Default::default();
+        std::thread::scope(|sc| {
+            for _ in 0..threads.clamp(1, 64).min(per.len().max(1)) {
+                sc.spawn(|| loop {
+                    let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if s >= per.len() {
+                        return;
+                    }
+                    let r = self.verify_shard(s, &per[s]);
+                    results.lock().unwrap_or_else(|p| p.into_inner()).push((s, r));
+                });
+            }
+        });
+        let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        results.sort_by_key(|r| r.0);
+        for (s, r) in results {
+            rep.problems.extend(r?);
+            rep.shards += 1;
+            rep.bytes += self.index.shards()[s].size;
+            rep.samples += per[s].len() as u64;
+        }
+        Ok(rep)
+    }
+
+    fn verify_shard(&self, s: usize, samples: &[(usize, u64, u64, u32)]) -> Result<Vec<String>> {
+        let info = &self.index.shards()[s];
+        let path = self.dir.join(&info.name);
+        let mut f = File::open(&path).ctx("open", &path)?;
+        advise_sequential(&f);
+        let mut buf = vec![0u8; 8 << 20];
+        let mut h = Xxh3::new();
+        let mut pos = 0u64;
+        let mut crcs: Vec<u32> = vec![0; samples.len()];
+        let mut first = 0usize; // first sample not yet complete
+        loop {
+            let got = f.read(&mut buf).ctx("read", &path)?;
+            if got == 0 {
+                break;
+            }
+            let chunk = &buf[..got];
+            h.update(chunk);
+            let end = pos + got as u64;
+            let mut j = first;
+            while j < samples.len() && samples[j].1 < end {
+                let (_, off, size, _) = samples[j];
+                let a = off.max(pos);
+                let b = (off + size).min(end);
+                if a < b {
+                    crcs[j] = crc32c::crc32c_append(crcs[j], &chunk[(a - pos) as usize..(b - pos) as usize]);
+                }
+                if off + size <= end {
+                    if j == first {
+                        first += 1;
+                    }
+                } else {
+                    break;
+                }
+                j += 1;
+            }
+            pos = end;
+        }
+        let mut problems = Vec::new();
+        if pos != info.size {
+            problems.push(format!("{}: size is {pos} bytes, the index says {}", path.display(), info.size));
+        } else if h.digest128() != info.hash {
+            problems.push(format!("{}: checksum does not match the index and manifest", path.display()));
+        }
+        for (j, &(i, _, _, want)) in samples.iter().enumerate() {
+            if crcs[j] != want {
+                problems.push(self.checksum_error(i, s as u32).to_string());
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Extracts every sample into `dest` (created if needed), refusing keys that are absolute,
+    /// contain `..`, or would pass through a symlink; never overwrites an existing file.
+    /// Restores mode and mtime from the tar header. Returns the number of files written.
+    pub fn unpack(&self, dest: &Path) -> Result<u64> {
+        fs::create_dir_all(dest).ctx("create directory", dest)?;
+        let mut made: HashSet<Vec<u8>> = HashSet::new();
+        let mut n = 0u64;
+        for i in 0..self.len() {
+            let key = self.key(i)?;
+            let comps = safe_components(key)?;
+            let mut rel: Vec<u8> = Vec::new();
+            for c in &comps[..comps.len() - 1] {
+                if !rel.is_empty() {
+                    rel.push(b'/');
+                }
+                rel.extend_from_slice(c);
+                if made.contains(&rel) {
+                    continue;
+                }
+                let p = dest.join(std::ffi::OsStr::from_bytes(&rel));
+                match fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => return Err(Error::Escape { member: String::from_utf8_lossy(key).into_owned(), why: "a path component exists and is not a directory (symlink?)" }),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir(&p).ctx("create directory", &p)?,
+                    Err(e) => return Err(Error::io("stat", &p, e)),
+                }
+                made.insert(rel.clone());
+            }
+            let p = dest.join(std::ffi::OsStr::from_bytes(key));
+            let data = self.get_checked(i)?;
+            let (mode, mtime) = self.header_meta(i).unwrap_or((0o644, 0));
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&p)
+                .map_err(|e| if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::usage(format!("{} already exists", p.display()), "unpack into an empty directory")
+                } else {
+                    Error::io("create", &p, e)
+                })?;
+            f.write_all(data).ctx("write", &p)?;
+            f.set_permissions(fs::Permissions::from_mode(mode)).ctx("chmod", &p)?;
+            if mtime > 0 {
+                let ts = [libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 }; 2];
+                // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
+                unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) };
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Mode and mtime from the ustar header right before sample `i`'s data.
+    fn header_meta(&self, i: usize) -> Option<(u32, i64)> {
+        let e = self.index.entry(i).ok()?;
+        let m = self.maps[e.shard as usize].as_ref()?;
+        let start = e.offset.checked_sub(tar::BLOCK)? as usize;
+        tar::parse_mode_mtime(m.get(start..start + tar::BLOCK as usize)?)
+    }
+}
+
+/// Splits a key into path components, refusing anything that could leave the destination.
+pub fn safe_components(key: &[u8]) -> Result<Vec<&[u8]>> {
+    let bad = |why| Err(Error::Escape { member: String::from_utf8_lossy(key).into_owned(), why });
+    if key.is_empty() {
+        return bad("empty name");
+    }
+    if key[0] == b'/' {
+        return bad("absolute path");
+    }
+    if key.contains(&0) {
+        return bad("NUL byte in name");
+    }
+    let comps: Vec<&[u8]> = key.split(|&b| b == b'/').collect();
+    for c in &comps {
+        match *c {
+            b"" | b"." => return bad("empty or '.' path component"),
+            b".." => return bad("'..' path component"),
+            _ => {}
+        }
+    }
+    Ok(comps)
+}
+
+fn advise_sequential(f: &File) {
+    // SAFETY: advisory call on a descriptor we own.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}
+
+fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<Option<Mmap>> {
+    let path = dir.join(&s.name);
+    let f = File::open(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::format(&path, "shard is missing")
+        } else {
+            Error::io("open", &path, e)
+        }
+    })?;
+    let len = f.metadata().ctx("stat", &path)?.len();
+    if len != s.size {
+        return Err(Error::format(&path, format!("shard is {len} bytes, the index says {} (truncated or replaced)", s.size)));
+    }
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut mo = MmapOptions::new();
+    if opts.populate {
+        mo.populate();
+    }
+    // SAFETY: shards are immutable once renamed into place (packds never writes a finished
+    // shard). The length was checked above; every slice taken from it is bounds-checked.
+    let m = unsafe { mo.map(&f) }.ctx("map", &path)?;
+    Ok(Some(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Reader>();
+    }
+
+    #[test]
+    fn unsafe_keys_are_refused() {
+        for k in [&b"/etc/passwd"[..], b"../x", b"a/../../x", b"a//b", b"./a", b"", b"a/\0"] {
+            assert!(safe_components(k).is_err(), "{:?}", String::from_utf8_lossy(k));
+        }
+        assert_eq!(safe_components(b"a/b..c/d").unwrap().len(), 3);
+    }
+}

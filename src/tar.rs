@@ -1,0 +1,172 @@
+//! The tar side of the shard format: POSIX.1-2001 (pax) headers, written by hand so the core
+//! knows every byte offset it writes (the index records where each member's data starts).
+//!
+//! Each member is `[pax 'x' header + records]? ustar header, data, zero padding to 512`.
+//! A pax record set is written only when ustar cannot hold a field: a name longer than 100
+//! bytes or not plain ASCII (`path`, plus `hdrcharset=BINARY` when not UTF-8), a size of 8 GiB
+//! or more (`size`), ids or times out of the octal range. The shard ends with two zero blocks.
+
+pub const BLOCK: u64 = 512;
+/// What ends every shard: two zero blocks.
+pub const END: [u8; 1024] = [0u8; 1024];
+
+const MAX_OCTAL_11: u64 = 0o77777777777; // 12-byte field: 11 digits + NUL
+const MAX_OCTAL_7: u64 = 0o7777777; // 8-byte field
+
+/// What a member header records about a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: i64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Bytes of zero padding after `size` data bytes.
+pub fn padding(size: u64) -> u64 {
+    (BLOCK - size % BLOCK) % BLOCK
+}
+
+fn octal(field: &mut [u8], v: u64) {
+    let w = field.len() - 1;
+    let s = format!("{v:0w$o}");
+    field[..w].copy_from_slice(&s.as_bytes()[s.len() - w..]);
+    field[w] = 0;
+}
+
+fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
+    // "<len> key=value\n", where len counts itself.
+    let body = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = body + 1;
+    while len != body + len.to_string().len() {
+        len = body + len.to_string().len();
+    }
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(key.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+}
+
+fn ustar(out: &mut Vec<u8>, name: &[u8], meta: &Meta, typeflag: u8, size: u64) {
+    let mut h = [0u8; 512];
+    let n = name.len().min(100);
+    h[..n].copy_from_slice(&name[..n]);
+    octal(&mut h[100..108], u64::from(meta.mode & 0o7777));
+    octal(&mut h[108..116], u64::from(meta.uid).min(MAX_OCTAL_7));
+    octal(&mut h[116..124], u64::from(meta.gid).min(MAX_OCTAL_7));
+    octal(&mut h[124..136], if size > MAX_OCTAL_11 { 0 } else { size });
+    let mt = u64::try_from(meta.mtime).unwrap_or(0);
+    octal(&mut h[136..148], if mt > MAX_OCTAL_11 { 0 } else { mt });
+    h[156] = typeflag;
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    octal(&mut h[329..337], 0);
+    octal(&mut h[337..345], 0);
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    let s = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(s.as_bytes());
+    out.extend_from_slice(&h);
+}
+
+/// Appends the header(s) for a regular file `name` to `out`. The member's data must follow
+/// immediately, then `padding(meta.size)` zero bytes. Returns the number of header bytes.
+pub fn write_header(out: &mut Vec<u8>, name: &[u8], meta: &Meta) -> usize {
+    let start = out.len();
+    let mut rec = Vec::new();
+    if name.len() > 100 || !name.is_ascii() {
+        if std::str::from_utf8(name).is_err() {
+            pax_record(&mut rec, "hdrcharset", b"BINARY");
+        }
+        pax_record(&mut rec, "path", name);
+    }
+    if meta.size > MAX_OCTAL_11 {
+        pax_record(&mut rec, "size", meta.size.to_string().as_bytes());
+    }
+    if u64::try_from(meta.mtime).map_or(true, |m| m > MAX_OCTAL_11) {
+        pax_record(&mut rec, "mtime", meta.mtime.to_string().as_bytes());
+    }
+    if u64::from(meta.uid) > MAX_OCTAL_7 {
+        pax_record(&mut rec, "uid", meta.uid.to_string().as_bytes());
+    }
+    if u64::from(meta.gid) > MAX_OCTAL_7 {
+        pax_record(&mut rec, "gid", meta.gid.to_string().as_bytes());
+    }
+    if !rec.is_empty() {
+        let pm = Meta { size: rec.len() as u64, mode: 0o644, mtime: 0, uid: 0, gid: 0 };
+        ustar(out, b"././@PaxHeader", &pm, b'x', rec.len() as u64);
+        out.extend_from_slice(&rec);
+        out.resize(out.len() + padding(rec.len() as u64) as usize, 0);
+    }
+    ustar(out, name, meta, b'0', meta.size);
+    out.len() - start
+}
+
+fn parse_octal(f: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(f).ok()?;
+    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(s, 8).ok()
+}
+
+/// Reads mode and mtime back from the ustar header that precedes a member's data, if it is a
+/// valid header (checksum matches). Used by `unpack` to restore file metadata.
+pub fn parse_mode_mtime(h: &[u8]) -> Option<(u32, i64)> {
+    if h.len() != 512 || &h[257..262] != b"ustar" {
+        return None;
+    }
+    let want = parse_octal(&h[148..156])?;
+    let sum: u64 = h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
+    if sum != want {
+        return None;
+    }
+    let mode = u32::try_from(parse_octal(&h[100..108])?).ok()? & 0o7777;
+    let mtime = i64::try_from(parse_octal(&h[136..148])?).ok()?;
+    Some((mode, mtime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        let mut v = Vec::new();
+        pax_record(&mut v, "path", &[b'a'; 93]);
+        // 3 digits + ' ' + 4 + '=' + 93 + '\n' = 102... length field must equal total
+        let s = std::str::from_utf8(&v).unwrap();
+        let (n, _) = s.split_once(' ').unwrap();
+        assert_eq!(n.parse::<usize>().unwrap(), v.len());
+        for k in 1..300 {
+            let mut v = Vec::new();
+            pax_record(&mut v, "path", &vec![b'x'; k]);
+            let s = std::str::from_utf8(&v).unwrap();
+            assert_eq!(s.split_once(' ').unwrap().0.parse::<usize>().unwrap(), v.len(), "k={k}");
+        }
+    }
+
+    #[test]
+    fn short_ascii_name_is_one_block_and_parses_back() {
+        let m = Meta { size: 5, mode: 0o640, mtime: 1_700_000_000, uid: 1000, gid: 1000 };
+        let mut v = Vec::new();
+        assert_eq!(write_header(&mut v, b"a/b.txt", &m), 512);
+        assert_eq!(parse_mode_mtime(&v), Some((0o640, 1_700_000_000)));
+    }
+
+    #[test]
+    fn long_or_binary_names_and_huge_sizes_use_pax() {
+        let m = Meta { size: 9 << 30, mode: 0o644, mtime: 1, uid: 0, gid: 0 };
+        let mut v = Vec::new();
+        let n = write_header(&mut v, b"\xff\xfe-not-utf8", &m);
+        assert_eq!(n % 512, 0);
+        assert!(n > 512);
+        let recs = String::from_utf8_lossy(&v[512..n - 512]).into_owned();
+        assert!(recs.contains("hdrcharset=BINARY"));
+        assert!(recs.contains(&format!("size={}", 9u64 << 30)));
+    }
+}

@@ -1,0 +1,383 @@
+//! Parallel discovery of the input tree.
+//!
+//! Directories are listed by a small pool of threads (on a network filesystem every `readdir`
+//! and `stat` is a round-trip, so several must be in flight). Nothing is filtered silently:
+//! hidden files are included, symlinks / FIFOs / sockets / devices are reported as skipped
+//! (never opened), and the result is sorted byte-wise by key so that packing the same tree twice
+//! gives the same shards.
+
+use crate::error::{Error, Result};
+use globset::{Candidate, GlobSet};
+use std::collections::VecDeque;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// One file to pack: its key (path relative to its source root, `/`-separated, raw bytes) and
+/// the index of that root.
+#[derive(Debug, Clone)]
+pub struct FileEntry {
+    pub key: Box<[u8]>,
+    pub root: u32,
+}
+
+impl FileEntry {
+    pub fn path(&self, roots: &[SourceRoot]) -> PathBuf {
+        let r = &roots[self.root as usize];
+        if r.is_file {
+            r.path.clone()
+        } else {
+            r.path.join(OsStr::from_bytes(&self.key))
+        }
+    }
+}
+
+/// A source given on the command line.
+#[derive(Debug, Clone)]
+pub struct SourceRoot {
+    pub path: PathBuf,
+    /// A single file given directly: its key is its file name.
+    pub is_file: bool,
+}
+
+/// Something the walk left out, and why.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    Fail,
+    Skip,
+}
+
+pub struct WalkOptions {
+    pub follow_symlinks: bool,
+    pub include: Option<GlobSet>,
+    pub exclude: Option<GlobSet>,
+    pub threads: usize,
+    pub on_error: OnError,
+    /// (dev, ino) of directories never to enter (the output directory).
+    pub prune: Vec<(u64, u64)>,
+}
+
+pub struct WalkResult {
+    pub roots: Vec<SourceRoot>,
+    pub files: Vec<FileEntry>,
+    pub skipped: Vec<Skipped>,
+}
+
+struct Ancestors {
+    dev_ino: (u64, u64),
+    parent: Option<Arc<Ancestors>>,
+}
+
+impl Ancestors {
+    fn contains(&self, id: (u64, u64)) -> bool {
+        let mut cur = Some(self);
+        while let Some(a) = cur {
+            if a.dev_ino == id {
+                return true;
+            }
+            cur = a.parent.as_deref();
+        }
+        false
+    }
+}
+
+struct DirJob {
+    root: u32,
+    rel: Vec<u8>,
+    abs: PathBuf,
+    ancestors: Arc<Ancestors>,
+}
+
+struct Queue {
+    jobs: VecDeque<DirJob>,
+    active: usize,
+    failed: bool,
+}
+
+struct Shared<'a> {
+    opts: &'a WalkOptions,
+    queue: Mutex<Queue>,
+    cv: Condvar,
+    out: Mutex<(Vec<FileEntry>, Vec<Skipped>, Option<Error>)>,
+}
+
+fn lossy(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Walks every source and returns the files sorted by key.
+pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
+    let mut roots = Vec::new();
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    let mut jobs = VecDeque::new();
+    for (i, src) in sources.iter().enumerate() {
+        let md = fs::metadata(src).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::usage(
+                format!("source {} does not exist", src.display()),
+                "check the path (a source is a directory or a file)",
+            ),
+            _ => Error::io("stat", src, e),
+        })?;
+        let root = i as u32;
+        if md.is_file() {
+            let name = src.file_name().ok_or_else(|| Error::usage(format!("source {} has no file name", src.display()), "name a file or a directory"))?;
+            roots.push(SourceRoot { path: src.clone(), is_file: true });
+            files.push(FileEntry { key: name.as_bytes().into(), root });
+        } else if md.is_dir() {
+            roots.push(SourceRoot { path: src.clone(), is_file: false });
+            jobs.push_back(DirJob {
+                root,
+                rel: Vec::new(),
+                abs: src.clone(),
+                ancestors: Arc::new(Ancestors { dev_ino: (md.dev(), md.ino()), parent: None }),
+            });
+        } else {
+            return Err(Error::usage(
+                format!("source {} is neither a regular file nor a directory", src.display()),
+                "name a directory or regular files",
+            ));
+        }
+    }
+    let shared = Shared {
+        opts,
+        queue: Mutex::new(Queue { jobs, active: 0, failed: false }),
+        cv: Condvar::new(),
+        out: Mutex::new((Vec::new(), Vec::new(), None)),
+    };
+    let nthreads = opts.threads.clamp(1, 256);
+    std::thread::scope(|s| {
+        for _ in 0..nthreads {
+            s.spawn(|| worker(&shared));
+        }
+    });
+    let (mut f, mut sk, err) = shared.out.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = err {
+        return Err(e);
+    }
+    files.append(&mut f);
+    skipped.append(&mut sk);
+    files.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    for w in files.windows(2) {
+        if w[0].key == w[1].key {
+            let a = w[0].path(&roots);
+            let b = w[1].path(&roots);
+            return Err(Error::usage(
+                format!("two sources give the same key {:?}: {} and {}", String::from_utf8_lossy(&w[0].key), a.display(), b.display()),
+                "keys are paths relative to each source; pack these sources separately or rename one",
+            ));
+        }
+    }
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(WalkResult { roots, files, skipped })
+}
+
+fn worker(sh: &Shared) {
+    loop {
+        let job = {
+            let mut q = sh.queue.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if q.failed {
+                    return;
+                }
+                if let Some(j) = q.jobs.pop_front() {
+                    q.active += 1;
+                    break j;
+                }
+                if q.active == 0 {
+                    sh.cv.notify_all();
+                    return;
+                }
+                q = sh.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let mut files = Vec::new();
+        let mut skipped = Vec::new();
+        let mut subdirs = Vec::new();
+        let res = list_dir(sh.opts, &job, &mut files, &mut skipped, &mut subdirs);
+        {
+            let mut out = sh.out.lock().unwrap_or_else(|p| p.into_inner());
+            out.0.append(&mut files);
+            out.1.append(&mut skipped);
+            if let Err(e) = res {
+                if out.2.is_none() {
+                    out.2 = Some(e);
+                }
+                drop(out);
+                let mut q = sh.queue.lock().unwrap_or_else(|p| p.into_inner());
+                q.failed = true;
+                sh.cv.notify_all();
+                return;
+            }
+        }
+        let mut q = sh.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.jobs.extend(subdirs);
+        q.active -= 1;
+        sh.cv.notify_all();
+    }
+}
+
+fn child_key(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parent.len() + 1 + name.len());
+    if !parent.is_empty() {
+        k.extend_from_slice(parent);
+        k.push(b'/');
+    }
+    k.extend_from_slice(name);
+    k
+}
+
+fn matches(set: &Option<GlobSet>, key: &[u8]) -> bool {
+    set.as_ref().is_some_and(|s| s.is_match_candidate(&Candidate::new(OsStr::from_bytes(key))))
+}
+
+fn list_dir(
+    opts: &WalkOptions,
+    job: &DirJob,
+    files: &mut Vec<FileEntry>,
+    skipped: &mut Vec<Skipped>,
+    subdirs: &mut Vec<DirJob>,
+) -> Result<()> {
+    let skip_or_fail = |skipped: &mut Vec<Skipped>, path: &Path, err: std::io::Error, op: &'static str| -> Result<()> {
+        match opts.on_error {
+            OnError::Fail => Err(Error::io(op, path, err)),
+            OnError::Skip => {
+                skipped.push(Skipped { path: lossy(path), reason: format!("cannot {op}: {err}") });
+                Ok(())
+            }
+        }
+    };
+    let rd = match fs::read_dir(&job.abs) {
+        Ok(rd) => rd,
+        Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory"),
+    };
+    for ent in rd {
+        let ent = match ent {
+            Ok(e) => e,
+            Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory"),
+        };
+        let name = ent.file_name();
+        let key = child_key(&job.rel, name.as_bytes());
+        let abs = ent.path();
+        let ft = match ent.file_type() {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
+            Err(e) => {
+                skip_or_fail(skipped, &abs, e, "stat")?;
+                continue;
+            }
+        };
+        let (is_dir, is_file) = if ft.is_symlink() {
+            if !opts.follow_symlinks {
+                skipped.push(Skipped { path: lossy(&abs), reason: "symlink (use --follow-symlinks to follow)".into() });
+                continue;
+            }
+            match fs::metadata(&abs) {
+                Ok(md) if md.is_dir() => {
+                    if job.ancestors.contains((md.dev(), md.ino())) {
+                        skipped.push(Skipped { path: lossy(&abs), reason: "symlink loop".into() });
+                        continue;
+                    }
+                    (true, false)
+                }
+                Ok(md) if md.is_file() => (false, true),
+                Ok(_) => {
+                    skipped.push(Skipped { path: lossy(&abs), reason: "symlink to a special file".into() });
+                    continue;
+                }
+                Err(e) => {
+                    skipped.push(Skipped { path: lossy(&abs), reason: format!("broken symlink: {e}") });
+                    continue;
+                }
+            }
+        } else {
+            (ft.is_dir(), ft.is_file())
+        };
+        if is_dir {
+            if matches(&opts.exclude, &key) {
+                continue;
+            }
+            let md = match fs::metadata(&abs) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    skip_or_fail(skipped, &abs, e, "stat")?;
+                    continue;
+                }
+            };
+            let id = (md.dev(), md.ino());
+            if opts.prune.contains(&id) {
+                skipped.push(Skipped { path: lossy(&abs), reason: "the output directory (never packed into itself)".into() });
+                continue;
+            }
+            subdirs.push(DirJob {
+                root: job.root,
+                rel: key,
+                abs,
+                ancestors: Arc::new(Ancestors { dev_ino: id, parent: Some(job.ancestors.clone()) }),
+            });
+        } else if is_file {
+            if matches(&opts.exclude, &key) {
+                continue;
+            }
+            if opts.include.is_some() && !matches(&opts.include, &key) {
+                continue;
+            }
+            files.push(FileEntry { key: key.into_boxed_slice(), root: job.root });
+        } else {
+            let kind = if ft.is_fifo() { "FIFO" } else { "special file (socket or device)" };
+            skipped.push(Skipped { path: lossy(&abs), reason: format!("{kind}, not a regular file") });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> WalkOptions {
+        WalkOptions { follow_symlinks: false, include: None, exclude: None, threads: 4, on_error: OnError::Fail, prune: vec![] }
+    }
+
+    #[test]
+    fn sorted_bytewise_with_hidden_and_odd_files() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("a/b")).unwrap();
+        fs::write(r.join("a-c"), b"1").unwrap();
+        fs::write(r.join("a/b/x"), b"2").unwrap();
+        fs::write(r.join(".hidden"), b"3").unwrap();
+        std::os::unix::fs::symlink("a-c", r.join("link")).unwrap();
+        let res = walk(&[r.to_path_buf()], &opts()).unwrap();
+        let keys: Vec<_> = res.files.iter().map(|f| String::from_utf8_lossy(&f.key).into_owned()).collect();
+        assert_eq!(keys, vec![".hidden", "a-c", "a/b/x"]);
+        assert_eq!(res.skipped.len(), 1);
+        assert!(res.skipped[0].reason.contains("symlink"));
+    }
+
+    #[test]
+    fn follows_symlinks_and_detects_loops() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("d")).unwrap();
+        fs::write(r.join("d/f"), b"1").unwrap();
+        std::os::unix::fs::symlink("..", r.join("d/up")).unwrap();
+        std::os::unix::fs::symlink("f", r.join("d/g")).unwrap();
+        let mut o = opts();
+        o.follow_symlinks = true;
+        let res = walk(&[r.to_path_buf()], &o).unwrap();
+        let keys: Vec<_> = res.files.iter().map(|f| String::from_utf8_lossy(&f.key).into_owned()).collect();
+        assert_eq!(keys, vec!["d/f", "d/g"]);
+        assert!(res.skipped.iter().any(|s| s.reason == "symlink loop"));
+    }
+}
