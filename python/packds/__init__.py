@@ -1,0 +1,176 @@
+"""packds: pack many small files into a few indexed tar shards, read any sample back fast.
+
+>>> import packds
+>>> ds = packds.open("imagenet.pds")
+>>> len(ds), ds.key(0), len(ds[0])
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from typing import Iterator
+
+from . import _core
+from .errors import (
+    ChecksumError,
+    FormatError,
+    NoSpaceError,
+    PackdsError,
+    SourceChangedError,
+    UnsafePathError,
+    UsageError,
+)
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "open",
+    "pack",
+    "Dataset",
+    "Keys",
+    "PackdsError",
+    "FormatError",
+    "ChecksumError",
+    "NoSpaceError",
+    "UsageError",
+    "SourceChangedError",
+    "UnsafePathError",
+    "__version__",
+]
+
+
+class Keys(Sequence):
+    """The keys of a dataset as a lazy, read-only sequence of ``str`` (no list is built)."""
+
+    __slots__ = ("_ds",)
+
+    def __init__(self, ds: "Dataset") -> None:
+        self._ds = ds
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._ds.key(j) for j in range(*i.indices(len(self._ds)))]
+        return self._ds.key(i)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, (str, bytes)) and self._ds.find_key(key) is not None
+
+    def index(self, key, start: int = 0, stop: int | None = None) -> int:  # type: ignore[override]
+        return self._ds.index(key)
+
+    def __iter__(self) -> Iterator[str]:
+        key = self._ds.key
+        for i in range(len(self._ds)):
+            yield key(i)
+
+    def __repr__(self) -> str:
+        return f"<packds keys: {len(self)} keys>"
+
+
+class Dataset(_core.Reader):
+    """An opened packds dataset: ``len(ds)``, ``ds[i]`` / ``ds[key]`` → ``bytes``.
+
+    Methods implemented in Rust (see ``_core.pyi``): ``key(i)``, ``key_bytes(i)``,
+    ``index(key)``, ``find_key(key)``, ``size(i)``, ``get_many(indices)``, ``get_checked(i)``,
+    ``locate(i)``, ``glob(pattern)``, ``verify()``, ``unpack(dest)``.
+
+    A Dataset is immutable: share it between threads freely; forked DataLoader workers inherit
+    its mappings; pickling it (spawn workers) re-opens it by path.
+    """
+
+    def __init__(self, path, *, populate: bool = False) -> None:
+        self._populate = populate
+        self._maps: dict[str, mmap.mmap] = {}
+        self._maps_lock = threading.Lock()
+
+    def get(self, key, default=None):
+        """Bytes of the sample with ``key``, or ``default``."""
+        i = self.find_key(key)
+        return default if i is None else self[i]
+
+    def keys(self) -> Keys:
+        """All keys, sorted byte-wise, as a lazy sequence."""
+        return Keys(self)
+
+    def view(self, i: int) -> memoryview:
+        """A zero-copy, read-only ``memoryview`` of sample ``i`` in the mapped shard.
+
+        Built on Python's own ``mmap`` (the extension targets the stable ABI from 3.9, whose
+        buffer protocol arrives only in 3.11); the view keeps its mapping alive, so it stays
+        valid after ``del ds``.
+        """
+        shard, offset, size = self.locate(i)
+        key = os.fsdecode(shard)
+        m = self._maps.get(key)
+        if m is None:
+            with self._maps_lock:
+                m = self._maps.get(key)
+                if m is None:
+                    with builtins.open(shard, "rb") as f:
+                        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    self._maps[key] = m
+        return memoryview(m)[offset : offset + size]
+
+    @property
+    def manifest(self) -> dict:
+        """The dataset's manifest.json, as a dict."""
+        return json.loads(self.manifest_json())
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, (str, bytes)) and self.find_key(key) is not None
+
+    def __reduce__(self):
+        # Pickles as its path and options, never its contents: spawn workers re-open it.
+        return (_reopen, (os.fspath(self.path), self._populate))
+
+    def __enter__(self) -> "Dataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<packds.Dataset {os.fspath(self.path)!r}: {len(self)} samples>"
+
+
+def _reopen(path: str, populate: bool) -> Dataset:
+    return Dataset(path, populate=populate)
+
+
+def open(path: str | os.PathLike, *, populate: bool = False) -> Dataset:  # noqa: A001
+    """Opens the packds dataset directory ``path``.
+
+    Cost is O(number of shards): the index is memory-mapped and checked lazily, entry by entry.
+    ``populate=True`` pre-faults every shard mapping (reads the whole dataset into memory once),
+    so later reads never wait on a page fault: for staged or in-memory datasets.
+    Raises :class:`FormatError` for anything that is not a complete, intact dataset.
+    """
+    return Dataset(os.fspath(path), populate=populate)
+
+
+def pack(sources, output, **options) -> dict:
+    """Packs ``sources`` (a path or a list of paths) into the dataset directory ``output``.
+
+    Options as in ``packds pack --help``: ``shard_size``, ``threads``, ``follow_symlinks``,
+    ``include``, ``exclude``, ``on_error`` ("fail" | "skip"), ``force``, ``resume``,
+    ``progress`` (a callable ``(phase, files_done, files_total, bytes_done)``).
+    Returns a summary dict (files, bytes, shards, seconds, skipped, ...).
+    """
+    if isinstance(sources, (str, bytes, os.PathLike)):
+        sources = [sources]
+    srcs = [os.fsdecode(s) for s in sources]
+    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume")}
+    options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
+    return _core.pack(srcs, os.fsdecode(output), **options)

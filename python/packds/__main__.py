@@ -1,0 +1,3 @@
+from packds.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""The ``packds`` command line. Data goes to stdout, everything else to stderr.
+
+Exit codes: 0 success, 1 an error (one line ``packds: error: ...`` and a ``hint:``), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+from . import __version__
+from .errors import PackdsError
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``1G``, ``512MiB``, ``4096`` → bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1G, 512M, 65536)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def default_threads() -> int:
+    """I/O threads: mostly waiting on the filesystem, so more than the cores, but bounded."""
+    return 32
+
+
+def _progress_bar(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="file", unit_scale=True, file=sys.stderr, dynamic_ncols=True, desc="scanning")
+
+    def update(phase: int, done: int, total: int, nbytes: int) -> None:
+        if phase >= 1 and bar.total != total:
+            bar.total = total
+            bar.set_description("packing")
+        bar.n = done
+        bar.set_postfix_str(human(nbytes), refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_pack(a: argparse.Namespace) -> int:
+    from . import pack
+
+    update, close = _progress_bar(a.quiet)
+    options = dict(
+        shard_size=a.shard_size,
+        threads=a.threads,
+        follow_symlinks=a.follow_symlinks,
+        include=a.include,
+        exclude=a.exclude,
+        on_error=a.on_error,
+    )
+    try:
+        s = pack(a.sources, a.output, force=a.force, resume=a.resume, progress=update, **options)
+    finally:
+        close()
+    if a.json:
+        print(json.dumps(s, default=str))
+    for path, reason in s["skipped"][:20] if not a.quiet else []:
+        print(f"packds: skipped {path}: {reason}", file=sys.stderr)
+    if len(s["skipped"]) > 20 and not a.quiet:
+        print(f"packds: ... and {len(s['skipped']) - 20} more skipped (listed in manifest.json)", file=sys.stderr)
+    if not a.quiet:
+        if s["already_complete"]:
+            print(f"packds: {a.output} is already complete ({s['files']} files); nothing to do", file=sys.stderr)
+        else:
+            secs = max(s["seconds"], 1e-9)
+            resumed = f", {s['resumed_shards']} resumed" if s["resumed_shards"] else ""
+            print(
+                f"packds: packed {s['files']} files, {human(s['bytes'])} into {s['shards']} shard(s){resumed} "
+                f"in {secs:.2f} s ({s['files'] / secs:,.0f} files/s, {s['bytes'] / secs / 1e6:,.1f} MB/s), "
+                f"{len(s['skipped'])} skipped -> {a.output}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from . import open as pds_open
+
+    ds = pds_open(a.dataset)
+    m = ds.manifest
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"dataset:  {a.dataset}")
+    print(f"format:   {m['format']} v{m['format_version']} ({m['shard_format']} shards), written by {m['tool']}")
+    print(f"samples:  {m['samples']:,}")
+    print(f"bytes:    {m['total_bytes']:,} ({human(m['total_bytes'])})")
+    print(f"shards:   {len(m['shards'])}")
+    for s in m["shards"]:
+        print(f"  {s['file']}  {human(s['size']):>10}  {s['samples']:>10,} samples  xxh3-128 {s['xxh3_128']}")
+    print(f"skipped:  {len(m['skipped'])}")
+    print(f"options:  {json.dumps(m['options'])}")
+    return 0
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    from . import open as pds_open
+
+    ds = pds_open(a.dataset)
+    idx = ds.glob(a.pattern) if a.pattern else range(len(ds))
+    out = sys.stdout.buffer  # keys are written as their raw bytes, like ls and find do
+    for i in idx:
+        k = ds.key_bytes(i)
+        out.write((f"{ds.size(i):>12} ".encode() + k if a.long else k) + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_get(a: argparse.Namespace) -> int:
+    from . import open as pds_open
+
+    ds = pds_open(a.dataset)
+    i = ds.find_key(a.key)
+    if i is None:
+        raise KeyErrorWithHint(f"no sample with key {a.key!r} in {a.dataset}", "list the keys with `packds ls DATASET`")
+    sys.stdout.buffer.write(ds.get_checked(i))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from . import open as pds_open
+
+    t = time.perf_counter()
+    ds = pds_open(a.dataset)
+    r = ds.verify(threads=a.threads)
+    dt = time.perf_counter() - t
+    for p in r["problems"]:
+        print(f"packds: {p}", file=sys.stderr)
+    if r["problems"]:
+        print(f"packds: error: {a.dataset}: {len(r['problems'])} problem(s) found", file=sys.stderr)
+        print("hint: copy or pack the dataset again from its source", file=sys.stderr)
+        return 1
+    print(
+        f"packds: {a.dataset} OK: {r['samples']:,} samples, {r['shards']} shard(s), {human(r['bytes'])} checked in {dt:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_unpack(a: argparse.Namespace) -> int:
+    from . import open as pds_open
+
+    n = pds_open(a.dataset).unpack(a.dest)
+    if not a.quiet:
+        print(f"packds: unpacked {n} files into {a.dest}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(files=a.files, workdir=a.dir, keep=a.keep)
+
+
+class KeyErrorWithHint(PackdsError):
+    def __init__(self, msg: str, hint: str) -> None:
+        super().__init__(msg)
+        self.hint = hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="packds", description="Pack many small files into indexed tar shards; read them back fast.")
+    p.add_argument("--version", action="version", version=f"packds {__version__}")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("pack", help="pack directories/files into a dataset", description="Pack SRC trees into DATASET: tar shards + index + manifest.json.")
+    s.add_argument("sources", nargs="+", metavar="SRC")
+    s.add_argument("-o", "--output", required=True, metavar="DATASET")
+    s.add_argument("--shard-size", type=parse_size, default=1 << 30, metavar="SIZE", help="target shard size (default 1G); a larger file gets a shard of its own")
+    s.add_argument("--threads", type=int, default=default_threads(), metavar="N", help="I/O threads (default %(default)s; lower it on a busy login node)")
+    s.add_argument("--follow-symlinks", action="store_true", help="follow symlinks (loops are detected); default: skip them with a warning")
+    s.add_argument("--include", action="append", default=[], metavar="GLOB", help="only pack keys matching GLOB (repeatable; * matches across /)")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out keys (and directories) matching GLOB (repeatable)")
+    s.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="unreadable or changing files: fail (default) or skip and list them")
+    s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
+    s.add_argument("--resume", action="store_true", help="finish an interrupted pack, keeping its completed shards")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    s.set_defaults(func=cmd_pack)
+
+    s = sub.add_parser("info", help="describe a dataset")
+    s.add_argument("dataset")
+    s.add_argument("--json", action="store_true", help="print manifest.json")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("ls", help="list keys")
+    s.add_argument("dataset")
+    s.add_argument("pattern", nargs="?", help="glob over keys (as for --include)")
+    s.add_argument("-l", "--long", action="store_true", help="show sizes")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("get", help="write one sample's bytes to stdout")
+    s.add_argument("dataset")
+    s.add_argument("key")
+    s.set_defaults(func=cmd_get)
+
+    s = sub.add_parser("verify", help="check index, shard checksums and every sample")
+    s.add_argument("dataset")
+    s.add_argument("--threads", type=int, default=4, metavar="N")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("unpack", help="extract every sample into a directory")
+    s.add_argument("dataset")
+    s.add_argument("dest")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_unpack)
+
+    s = sub.add_parser("demo", help="generate an ImageNet-like tree, pack it, read it back, compare with tar and loose files")
+    s.add_argument("--files", type=int, default=20_000, help="number of files (default %(default)s)")
+    s.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed afterwards)")
+    s.add_argument("--keep", action="store_true", help="keep the generated tree and dataset")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("packds: interrupted", file=sys.stderr)
+        return 130
+    except (PackdsError, OSError) as e:
+        if args.debug:
+            raise
+        if isinstance(e, OSError) and not isinstance(e, PackdsError) and e.filename is not None:
+            msg = f"{e.strerror}: {os.fsdecode(e.filename)}"
+        else:
+            msg = str(e)
+        print(f"packds: error: {msg}", file=sys.stderr)
+        hint = getattr(e, "hint", None)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+//! Python bindings (`packds._core`). The only code that names pyo3: each function extracts
+//! arguments, runs the core with the GIL released where the work is more than a copy, and maps
+//! errors to the exceptions defined in `python/packds/errors.py`.
+
+mod errors;
+
+use crate::pack::{self as core_pack, PackOptions, Progress};
+use crate::read::{OpenOptionsPds, Reader};
+use crate::walk::OnError;
+use errors::to_py;
+use pyo3::exceptions::{PyIndexError, PyKeyError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An opened dataset (use `packds.open`). Immutable and safe to share between threads; after a
+/// fork the child keeps using the same mappings.
+#[pyclass(frozen, subclass, name = "Reader", module = "packds._core")]
+pub struct PyReader {
+    inner: Arc<Reader>,
+    path: PathBuf,
+}
+
+impl PyReader {
+    fn norm(&self, i: isize) -> PyResult<usize> {
+        let n = self.inner.len() as isize;
+        let j = if i < 0 { i + n } else { i };
+        if j < 0 || j >= n {
+            return Err(PyIndexError::new_err(format!("sample index {i} out of range ({n} samples)")));
+        }
+        Ok(j as usize)
+    }
+
+    fn key_of<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
+        let k = self.inner.key(i).map_err(to_py)?;
+        match std::str::from_utf8(k) {
+            Ok(s) => Ok(PyString::new(py, s).into_any()),
+            // Like os.fsdecode: undecodable bytes become lone surrogates and round-trip.
+            Err(_) => PyBytes::new(py, k).call_method1("decode", ("utf-8", "surrogateescape")),
+        }
+    }
+
+    fn find(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+        let owned;
+        let bytes: &[u8] = if let Ok(s) = key.cast::<PyString>() {
+            match s.to_cow() {
+                Ok(c) => {
+                    owned = c.into_owned().into_bytes();
+                    &owned
+                }
+                Err(_) => {
+                    owned = s.call_method1("encode", ("utf-8", "surrogateescape"))?.extract::<Vec<u8>>()?;
+                    &owned
+                }
+            }
+        } else if let Ok(b) = key.cast::<PyBytes>() {
+            b.as_bytes()
+        } else {
+            return Err(PyTypeError::new_err("a key is a str (or bytes)"));
+        };
+        self.inner.find(bytes).map_err(to_py)
+    }
+
+    fn sample<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self.inner.get(i).map_err(to_py)?;
+        Ok(PyBytes::new(py, b))
+    }
+}
+
+#[pymethods]
+impl PyReader {
+    /// Opens the dataset directory `path`. O(shards): the index is mapped, not parsed.
+    #[new]
+    #[pyo3(signature = (path, *, populate=false))]
+    fn new(py: Python<'_>, path: PathBuf, populate: bool) -> PyResult<Self> {
+        let p = path.clone();
+        let r = py.detach(move || Reader::open_with(&p, OpenOptionsPds { populate })).map_err(to_py)?;
+        Ok(PyReader { inner: Arc::new(r), path })
+    }
+
+    /// The dataset directory.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// `ds[i]` (negative counts from the end) or `ds[key]` → the sample's bytes.
+    /// The GIL is held: a warm copy is faster than releasing and retaking it.
+    fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+        if let Ok(i) = idx.extract::<isize>() {
+            return self.sample(py, self.norm(i)?);
+        }
+        match self.find(idx)? {
+            Some(i) => self.sample(py, i),
+            None => Err(PyKeyError::new_err(idx.clone().unbind())),
+        }
+    }
+
+    /// Bytes of many samples in one call, GIL released while the bytes are copied.
+    fn get_many<'py>(&self, py: Python<'py>, indices: Vec<isize>) -> PyResult<Bound<'py, PyList>> {
+        let mut srcs = Vec::with_capacity(indices.len());
+        for &i in &indices {
+            let j = self.norm(i)?;
+            srcs.push(j);
+        }
+        let mut objs = Vec::with_capacity(srcs.len());
+        let mut jobs: Vec<(usize, usize, usize)> = Vec::with_capacity(srcs.len());
+        for &j in &srcs {
+            let len = self.inner.size(j).map_err(to_py)? as usize;
+            // SAFETY: a new bytes object with uninitialised contents, filled below before any
+            // Python code can see it; we hold the only reference until then.
+            let obj = unsafe {
+                let p = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as pyo3::ffi::Py_ssize_t);
+                Bound::from_owned_ptr_or_err(py, p)?
+            };
+            // SAFETY: `obj` is a bytes object; PyBytes_AsString returns its buffer.
+            let buf = unsafe { pyo3::ffi::PyBytes_AsString(obj.as_ptr()) } as usize;
+            jobs.push((j, buf, len));
+            objs.push(obj);
+        }
+        let reader = &*self.inner;
+        let res: crate::Result<()> = py.detach(|| {
+            for &(j, buf, len) in &jobs {
+                let src = reader.get(j)?;
+                debug_assert_eq!(src.len(), len);
+                // SAFETY: `buf` points at `len` writable bytes of a bytes object kept alive by
+                // `objs` on the caller's stack; no other thread can reach it.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf as *mut u8, len.min(src.len())) };
+            }
+            Ok(())
+        });
+        res.map_err(to_py)?;
+        PyList::new(py, objs)
+    }
+
+    /// Sample `i`'s bytes after checking its CRC32C (raises ChecksumError).
+    fn get_checked<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let j = self.norm(i)?;
+        let b = self.inner.get_checked(j).map_err(to_py)?;
+        Ok(PyBytes::new(py, b))
+    }
+
+    /// Key of sample `i` as str (decoded like os.fsdecode).
+    fn key<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyAny>> {
+        let j = self.norm(i)?;
+        self.key_of(py, j)
+    }
+
+    /// Key of sample `i` as raw bytes.
+    fn key_bytes<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let j = self.norm(i)?;
+        Ok(PyBytes::new(py, self.inner.key(j).map_err(to_py)?))
+    }
+
+    /// Position of `key` (str or bytes); KeyError if absent. O(log n).
+    fn index(&self, key: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.find(key)?.ok_or_else(|| PyKeyError::new_err(key.clone().unbind()))
+    }
+
+    /// Position of `key`, or None.
+    fn find_key(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+        self.find(key)
+    }
+
+    /// Size in bytes of sample `i`.
+    fn size(&self, i: isize) -> PyResult<u64> {
+        let j = self.norm(i)?;
+        self.inner.size(j).map_err(to_py)
+    }
+
+    /// (shard path, byte offset, size) of sample `i`.
+    fn locate(&self, i: isize) -> PyResult<(PathBuf, u64, u64)> {
+        let j = self.norm(i)?;
+        self.inner.locate(j).map_err(to_py)
+    }
+
+    /// Positions of the keys matching a glob pattern (same syntax as `pack --include`).
+    fn glob(&self, py: Python<'_>, pattern: &str) -> PyResult<Vec<usize>> {
+        let g = globset::Glob::new(pattern).map_err(|e| PyValueError::new_err(format!("bad pattern {pattern:?}: {e}")))?.compile_matcher();
+        let r = &*self.inner;
+        py.detach(|| {
+            let mut out = Vec::new();
+            for i in 0..r.len() {
+                let k = r.key(i)?;
+                if g.is_match(std::ffi::OsStr::new(std::str::from_utf8(k).unwrap_or(""))) || (std::str::from_utf8(k).is_err() && g.is_match(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(k))) {
+                    out.push(i);
+                }
+            }
+            Ok(out)
+        })
+        .map_err(to_py)
+    }
+
+    /// The manifest, as JSON text.
+    fn manifest_json(&self) -> PyResult<String> {
+        serde_json::to_string(self.inner.manifest()).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Full check (index, shard checksums, every sample); GIL released. Returns a dict with
+    /// `samples`, `shards`, `bytes`, `problems` (a list of messages; empty when all is well).
+    #[pyo3(signature = (threads=4))]
+    fn verify<'py>(&self, py: Python<'py>, threads: usize) -> PyResult<Bound<'py, PyDict>> {
+        let r = &*self.inner;
+        let rep = py.detach(|| r.verify_with(threads)).map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("samples", rep.samples)?;
+        d.set_item("shards", rep.shards)?;
+        d.set_item("bytes", rep.bytes)?;
+        d.set_item("problems", rep.problems)?;
+        Ok(d)
+    }
+
+    /// Extracts every sample under `dest`; GIL released. Returns the number of files.
+    fn unpack(&self, py: Python<'_>, dest: PathBuf) -> PyResult<u64> {
+        let r = &*self.inner;
+        py.detach(|| r.unpack(&dest)).map_err(to_py)
+    }
+}
+
+/// Packs `sources` into the dataset directory `output`. Runs on a worker thread with the GIL
+/// released; `progress(phase, files_done, files_total, bytes_done)` is called about ten times a
+/// second. Ctrl-C cancels cleanly (completed shards stay for `resume=True`).
+#[pyfunction]
+#[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=32, follow_symlinks=false,
+    include=vec![], exclude=vec![], on_error="fail", force=false, resume=false, options_json=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn pack<'py>(
+    py: Python<'py>,
+    sources: Vec<PathBuf>,
+    output: PathBuf,
+    shard_size: u64,
+    threads: usize,
+    follow_symlinks: bool,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    on_error: &str,
+    force: bool,
+    resume: bool,
+    options_json: Option<String>,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let on_error = match on_error {
+        "fail" => OnError::Fail,
+        "skip" => OnError::Skip,
+        other => return Err(PyValueError::new_err(format!("on_error must be 'fail' or 'skip', not {other:?}"))),
+    };
+    let mut opts = PackOptions::new(sources, output);
+    opts.shard_size = shard_size;
+    opts.threads = threads.max(1);
+    opts.follow_symlinks = follow_symlinks;
+    opts.include = include;
+    opts.exclude = exclude;
+    opts.on_error = on_error;
+    opts.force = force;
+    opts.resume = resume;
+    opts.options_json = match options_json {
+        Some(s) => serde_json::from_str(&s).map_err(|e| PyValueError::new_err(format!("options_json: {e}")))?,
+        None => serde_json::Value::Null,
+    };
+    let state = Arc::new(Progress::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rx = std::sync::Mutex::new(rx);
+    let st = state.clone();
+    let handle = std::thread::Builder::new()
+        .name("packds-pack".into())
+        .spawn(move || {
+            let r = core_pack::pack(&opts, &st);
+            let _ = tx.send(r);
+        })
+        .map_err(|e| PyValueError::new_err(format!("cannot start the pack thread: {e}")))?;
+    let result = loop {
+        let got = py.detach(|| rx.lock().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected)?.recv_timeout(Duration::from_millis(100)));
+        match got {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(crate::Error::format(".", "the pack thread stopped unexpectedly"));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let cb = py.check_signals().and_then(|_| match &progress {
+            Some(cb) => cb
+                .call1((
+                    state.phase.load(Relaxed),
+                    state.files_done.load(Relaxed),
+                    state.files_total.load(Relaxed),
+                    state.bytes_done.load(Relaxed),
+                ))
+                .map(|_| ()),
+            None => Ok(()),
+        });
+        if let Err(e) = cb {
+            state.cancel.store(true, Relaxed);
+            py.detach(|| {
+                if let Ok(rx) = rx.lock() {
+                    let _ = rx.recv();
+                }
+            });
+            let _ = handle.join();
+            return Err(e);
+        }
+    };
+    let _ = handle.join();
+    let s = result.map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("output", s.output)?;
+    d.set_item("files", s.files)?;
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("shards", s.shards)?;
+    d.set_item("resumed_shards", s.resumed_shards)?;
+    d.set_item("seconds", s.seconds)?;
+    d.set_item("already_complete", s.already_complete)?;
+    let sk = PyList::empty(py);
+    for x in &s.skipped {
+        sk.append((x.path.as_str(), x.reason.as_str()))?;
+    }
+    d.set_item("skipped", sk)?;
+    Ok(d)
+}
+
+#[pymodule(name = "_core")]
+mod core_module {
+    #[pymodule_export]
+    use super::pack;
+    #[pymodule_export]
+    use super::PyReader;
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", crate::VERSION)?;
+        m.add("INDEX_FORMAT_VERSION", crate::index::VERSION)?;
+        Ok(())
+    }
+}
