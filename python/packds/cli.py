@@ -34,11 +34,6 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def default_threads() -> int:
-    """I/O threads: mostly waiting on the filesystem, so more than the cores, but bounded."""
-    return 32
-
-
 def _progress_bar(quiet: bool):
     if quiet or not sys.stderr.isatty():
         return None, lambda: None
@@ -190,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sources", nargs="+", metavar="SRC")
     s.add_argument("-o", "--output", required=True, metavar="DATASET")
     s.add_argument("--shard-size", type=parse_size, default=1 << 30, metavar="SIZE", help="target shard size (default 1G); a larger file gets a shard of its own")
-    s.add_argument("--threads", type=int, default=default_threads(), metavar="N", help="I/O threads (default %(default)s; lower it on a busy login node)")
+    s.add_argument("--threads", type=int, default=0, metavar="N", help="I/O threads (default: 32 on network filesystems such as Lustre/GPFS/NFS, else 4 per CPU up to 16); lower it on a busy login node")
     s.add_argument("--follow-symlinks", action="store_true", help="follow symlinks (loops are detected); default: skip them with a warning")
     s.add_argument("--include", action="append", default=[], metavar="GLOB", help="only pack keys matching GLOB (repeatable; * matches across /)")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out keys (and directories) matching GLOB (repeatable)")

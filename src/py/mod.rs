@@ -228,7 +228,7 @@ impl PyReader {
 /// released; `progress(phase, files_done, files_total, bytes_done)` is called about ten times a
 /// second. Ctrl-C cancels cleanly (completed shards stay for `resume=True`).
 #[pyfunction]
-#[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=32, follow_symlinks=false,
+#[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=0, follow_symlinks=false,
     include=vec![], exclude=vec![], on_error="fail", force=false, resume=false, options_json=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn pack<'py>(
@@ -253,7 +253,7 @@ fn pack<'py>(
     };
     let mut opts = PackOptions::new(sources, output);
     opts.shard_size = shard_size;
-    opts.threads = threads.max(1);
+    opts.threads = threads;
     opts.follow_symlinks = follow_symlinks;
     opts.include = include;
     opts.exclude = exclude;
