@@ -15,7 +15,7 @@ pub enum Error {
 
     /// A file that is not a valid packds dataset/index/shard, or a damaged one.
     #[error("{}: {what}", path.display())]
-    Format { path: PathBuf, what: String },
+    Format { path: PathBuf, what: String, hint: Option<&'static str> },
 
     /// A sample's or shard's bytes do not match the recorded checksum.
     #[error("checksum mismatch for {key} in {}", shard.display())]
@@ -51,7 +51,12 @@ impl Error {
     }
 
     pub fn format(path: impl AsRef<Path>, what: impl Into<String>) -> Error {
-        Error::Format { path: path.as_ref().to_path_buf(), what: what.into() }
+        Error::Format { path: path.as_ref().to_path_buf(), what: what.into(), hint: None }
+    }
+
+    /// A format error with a specific hint (instead of the generic one).
+    pub fn format_hint(path: impl AsRef<Path>, what: impl Into<String>, hint: &'static str) -> Error {
+        Error::Format { path: path.as_ref().to_path_buf(), what: what.into(), hint: Some(hint) }
     }
 
     pub fn usage(msg: impl Into<String>, hint: impl Into<String>) -> Error {
@@ -63,6 +68,7 @@ impl Error {
         match self {
             Error::Usage { hint, .. } => hint.clone(),
             Error::NoSpace { .. } => Some("free space or write elsewhere; completed shards are kept, rerun with --resume".into()),
+            Error::Format { hint: Some(h), .. } => Some((*h).to_string()),
             Error::Format { .. } => Some("the dataset is damaged or incomplete: re-run `packds pack` (with --resume if it was interrupted), or `packds verify` to see what is wrong".into()),
             Error::Checksum { .. } => Some("the data on disk is damaged: copy or pack the dataset again".into()),
             Error::Changed { .. } => Some("pack from a tree that is not being modified, or pass --on-error skip".into()),

@@ -54,11 +54,11 @@ impl Manifest {
         let text = std::fs::read(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 if dir.join(".pack-state").is_dir() {
-                    Error::format(dir, "incomplete dataset: a pack was interrupted (finish it with `packds pack ... --resume`)")
+                    Error::format_hint(dir, "incomplete dataset: its pack was interrupted", "finish it with the same `packds pack ... -o DATASET` command plus --resume")
                 } else if !dir.exists() {
                     Error::io("open", dir, e)
                 } else {
-                    Error::format(dir, "not a packds dataset (no manifest.json)")
+                    Error::format_hint(dir, "not a packds dataset (no manifest.json)", "give the directory written by `packds pack -o DATASET`")
                 }
             } else {
                 Error::io("read", &p, e)

@@ -48,7 +48,7 @@ impl Reader {
     pub fn open_with(dir: &Path, opts: OpenOptionsPds) -> Result<Reader> {
         let md = fs::metadata(dir).ctx("open", dir)?;
         if !md.is_dir() {
-            return Err(Error::format(dir, "not a packds dataset (a dataset is a directory with manifest.json)"));
+            return Err(Error::format_hint(dir, "not a packds dataset (a dataset is a directory)", "give the directory written by `packds pack -o DATASET`"));
         }
         let manifest = Manifest::load(dir)?;
         let ipath = dir.join(manifest::INDEX_FILE);

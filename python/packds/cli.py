@@ -81,7 +81,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
             secs = max(s["seconds"], 1e-9)
             resumed = f", {s['resumed_shards']} resumed" if s["resumed_shards"] else ""
             print(
-                f"packds: packed {s['files']} files, {human(s['bytes'])} into {s['shards']} shard(s){resumed} "
+                f"packds: packed {s['files']} file{'s' if s['files'] != 1 else ''}, {human(s['bytes'])} into {s['shards']} shard(s){resumed} "
                 f"in {secs:.2f} s ({s['files'] / secs:,.0f} files/s, {s['bytes'] / secs / 1e6:,.1f} MB/s), "
                 f"{len(s['skipped'])} skipped -> {a.output}",
                 file=sys.stderr,
