@@ -716,8 +716,16 @@ fn run_pipeline(
     };
 
     std::thread::scope(|sc| {
+        let mut started = 0;
         for _ in 0..threads.min(n - start).max(1) {
-            sc.spawn(worker);
+            // Under a low process/thread limit (ulimit -u) run with the threads we could get.
+            if std::thread::Builder::new().name("packds-io".into()).spawn_scoped(sc, worker).is_ok() {
+                started += 1;
+            }
+        }
+        if started == 0 {
+            shared.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+            return Err(Error::usage("cannot start any I/O thread", "raise the thread limit (ulimit -u) or lower --threads"));
         }
         write_all()
     })

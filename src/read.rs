@@ -158,17 +158,19 @@ impl Reader {
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results: std::sync::Mutex<Vec<(usize, Result<Vec<String>>)>> = Default::default();
+        let work = || loop {
+            let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if s >= per.len() {
+                return;
+            }
+            let r = self.verify_shard(s, &per[s]);
+            results.lock().unwrap_or_else(|p| p.into_inner()).push((s, r));
+        };
         std::thread::scope(|sc| {
             for _ in 0..threads.clamp(1, 64).min(per.len().max(1)) {
-                sc.spawn(|| loop {
-                    let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if s >= per.len() {
-                        return;
-                    }
-                    let r = self.verify_shard(s, &per[s]);
-                    results.lock().unwrap_or_else(|p| p.into_inner()).push((s, r));
-                });
+                let _ = std::thread::Builder::new().name("packds-verify".into()).spawn_scoped(sc, work);
             }
+            work(); // this thread helps too (and does it all if none could be started)
         });
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_by_key(|r| r.0);

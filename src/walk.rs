@@ -156,8 +156,11 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
     };
     let nthreads = opts.threads.clamp(1, 256);
     std::thread::scope(|s| {
-        for _ in 0..nthreads {
-            s.spawn(|| worker(&shared));
+        let started = (0..nthreads)
+            .filter(|_| std::thread::Builder::new().name("packds-walk".into()).spawn_scoped(s, || worker(&shared)).is_ok())
+            .count();
+        if started == 0 {
+            worker(&shared); // no thread could be started (ulimit -u): walk on this one
         }
     });
     let (mut f, mut sk, err) = shared.out.into_inner().unwrap_or_else(|p| p.into_inner());
