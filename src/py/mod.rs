@@ -189,7 +189,7 @@ impl PyReader {
             let mut out = Vec::new();
             for i in 0..r.len() {
                 let k = r.key(i)?;
-                if g.is_match(std::ffi::OsStr::new(std::str::from_utf8(k).unwrap_or(""))) || (std::str::from_utf8(k).is_err() && g.is_match(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(k))) {
+                if g.is_match(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(k)) {
                     out.push(i);
                 }
             }
