@@ -9,6 +9,7 @@
 //! - [`manifest`] the human-readable `manifest.json`
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
+//! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
 //! - `py`        the only code that names pyo3 (feature `python`)
 
 pub mod error;
@@ -17,6 +18,7 @@ pub mod index;
 pub mod manifest;
 pub mod pack;
 pub mod read;
+pub mod stage;
 pub mod tar;
 pub mod walk;
 

@@ -1,0 +1,409 @@
+//! Staging: copy a dataset (or one file) to node-local storage, verifying the XXH3-128 of every
+//! file in the same pass as the copy, and make it appear atomically.
+//!
+//! A dataset is copied into a temporary directory next to its final place (the caller names
+//! it, e.g. `DEST/.NAME.staging-PID`): the index and the shards in parallel (large sequential
+//! reads and writes, each file fsynced), then `manifest.json` last, then the directory is
+//! fsynced and renamed into place. A copy that was interrupted is therefore never a directory
+//! that `Reader::open` accepts (no manifest) and never at the final path. Policy, locking and
+//! the up-to-date check live in `python/packds/stage.py`.
+
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{self, hex128, Manifest};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+use xxhash_rust::xxh3::Xxh3;
+
+/// Size of each read and write.
+pub const BUF: usize = 8 << 20;
+
+/// Counters the caller may read while a stage runs (progress), and a cancel switch.
+#[derive(Default)]
+pub struct StageProgress {
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageSummary {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub files: u64,
+    pub seconds: f64,
+}
+
+/// Test-only fault injection: `PACKDS_FAULT=stage-kill-after-bytes:N` makes the process kill
+/// itself with SIGKILL once N bytes were copied (as a node failure or `scancel` would).
+fn fault_kill_after() -> Option<u64> {
+    let v = std::env::var("PACKDS_FAULT").ok()?;
+    let (what, n) = v.split_once(':')?;
+    (what == "stage-kill-after-bytes").then(|| n.parse().ok()).flatten()
+}
+
+struct Job {
+    name: String,
+    size: u64,
+    /// Expected XXH3-128 (hex), when the manifest gives one.
+    hash: Option<String>,
+}
+
+/// Copies the packds dataset `src` to `dest` through the temporary directory `tmp` (same
+/// filesystem as `dest`; removed first if it exists). `dest` must not exist. Up to `jobs`
+/// files are copied at once. On any error `tmp` is removed and nothing appears at `dest`.
+pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, progress: &StageProgress) -> Result<StageSummary> {
+    let t0 = Instant::now();
+    // Validate with the normal loader (good errors), then work from the exact bytes we copy.
+    Manifest::load(src)?;
+    let mpath = src.join(manifest::FILE);
+    let mbytes = fs::read(&mpath).ctx("read", &mpath)?;
+    let m: Manifest = serde_json::from_slice(&mbytes).map_err(|e| Error::format(&mpath, format!("manifest is not valid: {e}")))?;
+    let mut list = vec![Job { name: m.index.file.clone(), size: m.index.size, hash: Some(m.index.xxh3_128.clone()) }];
+    for s in &m.shards {
+        list.push(Job { name: s.file.clone(), size: s.size, hash: Some(s.xxh3_128.clone()) });
+    }
+    for j in &list {
+        if j.name.is_empty() || j.name.contains('/') || j.name == "." || j.name == ".." || j.name == manifest::FILE {
+            return Err(Error::format(&mpath, format!("bad file name {:?} in manifest.json", j.name)));
+        }
+    }
+    // Largest first: the parallel copy then ends with small files and finishes together.
+    list.sort_by(|a, b| b.size.cmp(&a.size));
+    progress.bytes_total.store(list.iter().map(|j| j.size).sum::<u64>() + mbytes.len() as u64, Relaxed);
+    progress.files_total.store(list.len() as u64 + 1, Relaxed);
+
+    prepare_tmp_dir(tmp)?;
+    let r = copy_all(src, tmp, &list, jobs, progress).and_then(|()| {
+        let mp = tmp.join(manifest::FILE);
+        write_synced(&mp, &mbytes)?;
+        progress.bytes_done.fetch_add(mbytes.len() as u64, Relaxed);
+        progress.files_done.fetch_add(1, Relaxed);
+        crate::fsx::sync_dir(tmp)?;
+        rename_into_place(tmp, dest)
+    });
+    if let Err(e) = r {
+        let _ = fs::remove_dir_all(tmp);
+        return Err(e);
+    }
+    Ok(StageSummary {
+        path: dest.to_path_buf(),
+        bytes: progress.bytes_done.load(Relaxed),
+        files: list.len() as u64 + 1,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Copies one file `src` to `dest` through the temporary file `tmp` (same directory as
+/// `dest`): read + write with large buffers, fsync, mode and mtime kept, rename, directory
+/// fsync. `dest` is replaced if it exists. On error `tmp` is removed.
+pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, progress: &StageProgress) -> Result<StageSummary> {
+    let t0 = Instant::now();
+    let md = fs::metadata(src).ctx("stat", src)?;
+    if !md.is_file() {
+        return Err(Error::usage(format!("{} is not a regular file", src.display()), "stage a packds dataset directory, a directory of files, or one file"));
+    }
+    progress.bytes_total.store(md.len(), Relaxed);
+    progress.files_total.store(1, Relaxed);
+    let _ = fs::remove_file(tmp);
+    let kill_after = fault_kill_after();
+    let stop = AtomicBool::new(false);
+    let r = copy_one(src, tmp, None, progress, &stop, kill_after).and_then(|_| {
+        let f = File::open(tmp).ctx("open", tmp)?;
+        f.set_permissions(md.permissions()).ctx("chmod", tmp)?;
+        use std::os::unix::fs::MetadataExt;
+        let ts = [libc::timespec { tv_sec: md.mtime() as libc::time_t, tv_nsec: md.mtime_nsec() as _ }; 2];
+        // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
+        unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) };
+        fs::rename(tmp, dest).ctx("rename", dest)?;
+        crate::fsx::sync_parent(dest)
+    });
+    if let Err(e) = r {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    progress.files_done.store(1, Relaxed);
+    Ok(StageSummary { path: dest.to_path_buf(), bytes: md.len(), files: 1, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// Pulls `files` into the page cache: `posix_fadvise(WILLNEED)`, then sequential 8 MiB reads
+/// (the advice alone is asynchronous and may be dropped), up to `jobs` files at once.
+/// Returns the number of bytes read.
+pub fn preload(files: &[PathBuf], jobs: usize, progress: &StageProgress) -> Result<u64> {
+    let next = AtomicUsize::new(0);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let total = AtomicU64::new(0);
+    let work = || {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let i = next.fetch_add(1, Relaxed);
+            if i >= files.len() || progress.cancel.load(Relaxed) {
+                return;
+            }
+            let p = &files[i];
+            let r = (|| -> Result<u64> {
+                let mut f = File::open(p).ctx("open", p)?;
+                // SAFETY: advisory calls on a descriptor we own.
+                unsafe {
+                    libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+                    libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+                }
+                let mut n = 0u64;
+                loop {
+                    let got = read_retry(&mut f, &mut buf).ctx("read", p)?;
+                    if got == 0 {
+                        return Ok(n);
+                    }
+                    n += got as u64;
+                    progress.bytes_done.fetch_add(got as u64, Relaxed);
+                    if progress.cancel.load(Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                }
+            })();
+            match r {
+                Ok(n) => {
+                    total.fetch_add(n, Relaxed);
+                    progress.files_done.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    progress.cancel.store(true, Relaxed);
+                    return;
+                }
+            }
+        }
+    };
+    run_workers(jobs, files.len(), "packds-preload", &work);
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(total.load(Relaxed))
+}
+
+/// Runs `work` on up to `jobs` threads (the calling thread is one of them, so the work is done
+/// even when no thread can be started). Scoped threads: no pool outlives the call (the process
+/// may fork later).
+fn run_workers<F: Fn() + Sync>(jobs: usize, items: usize, name: &str, work: &F) {
+    let n = jobs.clamp(1, 64).min(items.max(1));
+    std::thread::scope(|sc| {
+        for _ in 1..n {
+            let _ = std::thread::Builder::new().name(name.into()).spawn_scoped(sc, work);
+        }
+        work();
+    });
+}
+
+fn prepare_tmp_dir(tmp: &Path) -> Result<()> {
+    match fs::symlink_metadata(tmp) {
+        Ok(_) => fs::remove_dir_all(tmp).ctx("remove", tmp)?,
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("stat", tmp, e)),
+    }
+    fs::create_dir(tmp).ctx("create directory", tmp)
+}
+
+fn copy_all(src: &Path, tmp: &Path, list: &[Job], jobs: usize, progress: &StageProgress) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let kill_after = fault_kill_after();
+    let work = || loop {
+        let i = next.fetch_add(1, Relaxed);
+        if i >= list.len() || stop.load(Relaxed) {
+            return;
+        }
+        let j = &list[i];
+        let (s, d) = (src.join(&j.name), tmp.join(&j.name));
+        match copy_one(&s, &d, Some(j), progress, &stop, kill_after) {
+            Ok(_) => {
+                progress.files_done.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                stop.store(true, Relaxed);
+                return;
+            }
+        }
+    };
+    run_workers(jobs, list.len(), "packds-stage", &work);
+    match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Copies `src` to the new file `dst` with large reads and writes, hashing in the same pass;
+/// fsyncs `dst`. With `expect`, checks the size and XXH3-128 (ChecksumError names the shard).
+fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, progress: &StageProgress, stop: &AtomicBool, kill_after: Option<u64>) -> Result<u128> {
+    let mut f = File::open(src).map_err(|e| {
+        if e.kind() == ErrorKind::NotFound && expect.is_some() {
+            Error::format(src, "file listed in manifest.json is missing")
+        } else {
+            Error::io("open", src, e)
+        }
+    })?;
+    // SAFETY: advisory call on a descriptor we own.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    let mut out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst).ctx("create", dst)?;
+    if let Some(j) = expect {
+        if j.size > 0 {
+            // Reserve the space up front: a full disk fails now, not half-way (tmpfs and most
+            // local filesystems support it; where not, the writes find out).
+            // fallocate(2), not posix_fallocate: no slow emulation where it is not supported.
+            // SAFETY: valid descriptor; plain syscall.
+            if unsafe { libc::fallocate(out.as_raw_fd(), 0, 0, j.size as libc::off_t) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                    return Err(Error::io("write", dst, e));
+                }
+            }
+        }
+    }
+    let mut buf = vec![0u8; BUF];
+    let mut h = Xxh3::new();
+    let mut n = 0u64;
+    loop {
+        if progress.cancel.load(Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        if stop.load(Relaxed) {
+            // Another file failed; this copy is abandoned (the caller removes the directory).
+            return Err(Error::Cancelled);
+        }
+        // Fill the buffer (large writes), stopping at EOF.
+        let mut got = 0;
+        while got < buf.len() {
+            let r = read_retry(&mut f, &mut buf[got..]).ctx("read", src)?;
+            if r == 0 {
+                break;
+            }
+            got += r;
+        }
+        if got == 0 {
+            break;
+        }
+        h.update(&buf[..got]);
+        out.write_all(&buf[..got]).ctx("write", dst)?;
+        n += got as u64;
+        let done = progress.bytes_done.fetch_add(got as u64, Relaxed) + got as u64;
+        if let Some(k) = kill_after {
+            if done >= k {
+                // SAFETY: raising a signal in our own process (test-only fault injection).
+                unsafe { libc::raise(libc::SIGKILL) };
+            }
+        }
+        if got < buf.len() {
+            break;
+        }
+    }
+    let digest = h.digest128();
+    if let Some(j) = expect {
+        if n != j.size {
+            return Err(Error::format(src, format!("is {n} bytes, manifest.json says {} (truncated or replaced)", j.size)));
+        }
+        if j.hash.as_deref().is_some_and(|want| hex128(digest) != want) {
+            return Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from manifest.json)", j.name), shard: src.to_path_buf() });
+        }
+    }
+    out.sync_all().ctx("fsync", dst)?;
+    Ok(digest)
+}
+
+fn read_retry(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match f.read(buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path).ctx("create", path)?;
+    f.write_all(data).ctx("write", path)?;
+    f.sync_all().ctx("fsync", path)
+}
+
+fn rename_into_place(tmp: &Path, dest: &Path) -> Result<()> {
+    // rename(2) of a directory onto an existing non-empty directory fails (ENOTEMPTY/EEXIST):
+    // the caller removes a stale copy first, under its lock.
+    fs::rename(tmp, dest).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
+            Error::usage(format!("{} already exists", dest.display()), "remove it, or stage to another directory with --to")
+        }
+        _ => Error::io("rename", dest, e),
+    })?;
+    crate::fsx::sync_parent(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn make_dataset(dir: &Path) -> PathBuf {
+        let src = dir.join("tree");
+        for i in 0..50u32 {
+            let p = src.join(format!("d{}/f{i}.bin", i % 3));
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, vec![i as u8; (i as usize) * 997]).unwrap();
+        }
+        let out = dir.join("ds.pds");
+        let mut o = crate::pack::PackOptions::new(vec![src], out.clone());
+        o.shard_size = 16 << 10;
+        crate::pack::pack(&o, &crate::pack::Progress::default()).unwrap();
+        out
+    }
+
+    #[test]
+    fn stage_copies_and_verifies() {
+        let t = tempfile::tempdir().unwrap();
+        let src = make_dataset(t.path());
+        let dest_dir = t.path().join("local");
+        fs::create_dir(&dest_dir).unwrap();
+        let dest = dest_dir.join("ds.pds");
+        let p = StageProgress::default();
+        let s = stage_dataset(&src, &dest, &dest_dir.join(".ds.pds.staging-1"), 3, &p).unwrap();
+        assert_eq!(s.bytes, p.bytes_total.load(Relaxed));
+        assert!(!dest_dir.join(".ds.pds.staging-1").exists());
+        let r = crate::read::Reader::open(&dest).unwrap();
+        assert!(r.verify().unwrap().problems.is_empty());
+        assert_eq!(fs::read(dest.join("manifest.json")).unwrap(), fs::read(src.join("manifest.json")).unwrap());
+    }
+
+    #[test]
+    fn corrupt_source_fails_and_leaves_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let src = make_dataset(t.path());
+        let shard = src.join("shard-00001.tar");
+        let mut b = fs::read(&shard).unwrap();
+        b[700] ^= 1;
+        fs::write(&shard, b).unwrap();
+        let dest = t.path().join("ds2.pds");
+        let tmp = t.path().join(".ds2.staging");
+        let e = stage_dataset(&src, &dest, &tmp, 4, &StageProgress::default()).unwrap_err();
+        assert!(matches!(&e, Error::Checksum { shard, .. } if shard.ends_with("shard-00001.tar")), "{e}");
+        assert!(!dest.exists() && !tmp.exists());
+    }
+
+    #[test]
+    fn stage_file_keeps_bytes_and_mtime() {
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("a.h5");
+        fs::write(&a, vec![7u8; BUF + 123]).unwrap();
+        let b = t.path().join("b.h5");
+        stage_file(&a, &b, &t.path().join(".b.tmp"), &StageProgress::default()).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        let (ma, mb) = (fs::metadata(&a).unwrap(), fs::metadata(&b).unwrap());
+        assert_eq!(ma.modified().unwrap(), mb.modified().unwrap());
+        let n = preload(&[a, b], 2, &StageProgress::default()).unwrap();
+        assert_eq!(n, 2 * (BUF as u64 + 123));
+    }
+}
