@@ -31,6 +31,8 @@ __version__: str = _core.__version__
 __all__ = [
     "open",
     "pack",
+    "stage",
+    "preload",
     "Dataset",
     "Keys",
     "PackdsError",
@@ -149,14 +151,24 @@ def _reopen(path: str, populate: bool) -> Dataset:
     return Dataset(path, populate=populate)
 
 
-def open(path: str | os.PathLike, *, populate: bool = False) -> Dataset:  # noqa: A001
+def open(path: str | os.PathLike, *, populate: bool = False, stage: bool = False, preload: bool = False, **stage_options) -> Dataset:  # noqa: A001
     """Opens the packds dataset directory ``path``.
 
     Cost is O(number of shards): the index is memory-mapped and checked lazily, entry by entry.
     ``populate=True`` pre-faults every shard mapping (reads the whole dataset into memory once),
     so later reads never wait on a page fault: for staged or in-memory datasets.
+    ``stage=True`` first copies the dataset to node-local storage with :func:`stage` (keyword
+    options ``to``, ``policy``, ``memory_limit``, ``reserve``, ``jobs`` are passed on) and opens
+    the copy. ``preload=True`` pulls every shard into the page cache first (large sequential
+    reads in Rust, GIL released).
     Raises :class:`FormatError` for anything that is not a complete, intact dataset.
     """
+    if stage_options and not stage:
+        raise TypeError(f"open() got options for stage=True without it: {', '.join(sorted(stage_options))}")
+    if stage:
+        path = _stage.stage(path, **stage_options)
+    if preload:
+        _stage.preload(path)
     return Dataset(os.fspath(path), populate=populate)
 
 
@@ -174,3 +186,10 @@ def pack(sources, output, **options) -> dict:
     recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume")}
     options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
     return _core.pack(srcs, os.fsdecode(output), **options)
+
+
+# --- Staging at job start (python/packds/stage.py) -------------------------------------------
+from . import stage as _stage  # noqa: E402
+
+stage = _stage.stage
+preload = _stage.preload

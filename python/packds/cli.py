@@ -169,6 +169,35 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(files=a.files, workdir=a.dir, keep=a.keep)
 
 
+def cmd_stage(a: argparse.Namespace) -> int:
+    import signal
+
+    from .stage import plan, stage_record
+
+    opts = dict(policy=a.policy, memory_limit=a.memory_limit, reserve=a.reserve)
+    if a.dry_run:
+        rec = plan(a.source, a.to, **opts)
+        if a.json:
+            print(json.dumps(rec, default=str))
+        else:
+            for k, v in rec.items():
+                shown = f"{v:,} ({human(v)})" if isinstance(v, int) and not isinstance(v, bool) and k in ("bytes", "free", "filesystem", "reserve", "available", "memory_limit", "needed") else v
+                print(f"packds: {k:>16}: {shown}", file=sys.stderr)
+        return 0
+
+    def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    rec = stage_record(a.source, a.to, jobs=a.jobs, quiet=a.quiet, **opts)
+    if a.json:
+        keys = ("policy", "path", "bytes", "seconds", "mb_per_s", "copied", "reason")
+        print(json.dumps({**{k: rec.get(k) for k in keys}, **{k: v for k, v in rec.items() if k not in keys}}, default=str))
+    else:
+        print(rec["path"])
+    return 0
+
+
 class KeyErrorWithHint(PackdsError):
     def __init__(self, msg: str, hint: str) -> None:
         super().__init__(msg)
@@ -222,6 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dest")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_unpack)
+
+    s = sub.add_parser(
+        "stage",
+        help="copy a dataset to node-local storage (once per node); print the path to use",
+        description="Copy SRC (a dataset, a directory of files packed on the fly, or one file) to DEST/<name> "
+        "once per node, checksums verified, and print the path to use (nothing else on stdout).",
+    )
+    s.add_argument("source", metavar="SRC")
+    s.add_argument("--to", metavar="DIR", help="destination directory (default: $SLURM_TMPDIR)")
+    s.add_argument("--policy", choices=["auto", "local", "memory", "inplace"], default="auto",
+                   help="auto (default): memory if within --memory-limit, else local if it fits, else inplace; "
+                   "memory: local + pull into the page cache; inplace: use SRC as it is")
+    s.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
+                   help="largest dataset auto keeps in memory (default: min(10G, half the job's memory))")
+    s.add_argument("--reserve", type=parse_size, default=None, metavar="SIZE",
+                   help="space to leave free on the destination (default: max(5%% of it, 1G))")
+    s.add_argument("--jobs", type=int, default=4, metavar="N", help="files copied in parallel (default 4)")
+    s.add_argument("--dry-run", action="store_true", help="print the decision and the numbers behind it; copy nothing")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary (warnings still show)")
+    s.add_argument("--json", action="store_true", help="print {policy, path, bytes, seconds, mb_per_s, copied, reason} on stdout")
+    s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("demo", help="generate an ImageNet-like tree, pack it, read it back, compare with tar and loose files")
     s.add_argument("--files", type=int, default=20_000, help="number of files (default %(default)s)")

@@ -3,6 +3,7 @@
 //! errors to the exceptions defined in `python/packds/errors.py`.
 
 mod errors;
+mod stage;
 
 use crate::pack::{self as core_pack, PackOptions, Progress};
 use crate::read::{OpenOptionsPds, Reader};
@@ -330,6 +331,8 @@ mod core_module {
     use super::pack;
     #[pymodule_export]
     use super::PyReader;
+    #[pymodule_export]
+    use super::stage::{preload, stage_dataset, stage_file, PyStageProgress};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -1,0 +1,577 @@
+"""Staging a dataset to node-local storage at job start: policy and orchestration.
+
+The copy itself (parallel, XXH3-128 verified in the same pass, fsync, atomic rename) and the
+page-cache preload run in Rust (``_core.stage_dataset``, ``_core.stage_file``,
+``_core.preload``) with the GIL released. This module decides *whether* and *where* to copy,
+takes the per-node lock, recognises an intact earlier copy and cleans up after dead stagers.
+
+Layout in the destination directory ``DEST`` for a source named ``NAME``::
+
+    DEST/NAME                   the staged copy (appears by one atomic rename, complete)
+    DEST/.NAME.lock             flock'ed by the one process that copies; the others wait on it
+    DEST/.NAME.staging-PID      a copy in progress (or left by a dead stager: removed later)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+
+from . import _core
+from .errors import FormatError, NoSpaceError, UsageError
+
+__all__ = ["stage", "stage_record", "plan", "preload", "memory_limit_default", "POLICIES"]
+
+POLICIES = ("auto", "local", "memory", "inplace")
+GiB = 1 << 30
+MEMORY_LIMIT_CAP = 10 * GiB
+_MANIFEST = "manifest.json"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _warn(msg: str) -> None:
+    print(f"packds: warning: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers behind the decision
+
+
+def job_memory() -> tuple[int, str]:
+    """(bytes, where it came from): the memory this job may use."""
+    env = os.environ
+    try:
+        if env.get("SLURM_MEM_PER_NODE"):
+            return int(env["SLURM_MEM_PER_NODE"]) << 20, "SLURM_MEM_PER_NODE"
+        if env.get("SLURM_MEM_PER_CPU") and env.get("SLURM_CPUS_ON_NODE"):
+            return int(env["SLURM_MEM_PER_CPU"]) * int(env["SLURM_CPUS_ON_NODE"]) << 20, "SLURM_MEM_PER_CPU x SLURM_CPUS_ON_NODE"
+    except ValueError:
+        pass
+    # cgroup v2: our own group's memory.max ("max" = no limit).
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    p = "/sys/fs/cgroup" + line[3:].strip().rstrip("/") + "/memory.max"
+                    with open(p) as g:
+                        v = g.read().strip()
+                    if v != "max":
+                        return int(v), "cgroup memory.max"
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory/memory.limit_in_bytes") as f:
+            v = int(f.read().strip())
+        if v < (1 << 60):
+            return v, "cgroup v1 memory.limit_in_bytes"
+    except (OSError, ValueError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical RAM"
+
+
+def memory_limit_default() -> tuple[int, str]:
+    """min(10 GiB, half the job's memory), and where the job's memory came from."""
+    mem, why = job_memory()
+    return min(MEMORY_LIMIT_CAP, mem // 2), f"min(10 GiB, half of {_human(mem)} from {why})"
+
+
+def disk_space(path: str) -> tuple[int, int]:
+    """(free bytes for us, filesystem size) of the filesystem holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def reserve_default(fs_size: int) -> int:
+    return max(fs_size // 20, GiB)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+def _source_kind(src: str) -> str:
+    """'dataset', 'tree' (a directory of loose files, packed on the fly) or 'file'."""
+    if os.path.isdir(src):
+        if os.path.exists(os.path.join(src, _MANIFEST)):
+            return "dataset"
+        if os.path.isdir(os.path.join(src, ".pack-state")):
+            e = FormatError(f"{src}: incomplete dataset: its pack was interrupted")
+            e.hint = "finish it with `packds pack ... --resume` before staging it"
+            raise e
+        return "tree"
+    if os.path.isfile(src):
+        return "file"
+    if not os.path.exists(src):
+        raise FileNotFoundError(errno.ENOENT, "cannot stage: no such file or directory", src)
+    e = UsageError(f"cannot stage {src}: not a directory or a regular file")
+    e.hint = "stage a packds dataset directory, a directory of files, or one file (.tar, .h5)"
+    raise e
+
+
+def _dataset_files(src: str) -> tuple[bytes, dict, list[tuple[str, int]]]:
+    """(manifest bytes, manifest, [(file, size)] of the index and every shard)."""
+    with open(os.path.join(src, _MANIFEST), "rb") as f:
+        raw = f.read()
+    try:
+        m = json.loads(raw)
+        files = [(m["index"]["file"], int(m["index"]["size"]))] + [(s["file"], int(s["size"])) for s in m["shards"]]
+    except (ValueError, KeyError, TypeError) as e:
+        err = FormatError(f"{os.path.join(src, _MANIFEST)}: manifest is not valid: {e}")
+        err.hint = "the dataset is damaged: pack it again"
+        raise err from None
+    return raw, m, files
+
+
+def _tree_fingerprint(src: str) -> dict:
+    """Files, bytes and newest mtime of a loose tree (what decides whether a packed copy is
+    still current), plus an estimate of the packed size (tar headers and padding included)."""
+    files = nbytes = packed = 0
+    newest = 0
+    for dirpath, _dirs, names in os.walk(src):
+        for n in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            if (st.st_mode & 0o170000) != 0o100000:
+                continue
+            files += 1
+            nbytes += st.st_size
+            packed += 1536 + (st.st_size + 511) // 512 * 512  # pax + ustar header, padding
+            newest = max(newest, st.st_mtime_ns)
+    return {"files": files, "bytes": nbytes, "mtime_ns_max": newest, "packed_estimate": packed + (1 << 20)}
+
+
+class _Source:
+    def __init__(self, src: str) -> None:
+        self.path = os.path.abspath(src.rstrip("/") or "/")
+        self.kind = _source_kind(self.path)
+        base = os.path.basename(self.path)
+        self.name = base + ".pds" if self.kind == "tree" and not base.endswith(".pds") else base
+        if self.kind == "dataset":
+            self.manifest_bytes, self.manifest, self.files = _dataset_files(self.path)
+            self.size = sum(s for _, s in self.files) + len(self.manifest_bytes)
+        elif self.kind == "tree":
+            self.fingerprint = _tree_fingerprint(self.path)
+            self.size = self.fingerprint["packed_estimate"]
+        else:
+            self.size = os.stat(self.path).st_size
+
+    def is_staged_at(self, dest: str) -> bool:
+        """Is ``dest`` an intact, current copy? Cheap: sizes and the manifest's bytes (which
+        hold every file's XXH3-128), not the data."""
+        try:
+            if self.kind == "file":
+                a, b = os.stat(self.path), os.stat(dest)
+                return os.path.isfile(dest) and a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+            with open(os.path.join(dest, _MANIFEST), "rb") as f:
+                raw = f.read()
+            if self.kind == "dataset":
+                if raw != self.manifest_bytes:
+                    return False
+                files = self.files
+            else:
+                m = json.loads(raw)
+                if m.get("options", {}).get("staged_from") != self._tree_record():
+                    return False
+                files = [(m["index"]["file"], int(m["index"]["size"]))] + [(s["file"], int(s["size"])) for s in m["shards"]]
+            return all(os.stat(os.path.join(dest, n)).st_size == s for n, s in files)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def _tree_record(self) -> dict:
+        fp = self.fingerprint
+        return {"path": self.path, "files": fp["files"], "bytes": fp["bytes"], "mtime_ns_max": fp["mtime_ns_max"]}
+
+    def data_files(self, root: str) -> list[str]:
+        """The files to pull into memory for the memory policy."""
+        if self.kind == "file":
+            return [root]
+        _raw, _m, files = _dataset_files(root)
+        return [os.path.join(root, n) for n, _ in files]
+
+
+# --------------------------------------------------------------------------------------------
+# Decision
+
+
+def _destination(to) -> str:
+    if to:
+        return os.path.abspath(os.fsdecode(to))
+    d = os.environ.get("SLURM_TMPDIR")
+    if d:
+        return os.path.abspath(d)
+    if os.environ.get("SLURM_JOB_ID"):
+        e = UsageError("no destination: this Slurm job has no $SLURM_TMPDIR and --to was not given")
+        e.hint = "pass --to DIR with a node-local directory (e.g. /tmp or /dev/shm)"
+    else:
+        e = UsageError("no destination: $SLURM_TMPDIR is not set (not inside a Slurm job) and --to was not given")
+        e.hint = "outside a job, pass --to DIR (a local directory such as /tmp/$USER or /dev/shm)"
+    raise e
+
+
+def _plan(source: _Source, to, policy: str, memory_limit, reserve) -> dict:
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    rec: dict = {"source": source.path, "kind": source.kind, "bytes": source.size, "requested_policy": policy}
+    if policy == "inplace":
+        rec.update(policy="inplace", path=source.path, reason="--policy inplace: the source is used where it is")
+        return rec
+    dest_dir = _destination(to)
+    rec["dest"] = dest_dir
+    rec["path"] = os.path.join(dest_dir, source.name)
+    probe = dest_dir
+    while not os.path.exists(probe):  # the destination may not exist yet: ask its parent
+        probe = os.path.dirname(probe)
+    free, fs_size = disk_space(probe)
+    # The space an earlier (stale) copy or dead stagers' leftovers take will be freed first.
+    free += _reclaimable(dest_dir, source.name)
+    if reserve is None:
+        reserve = reserve_default(fs_size)
+        rec["reserve_rule"] = "max(5% of the filesystem, 1 GiB)"
+    if memory_limit is None:
+        memory_limit, rec["memory_limit_rule"] = memory_limit_default()
+    available = max(0, free - reserve)
+    rec.update(free=free, filesystem=fs_size, reserve=reserve, available=available, memory_limit=memory_limit, needed=source.size + reserve)
+    fits = source.size <= available
+    room = f"{dest_dir}: {_human(free)} free - {_human(reserve)} reserve = {_human(available)} available"
+    if policy in ("local", "memory"):
+        if not fits:
+            e = NoSpaceError(
+                f"not enough space to stage {source.path}: needs {_human(source.size + reserve)} "
+                f"({source.size:,} bytes + {reserve:,} reserve), {_human(free)} free ({free:,} bytes) in {dest_dir}"
+            )
+            e.hint = "stage elsewhere with --to DIR, lower --reserve, or read it in place with --policy inplace"
+            raise e
+        rec.update(policy=policy, reason=f"--policy {policy}; the dataset ({_human(source.size)}) fits ({room})")
+        return rec
+    # auto
+    if fits and source.size <= memory_limit:
+        rec.update(policy="memory", reason=f"the dataset ({_human(source.size)}) is within the memory limit ({_human(memory_limit)}) and fits ({room})")
+    elif fits:
+        rec.update(policy="local", reason=f"the dataset ({_human(source.size)}) is over the memory limit ({_human(memory_limit)}) and fits ({room})")
+    else:
+        rec.update(policy="inplace", path=source.path, reason=f"the dataset ({_human(source.size)}) does not fit locally ({room}); reading it in place from {source.path}")
+    return rec
+
+
+def _reclaimable(dest_dir: str, name: str) -> int:
+    total = 0
+    try:
+        entries = os.listdir(dest_dir)
+    except OSError:
+        return 0
+    for n in entries:
+        if n == name or n.startswith(f".{name}.staging-"):
+            total += _du(os.path.join(dest_dir, n))
+    return total
+
+
+def _du(p: str) -> int:
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return 0
+    if not os.path.isdir(p) or os.path.islink(p):
+        return st.st_blocks * 512
+    return sum(_du(os.path.join(p, n)) for n in os.listdir(p))
+
+
+def plan(src, to=None, *, policy: str = "auto", memory_limit: int | None = None, reserve: int | None = None) -> dict:
+    """The decision ``stage`` would take, with the numbers behind it; changes nothing."""
+    source = _Source(os.fsdecode(src))
+    rec = _plan(source, to, policy, memory_limit, reserve)
+    if rec["policy"] != "inplace":
+        rec["already_staged"] = source.is_staged_at(rec["path"])
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Doing it
+
+
+class _Lock:
+    """flock on ``DEST/.NAME.lock``: one stager per node and dataset; the others wait."""
+
+    def __init__(self, path: str, quiet: bool) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not quiet:
+                print(f"packds: waiting for another packds stage of the same dataset ({path})", file=sys.stderr, flush=True)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # blocks with the GIL released
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def _clean_leftovers(dest_dir: str, name: str) -> None:
+    """Removes copies in progress left by dead stagers (we hold the lock: nobody else is)."""
+    for n in os.listdir(dest_dir):
+        if n.startswith(f".{name}.staging-"):
+            p = os.path.join(dest_dir, n)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+
+
+def _remove_stale(path: str, source: _Source) -> None:
+    """Removes an earlier copy at ``path`` that is not current, refusing anything packds did
+    not write."""
+    if not os.path.lexists(path):
+        return
+    if source.kind == "file":
+        if os.path.isdir(path):
+            raise _exists_error(path)
+        os.unlink(path)
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise _exists_error(path)
+    for n in os.listdir(path):
+        ours = n in (_MANIFEST, "index.pdsi", ".pack-state") or (n.startswith("shard-") and n.endswith(".tar")) or (n.startswith(".") and n.endswith(".tmp"))
+        if not ours:
+            raise _exists_error(path)
+    shutil.rmtree(path)
+
+
+def _exists_error(path: str) -> UsageError:
+    e = UsageError(f"{path} already exists and is not a staged copy packds can replace")
+    e.hint = "remove it, or stage into another directory with --to DIR"
+    return e
+
+
+class _Reporter:
+    """Progress on stderr: tqdm on a terminal, else a line every few seconds."""
+
+    def __init__(self, what: str, quiet: bool, every: float = 5.0) -> None:
+        self.what, self.quiet, self.every = what, quiet, every
+        self.bar = None
+        self.t0 = self.last = time.monotonic()
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, dynamic_ncols=True, desc=what)
+
+    def update(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            pct = 100.0 * done / total if total else 100.0
+            rate = done / max(now - self.t0, 1e-9) / 1e6
+            print(f"packds: {self.what}: {_human(done)} / {_human(total)} ({pct:.0f}%), {rate:,.0f} MB/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_with_progress(fn, prog, reporter: _Reporter):
+    """Runs ``fn()`` (a Rust call that releases the GIL) on a thread; this thread reports
+    progress and turns Ctrl-C / SIGTERM (as KeyboardInterrupt) into a clean cancel."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            out["error"] = e
+
+    t = threading.Thread(target=target, name="packds-stage", daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.2)
+            reporter.update(prog.bytes_done, prog.bytes_total)
+    except KeyboardInterrupt:
+        prog.cancel()
+        t.join()
+        raise
+    finally:
+        reporter.close()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def preload(path, *, jobs: int = 4, quiet: bool = True) -> int:
+    """Pulls every shard (and the index) of the dataset ``path`` — or the one file ``path`` —
+    into the page cache with large sequential reads, in Rust with the GIL released. Returns the
+    number of bytes read."""
+    path = os.path.abspath(os.fsdecode(path))
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n, _ in _dataset_files(path)[2]]
+    prog = _core.StageProgress()
+    return _run_with_progress(lambda: _core.preload(files, jobs=jobs, progress=prog), prog, _Reporter("preloading", quiet))
+
+
+def stage_record(
+    src,
+    to=None,
+    *,
+    policy: str = "auto",
+    memory_limit: int | None = None,
+    reserve: int | None = None,
+    jobs: int = 4,
+    quiet: bool = True,
+) -> dict:
+    """Stages ``src`` and returns the record ``{policy, path, bytes, seconds, mb_per_s, copied,
+    reason, ...}``. See :func:`stage`."""
+    t0 = time.monotonic()
+    source = _Source(os.fsdecode(src))
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    if policy == "inplace":
+        rec = _plan(source, to, policy, memory_limit, reserve)
+        rec.update(copied=False, seconds=time.monotonic() - t0, mb_per_s=0.0)
+        return rec
+    dest_dir = _destination(to)
+    os.makedirs(dest_dir, exist_ok=True)
+    final = os.path.join(dest_dir, source.name)
+    if os.path.exists(final) and os.path.samefile(final, source.path):
+        e = UsageError(f"cannot stage {source.path} onto itself")
+        e.hint = "give --to a different, node-local directory"
+        raise e
+    lock = _Lock(os.path.join(dest_dir, f".{source.name}.lock"), quiet)
+    try:
+        _clean_leftovers(dest_dir, source.name)
+        copied = False
+        copy_seconds = 0.0
+        if source.is_staged_at(final):
+            rec = _plan_for_existing(source, to, policy, memory_limit, reserve)
+        else:
+            rec = _plan(source, to, policy, memory_limit, reserve)
+            if rec["policy"] == "inplace":
+                _warn(f"not staging {source.path}: {rec['reason']}")
+                rec.update(copied=False, seconds=time.monotonic() - t0, mb_per_s=0.0)
+                return rec
+            _remove_stale(final, source)
+            tmp = os.path.join(dest_dir, f".{source.name}.staging-{os.getpid()}")
+            tc = time.monotonic()
+            try:
+                _copy(source, final, tmp, jobs, quiet)
+            except NoSpaceError:
+                _remove_quietly(tmp)
+                e = NoSpaceError(f"no space left on {dest_dir} while staging {source.path} (the partial copy was removed)")
+                e.hint = "free space there, stage elsewhere with --to DIR, or use --policy inplace"
+                raise e from None
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
+            copy_seconds = time.monotonic() - tc
+            copied = True
+        if rec["policy"] == "memory":
+            preload(final, jobs=jobs, quiet=quiet)
+    finally:
+        lock.release()
+    secs = time.monotonic() - t0
+    rec.update(path=final, copied=copied, seconds=secs, copy_seconds=copy_seconds, mb_per_s=(source.size / copy_seconds / 1e6) if copied and copy_seconds > 0 else 0.0)
+    if copied and not quiet:
+        print(
+            f"packds: staged {source.path} -> {final} ({rec['policy']}): {_human(source.size)} in {copy_seconds:.2f} s "
+            f"({rec['mb_per_s']:,.0f} MB/s), checksums verified",
+            file=sys.stderr,
+        )
+    elif not quiet:
+        print(f"packds: {final} is already staged and intact ({rec['policy']})", file=sys.stderr)
+    return rec
+
+
+def _plan_for_existing(source: _Source, to, policy: str, memory_limit, reserve) -> dict:
+    """The record for an intact earlier copy: no space is needed, only memory vs local."""
+    if memory_limit is None:
+        memory_limit, _ = memory_limit_default()
+    rec = {"source": source.path, "kind": source.kind, "bytes": source.size, "requested_policy": policy, "dest": _destination(to), "memory_limit": memory_limit}
+    if policy == "auto":
+        policy = "memory" if source.size <= memory_limit else "local"
+    rec.update(policy=policy, reason="already staged and intact (sizes and manifest checksums match the source)")
+    return rec
+
+
+def _remove_quietly(p: str) -> None:
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+    elif os.path.lexists(p):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool) -> None:
+    prog = _core.StageProgress()
+    rep = _Reporter(f"staging {os.path.basename(source.path)}", quiet)
+    if source.kind == "dataset":
+        _run_with_progress(lambda: _core.stage_dataset(source.path, final, tmp, jobs=jobs, progress=prog), prog, rep)
+    elif source.kind == "file":
+        _run_with_progress(lambda: _core.stage_file(source.path, final, tmp, progress=prog), prog, rep)
+    else:
+        # A directory of loose files: packed on the fly into the temporary directory (the node
+        # never holds the small files), then renamed into place like a copied dataset.
+        from . import pack
+
+        rep.close()
+        opts = json.dumps({"staged_from": source._tree_record()}, sort_keys=True)
+        pack([source.path], tmp, options_json=opts)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def stage(
+    src,
+    to=None,
+    *,
+    policy: str = "auto",
+    memory_limit: int | None = None,
+    reserve: int | None = None,
+    jobs: int = 4,
+    quiet: bool = True,
+) -> str:
+    """Copies ``src`` to node-local storage once per node and returns the path to use.
+
+    ``src``: a packds dataset directory, a directory of loose files (packed on the fly) or one
+    file (``.tar``, ``.h5``, ...). ``to``: the destination directory (default
+    ``$SLURM_TMPDIR``); the copy is ``to/<basename of src>``. ``policy``: ``auto`` (default:
+    ``memory`` when the dataset is within ``memory_limit`` and fits, else ``local`` when it
+    fits, else ``inplace`` with a warning), ``local``, ``memory`` (local, then pulled into the
+    page cache) or ``inplace`` (``src`` unchanged). Concurrent calls for the same dataset and
+    destination copy once; the others wait and return the same path. Raises
+    :class:`NoSpaceError`, :class:`ChecksumError` (a damaged source; nothing is left behind),
+    :class:`UsageError`.
+    """
+    return stage_record(src, to, policy=policy, memory_limit=memory_limit, reserve=reserve, jobs=jobs, quiet=quiet)["path"]
