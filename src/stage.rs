@@ -42,11 +42,16 @@ pub struct StageSummary {
 }
 
 /// Test-only fault injection: `PACKDS_FAULT=stage-kill-after-bytes:N` makes the process kill
-/// itself with SIGKILL once N bytes were copied (as a node failure or `scancel` would).
-fn fault_kill_after() -> Option<u64> {
+/// itself with SIGKILL once N bytes were copied (as a node failure would);
+/// `PACKDS_FAULT=stage-slow-ms:N` sleeps N ms after each buffer (to signal a copy mid-way).
+fn fault(name: &str) -> Option<u64> {
     let v = std::env::var("PACKDS_FAULT").ok()?;
     let (what, n) = v.split_once(':')?;
-    (what == "stage-kill-after-bytes").then(|| n.parse().ok()).flatten()
+    (what == name).then(|| n.parse().ok()).flatten()
+}
+
+fn fault_kill_after() -> Option<u64> {
+    fault("stage-kill-after-bytes")
 }
 
 struct Job {
@@ -294,6 +299,9 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, progress: &StageProgre
         out.write_all(&buf[..got]).ctx("write", dst)?;
         n += got as u64;
         let done = progress.bytes_done.fetch_add(got as u64, Relaxed) + got as u64;
+        if let Some(ms) = fault("stage-slow-ms") {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         if let Some(k) = kill_after {
             if done >= k {
                 // SAFETY: raising a signal in our own process (test-only fault injection).
