@@ -258,20 +258,6 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, progress: &StageProgre
     // SAFETY: advisory call on a descriptor we own.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let mut out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst).ctx("create", dst)?;
-    if let Some(j) = expect {
-        if j.size > 0 {
-            // Reserve the space up front: a full disk fails now, not half-way (tmpfs and most
-            // local filesystems support it; where not, the writes find out).
-            // fallocate(2), not posix_fallocate: no slow emulation where it is not supported.
-            // SAFETY: valid descriptor; plain syscall.
-            if unsafe { libc::fallocate(out.as_raw_fd(), 0, 0, j.size as libc::off_t) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
-                    return Err(Error::io("write", dst, e));
-                }
-            }
-        }
-    }
     let mut buf = vec![0u8; BUF];
     let mut h = Xxh3::new();
     let mut n = 0u64;
@@ -297,6 +283,10 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, progress: &StageProgre
         }
         h.update(&buf[..got]);
         out.write_all(&buf[..got]).ctx("write", dst)?;
+        // Start writeback of what was just written now, so the fsync at the end finds little
+        // left to do and the kernel's dirty-page throttling does not stall the copy.
+        // SAFETY: plain syscall on a descriptor we own.
+        unsafe { libc::sync_file_range(out.as_raw_fd(), n as libc::off64_t, got as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
         n += got as u64;
         let done = progress.bytes_done.fetch_add(got as u64, Relaxed) + got as u64;
         if let Some(ms) = fault("stage-slow-ms") {
