@@ -1,0 +1,372 @@
+"""The Python API: every Dataset method, keys(), views, pickling, exceptions, pack() options."""
+
+from __future__ import annotations
+
+import collections.abc
+import gc
+import os
+import pickle
+import shutil
+
+import pytest
+
+import _helpers as h
+import packds
+from packds import ChecksumError, FormatError, NoSpaceError, PackdsError, SourceChangedError, UnsafePathError, UsageError
+
+
+@pytest.fixture(scope="module")
+def ds(small_ds_pristine):
+    return packds.open(small_ds_pristine)
+
+
+@pytest.fixture(scope="module")
+def data(small_tree):
+    return [small_tree.read(k) for k in small_tree.keys]
+
+
+def test_len_and_getitem(ds, data, small_tree):
+    assert len(ds) == len(small_tree.keys) == len(data)
+    for i in range(len(ds)):
+        assert ds[i] == data[i]
+        assert type(ds[i]) is bytes
+    assert ds[-1] == data[-1]
+    assert ds[-len(ds)] == data[0]
+    for bad in (len(ds), len(ds) + 100, -len(ds) - 1, 2**62, -(2**62)):
+        with pytest.raises(IndexError):
+            ds[bad]
+    for bad in (1.5, None, [1], (1,)):
+        with pytest.raises(TypeError):
+            ds[bad]
+
+
+def test_getitem_by_key(ds, data, small_tree):
+    for i, k in enumerate(small_tree.keys):
+        assert ds[k] == data[i]
+        assert ds[os.fsdecode(k)] == data[i]
+    with pytest.raises(KeyError) as ei:
+        ds["no/such/key"]
+    assert ei.value.args[0] == "no/such/key"
+    with pytest.raises(KeyError):
+        ds[b"no/such/key"]
+    with pytest.raises(KeyError):
+        ds[""]
+    with pytest.raises(KeyError):
+        ds["c00"]  # a directory is not a key
+    with pytest.raises(KeyError):
+        ds["c00/"]
+
+
+def test_key_index_find_get(ds, data, small_tree):
+    for i, k in enumerate(small_tree.keys):
+        assert ds.key_bytes(i) == k
+        assert ds.key(i) == os.fsdecode(k)
+        assert ds.index(k) == i == ds.index(os.fsdecode(k))
+        assert ds.find_key(k) == i
+        assert ds.get(k) == data[i]
+    assert ds.key(-1) == os.fsdecode(small_tree.keys[-1])
+    assert ds.key_bytes(-2) == small_tree.keys[-2]
+    with pytest.raises(IndexError):
+        ds.key(len(ds))
+    with pytest.raises(IndexError):
+        ds.key_bytes(-len(ds) - 1)
+    assert ds.find_key("nope") is None and ds.find_key(b"nope") is None
+    with pytest.raises(KeyError):
+        ds.index("nope")
+    assert ds.get("nope") is None
+    sentinel = object()
+    assert ds.get("nope", sentinel) is sentinel
+    assert ds.get(b"nope", b"dflt") == b"dflt"
+    with pytest.raises(TypeError):
+        ds.find_key(3)
+    # Prefixes and near misses are not keys.
+    k = os.fsdecode(small_tree.keys[10])
+    for miss in (k[:-1], k + "x", k.upper(), "/" + k, "./" + k):
+        assert ds.find_key(miss) is None, miss
+    assert "top.txt" in ds and b"top.txt" in ds and "nope" not in ds and 3 not in ds
+
+
+def test_non_utf8_key_round_trip(ds, small_tree):
+    raw = b"\xff\xfe.bin"
+    i = small_tree.keys.index(raw)
+    k = ds.key(i)
+    assert isinstance(k, str) and k == os.fsdecode(raw) == "\udcff\udcfe.bin"
+    assert ds.index(k) == i and ds.index(raw) == i
+    assert ds[k] == b"not utf-8 name" == ds[raw]
+    assert k in ds.keys() and raw in ds.keys()
+    assert os.fsencode(k) == ds.key_bytes(i)
+    u = "sub/é中文😀.txt"
+    assert ds[u] == b"unicode name" == ds[u.encode()]
+    assert ds.index(u) == small_tree.keys.index(u.encode())
+
+
+def test_keys_is_a_lazy_sequence(ds, small_tree):
+    ks = ds.keys()
+    assert not isinstance(ks, list)
+    assert isinstance(ks, collections.abc.Sequence)
+    assert len(ks) == len(ds)
+    assert ks[0] == os.fsdecode(small_tree.keys[0]) and ks[-1] == os.fsdecode(small_tree.keys[-1])
+    assert ks[2:5] == [os.fsdecode(k) for k in small_tree.keys[2:5]]
+    assert ks[::-50] == [os.fsdecode(k) for k in small_tree.keys[::-50]]
+    assert list(ks) == [os.fsdecode(k) for k in small_tree.keys]
+    assert "top.txt" in ks and b"top.txt" in ks
+    assert "missing" not in ks and 7 not in ks and None not in ks
+    assert ks.index("top.txt") == small_tree.keys.index(b"top.txt")
+    with pytest.raises((KeyError, ValueError)):
+        ks.index("missing")
+    with pytest.raises(IndexError):
+        ks[len(ds)]
+    assert list(reversed(ks))[0] == ks[-1]
+    assert ks.count("top.txt") == 1
+    # Lazy: its size does not grow with the dataset.
+    import sys
+
+    assert sys.getsizeof(ks) < 200
+
+
+def test_size_and_get_many(ds, data):
+    for i in range(len(ds)):
+        assert ds.size(i) == len(data[i])
+    assert ds.size(-1) == len(data[-1])
+    with pytest.raises(IndexError):
+        ds.size(len(ds))
+    idx = [5, 0, -1, 5, len(ds) - 2, 100]
+    got = ds.get_many(idx)
+    assert isinstance(got, list) and all(type(b) is bytes for b in got)
+    assert got == [data[i] for i in idx]
+    assert ds.get_many([]) == []
+    assert ds.get_many(list(range(len(ds)))) == data
+    with pytest.raises(IndexError):
+        ds.get_many([0, len(ds)])
+    with pytest.raises(TypeError):
+        ds.get_many(["top.txt"])
+
+
+def test_get_many_of_empty_samples(ds, small_tree):
+    i = small_tree.keys.index(b"zz/empty")
+    assert ds.get_many([i, i]) == [b"", b""]
+    assert ds[i] == b"" and ds.size(i) == 0 and ds.get_checked(i) == b""
+    assert bytes(ds.view(i)) == b""
+
+
+def test_get_checked(ds, data):
+    for i in range(0, len(ds), 7):
+        assert ds.get_checked(i) == data[i]
+    assert ds.get_checked(-1) == data[-1]
+    with pytest.raises(IndexError):
+        ds.get_checked(len(ds))
+
+
+def test_view_is_zero_copy_and_outlives_the_dataset(small_ds_pristine, data):
+    d = packds.open(small_ds_pristine)
+    views = [d.view(i) for i in range(len(d))]
+    for i, v in enumerate(views):
+        assert isinstance(v, memoryview)
+        assert v.readonly
+        assert v == data[i] and bytes(v) == d[i]
+        assert v.nbytes == d.size(i)
+    with pytest.raises(TypeError):
+        views[3][0] = 1
+    v_neg = d.view(-1)
+    assert bytes(v_neg) == data[-1]
+    with pytest.raises(IndexError):
+        d.view(len(d))
+    del d
+    gc.collect()
+    for i, v in enumerate(views):
+        assert bytes(v) == data[i]
+
+
+def test_locate(ds, data, small_ds_pristine):
+    seen = set()
+    for i in range(len(ds)):
+        shard, off, size = ds.locate(i)
+        assert os.path.dirname(os.fspath(shard)) == os.fspath(small_ds_pristine)
+        assert os.path.basename(os.fspath(shard)).startswith("shard-")
+        assert off % 512 == 0 and size == len(data[i])
+        with open(shard, "rb") as f:
+            f.seek(off)
+            assert f.read(size) == data[i]
+        seen.add(os.fspath(shard))
+    assert len(seen) == len(ds.manifest["shards"])
+    assert ds.locate(-1) == ds.locate(len(ds) - 1)
+
+
+def test_glob(ds, small_tree):
+    def want(pred):
+        return [i for i, k in enumerate(small_tree.keys) if pred(k)]
+
+    assert ds.glob("*") == list(range(len(ds)))
+    assert ds.glob("c03/*") == want(lambda k: k.startswith(b"c03/"))
+    assert ds.glob("*.txt") == want(lambda k: k.endswith(b".txt"))
+    assert ds.glob("**/f0000?.bin") == want(lambda k: k[-10:-5] == b"f0000" and k.endswith(b".bin") and b"/" in k)
+    assert ds.glob("*.bin") == want(lambda k: k.endswith(b".bin"))  # includes the non-UTF-8 name
+    assert small_tree.keys.index(b"\xff\xfe.bin") in ds.glob("*.bin")
+    assert ds.glob("nothing*") == []
+    with pytest.raises(ValueError):
+        ds.glob("[")
+
+
+def test_verify_report(ds):
+    r = ds.verify()
+    assert set(r) == {"samples", "shards", "bytes", "problems"}
+    assert r["samples"] == len(ds) and r["problems"] == []
+    assert r["shards"] == len(ds.manifest["shards"])
+    for t in (1, 2, 64, 1000):
+        assert ds.verify(threads=t) == r
+    assert ds.verify(threads=0)["problems"] == []
+
+
+def test_manifest(ds, small_tree):
+    m = ds.manifest
+    assert isinstance(m, dict)
+    assert m["format"] == "packds" and m["format_version"] == 1 and m["shard_format"] == "tar"
+    assert m["samples"] == len(ds)
+    assert m["total_bytes"] == sum(len(small_tree.read(k)) for k in small_tree.keys)
+    assert m["options"]["shard_size"] == 64 << 10 and m["options"]["threads"] == 4
+    assert m["tool"].startswith("packds ")
+    m["samples"] = -1  # a copy: mutating it changes nothing
+    assert ds.manifest["samples"] == len(ds)
+
+
+def test_iteration_contains_repr_context(ds, data):
+    assert list(ds) == data
+    assert "top.txt" in ds
+    assert "samples" in repr(ds) and str(len(ds)) in repr(ds)
+    with packds.open(ds.path) as d2:
+        assert len(d2) == len(ds)
+    assert isinstance(ds, packds.Dataset)
+
+
+def test_pickle_reopens_by_path(ds, data, small_ds_pristine):
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000, "a pickled Dataset must carry its path, not its data"
+    d2 = pickle.loads(blob)
+    assert isinstance(d2, packds.Dataset)
+    assert len(d2) == len(ds) and d2[5] == data[5] and list(d2) == data
+    assert os.fspath(d2.path) == os.fspath(small_ds_pristine)
+    p = packds.open(small_ds_pristine, populate=True)
+    p2 = pickle.loads(pickle.dumps(p))
+    assert p2[0] == data[0]
+
+
+def test_populate(small_ds_pristine, data):
+    d = packds.open(small_ds_pristine, populate=True)
+    assert list(d) == data and d.verify()["problems"] == []
+
+
+def test_open_accepts_pathlike_and_surrogate_paths(small_ds_pristine, work):
+    import pathlib
+
+    assert len(packds.open(pathlib.Path(small_ds_pristine))) > 0
+    odd = os.path.join(os.fsencode(work), b"odd-\xff.pds")
+    shutil.copytree(small_ds_pristine, os.fsdecode(odd))
+    d = packds.open(os.fsdecode(odd))
+    assert d[0] == packds.open(small_ds_pristine)[0]
+    assert bytes(d.view(1)) == d[1]
+    assert pickle.loads(pickle.dumps(d))[2] == d[2]
+
+
+def test_unpack_method_counts_files(ds, work, small_tree):
+    dest = os.path.join(work, "u")
+    assert ds.unpack(dest) == len(ds)
+    assert h.walk_files(dest) == small_tree.keys
+
+
+# ----------------------------------------------------------------------------- exceptions
+
+
+def test_exception_hierarchy():
+    assert issubclass(FormatError, PackdsError) and issubclass(FormatError, ValueError)
+    assert issubclass(ChecksumError, FormatError)
+    assert issubclass(UnsafePathError, FormatError)
+    assert issubclass(NoSpaceError, PackdsError) and issubclass(NoSpaceError, OSError)
+    for e in (UsageError, SourceChangedError):
+        assert issubclass(e, PackdsError)
+    for e in (PackdsError, FormatError, ChecksumError, NoSpaceError, UsageError, SourceChangedError, UnsafePathError):
+        assert hasattr(e, "hint")
+        assert getattr(packds.errors, e.__name__) is e is getattr(packds, e.__name__)
+
+
+def test_open_errors_carry_hints(work):
+    with pytest.raises(FormatError) as ei:
+        packds.open(work)
+    assert ei.value.hint and work in str(ei.value)
+    with pytest.raises(FileNotFoundError) as ei:
+        packds.open(os.path.join(work, "missing"))
+    assert ei.value.errno == 2
+    assert os.fsdecode(ei.value.filename) == os.path.join(work, "missing")
+
+
+# ------------------------------------------------------------------------------- pack()
+
+
+def test_pack_api_summary(small_tree, work):
+    out = os.path.join(work, "o.pds")
+    s = packds.pack(small_tree.root, out, shard_size=64 << 10, threads=2)
+    assert s["files"] == len(small_tree.keys) and s["shards"] >= 4
+    assert s["bytes"] == sum(len(small_tree.read(k)) for k in small_tree.keys)
+    assert s["skipped"] == [] and s["resumed_shards"] == 0 and s["already_complete"] is False
+    assert s["seconds"] >= 0
+    # A list of sources, and PathLike.
+    import pathlib
+
+    out2 = os.path.join(work, "o2.pds")
+    packds.pack([pathlib.Path(small_tree.root)], pathlib.Path(out2), shard_size=64 << 10)
+    h.assert_same_dataset_bytes(out, out2)
+
+
+def test_pack_api_errors(small_tree, work):
+    with pytest.raises(ValueError):
+        packds.pack(small_tree.root, os.path.join(work, "a"), on_error="ignore")
+    with pytest.raises(UsageError) as ei:
+        packds.pack(small_tree.root, os.path.join(work, "b"), shard_size=100)
+    assert ei.value.hint
+    with pytest.raises(UsageError):
+        packds.pack(os.path.join(work, "nope"), os.path.join(work, "c"))
+    out = os.path.join(work, "d")
+    packds.pack(small_tree.root, out)
+    with pytest.raises(UsageError) as ei:
+        packds.pack(small_tree.root, out)
+    assert "already exists" in str(ei.value) and "--force" in ei.value.hint
+    s = packds.pack(small_tree.root, out, force=True, shard_size=1 << 20)
+    assert s["shards"] == 1 and len(packds.open(out)) == len(small_tree.keys)
+
+
+def test_pack_progress_callback(odd_tree, work):
+    calls = []
+
+    def progress(phase, done, total, nbytes):
+        calls.append((phase, done, total, nbytes))
+
+    s = packds.pack(odd_tree.root, os.path.join(work, "o.pds"), shard_size=64 << 10, threads=1, progress=progress)
+    assert s["files"] == len(odd_tree.keys)
+    assert calls, "progress was never called during a pack of 20,000 files"
+    for phase, done, total, nbytes in calls:
+        assert 0 <= phase <= 3 and 0 <= done and nbytes >= 0
+        if phase >= 1:
+            assert total == len(odd_tree.keys) and done <= total
+    dones = [c[1] for c in calls]
+    assert dones == sorted(dones)
+
+
+def test_exception_in_progress_cancels_the_pack(odd_tree, work):
+    out = os.path.join(work, "o.pds")
+    n = [0]
+
+    class Stop(Exception):
+        pass
+
+    def progress(*a):
+        n[0] += 1
+        raise Stop()
+
+    with pytest.raises(Stop):
+        packds.pack(odd_tree.root, out, shard_size=64 << 10, threads=1, progress=progress)
+    assert n[0] == 1
+    if os.path.exists(out):
+        with pytest.raises(FormatError):
+            packds.open(out)
+        s = packds.pack(odd_tree.root, out, shard_size=64 << 10, threads=1, resume=True)
+        assert s["files"] == len(odd_tree.keys)
+        assert len(packds.open(out)) == len(odd_tree.keys)
