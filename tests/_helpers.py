@@ -343,6 +343,14 @@ def copy_dataset(src, dst) -> str:
     return os.fspath(dst)
 
 
+def have_strace() -> bool:
+    """strace is installed and allowed to trace (ptrace may be forbidden in containers)."""
+    if not shutil.which("strace"):
+        return False
+    r = subprocess.run(["strace", "-qq", "-o", os.devnull, "true"], capture_output=True)
+    return r.returncode == 0
+
+
 def wait_for(pred, timeout: float = 10.0, step: float = 0.01) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -146,6 +146,25 @@ def test_pack_into_an_existing_empty_directory(tiny, work):
     assert len(packds.open(out)) == len(files)
 
 
+def test_pack_refuses_an_output_another_pack_holds(tiny, work):
+    """Two packs into one directory: the second is refused while the first holds its lock."""
+    import fcntl
+
+    src, _ = tiny
+    out = os.path.join(work, "busy.pds")
+    os.mkdir(out)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = h.cli("pack", src, "-o", out)
+        h.assert_cli_error(r, out)
+        assert b"another packds process" in r.stderr
+        assert os.listdir(out) == []
+    finally:
+        os.close(fd)
+    assert h.cli("pack", src, "-o", out, "-q").returncode == 0
+
+
 def test_pack_output_is_a_file(tiny, work):
     src, _ = tiny
     out = os.path.join(work, "file")

@@ -208,13 +208,6 @@ def _strace_kill(tree, out, syscall: str, k: int):
     return subprocess.run(cmd, capture_output=True, timeout=60, env=env)
 
 
-def _have_strace() -> bool:
-    if not shutil.which("strace"):
-        return False
-    r = subprocess.run(["strace", "-qq", "-o", os.devnull, "true"], capture_output=True)
-    return r.returncode == 0
-
-
 def test_sigkill_at_every_commit_point(work):
     """A 3-shard pack killed on entry to each mkdir, rename, unlinkat and fsync it makes:
     each time, the directory does not open, and --resume (or a fresh pack when nothing was
@@ -227,7 +220,7 @@ def test_sigkill_at_every_commit_point(work):
     assert h.cli("pack", src, "-o", ref, "--shard-size", "4K", "-q").returncode == 0
     assert len([x for x in os.listdir(ref) if x.endswith(".tar")]) == 3
     cases = []
-    if _have_strace():
+    if h.have_strace():
         for syscall, count in [("mkdir", 2), ("rename", 9), ("unlinkat", 6), ("fsync", 14)]:
             cases += [(syscall, k) for k in range(1, count + 1)]
     else:  # pragma: no cover - depends on the machine
