@@ -183,3 +183,32 @@ def test_json_summary_is_the_api_summary(odd_ds):
     assert set(s) >= {"files", "bytes", "shards", "resumed_shards", "seconds", "skipped", "already_complete"}
     assert isinstance(s["seconds"], (int, float)) and s["seconds"] >= 0
     json.dumps(s)
+
+
+def test_large_files_and_shard_boundaries(work):
+    """Files around and far above the in-memory limit (with 256 I/O threads the writer streams
+    anything over 64 KiB) and above --shard-size: same bytes whether streamed or read whole,
+    a file larger than a shard gets a shard of its own, and no shard is over-full."""
+    src = os.path.join(work, "src")
+    rng = random.Random(4)
+    sizes = {b"a_small": 100, b"b_64k_minus": (64 << 10) - 1, b"c_64k": 64 << 10, b"d_64k_plus": (64 << 10) + 1,
+             b"e_200k": 200_000, b"f_tiny": 1, b"g_3m": 3 << 20, b"h_empty": 0, b"i_130k": 130 << 10, b"j_5k": 5000}
+    for k, n in sizes.items():
+        h.write(src, b"big/" + k, rng.randbytes(n))
+    a, c = os.path.join(work, "a.pds"), os.path.join(work, "c.pds")
+    packds.pack(src, a, shard_size=128 << 10, threads=256)
+    packds.pack(src, c, shard_size=128 << 10, threads=1)
+    h.assert_same_dataset_bytes(a, c)
+    ds = packds.open(a)
+    for i, k in enumerate(sorted(sizes)):
+        assert ds.key_bytes(i) == b"big/" + k
+        assert ds.get_checked(i) == h.read(src, b"big/" + k)
+    assert ds.verify()["problems"] == []
+    for rec in ds.manifest["shards"]:
+        assert rec["size"] <= 128 << 10 or rec["samples"] == 1, rec
+    own = {ds.key_bytes(i) for i in range(len(ds)) if ds.size(i) > 128 << 10}
+    assert own == {b"big/e_200k", b"big/g_3m", b"big/i_130k"}
+    for i in range(len(ds)):
+        if ds.key_bytes(i) in own:
+            shard = os.path.basename(os.fspath(ds.locate(i)[0]))
+            assert next(r for r in ds.manifest["shards"] if r["file"] == shard)["samples"] == 1
