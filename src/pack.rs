@@ -17,7 +17,7 @@ use crate::tar::{self, Meta};
 use crate::walk::{self, FileEntry, OnError, SourceRoot, Skipped, WalkOptions};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,6 @@ use xxhash_rust::xxh3::Xxh3;
 pub const STATE_DIR: &str = ".pack-state";
 const STATE_OPTIONS: &str = "options.json";
 pub const DEFAULT_SHARD_SIZE: u64 = 1 << 30;
-const WRITE_BUF: usize = 8 << 20;
 const STREAM_CHUNK: usize = 1 << 20;
 const INFLIGHT_BYTES: usize = 256 << 20;
 const WRITEBACK_EVERY: u64 = 32 << 20;
@@ -448,7 +447,8 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
 
 /// What an I/O thread hands the writer for one file.
 enum Item {
-    Small { meta: Meta, data: Vec<u8>, crc: u32 },
+    /// A whole tar member (header, data, padding); the data starts at `hlen`.
+    Small { meta: Meta, member: Vec<u8>, hlen: usize, crc: u32 },
     Large { meta: Meta, file: File, path: PathBuf },
     Skip(Skipped),
     Fail(Error),
@@ -458,7 +458,7 @@ fn meta_of(md: &fs::Metadata) -> Meta {
     Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() }
 }
 
-fn read_one(path: &Path, follow: bool, small_max: u64) -> Result<Item> {
+fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64) -> Result<Item> {
     let mut oo = OpenOptions::new();
     oo.read(true);
     let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
@@ -481,20 +481,19 @@ fn read_one(path: &Path, follow: bool, small_max: u64) -> Result<Item> {
     if meta.size > small_max {
         return Ok(Item::Large { meta, file: f, path: path.to_path_buf() });
     }
-    // One byte more than expected, to notice a file that grew; plain reads (std's
-    // read_to_end would stat and seek the file again).
+    // The whole tar member is built here, in parallel: header, data, padding. The writer
+    // then only appends it. One byte more than the size is asked for, so a file that grew
+    // since fstat shows up; a short read means end of file (std's read_to_end would stat and
+    // seek the file again and always make a second read).
     let want = meta.size as usize;
-    let mut data = vec![0u8; want + 1];
+    let mut member = Vec::with_capacity(1024 + want + tar::padding(meta.size) as usize + 1);
+    let hlen = tar::write_header(&mut member, key, &meta);
+    member.resize(hlen + want + 1, 0);
     let mut got = 0;
-    loop {
-        match f.read(&mut data[got..]) {
+    while got < want {
+        match f.read(&mut member[hlen + got..]) {
             Ok(0) => break,
-            Ok(k) => {
-                got += k;
-                if got > want {
-                    break;
-                }
-            }
+            Ok(k) => got += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::io("read", path, e)),
         }
@@ -503,9 +502,10 @@ fn read_one(path: &Path, follow: bool, small_max: u64) -> Result<Item> {
         let what = if got > want { format!("it grew past {want} bytes") } else { format!("size was {want} bytes at open, {got} bytes were read") };
         return Err(Error::Changed { path: path.to_path_buf(), what });
     }
-    data.truncate(want);
-    let crc = crc32c::crc32c(&data);
-    Ok(Item::Small { meta, data, crc })
+    member.truncate(hlen + want);
+    let crc = crc32c::crc32c(&member[hlen..]);
+    member.resize(hlen + want + tar::padding(meta.size) as usize, 0);
+    Ok(Item::Small { meta, member, hlen, crc })
 }
 
 /// Files are handed from the I/O threads to the writer in chunks of this many consecutive files
@@ -527,7 +527,7 @@ struct Window {
 struct ShardOut {
     k: usize,
     tmp: PathBuf,
-    w: BufWriter<File>,
+    w: File,
     pos: u64,
     hash: Xxh3,
     index: IndexBuilder,
@@ -543,7 +543,7 @@ impl ShardOut {
             // Start writeback of what is written so far (asynchronously), so the fsync at the
             // end of the shard has little left to wait for and the disk works while we read.
             // SAFETY: a hint on a descriptor we own; no memory is involved.
-            unsafe { libc::sync_file_range(self.w.get_ref().as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+            unsafe { libc::sync_file_range(self.w.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
             self.flushed_at = self.pos;
         }
         Ok(())
@@ -577,7 +577,7 @@ fn run_pipeline(
         if progress.cancel.load(Relaxed) {
             return Item::Fail(Error::Cancelled);
         }
-        match read_one(&path, opts.follow_symlinks, small_max) {
+        match read_one(&path, &files[i].key, opts.follow_symlinks, small_max) {
             Ok(it) => it,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && opts.on_error == OnError::Skip => {
                 Item::Skip(Skipped { path: path.display().to_string(), reason: "deleted while packing".into() })
@@ -651,11 +651,17 @@ fn run_pipeline(
                     }
                 };
                 let key = &files[i].key;
-                hdr.clear();
-                let hlen = tar::write_header(&mut hdr, key, &meta) as u64;
-                let member = hlen + meta.size + tar::padding(meta.size);
+                // Small files arrive as complete members; large ones get their header here.
+                if let Item::Large { .. } = item {
+                    hdr.clear();
+                    tar::write_header(&mut hdr, key, &meta);
+                }
+                let member_len = match &item {
+                    Item::Small { member, .. } => member.len() as u64,
+                    _ => hdr.len() as u64 + meta.size + tar::padding(meta.size),
+                };
                 if let Some(s) = &cur {
-                    if s.pos + member + tar::END.len() as u64 > opts.shard_size && !s.index.is_empty() {
+                    if s.pos + member_len + tar::END.len() as u64 > opts.shard_size && !s.index.is_empty() {
                         let s = cur.take().expect("checked above");
                         close_shard(opts, s, builder, records)?;
                         k += 1;
@@ -665,35 +671,37 @@ fn run_pipeline(
                 if cur.is_none() {
                     let tmp = opts.output.join(format!(".{}.tmp", shard_name(k)));
                     let f = File::create(&tmp).ctx("create", &tmp)?;
-                    cur = Some(ShardOut { k, tmp, w: BufWriter::with_capacity(WRITE_BUF, f), pos: 0, hash: Xxh3::new(), index: IndexBuilder::new(), flushed_at: 0 });
+                    cur = Some(ShardOut { k, tmp, w: f, pos: 0, hash: Xxh3::new(), index: IndexBuilder::new(), flushed_at: 0 });
                 }
                 let s = cur.as_mut().expect("opened above");
                 let member_start = s.pos;
-                let hash_before = s.hash.clone();
-                s.put(&hdr)?;
-                let data_off = s.pos;
-                let crc = match item {
-                    Item::Small { data, crc, .. } => {
-                        s.put(&data)?;
-                        crc
+                let (data_off, crc) = match item {
+                    Item::Small { member, hlen, crc, .. } => {
+                        s.put(&member)?;
+                        (member_start + hlen as u64, crc)
                     }
-                    Item::Large { mut file, path, .. } => match stream_file(s, &mut file, &path, meta.size) {
-                        Ok(c) => c,
-                        Err(e @ Error::Changed { .. }) if opts.on_error == OnError::Skip => {
-                            // Roll the shard back to where this member began.
-                            s.w.flush().ctx("write", &s.tmp)?;
-                            s.w.get_ref().set_len(member_start).ctx("truncate", &s.tmp)?;
-                            s.w.get_mut().seek(SeekFrom::Start(member_start)).ctx("seek", &s.tmp)?;
-                            s.pos = member_start;
-                            s.hash = hash_before;
-                            skipped.push(Skipped { path: path.display().to_string(), reason: e.to_string() });
-                            continue;
+                    Item::Large { mut file, path, .. } => {
+                        let hash_before = s.hash.clone();
+                        s.put(&hdr)?;
+                        match stream_file(s, &mut file, &path, meta.size) {
+                            Ok(c) => {
+                                s.put(&[0u8; 512][..tar::padding(meta.size) as usize])?;
+                                (member_start + hdr.len() as u64, c)
+                            }
+                            Err(e @ Error::Changed { .. }) if opts.on_error == OnError::Skip => {
+                                // Roll the shard back to where this member began.
+                                s.w.set_len(member_start).ctx("truncate", &s.tmp)?;
+                                s.w.seek(SeekFrom::Start(member_start)).ctx("seek", &s.tmp)?;
+                                s.pos = member_start;
+                                s.hash = hash_before;
+                                skipped.push(Skipped { path: path.display().to_string(), reason: e.to_string() });
+                                continue;
+                            }
+                            Err(e) => return Err(e),
                         }
-                        Err(e) => return Err(e),
-                    },
-                    _ => unreachable!(),
+                    }
+                    _ => unreachable!("skips and failures were handled above"),
                 };
-                s.put(&[0u8; 512][..tar::padding(meta.size) as usize])?;
                 s.index.push(key, 0, data_off, meta.size, crc);
                 files_written += 1;
                 progress.files_done.store(i as u64 + 1, Relaxed);
@@ -754,7 +762,7 @@ fn stream_file(s: &mut ShardOut, f: &mut File, path: &Path, size: u64) -> Result
 
 fn close_shard(opts: &PackOptions, mut s: ShardOut, builder: &mut IndexBuilder, records: &mut Vec<ShardRecord>) -> Result<()> {
     s.put(&tar::END)?;
-    let f = s.w.into_inner().map_err(|e| Error::io("write", &s.tmp, e.into_error()))?;
+    let f = s.w;
     f.sync_all().ctx("fsync", &s.tmp)?;
     drop(f);
     let name = shard_name(s.k);

@@ -28,10 +28,13 @@ pub fn padding(size: u64) -> u64 {
     (BLOCK - size % BLOCK) % BLOCK
 }
 
-fn octal(field: &mut [u8], v: u64) {
+/// Zero-padded octal digits filling the field, then NUL (values are range-checked by callers).
+fn octal(field: &mut [u8], mut v: u64) {
     let w = field.len() - 1;
-    let s = format!("{v:0w$o}");
-    field[..w].copy_from_slice(&s.as_bytes()[s.len() - w..]);
+    for d in field[..w].iter_mut().rev() {
+        *d = b'0' + (v & 7) as u8;
+        v >>= 3;
+    }
     field[w] = 0;
 }
 
