@@ -67,7 +67,7 @@ impl Error {
     pub fn hint(&self) -> Option<String> {
         match self {
             Error::Usage { hint, .. } => hint.clone(),
-            Error::NoSpace { .. } => Some("free space or write elsewhere; completed shards are kept, rerun with --resume".into()),
+            Error::NoSpace { .. } => Some("free space (or quota) there, or write elsewhere; an interrupted pack keeps its completed shards: rerun it with --resume".into()),
             Error::Format { hint: Some(h), .. } => Some((*h).to_string()),
             Error::Format { .. } => Some("the dataset is damaged or incomplete: re-run `packds pack` (with --resume if it was interrupted), or `packds verify` to see what is wrong".into()),
             Error::Checksum { .. } => Some("the data on disk is damaged: copy or pack the dataset again".into()),
@@ -75,6 +75,8 @@ impl Error {
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
                 Some("fix the permissions, or pass --on-error skip to leave such files out".into())
             }
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Some("check the path".into()),
+            Error::Escape { .. } => Some("nothing was written for that member; the dataset may be hostile: inspect it with `packds ls`".into()),
             _ => None,
         }
     }

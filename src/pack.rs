@@ -250,6 +250,12 @@ pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
         Ok(md) if md.is_dir() => {
             if out.join(manifest::FILE).exists() && opts.resume && !opts.force {
                 let m = Manifest::load(out)?;
+                // A pack killed while it removed its state after writing the manifest is
+                // complete; tidy up what it left.
+                if out.join(STATE_DIR).exists() {
+                    let _lock = lock_dir(out)?;
+                    fs::remove_dir_all(out.join(STATE_DIR)).ctx("remove", out.join(STATE_DIR))?;
+                }
                 progress.phase.store(3, Relaxed);
                 return Ok(PackSummary {
                     output: out.clone(),
@@ -348,7 +354,8 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
     let mut shard_records = Vec::new();
     let mut start = 0usize;
     let mut resumed = 0u64;
-    if opts.resume && state.is_dir() {
+    // The state is usable once its options file exists (written before any shard).
+    if opts.resume && state.join(STATE_OPTIONS).is_file() {
         let prev: StateOptions = manifest::read_json(&state.join(STATE_OPTIONS))?;
         if prev.shard_size != opts.shard_size {
             return Err(Error::usage(
@@ -490,12 +497,16 @@ fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64) -> Result<Ite
     let hlen = tar::write_header(&mut member, key, &meta);
     member.resize(hlen + want + 1, 0);
     let mut got = 0;
-    while got < want {
+    loop {
+        // Each read asks for everything left plus one byte: getting less means end of file.
         match f.read(&mut member[hlen + got..]) {
             Ok(0) => break,
             Ok(k) => got += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Error::io("read", path, e)),
+        }
+        if got >= want {
+            break;
         }
     }
     if got != want {

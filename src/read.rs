@@ -264,7 +264,8 @@ impl Reader {
             }
             let p = dest.join(std::ffi::OsStr::from_bytes(key));
             let data = self.get_checked(i)?;
-            let (mode, mtime) = self.header_meta(i).unwrap_or((0o644, 0));
+            let meta = self.header_meta(i);
+            let mode = meta.map_or(0o644, |m| m.0);
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -277,7 +278,7 @@ impl Reader {
                 })?;
             f.write_all(data).ctx("write", &p)?;
             f.set_permissions(fs::Permissions::from_mode(mode)).ctx("chmod", &p)?;
-            if mtime > 0 {
+            if let Some((_, mtime)) = meta {
                 let ts = [libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 }; 2];
                 // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
                 unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) };
@@ -291,8 +292,16 @@ impl Reader {
     fn header_meta(&self, i: usize) -> Option<(u32, i64)> {
         let e = self.index.entry(i).ok()?;
         let m = self.maps[e.shard as usize].as_ref()?;
-        let start = e.offset.checked_sub(tar::BLOCK)? as usize;
-        tar::parse_mode_mtime(m.get(start..start + tar::BLOCK as usize)?)
+        // Members are contiguous: this one's headers start where the previous member ends.
+        let start = match i.checked_sub(1).and_then(|p| self.index.entry(p).ok()) {
+            Some(p) if p.shard == e.shard => p.offset + p.size + tar::padding(p.size),
+            _ => 0,
+        };
+        let hdrs = m.get(start as usize..e.offset as usize)?;
+        tar::parse_member_meta(hdrs).or_else(|| {
+            let b = e.offset.checked_sub(tar::BLOCK)? as usize;
+            tar::parse_mode_mtime(m.get(b..b + tar::BLOCK as usize)?)
+        })
     }
 }
 

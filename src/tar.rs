@@ -133,6 +133,31 @@ pub fn parse_mode_mtime(h: &[u8]) -> Option<(u32, i64)> {
     Some((mode, mtime))
 }
 
+/// Mode and mtime of a member from its header bytes (`hdrs` = everything from the start of the
+/// member to the start of its data: an optional pax header with its records, then the ustar
+/// header). A pax `mtime` record wins over the ustar field (times before 1970 or after 2242).
+pub fn parse_member_meta(hdrs: &[u8]) -> Option<(u32, i64)> {
+    let n = hdrs.len();
+    if n < 512 || n % 512 != 0 {
+        return None;
+    }
+    let (mode, mut mtime) = parse_mode_mtime(&hdrs[n - 512..])?;
+    if n >= 1024 && hdrs[156] == b'x' && parse_mode_mtime(&hdrs[..512]).is_some() {
+        let size = usize::try_from(parse_octal(&hdrs[124..136])?).ok()?;
+        let recs = hdrs.get(512..512usize.checked_add(size)?)?;
+        for rec in recs.split(|&b| b == b'\n') {
+            // "<len> key=value"
+            let Some(sp) = rec.iter().position(|&b| b == b' ') else { continue };
+            if let Some(v) = rec[sp + 1..].strip_prefix(b"mtime=") {
+                let v = std::str::from_utf8(v).ok()?;
+                let whole = v.split('.').next().unwrap_or(v);
+                mtime = whole.parse().ok()?;
+            }
+        }
+    }
+    Some((mode, mtime))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +184,16 @@ mod tests {
         let mut v = Vec::new();
         assert_eq!(write_header(&mut v, b"a/b.txt", &m), 512);
         assert_eq!(parse_mode_mtime(&v), Some((0o640, 1_700_000_000)));
+    }
+
+    #[test]
+    fn pax_mtime_parses_back() {
+        for mtime in [-86_400i64, 0, 9_000_000_000, 1_700_000_000] {
+            let m = Meta { size: 1, mode: 0o600, mtime, uid: 0, gid: 0 };
+            let mut v = Vec::new();
+            write_header(&mut v, &[b'n'; 150], &m);
+            assert_eq!(parse_member_meta(&v), Some((0o600, mtime)), "{mtime}");
+        }
     }
 
     #[test]

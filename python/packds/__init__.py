@@ -66,7 +66,11 @@ class Keys(Sequence):
         return isinstance(key, (str, bytes)) and self._ds.find_key(key) is not None
 
     def index(self, key, start: int = 0, stop: int | None = None) -> int:  # type: ignore[override]
-        return self._ds.index(key)
+        i = self._ds.find_key(key) if isinstance(key, (str, bytes)) else None
+        lo, hi, _ = slice(start, stop).indices(len(self._ds))
+        if i is None or not lo <= i < hi:
+            raise ValueError(f"{key!r} is not in keys[{start}:{stop}]")
+        return i
 
     def __iter__(self) -> Iterator[str]:
         key = self._ds.key
@@ -90,7 +94,7 @@ class Dataset(_core.Reader):
 
     def __init__(self, path, *, populate: bool = False) -> None:
         self._populate = populate
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[int, mmap.mmap] = {}
         self._maps_lock = threading.Lock()
 
     def get(self, key, default=None):
@@ -109,16 +113,15 @@ class Dataset(_core.Reader):
         buffer protocol arrives only in 3.11); the view keeps its mapping alive, so it stays
         valid after ``del ds``.
         """
-        shard, offset, size = self.locate(i)
-        key = os.fsdecode(shard)
-        m = self._maps.get(key)
+        shard, offset, size = self._loc(i)
+        m = self._maps.get(shard)
         if m is None:
             with self._maps_lock:
-                m = self._maps.get(key)
+                m = self._maps.get(shard)
                 if m is None:
-                    with builtins.open(shard, "rb") as f:
+                    with builtins.open(self._shard_path(shard), "rb") as f:
                         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                    self._maps[key] = m
+                    self._maps[shard] = m
         return memoryview(m)[offset : offset + size]
 
     @property
@@ -169,7 +172,7 @@ def open(path: str | os.PathLike, *, populate: bool = False, stage: bool = False
         path = _stage.stage(path, **stage_options)
     if preload:
         _stage.preload(path)
-    return Dataset(os.fspath(path), populate=populate)
+    return Dataset(os.fsdecode(path), populate=populate)
 
 
 def pack(sources, output, **options) -> dict:

@@ -288,21 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("packds: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away (`packds ls ... | head`): not an error. Point
+        # stdout at /dev/null so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (PackdsError, OSError) as e:
         if args.debug:
             raise
-        if isinstance(e, OSError) and not isinstance(e, PackdsError) and e.filename is not None:
-            msg = f"{e.strerror}: {os.fsdecode(e.filename)}"
-        else:
-            msg = str(e)
+        msg = str(e)
+        if isinstance(e, OSError) and e.strerror:
+            msg = e.strerror
+            if e.filename is not None and os.fsdecode(e.filename) not in msg:
+                msg = f"{msg}: {os.fsdecode(e.filename)}"
         print(f"packds: error: {msg}", file=sys.stderr)
         hint = getattr(e, "hint", None)
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

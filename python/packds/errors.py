@@ -39,7 +39,7 @@ class NoSpaceError(PackdsError, OSError):
     """The disk or quota filled up (errno ENOSPC)."""
 
 
-class UsageError(PackdsError):
+class UsageError(PackdsError, ValueError):
     """Bad arguments or an existing output: nothing was changed."""
 
 

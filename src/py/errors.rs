@@ -27,10 +27,10 @@ pub fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     let err = match &e {
         Error::Io { op, path, source } => match source.raw_os_error() {
-            Some(errno) => PyOSError::new_err((errno, format!("cannot {op}: {}", strerror(source)), path.clone())),
+            Some(errno) => PyOSError::new_err((errno, format!("cannot {op}: {}", strerror(source)), path.clone().into_os_string())),
             None => PyOSError::new_err(msg.clone()),
         },
-        Error::NoSpace { path } => NoSpaceError::new_err((libc::ENOSPC, msg.clone(), path.clone())),
+        Error::NoSpace { path } => NoSpaceError::new_err((libc::ENOSPC, msg.clone(), path.clone().into_os_string())),
         Error::Format { .. } => FormatError::new_err(msg.clone()),
         Error::Checksum { .. } => ChecksumError::new_err(msg.clone()),
         Error::Usage { .. } => UsageError::new_err(msg.clone()),
@@ -43,7 +43,7 @@ pub fn to_py(e: Error) -> PyErr {
         let _ = v.setattr("hint", hint);
         if let Error::Checksum { key, shard } = &e {
             let _ = v.setattr("key", key.as_str());
-            let _ = v.setattr("shard", shard.clone());
+            let _ = v.setattr("shard", shard.clone().into_os_string());
         }
     });
     err

@@ -84,8 +84,8 @@ impl PyReader {
 
     /// The dataset directory.
     #[getter]
-    fn path(&self) -> PathBuf {
-        self.path.clone()
+    fn path(&self) -> std::ffi::OsString {
+        self.path.clone().into_os_string()
     }
 
     fn __len__(&self) -> usize {
@@ -177,14 +177,30 @@ impl PyReader {
     }
 
     /// (shard path, byte offset, size) of sample `i`.
-    fn locate(&self, i: isize) -> PyResult<(PathBuf, u64, u64)> {
+    fn locate(&self, i: isize) -> PyResult<(std::ffi::OsString, u64, u64)> {
         let j = self.norm(i)?;
-        self.inner.locate(j).map_err(to_py)
+        let (p, o, n) = self.inner.locate(j).map_err(to_py)?;
+        Ok((p.into_os_string(), o, n))
+    }
+
+    /// (shard number, byte offset, size) of sample `i` — for zero-copy views.
+    fn _loc(&self, i: isize) -> PyResult<(u32, u64, u64)> {
+        let j = self.norm(i)?;
+        let e = self.inner.index().entry(j).map_err(to_py)?;
+        Ok((e.shard, e.offset, e.size))
+    }
+
+    /// Path of shard number `s`.
+    fn _shard_path(&self, s: usize) -> PyResult<std::ffi::OsString> {
+        let sh = self.inner.index().shards().get(s).ok_or_else(|| PyIndexError::new_err(format!("no shard {s}")))?;
+        Ok(self.inner.dir().join(&sh.name).into_os_string())
     }
 
     /// Positions of the keys matching a glob pattern (same syntax as `pack --include`).
     fn glob(&self, py: Python<'_>, pattern: &str) -> PyResult<Vec<usize>> {
-        let g = globset::Glob::new(pattern).map_err(|e| PyValueError::new_err(format!("bad pattern {pattern:?}: {e}")))?.compile_matcher();
+        let g = globset::Glob::new(pattern)
+            .map_err(|e| to_py(crate::Error::usage(format!("bad pattern {pattern:?}: {e}"), "see the glob syntax: * ? [abc] {a,b} **")))?
+            .compile_matcher();
         let r = &*self.inner;
         py.detach(|| {
             let mut out = Vec::new();
