@@ -94,35 +94,13 @@ impl IndexBuilder {
         &self.shards
     }
 
-    /// Appends every sample and shard of `other` (an index of later shards), renumbering shards.
-    pub fn extend_from(&mut self, other: &Index) -> Result<()> {
-        let base = self.shards.len() as u32;
-        for i in 0..other.len() {
-            let e = other.entry(i)?;
-            self.push(other.key(i)?, base + e.shard, e.offset, e.size, e.crc);
-        }
-        for s in other.shards() {
-            self.push_shard(s.clone());
-        }
-        Ok(())
-    }
-
     /// Serializes the index.
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = self.len();
         let entries_off = HEADER_SIZE;
         let keys_off = entries_off + self.entries.len();
         let shards_off = align8(keys_off + self.keys.len());
-        let mut names = Vec::new();
-        let mut table = Vec::with_capacity(self.shards.len() * SHARD_SIZE);
-        for s in &self.shards {
-            table.extend_from_slice(&s.size.to_le_bytes());
-            table.extend_from_slice(&(s.hash as u64).to_le_bytes());
-            table.extend_from_slice(&((s.hash >> 64) as u64).to_le_bytes());
-            table.extend_from_slice(&(names.len() as u32).to_le_bytes());
-            table.extend_from_slice(&(s.name.len() as u32).to_le_bytes());
-            names.extend_from_slice(s.name.as_bytes());
-        }
+        let (table, names) = shard_table(&self.shards);
         let names_off = shards_off + table.len();
         let total = names_off + names.len();
         let mut out = vec![0u8; total];
@@ -132,26 +110,124 @@ impl IndexBuilder {
         out[names_off..].copy_from_slice(&names);
         let body_crc = crc32c::crc32c(&out[entries_off..shards_off]);
         let shards_crc = crc32c::crc32c(&out[shards_off..]);
-        let h = &mut out[..HEADER_SIZE];
+        let h = write_header(n as u64, self.shards.len() as u64, keys_off, self.keys.len(), shards_off, names_off, names.len(), body_crc, shards_crc);
+        out[..HEADER_SIZE].copy_from_slice(&h);
+        out
+    }
+}
+
+fn shard_table(shards: &[ShardInfo]) -> (Vec<u8>, Vec<u8>) {
+    let mut names = Vec::new();
+    let mut table = Vec::with_capacity(shards.len() * SHARD_SIZE);
+    for s in shards {
+        table.extend_from_slice(&s.size.to_le_bytes());
+        table.extend_from_slice(&(s.hash as u64).to_le_bytes());
+        table.extend_from_slice(&((s.hash >> 64) as u64).to_le_bytes());
+        table.extend_from_slice(&(names.len() as u32).to_le_bytes());
+        table.extend_from_slice(&(s.name.len() as u32).to_le_bytes());
+        names.extend_from_slice(s.name.as_bytes());
+    }
+    (table, names)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_header(n: u64, nshards: u64, keys_off: usize, keys_len: usize, shards_off: usize, names_off: usize, names_len: usize, body_crc: u32, shards_crc: u32) -> [u8; HEADER_SIZE] {
+    let mut h = [0u8; HEADER_SIZE];
+    {
+        let h = &mut h[..];
         h[0..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
         h[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
-        h[16..24].copy_from_slice(&(n as u64).to_le_bytes());
-        h[24..32].copy_from_slice(&(self.shards.len() as u64).to_le_bytes());
-        h[32..40].copy_from_slice(&(entries_off as u64).to_le_bytes());
+        h[16..24].copy_from_slice(&n.to_le_bytes());
+        h[24..32].copy_from_slice(&nshards.to_le_bytes());
+        h[32..40].copy_from_slice(&(HEADER_SIZE as u64).to_le_bytes());
         h[40..48].copy_from_slice(&(keys_off as u64).to_le_bytes());
-        h[48..56].copy_from_slice(&(self.keys.len() as u64).to_le_bytes());
+        h[48..56].copy_from_slice(&(keys_len as u64).to_le_bytes());
         h[56..64].copy_from_slice(&(shards_off as u64).to_le_bytes());
         h[64..72].copy_from_slice(&(names_off as u64).to_le_bytes());
-        h[72..80].copy_from_slice(&(names.len() as u64).to_le_bytes());
+        h[72..80].copy_from_slice(&(names_len as u64).to_le_bytes());
         h[80..84].copy_from_slice(&body_crc.to_le_bytes());
         h[84..88].copy_from_slice(&shards_crc.to_le_bytes());
         // 88..96 flags (0), 96..124 reserved (0)
         let hc = crc32c::crc32c(&h[..124]);
         h[124..128].copy_from_slice(&hc.to_le_bytes());
-        out
     }
+    h
 }
+
+/// What [`concat`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcatSummary {
+    pub samples: u64,
+    pub total_bytes: u64,
+    pub file_size: u64,
+    pub xxh3_128: u128,
+}
+
+/// Writes to `out` (atomically) the index made of `parts` one after another (each part's
+/// shards are renumbered after the previous parts'; keys must be increasing across parts).
+/// Streams: memory is O(number of shards), not O(number of samples).
+pub fn concat(parts: &[Index], out: &Path) -> Result<ConcatSummary> {
+    let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
+    let keys_len: usize = parts.iter().map(|p| p.keys_len).sum();
+    let shards: Vec<ShardInfo> = parts.iter().flat_map(|p| p.shards().iter().cloned()).collect();
+    let keys_off = HEADER_SIZE + n as usize * ENTRY_SIZE;
+    let shards_off = align8(keys_off + keys_len);
+    let (table, names) = shard_table(&shards);
+    let names_off = shards_off + table.len();
+    // Pass 1 computes the body checksum; pass 2 writes (the header comes first in the file).
+    let mut total_bytes = 0u64;
+    let body = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<u64> {
+        let mut total = 0u64;
+        let (mut key_base, mut shard_base) = (0u64, 0u32);
+        for p in parts {
+            for i in 0..p.len() {
+                let e = p.entry(i)?;
+                total += e.size;
+                let mut b = [0u8; ENTRY_SIZE];
+                b[0..8].copy_from_slice(&e.offset.to_le_bytes());
+                b[8..16].copy_from_slice(&e.size.to_le_bytes());
+                b[16..24].copy_from_slice(&(e.key_off + key_base).to_le_bytes());
+                b[24..28].copy_from_slice(&(e.shard + shard_base).to_le_bytes());
+                b[28..32].copy_from_slice(&e.crc.to_le_bytes());
+                sink(&b)?;
+            }
+            key_base += p.keys_len as u64;
+            shard_base += p.shards().len() as u32;
+        }
+        for p in parts {
+            sink(&p.bytes()[p.keys_off..p.keys_off + p.keys_len])?;
+        }
+        sink(&[0u8; 8][..shards_off - (keys_off + keys_len)])?;
+        Ok(total)
+    };
+    let mut crc = 0u32;
+    body(&mut |b| {
+        crc = crc32c::crc32c_append(crc, b);
+        Ok(())
+    })?;
+    let mut tail = table;
+    tail.extend_from_slice(&names);
+    let header = write_header(n, shards.len() as u64, keys_off, keys_len, shards_off, names_off, names.len(), crc, crc32c::crc32c(&tail));
+    let tmp = crate::fsx::tmp_name(out);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).ctx("create", &tmp)?);
+    let mut hash = xxhash_rust::xxh3::Xxh3::new();
+    let mut put = |b: &[u8]| -> Result<()> {
+        hash.update(b);
+        std::io::Write::write_all(&mut w, b).ctx("write", &tmp)
+    };
+    put(&header)?;
+    total_bytes += body(&mut put)?;
+    put(&tail)?;
+    let f = w.into_inner().map_err(|e| Error::io("write", &tmp, e.into_error()))?;
+    f.sync_all().ctx("fsync", &tmp)?;
+    drop(f);
+    std::fs::rename(&tmp, out).ctx("rename", out)?;
+    crate::fsx::sync_parent(out)?;
+    Ok(ConcatSummary { samples: n, total_bytes, file_size: (names_off + names.len()) as u64, xxh3_128: hash.digest128() })
+}
+
+
 
 /// A mapped, header-validated index.
 pub struct Index {
@@ -409,6 +485,35 @@ mod tests {
         assert_eq!(ix.find(b"b").unwrap(), None);
         assert_eq!(ix.shards()[1].hash, u128::MAX);
         ix.validate_all().unwrap();
+    }
+
+    #[test]
+    fn concat_equals_one_builder() {
+        let d = tempfile::tempdir().unwrap();
+        let mut whole = IndexBuilder::new();
+        let mut parts = Vec::new();
+        for s in 0..3u32 {
+            let mut b = IndexBuilder::new();
+            for j in 0..(s as u64 * 5 + 1) {
+                let key = format!("k{s}/{j:03}");
+                b.push(key.as_bytes(), 0, 512 + j * 1024, j + 1, j as u32 * 7);
+                whole.push(key.as_bytes(), s, 512 + j * 1024, j + 1, j as u32 * 7);
+            }
+            let info = ShardInfo { name: format!("shard-{s:05}.tar"), size: 1 << 20, hash: u128::from(s) << 70 | 9 };
+            b.push_shard(info.clone());
+            whole.push_shard(info);
+            let p = d.path().join(format!("p{s}"));
+            std::fs::write(&p, b.to_bytes()).unwrap();
+            parts.push(Index::open(&p).unwrap());
+        }
+        let out = d.path().join("index.pdsi");
+        let sum = concat(&parts, &out).unwrap();
+        let want = whole.to_bytes();
+        assert_eq!(std::fs::read(&out).unwrap(), want);
+        assert_eq!(sum.samples, 1 + 6 + 11);
+        assert_eq!(sum.total_bytes, whole.total_bytes());
+        assert_eq!(sum.file_size, want.len() as u64);
+        assert_eq!(sum.xxh3_128, xxhash_rust::xxh3::xxh3_128(&want));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::fsx;
 use crate::index::{Index, IndexBuilder, ShardInfo};
 use crate::manifest::{self, hex128, IndexRecord, Manifest, ShardRecord};
 use crate::tar::{self, Meta};
-use crate::walk::{self, FileEntry, OnError, SourceRoot, Skipped, WalkOptions};
+use crate::walk::{self, FileList, OnError, SourceRoot, Skipped, WalkOptions};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -350,7 +350,9 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
         sources: opts.sources.iter().map(|s| s.display().to_string()).collect(),
     };
     // Resume: take every completed shard whose keys match the walk, in order.
-    let mut builder = IndexBuilder::new();
+    // Per-shard indexes of completed shards (mapped files in .pack-state/); the final index is
+    // streamed from them, so the pack never holds the whole index in memory.
+    let mut parts: Vec<Index> = Vec::new();
     let mut shard_records = Vec::new();
     let mut start = 0usize;
     let mut resumed = 0u64;
@@ -377,16 +379,16 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
                 break; // shard missing or damaged: write it again from here
             }
             let n = ix.len();
-            let matches = start + n <= walked.files.len() && (0..n).all(|i| ix.key(i).ok() == Some(&walked.files[start + i].key[..]));
+            let matches = start + n <= walked.files.len() && (0..n).all(|i| ix.key(i).ok() == Some(walked.files.key(start + i)));
             if !matches {
                 return Err(Error::usage(
                     format!("the source tree changed since the pack into {} was interrupted", out.display()),
                     "start over with --force",
                 ));
             }
-            builder.extend_from(&ix)?;
             shard_records.push(ShardRecord { file: shard_name(k), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
             start += n;
+            parts.push(ix);
             k += 1;
             resumed += 1;
             progress.files_done.store(start as u64, Relaxed);
@@ -410,14 +412,14 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
     }
 
     let mut skipped = walked.skipped.clone();
-    run_pipeline(opts, progress, &walked.roots, &walked.files, start, shard_records.len(), &mut builder, &mut shard_records, &mut skipped)?;
+    run_pipeline(opts, progress, &walked.roots, &walked.files, start, shard_records.len(), &mut parts, &mut shard_records, &mut skipped)?;
 
     // Final index, then manifest (last: its presence marks the dataset complete).
     progress.phase.store(2, Relaxed);
-    let index_bytes = builder.to_bytes();
     let index_path = out.join(manifest::INDEX_FILE);
-    fsx::write_atomic(&index_path, &index_bytes)?;
-    let total_bytes = builder.total_bytes();
+    let ix = crate::index::concat(&parts, &index_path)?;
+    drop(parts);
+    let total_bytes = ix.total_bytes;
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let m = Manifest {
         format: manifest::FORMAT_NAME.into(),
@@ -426,12 +428,12 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
         tool: format!("packds {}", crate::VERSION),
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         options: opts.options_json.clone(),
-        samples: builder.len() as u64,
+        samples: ix.samples,
         total_bytes,
         index: IndexRecord {
             file: manifest::INDEX_FILE.into(),
-            size: index_bytes.len() as u64,
-            xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(&index_bytes)),
+            size: ix.file_size,
+            xxh3_128: hex128(ix.xxh3_128),
         },
         shards: shard_records,
         skipped: skipped.clone(),
@@ -566,10 +568,10 @@ fn run_pipeline(
     opts: &PackOptions,
     progress: &Progress,
     roots: &[SourceRoot],
-    files: &[FileEntry],
+    files: &FileList,
     start: usize,
     first_shard: usize,
-    builder: &mut IndexBuilder,
+    parts: &mut Vec<Index>,
     records: &mut Vec<ShardRecord>,
     skipped: &mut Vec<Skipped>,
 ) -> Result<u64> {
@@ -584,11 +586,11 @@ fn run_pipeline(
     let fault = Fault::from_env();
 
     let read_item = |i: usize| -> Item {
-        let path = files[i].path(roots);
+        let path = files.path(i, roots);
         if progress.cancel.load(Relaxed) {
             return Item::Fail(Error::Cancelled);
         }
-        match read_one(&path, &files[i].key, opts.follow_symlinks, small_max) {
+        match read_one(&path, files.key(i), opts.follow_symlinks, small_max) {
             Ok(it) => it,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && opts.on_error == OnError::Skip => {
                 Item::Skip(Skipped { path: path.display().to_string(), reason: "deleted while packing".into() })
@@ -661,7 +663,7 @@ fn run_pipeline(
                         return Err(e);
                     }
                 };
-                let key = &files[i].key;
+                let key = files.key(i);
                 // Small files arrive as complete members; large ones get their header here.
                 if let Item::Large { .. } = item {
                     hdr.clear();
@@ -674,7 +676,7 @@ fn run_pipeline(
                 if let Some(s) = &cur {
                     if s.pos + member_len + tar::END.len() as u64 > opts.shard_size && !s.index.is_empty() {
                         let s = cur.take().expect("checked above");
-                        close_shard(opts, s, builder, records)?;
+                        close_shard(opts, s, parts, records)?;
                         k += 1;
                         Fault::check(fault.after_shards, (k - first_shard) as u64);
                     }
@@ -720,7 +722,7 @@ fn run_pipeline(
                 Fault::check(fault.after_files, files_written);
             }
             if let Some(s) = cur.take() {
-                close_shard(opts, s, builder, records)?;
+                close_shard(opts, s, parts, records)?;
             }
             Ok(())
         })();
@@ -771,7 +773,7 @@ fn stream_file(s: &mut ShardOut, f: &mut File, path: &Path, size: u64) -> Result
     Ok(crc)
 }
 
-fn close_shard(opts: &PackOptions, mut s: ShardOut, builder: &mut IndexBuilder, records: &mut Vec<ShardRecord>) -> Result<()> {
+fn close_shard(opts: &PackOptions, mut s: ShardOut, parts: &mut Vec<Index>, records: &mut Vec<ShardRecord>) -> Result<()> {
     s.put(&tar::END)?;
     let f = s.w;
     f.sync_all().ctx("fsync", &s.tmp)?;
@@ -786,8 +788,8 @@ fn close_shard(opts: &PackOptions, mut s: ShardOut, builder: &mut IndexBuilder, 
     fsx::write_atomic(&ip, &bytes)?; // also fsyncs the state dir
     fsx::sync_dir(&opts.output)?;
     let ix = Index::open(&ip)?;
-    builder.extend_from(&ix)?;
     records.push(ShardRecord { file: name, size: info.size, samples: ix.len() as u64, xxh3_128: hex128(info.hash) });
+    parts.push(ix);
     Ok(())
 }
 
