@@ -95,24 +95,46 @@ impl IndexBuilder {
     }
 
     /// Serializes the index.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let n = self.len();
-        let entries_off = HEADER_SIZE;
-        let keys_off = entries_off + self.entries.len();
+    /// The header, the zero padding after the keys, and the shard table + names; the entries
+    /// and keys go between them as they are.
+    fn frame(&self) -> ([u8; HEADER_SIZE], usize, Vec<u8>) {
+        let keys_off = HEADER_SIZE + self.entries.len();
         let shards_off = align8(keys_off + self.keys.len());
-        let (table, names) = shard_table(&self.shards);
-        let names_off = shards_off + table.len();
-        let total = names_off + names.len();
-        let mut out = vec![0u8; total];
-        out[entries_off..keys_off].copy_from_slice(&self.entries);
-        out[keys_off..keys_off + self.keys.len()].copy_from_slice(&self.keys);
-        out[shards_off..names_off].copy_from_slice(&table);
-        out[names_off..].copy_from_slice(&names);
-        let body_crc = crc32c::crc32c(&out[entries_off..shards_off]);
-        let shards_crc = crc32c::crc32c(&out[shards_off..]);
-        let h = write_header(n as u64, self.shards.len() as u64, keys_off, self.keys.len(), shards_off, names_off, names.len(), body_crc, shards_crc);
-        out[..HEADER_SIZE].copy_from_slice(&h);
+        let pad = shards_off - (keys_off + self.keys.len());
+        let (mut tail, names) = shard_table(&self.shards);
+        let names_off = shards_off + tail.len();
+        tail.extend_from_slice(&names);
+        let body_crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&self.entries), &self.keys), &[0u8; 8][..pad]);
+        let h = write_header(self.len() as u64, self.shards.len() as u64, keys_off, self.keys.len(), shards_off, names_off, names.len(), body_crc, crc32c::crc32c(&tail));
+        (h, pad, tail)
+    }
+
+    /// Serializes the index.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (h, pad, tail) = self.frame();
+        let mut out = Vec::with_capacity(HEADER_SIZE + self.entries.len() + self.keys.len() + pad + tail.len());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&self.entries);
+        out.extend_from_slice(&self.keys);
+        out.extend_from_slice(&[0u8; 8][..pad]);
+        out.extend_from_slice(&tail);
         out
+    }
+
+    /// Writes the index to `path` atomically (temporary file, fsync, rename) without building
+    /// a second copy of it in memory.
+    pub fn write_atomic(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        let (h, pad, tail) = self.frame();
+        let tmp = crate::fsx::tmp_name(path);
+        let mut f = File::create(&tmp).ctx("create", &tmp)?;
+        for part in [&h[..], &self.entries, &self.keys, &[0u8; 8][..pad], &tail] {
+            f.write_all(part).ctx("write", &tmp)?;
+        }
+        f.sync_all().ctx("fsync", &tmp)?;
+        drop(f);
+        std::fs::rename(&tmp, path).ctx("rename", path)?;
+        crate::fsx::sync_parent(path)
     }
 }
 

@@ -783,9 +783,9 @@ fn close_shard(opts: &PackOptions, mut s: ShardOut, parts: &mut Vec<Index>, reco
     fs::rename(&s.tmp, &dst).ctx("rename", &dst)?;
     let info = ShardInfo { name: name.clone(), size: s.pos, hash: s.hash.digest128() };
     s.index.push_shard(info.clone());
-    let bytes = s.index.to_bytes();
     let ip = opts.output.join(STATE_DIR).join(shard_state_name(s.k));
-    fsx::write_atomic(&ip, &bytes)?; // also fsyncs the state dir
+    s.index.write_atomic(&ip)?; // also fsyncs the state dir
+    drop(s.index);
     fsx::sync_dir(&opts.output)?;
     let ix = Index::open(&ip)?;
     records.push(ShardRecord { file: name, size: info.size, samples: ix.len() as u64, xxh3_128: hex128(info.hash) });
