@@ -64,7 +64,11 @@ struct Job {
 /// Copies the packds dataset `src` to `dest` through the temporary directory `tmp` (same
 /// filesystem as `dest`; removed first if it exists). `dest` must not exist. Up to `jobs`
 /// files are copied at once. On any error `tmp` is removed and nothing appears at `dest`.
-pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, progress: &StageProgress) -> Result<StageSummary> {
+///
+/// `durable`: fsync every file and directory before the rename (for a destination that
+/// outlives the job). A job's `$SLURM_TMPDIR` does not survive a node crash, so there only
+/// the page cache matters: an interrupted copy is never renamed into place either way.
+pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: bool, progress: &StageProgress) -> Result<StageSummary> {
     let t0 = Instant::now();
     // Validate with the normal loader (good errors), then work from the exact bytes we copy.
     Manifest::load(src)?;
@@ -86,12 +90,14 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, progress:
     progress.files_total.store(list.len() as u64 + 1, Relaxed);
 
     prepare_tmp_dir(tmp)?;
-    let r = copy_all(src, tmp, &list, jobs, progress).and_then(|()| {
+    let r = copy_all(src, tmp, &list, jobs, durable, progress).and_then(|()| {
         let mp = tmp.join(manifest::FILE);
-        write_synced(&mp, &mbytes)?;
+        write_file(&mp, &mbytes, durable)?;
         progress.bytes_done.fetch_add(mbytes.len() as u64, Relaxed);
         progress.files_done.fetch_add(1, Relaxed);
-        crate::fsx::sync_dir(tmp)?;
+        if durable {
+            crate::fsx::sync_dir(tmp)?;
+        }
         rename_into_place(tmp, dest)
     });
     if let Err(e) = r {
@@ -109,7 +115,7 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, progress:
 /// Copies one file `src` to `dest` through the temporary file `tmp` (same directory as
 /// `dest`): read + write with large buffers, fsync, mode and mtime kept, rename, directory
 /// fsync. `dest` is replaced if it exists. On error `tmp` is removed.
-pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, progress: &StageProgress) -> Result<StageSummary> {
+pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, durable: bool, progress: &StageProgress) -> Result<StageSummary> {
     let t0 = Instant::now();
     let md = fs::metadata(src).ctx("stat", src)?;
     if !md.is_file() {
@@ -120,7 +126,7 @@ pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, progress: &StageProgress)
     let _ = fs::remove_file(tmp);
     let kill_after = fault_kill_after();
     let stop = AtomicBool::new(false);
-    let r = copy_one(src, tmp, None, progress, &stop, kill_after).and_then(|_| {
+    let r = copy_one(src, tmp, None, durable, progress, &stop, kill_after).and_then(|_| {
         let f = File::open(tmp).ctx("open", tmp)?;
         f.set_permissions(md.permissions()).ctx("chmod", tmp)?;
         use std::os::unix::fs::MetadataExt;
@@ -128,7 +134,10 @@ pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, progress: &StageProgress)
         // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
         unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) };
         fs::rename(tmp, dest).ctx("rename", dest)?;
-        crate::fsx::sync_parent(dest)
+        if durable {
+            crate::fsx::sync_parent(dest)?;
+        }
+        Ok(())
     });
     if let Err(e) = r {
         let _ = fs::remove_file(tmp);
@@ -215,7 +224,7 @@ fn prepare_tmp_dir(tmp: &Path) -> Result<()> {
     fs::create_dir(tmp).ctx("create directory", tmp)
 }
 
-fn copy_all(src: &Path, tmp: &Path, list: &[Job], jobs: usize, progress: &StageProgress) -> Result<()> {
+fn copy_all(src: &Path, tmp: &Path, list: &[Job], jobs: usize, durable: bool, progress: &StageProgress) -> Result<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -227,7 +236,7 @@ fn copy_all(src: &Path, tmp: &Path, list: &[Job], jobs: usize, progress: &StageP
         }
         let j = &list[i];
         let (s, d) = (src.join(&j.name), tmp.join(&j.name));
-        match copy_one(&s, &d, Some(j), progress, &stop, kill_after) {
+        match copy_one(&s, &d, Some(j), durable, progress, &stop, kill_after) {
             Ok(_) => {
                 progress.files_done.fetch_add(1, Relaxed);
             }
@@ -247,7 +256,7 @@ fn copy_all(src: &Path, tmp: &Path, list: &[Job], jobs: usize, progress: &StageP
 
 /// Copies `src` to the new file `dst` with large reads and writes, hashing in the same pass;
 /// fsyncs `dst`. With `expect`, checks the size and XXH3-128 (ChecksumError names the shard).
-fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, progress: &StageProgress, stop: &AtomicBool, kill_after: Option<u64>) -> Result<u128> {
+fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, durable: bool, progress: &StageProgress, stop: &AtomicBool, kill_after: Option<u64>) -> Result<u128> {
     let mut f = File::open(src).map_err(|e| {
         if e.kind() == ErrorKind::NotFound && expect.is_some() {
             Error::format(src, "file listed in manifest.json is missing")
@@ -281,12 +290,18 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, progress: &StageProgre
         if got == 0 {
             break;
         }
+        // Ask for the next buffers now, so the disk reads ahead while this one is hashed and
+        // written (plain readahead windows are far smaller than a MiB-sized read).
+        // SAFETY: advisory call on a descriptor we own.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), (n + got as u64) as libc::off_t, 2 * BUF as libc::off_t, libc::POSIX_FADV_WILLNEED) };
         h.update(&buf[..got]);
         out.write_all(&buf[..got]).ctx("write", dst)?;
         // Start writeback of what was just written now, so the fsync at the end finds little
         // left to do and the kernel's dirty-page throttling does not stall the copy.
-        // SAFETY: plain syscall on a descriptor we own.
-        unsafe { libc::sync_file_range(out.as_raw_fd(), n as libc::off64_t, got as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+        if durable {
+            // SAFETY: plain syscall on a descriptor we own.
+            unsafe { libc::sync_file_range(out.as_raw_fd(), n as libc::off64_t, got as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+        }
         n += got as u64;
         let done = progress.bytes_done.fetch_add(got as u64, Relaxed) + got as u64;
         if let Some(ms) = fault("stage-slow-ms") {
@@ -311,7 +326,9 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, progress: &StageProgre
             return Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from manifest.json)", j.name), shard: src.to_path_buf() });
         }
     }
-    out.sync_all().ctx("fsync", dst)?;
+    if durable {
+        out.sync_all().ctx("fsync", dst)?;
+    }
     Ok(digest)
 }
 
@@ -324,10 +341,13 @@ fn read_retry(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+fn write_file(path: &Path, data: &[u8], durable: bool) -> Result<()> {
     let mut f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path).ctx("create", path)?;
     f.write_all(data).ctx("write", path)?;
-    f.sync_all().ctx("fsync", path)
+    if durable {
+        f.sync_all().ctx("fsync", path)?;
+    }
+    Ok(())
 }
 
 fn rename_into_place(tmp: &Path, dest: &Path) -> Result<()> {
@@ -368,7 +388,7 @@ mod tests {
         fs::create_dir(&dest_dir).unwrap();
         let dest = dest_dir.join("ds.pds");
         let p = StageProgress::default();
-        let s = stage_dataset(&src, &dest, &dest_dir.join(".ds.pds.staging-1"), 3, &p).unwrap();
+        let s = stage_dataset(&src, &dest, &dest_dir.join(".ds.pds.staging-1"), 3, true, &p).unwrap();
         assert_eq!(s.bytes, p.bytes_total.load(Relaxed));
         assert!(!dest_dir.join(".ds.pds.staging-1").exists());
         let r = crate::read::Reader::open(&dest).unwrap();
@@ -386,7 +406,7 @@ mod tests {
         fs::write(&shard, b).unwrap();
         let dest = t.path().join("ds2.pds");
         let tmp = t.path().join(".ds2.staging");
-        let e = stage_dataset(&src, &dest, &tmp, 4, &StageProgress::default()).unwrap_err();
+        let e = stage_dataset(&src, &dest, &tmp, 4, false, &StageProgress::default()).unwrap_err();
         assert!(matches!(&e, Error::Checksum { shard, .. } if shard.ends_with("shard-00001.tar")), "{e}");
         assert!(!dest.exists() && !tmp.exists());
     }
@@ -397,7 +417,7 @@ mod tests {
         let a = t.path().join("a.h5");
         fs::write(&a, vec![7u8; BUF + 123]).unwrap();
         let b = t.path().join("b.h5");
-        stage_file(&a, &b, &t.path().join(".b.tmp"), &StageProgress::default()).unwrap();
+        stage_file(&a, &b, &t.path().join(".b.tmp"), true, &StageProgress::default()).unwrap();
         assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
         let (ma, mb) = (fs::metadata(&a).unwrap(), fs::metadata(&b).unwrap());
         assert_eq!(ma.modified().unwrap(), mb.modified().unwrap());

@@ -524,13 +524,25 @@ def _remove_quietly(p: str) -> None:
             pass
 
 
+def _in_job_tmpdir(path: str) -> bool:
+    """Is `path` inside this job's $SLURM_TMPDIR (which does not outlive the node's uptime)?"""
+    jt = os.environ.get("SLURM_TMPDIR")
+    if not jt:
+        return False
+    jt, p = os.path.realpath(jt), os.path.realpath(path)
+    return p == jt or p.startswith(jt.rstrip("/") + "/")
+
+
 def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool) -> None:
+    # fsync only where the copy may outlive a crash: $SLURM_TMPDIR is removed with the job, and
+    # an interrupted copy is never renamed into place, so there the page cache is enough.
+    durable = not _in_job_tmpdir(os.path.dirname(final))
     prog = _core.StageProgress()
     rep = _Reporter(f"staging {os.path.basename(source.path)}", quiet)
     if source.kind == "dataset":
-        _run_with_progress(lambda: _core.stage_dataset(source.path, final, tmp, jobs=jobs, progress=prog), prog, rep)
+        _run_with_progress(lambda: _core.stage_dataset(source.path, final, tmp, jobs=jobs, durable=durable, progress=prog), prog, rep)
     elif source.kind == "file":
-        _run_with_progress(lambda: _core.stage_file(source.path, final, tmp, progress=prog), prog, rep)
+        _run_with_progress(lambda: _core.stage_file(source.path, final, tmp, durable=durable, progress=prog), prog, rep)
     else:
         # A directory of loose files: packed on the fly into the temporary directory (the node
         # never holds the small files), then renamed into place like a copied dataset.

@@ -64,19 +64,19 @@ fn summary<'py>(py: Python<'py>, s: StageSummary) -> PyResult<Bound<'py, PyDict>
 /// Copies the dataset `src` to `dest` via the temporary directory `tmp`, checking every file's
 /// XXH3-128 against the manifest in the same pass; GIL released.
 #[pyfunction]
-#[pyo3(signature = (src, dest, tmp, *, jobs=4, progress=None))]
-pub fn stage_dataset<'py>(py: Python<'py>, src: PathBuf, dest: PathBuf, tmp: PathBuf, jobs: usize, progress: Option<&Bound<'py, PyStageProgress>>) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (src, dest, tmp, *, jobs=4, durable=true, progress=None))]
+pub fn stage_dataset<'py>(py: Python<'py>, src: PathBuf, dest: PathBuf, tmp: PathBuf, jobs: usize, durable: bool, progress: Option<&Bound<'py, PyStageProgress>>) -> PyResult<Bound<'py, PyDict>> {
     let p = progress_of(progress);
-    let s = py.detach(|| core_stage::stage_dataset(&src, &dest, &tmp, jobs, &p)).map_err(to_py)?;
+    let s = py.detach(|| core_stage::stage_dataset(&src, &dest, &tmp, jobs, durable, &p)).map_err(to_py)?;
     summary(py, s)
 }
 
 /// Copies the single file `src` to `dest` via the temporary file `tmp`; GIL released.
 #[pyfunction]
-#[pyo3(signature = (src, dest, tmp, *, progress=None))]
-pub fn stage_file<'py>(py: Python<'py>, src: PathBuf, dest: PathBuf, tmp: PathBuf, progress: Option<&Bound<'py, PyStageProgress>>) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (src, dest, tmp, *, durable=true, progress=None))]
+pub fn stage_file<'py>(py: Python<'py>, src: PathBuf, dest: PathBuf, tmp: PathBuf, durable: bool, progress: Option<&Bound<'py, PyStageProgress>>) -> PyResult<Bound<'py, PyDict>> {
     let p = progress_of(progress);
-    let s = py.detach(|| core_stage::stage_file(&src, &dest, &tmp, &p)).map_err(to_py)?;
+    let s = py.detach(|| core_stage::stage_file(&src, &dest, &tmp, durable, &p)).map_err(to_py)?;
     summary(py, s)
 }
 
