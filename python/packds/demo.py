@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 import time
 
-from .cli import human
+from ._fmt import human
 
 
 def make_tree(root: str, files: int, seed: int = 0) -> tuple[int, int]:

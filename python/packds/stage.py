@@ -24,6 +24,7 @@ import threading
 import time
 
 from . import _core
+from ._fmt import human as _human
 from .errors import FormatError, NoSpaceError, UsageError
 
 __all__ = ["stage", "stage_record", "plan", "preload", "memory_limit_default", "POLICIES"]
@@ -32,14 +33,6 @@ POLICIES = ("auto", "local", "memory", "inplace")
 GiB = 1 << 30
 MEMORY_LIMIT_CAP = 10 * GiB
 _MANIFEST = "manifest.json"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _warn(msg: str) -> None:
