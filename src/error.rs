@@ -72,6 +72,13 @@ impl Error {
             Error::Format { .. } => Some("the dataset is damaged or incomplete: re-run `packds pack` (with --resume if it was interrupted), or `packds verify` to see what is wrong".into()),
             Error::Checksum { .. } => Some("the data on disk is damaged: copy or pack the dataset again".into()),
             Error::Changed { .. } => Some("pack from a tree that is not being modified, or pass --on-error skip".into()),
+            // Writing (the output side): the input-side advice below (--on-error skip) does not apply.
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EROFS) => {
+                Some("that filesystem is mounted read-only: write the output elsewhere".into())
+            }
+            Error::Io { op, source, .. } if source.kind() == io::ErrorKind::PermissionDenied && is_write_op(op) => {
+                Some("the destination is not writable by you: fix its permissions, or write the output elsewhere".into())
+            }
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
                 Some("fix the permissions, or pass --on-error skip to leave such files out".into())
             }
@@ -80,6 +87,27 @@ impl Error {
             _ => None,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_side_permission_and_read_only_hints_do_not_suggest_on_error_skip() {
+        let denied = || io::Error::from_raw_os_error(libc::EACCES);
+        let w = Error::io("create directory", "/x/o.pds", denied()).hint().unwrap();
+        assert!(w.contains("write the output elsewhere") && !w.contains("--on-error"), "{w}");
+        let r = Error::io("open", "/src/a", denied()).hint().unwrap();
+        assert!(r.contains("--on-error skip"), "{r}");
+        let ro = Error::io("create", "/ro/o.pds/x", io::Error::from_raw_os_error(libc::EROFS)).hint().unwrap();
+        assert!(ro.contains("read-only"), "{ro}");
+    }
+}
+
+/// Operations that write (create, replace or remove) rather than read the input.
+fn is_write_op(op: &str) -> bool {
+    matches!(op, "create directory" | "create" | "write" | "rename" | "fsync" | "remove" | "truncate" | "chmod")
 }
 
 /// Shorthand: `.ctx("open", path)` on an `io::Result`.
