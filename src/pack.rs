@@ -467,7 +467,7 @@ fn meta_of(md: &fs::Metadata) -> Meta {
     Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() }
 }
 
-fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64) -> Result<Item> {
+fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64, buf: Vec<u8>) -> Result<Item> {
     let mut oo = OpenOptions::new();
     oo.read(true);
     let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
@@ -475,7 +475,7 @@ fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64) -> Result<Ite
         flags |= libc::O_NOFOLLOW;
     }
     oo.custom_flags(flags);
-    let mut f = oo.open(path).map_err(|e| {
+    let f = oo.open(path).map_err(|e| {
         if e.raw_os_error() == Some(libc::ELOOP) {
             Error::Changed { path: path.to_path_buf(), what: "it became a symlink".into() }
         } else {
@@ -495,18 +495,31 @@ fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64) -> Result<Ite
     // since fstat shows up; a short read means end of file (std's read_to_end would stat and
     // seek the file again and always make a second read).
     let want = meta.size as usize;
-    let mut member = Vec::with_capacity(1024 + want + tar::padding(meta.size) as usize + 1);
+    let mut member = buf;
+    member.clear();
     let hlen = tar::write_header(&mut member, key, &meta);
-    member.resize(hlen + want + 1, 0);
+    member.reserve(want + tar::padding(meta.size) as usize + 1);
     let mut got = 0;
     loop {
         // Each read asks for everything left plus one byte: getting less means end of file.
-        match f.read(&mut member[hlen + got..]) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io("read", path, e)),
+        // Straight into the spare capacity: no zero-filling of a buffer about to be overwritten.
+        let spare = &mut member.spare_capacity_mut()[..want + 1 - got];
+        // SAFETY: reads at most spare.len() bytes into memory the Vec owns (uninitialised is
+        // fine for read(2)); only the bytes the kernel reports written are then marked as set.
+        let k = unsafe { libc::read(f.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+        if k < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io("read", path, e));
         }
+        if k == 0 {
+            break;
+        }
+        // SAFETY: the kernel initialised exactly k bytes after the current length.
+        unsafe { member.set_len(member.len() + k as usize) };
+        got += k as usize;
         if got >= want {
             break;
         }
@@ -585,12 +598,17 @@ fn run_pipeline(
     let ready = Condvar::new();
     let fault = Fault::from_env();
 
+    // Member buffers go back from the writer to the I/O threads: no allocation, no fresh
+    // pages to fault in, per file.
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let pool_cap = wslots * CHUNK;
     let read_item = |i: usize| -> Item {
         let path = files.path(i, roots);
         if progress.cancel.load(Relaxed) {
             return Item::Fail(Error::Cancelled);
         }
-        match read_one(&path, files.key(i), opts.follow_symlinks, small_max) {
+        let buf = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        match read_one(&path, files.key(i), opts.follow_symlinks, small_max, buf) {
             Ok(it) => it,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && opts.on_error == OnError::Skip => {
                 Item::Skip(Skipped { path: path.display().to_string(), reason: "deleted while packing".into() })
@@ -691,6 +709,10 @@ fn run_pipeline(
                 let (data_off, crc) = match item {
                     Item::Small { member, hlen, crc, .. } => {
                         s.put(&member)?;
+                        let mut p = pool.lock().unwrap_or_else(|p| p.into_inner());
+                        if p.len() < pool_cap {
+                            p.push(member);
+                        }
                         (member_start + hlen as u64, crc)
                     }
                     Item::Large { mut file, path, .. } => {
