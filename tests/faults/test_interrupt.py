@@ -1,0 +1,116 @@
+"""Catalogue B6 / D1 / D2 and crash-safety promises 1 and 3: SIGTERM and SIGKILL at random
+points of `packds pack` and `packds stage`, several seeds. Afterwards either nothing opens, or
+the dataset is complete and right; and `pack --resume` / a second `stage` always completes
+byte-identical to an uninterrupted run, with no leftovers. (SIGKILL of pack at random times and
+at every commit point: tests/test_resume.py; one SIGKILL/SIGTERM of stage: tests/test_stage.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+
+import _helpers as h
+import packds
+from faults import _fx
+
+PACK_ARGS = ("--shard-size", "1M", "--threads", "1", "-q")
+SEEDS = [11, 12, 13]
+
+
+@pytest.fixture(scope="module")
+def tree(fast_base):
+    """~48 MB: 240 files of 100-300 KB (streamed or whole), about fifty 1 MiB shards."""
+    return h.make_plain_tree(os.path.join(fast_base, "faults-int-src"), 240, size_range=(100_000, 300_000), seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(tree, fast_base):
+    out = os.path.join(fast_base, "faults-int-ref.pds")
+    p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
+    h.wait_for(lambda: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
+    t = time.perf_counter()
+    _, err = p.communicate(timeout=120)
+    dt = time.perf_counter() - t  # from the output's creation to the end
+    assert p.returncode == 0, err
+    return out, dt
+
+
+def _check_after_kill(out, ref):
+    """Either no dataset opens, or it is complete and byte-identical to the reference."""
+    if not os.path.exists(out):
+        return "nothing"
+    if os.path.exists(os.path.join(out, "manifest.json")):
+        h.assert_same_dataset_bytes(ref, out)
+        assert packds.open(out).verify()["problems"] == []
+        return "complete"
+    with pytest.raises(packds.FormatError):
+        packds.open(out)
+    return "partial"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_b6_signal_pack_at_a_random_time_then_resume(tree, reference, work, seed, sig):
+    ref, dt = reference
+    out = os.path.join(work, "o.pds")
+    p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
+    # The random point is taken from when the output directory appears (interpreter start-up
+    # is most of the run otherwise): anywhere from before the first shard to after the last.
+    h.wait_for(lambda: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
+    delay = random.Random(seed * 31 + sig).uniform(0.0, 1.2) * dt
+    time.sleep(delay)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode in (0, 1, -sig), (p.returncode, err)  # never another signal (SIGSEGV, SIGABRT, ...)
+    state = _check_after_kill(out, ref)
+    print(f"\n{sig!r} after {delay:.3f}/{dt:.3f} s: rc={p.returncode} state={state}")
+    r = h.cli("pack", tree.root, "-o", out, *PACK_ARGS, "--resume", "--json", timeout=120)
+    assert r.returncode == 0, f"signal after {delay:.3f} s of {dt:.3f} s: {h.show(r)}"
+    h.assert_same_dataset_bytes(ref, out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref)), "leftovers after resume"
+    assert packds.open(out).verify()["problems"] == []
+
+
+@pytest.fixture(scope="module")
+def staged_src(reference):
+    return reference[0]
+
+
+def _leftovers(d):
+    return sorted(n for n in os.listdir(d) if ".staging-" in n)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed, sig):
+    """A stage slowed to ~1-2 s (stage-slow-ms) is signalled at a random time: the final path
+    never exists unless complete and identical; SIGTERM removes its partial copy; the next stage
+    removes any leftovers and gives a byte-identical copy."""
+    dest = os.path.join(work, "dest")
+    os.mkdir(dest)
+    final = os.path.join(dest, os.path.basename(staged_src))
+    p = _fx.popen_cli("stage", staged_src, "--to", dest, "--jobs", "2", "-q", "--json", env={"PACKDS_FAULT": "stage-slow-ms:30"})
+    time.sleep(random.Random(seed * 7 + sig).uniform(0.2, 1.5))
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode in (0, 1, 130, 143, -sig), (p.returncode, err)
+    if os.path.exists(final):
+        h.assert_same_dataset_bytes(staged_src, final)
+        assert packds.open(final).verify()["problems"] == []
+    if sig == signal.SIGTERM and p.returncode != 0:
+        assert _leftovers(dest) == [], "a SIGTERMed stage must remove its partial copy"
+    for n in _leftovers(dest):
+        with pytest.raises((packds.FormatError, OSError)):
+            packds.open(os.path.join(dest, n))
+    r = _fx.popen_cli("stage", staged_src, "--to", dest, "-q", "--json")
+    o, e = r.communicate(timeout=120)
+    assert r.returncode == 0, e
+    assert json.loads(o)["path"] == final
+    assert _leftovers(dest) == []
+    h.assert_same_dataset_bytes(staged_src, final)
+    assert _fx.manifest(final) == _fx.manifest(staged_src)
