@@ -52,6 +52,14 @@ def table(head, rows):
     return "\n".join(out)
 
 
+def packds_cmd(src: str, out: str) -> list[str]:
+    """The console script next to this interpreter, else `python -m packds` (never a
+    version-manager shim from PATH, whose own start-up would be charged to packds)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "packds")
+    base = [exe] if os.access(exe, os.X_OK) else [PY, "-m", "packds"]
+    return base + ["pack", src, "-o", out, "-q", "--force", "--json"]
+
+
 def du(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -90,7 +98,7 @@ def pack_tools(src: str, work: str, avail: dict) -> dict:
     """name -> (argv or None, output path, reason when unavailable)."""
     o = lambda n: os.path.join(work, n)  # noqa: E731
     tools = {
-        "packds pack": (bpr.packds_cmd(src, o("packds.pds"), None), o("packds.pds"), None),
+        "packds pack": (packds_cmd(src, o("packds.pds")), o("packds.pds"), None),
         "tar -cf": (["tar", "-cf", o("t.tar"), "-C", src, "."], o("t.tar"), None),
         "tar -I 'zstd -T0' -cf": (["tar", "-I", "zstd -T0", "-cf", o("t.tar.zst"), "-C", src, "."], o("t.tar.zst"), None),
         "mksquashfs": (["mksquashfs", src, o("t.sqfs"), "-processors", "2", "-noappend", "-quiet", "-no-progress"], o("t.sqfs"), None),
@@ -391,7 +399,7 @@ def bench_slowfs(args):
     os.makedirs(src)
     os.makedirs(mnt)
     tree = make_tree(src, args.slowfs_files, max(1, args.slowfs_files // 100), args.median_size, args.sigma, args.seed)
-    tools = {"packds pack": bpr.packds_cmd(mnt, os.path.join(work, "o.pds"), None),
+    tools = {"packds pack": packds_cmd(mnt, os.path.join(work, "o.pds")),
              "tar -cf": ["tar", "-cf", os.path.join(work, "o.tar"), "-C", mnt, "."]}
     runs = {k: [] for k in tools}
     try:
