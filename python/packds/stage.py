@@ -390,22 +390,30 @@ def _run_with_progress(fn, prog, reporter: _Reporter):
     """Runs ``fn()`` (a Rust call that releases the GIL) on a thread; this thread reports
     progress and turns Ctrl-C / SIGTERM (as KeyboardInterrupt) into a clean cancel."""
     out: dict = {}
+    # Completion is signalled by an Event, not by Thread.join(): on CPython 3.11 a join that a
+    # signal handler interrupts (SIGTERM -> KeyboardInterrupt) can mark the thread as stopped
+    # while it still runs (bpo-45274), so a second join returned at once and the caller removed
+    # the partial copy while the copier was still writing into it (a leftover directory).
+    done = threading.Event()
 
     def target():
         try:
             out["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             out["error"] = e
+        finally:
+            done.set()
 
     t = threading.Thread(target=target, name="packds-stage", daemon=True)
     t.start()
     try:
-        while t.is_alive():
-            t.join(0.2)
+        while not done.wait(0.2):
             reporter.update(prog.bytes_done, prog.bytes_total)
+        reporter.update(prog.bytes_done, prog.bytes_total)
     except KeyboardInterrupt:
         prog.cancel()
-        t.join()
+        while not done.wait(0.2):  # the copier stops at its next buffer and cleans up
+            pass
         raise
     finally:
         reporter.close()

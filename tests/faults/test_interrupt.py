@@ -114,3 +114,27 @@ def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed
     assert _leftovers(dest) == []
     h.assert_same_dataset_bytes(staged_src, final)
     assert _fx.manifest(final) == _fx.manifest(staged_src)
+
+
+def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
+    """Regression: a SIGTERM that interrupted the progress loop's Thread.join(0.2) (CPython 3.11,
+    bpo-45274) made the next join return while the copier still ran; the partial copy was removed
+    under it and the process exited, leaving `.NAME.staging-PID` with a new shard in it (about 1
+    run in 10). Now completion is an Event: every SIGTERM mid-copy leaves nothing."""
+    rng = random.Random(2026)
+    for i in range(10):
+        dest = os.path.join(work, f"dest{i}")
+        os.mkdir(dest)
+        p = _fx.popen_cli("stage", staged_src, "--to", dest, "--jobs", str(1 + i % 4), "-q", env={"PACKDS_FAULT": "stage-slow-ms:20"})
+        h.wait_for(lambda: bool(_leftovers(dest)) or p.poll() is not None, timeout=30, step=0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        final = os.path.join(dest, os.path.basename(staged_src))
+        if p.returncode == 0:
+            h.assert_same_dataset_bytes(staged_src, final)
+            continue
+        assert p.returncode == 130, (p.returncode, err)
+        assert b"interrupted" in err
+        assert _leftovers(dest) == [], f"run {i}: partial copy left behind: {os.listdir(dest)}"
+        assert not os.path.exists(final)
