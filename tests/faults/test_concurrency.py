@@ -45,7 +45,7 @@ def test_d4_lock_holder_sigkilled_while_others_wait(src_ds, work):
     """The copier is SIGKILLed mid-copy while three stagers wait on the lock: the kernel drops
     its flock, one waiter removes the dead copy and copies again, all return the same intact
     path, nothing is left over."""
-    holder = _fx.popen_cli("stage", src_ds, "--to", work, "--jobs", "1", "-q", env={"PACKDS_FAULT": "stage-slow-ms:40"})
+    holder = _fx.popen_cli("stage", src_ds, "--to", work, "--jobs", "1", "-q", env={"PACKDS_FAULT": "stage-slow-ms:150"})
     assert h.wait_for(lambda: bool(_leftovers(work)), timeout=30), "the first stager never started copying"
     waiters = [_fx.popen_cli("stage", src_ds, "--to", work, "--json", "-q", text=True) for _ in range(3)]
     time.sleep(0.3)
@@ -72,7 +72,7 @@ def test_d11_source_shard_damaged_during_the_copy(src_ds, work, fast_base):
     os.mkdir(dest)
     shards = sorted(n for n in os.listdir(src) if n.startswith("shard-"))
     victim = os.path.join(src, shards[-1])  # smallest: copied last (largest first)
-    p = _fx.popen_cli("stage", src, "--to", dest, "--jobs", "1", env={"PACKDS_FAULT": "stage-slow-ms:30"}, text=True)
+    p = _fx.popen_cli("stage", src, "--to", dest, "--jobs", "1", env={"PACKDS_FAULT": "stage-slow-ms:60"}, text=True)
     assert h.wait_for(lambda: bool(_leftovers(dest)), timeout=30)
     with open(victim, "r+b") as f:
         f.seek(700)
