@@ -387,14 +387,14 @@ def bench_dataloader(paths, src, args, avail):
 
 def bench_slowfs(args):
     code = "/work/shared/tools/slowfs.c"
-    exe = os.path.join(args.work_root, "slowfs-bin")
     if not os.path.exists(code):
         return {"status": f"not installed ({code} missing)"}
     if shutil.which("pkg-config") is None or subprocess.run(["pkg-config", "--exists", "fuse3"]).returncode != 0:
         return {"status": "not installed (apt-get install -y fuse3 libfuse3-dev pkg-config)"}
     flags = subprocess.run(["pkg-config", "fuse3", "--cflags", "--libs"], capture_output=True, text=True).stdout.split()
-    subprocess.run(["cc", "-O2", "-Wall", "-o", exe, code] + flags, check=True)
     work = tempfile.mkdtemp(prefix="packds-run-slowfs-", dir=args.work_root)
+    exe = os.path.join(work, "slowfs")  # build line from the top of slowfs.c
+    subprocess.run(["cc", "-O2", "-Wall", "-o", exe, code] + flags, check=True)
     src, mnt = os.path.join(work, "tree"), os.path.join(work, "mnt")
     os.makedirs(src)
     os.makedirs(mnt)
