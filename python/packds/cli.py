@@ -46,8 +46,14 @@ def _progress_bar(quiet: bool):
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
+    import signal
+
     from . import pack
 
+    def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     update, close = _progress_bar(a.quiet)
     options = dict(
         shard_size=a.shard_size,
