@@ -79,6 +79,9 @@ impl Error {
             Error::Io { op, source, .. } if source.kind() == io::ErrorKind::PermissionDenied && is_write_op(op) => {
                 Some("the destination is not writable by you: fix its permissions, or write the output elsewhere".into())
             }
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                Some("the path is longer than the system allows (PATH_MAX 4096 bytes): pack from a directory nearer to it, or pass --on-error skip to leave it out".into())
+            }
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
                 Some("fix the permissions, or pass --on-error skip to leave such files out".into())
             }
@@ -102,6 +105,8 @@ mod tests {
         assert!(r.contains("--on-error skip"), "{r}");
         let ro = Error::io("create", "/ro/o.pds/x", io::Error::from_raw_os_error(libc::EROFS)).hint().unwrap();
         assert!(ro.contains("read-only"), "{ro}");
+        let long = Error::io("stat", "/a/b", io::Error::from_raw_os_error(libc::ENAMETOOLONG)).hint().unwrap();
+        assert!(long.contains("PATH_MAX") && long.contains("--on-error skip"), "{long}");
     }
 }
 

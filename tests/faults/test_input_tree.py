@@ -111,6 +111,9 @@ def test_a15_path_longer_than_path_max(work):
     with pytest.raises(OSError) as ei:
         packds.pack(src, out)
     assert ei.value.errno == 36  # ENAMETOOLONG
+    assert ei.value.hint and "--on-error skip" in ei.value.hint  # regression: there was no hint
+    r = h.cli("pack", src, "-o", out)
+    assert r.returncode == 1 and b"hint: the path is longer" in r.stderr, h.show(r)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     s = packds.pack(src, out, on_error="skip", force=True)
     assert s["files"] == 1 and len(s["skipped"]) == 1
