@@ -67,7 +67,10 @@ def test_b6_signal_pack_at_a_random_time_then_resume(tree, reference, work, seed
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     # never another signal (SIGSEGV, SIGABRT, ...); SIGTERM cancels like Ctrl-C: exit 130
-    assert p.returncode in ((0, 130) if sig == signal.SIGTERM else (0, -sig)), (p.returncode, err)
+    # (-15 only once the pack is done: Python restores the default handler at interpreter exit)
+    assert p.returncode in ((0, 130, -sig) if sig == signal.SIGTERM else (0, -sig)), (p.returncode, err)
+    if sig == signal.SIGTERM and p.returncode == -sig:
+        assert os.path.exists(os.path.join(out, "manifest.json")), "SIGTERM killed an unfinished pack"
     if p.returncode == 130 and os.path.exists(out):
         assert not [n for n in os.listdir(out) if n.endswith(".tmp")], f"SIGTERM left a partial shard: {os.listdir(out)}"
     state = _check_after_kill(out, ref)
@@ -156,8 +159,8 @@ def test_b6_sigterm_cancels_a_pack_cleanly(tree, reference, work):
         time.sleep(frac * dt)
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
-        if p.returncode == 0:
-            continue
+        if p.returncode == 0 or (p.returncode == -signal.SIGTERM and os.path.exists(os.path.join(out, "manifest.json"))):
+            continue  # finished first (or was exiting: default handler restored at shutdown)
         assert p.returncode == 130 and err.endswith(b"packds: interrupted\n"), (p.returncode, err)
         interrupted += 1
         if os.path.exists(out):
