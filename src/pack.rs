@@ -152,10 +152,12 @@ fn globset(pats: &[String], what: &str) -> Result<Option<GlobSet>> {
 
 /// Test-only fault injection (`PACKDS_FAULT=kill-after-shards:N` or `kill-after-files:N`): the
 /// process kills itself with SIGKILL at that point, as a node failure would.
+/// `pack-slow-us:N` makes every file read N µs slower (to reach a moment in the middle of a pack).
 #[derive(Clone, Copy, Default)]
 struct Fault {
     after_shards: Option<u64>,
     after_files: Option<u64>,
+    slow_us: Option<u64>,
 }
 
 impl Fault {
@@ -167,6 +169,7 @@ impl Fault {
                 match what {
                     "kill-after-shards" => f.after_shards = n,
                     "kill-after-files" => f.after_files = n,
+                    "pack-slow-us" => f.slow_us = n,
                     _ => {}
                 }
             }
@@ -606,6 +609,9 @@ fn run_pipeline(
         let path = files.path(i, roots);
         if progress.cancel.load(Relaxed) {
             return Item::Fail(Error::Cancelled);
+        }
+        if let Some(us) = fault.slow_us {
+            std::thread::sleep(std::time::Duration::from_micros(us));
         }
         let buf = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
         match read_one(&path, files.key(i), opts.follow_symlinks, small_max, buf) {

@@ -43,9 +43,9 @@ def test_a2_file_that_shrinks_during_the_read_is_never_padded(work):
 
 @pytest.fixture
 def moving_tree(work):
-    """30k small files, then zz/{grow,shrink,vanish}: the last files packed (keys sort last)."""
+    """3k small files, then zz/{grow,shrink,vanish}: the last files packed (keys sort last)."""
     root = os.path.join(work, "src")
-    for d in range(30):
+    for d in range(3):
         os.makedirs(f"{root}/d{d:02d}")
         for i in range(1000):
             with open(f"{root}/d{d:02d}/f{i:04d}", "wb") as f:
@@ -71,17 +71,19 @@ def _mutate_once(root):
     return cb, state
 
 
-def test_a1_a2_a3_files_changed_or_removed_between_walk_and_read(moving_tree, work):
+def test_a1_a2_a3_files_changed_or_removed_between_walk_and_read(moving_tree, work, monkeypatch):
     """A3 (removed after the walk): default -> SourceChangedError `it was deleted`, nothing
     published; --on-error skip -> listed as `deleted while packing`. A1/A2 between walk and
     open: what is stored is the file as it was opened (fstat at open), whole and consistent:
     never the walk's size padded or cut."""
+    # Test-only switch: 100 µs more per file read, so the pack (3k files, one thread) is still
+    # running when the first progress call comes (after 0.1 s).
+    monkeypatch.setenv("PACKDS_FAULT", "pack-slow-us:100")
     cb, st = _mutate_once(moving_tree)
     out = os.path.join(work, "o.pds")
     with pytest.raises(SourceChangedError) as ei:
         packds.pack(moving_tree, out, threads=1, progress=cb)
-    if st["done"] is None:
-        pytest.skip("the pack finished before the first progress call")
+    assert st["done"] is not None, "the pack finished before the first progress call"
     assert "zz/vanish" in str(ei.value) and "deleted" in str(ei.value)
     assert not os.path.exists(out), "a failed first pack leaves nothing behind"
 
@@ -89,9 +91,8 @@ def test_a1_a2_a3_files_changed_or_removed_between_walk_and_read(moving_tree, wo
         with open(f"{moving_tree}/{k}", "wb") as f:
             f.write(b"y" * 5000)
     cb, st = _mutate_once(moving_tree)
-    s = packds.pack(moving_tree, out, threads=1, progress=cb, on_error="skip", )
-    if st["done"] is None:
-        pytest.skip("the pack finished before the first progress call")
+    s = packds.pack(moving_tree, out, threads=1, progress=cb, on_error="skip")
+    assert st["done"] is not None, "the pack finished before the first progress call"
     assert [(os.path.relpath(p, moving_tree), r) for p, r in s["skipped"]] == [("zz/vanish", "deleted while packing")]
     ds = packds.open(out)
     assert ds["zz/grow"] == b"y" * 5000 + b"more"
