@@ -272,7 +272,7 @@ pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
                 });
             }
             let empty = fs::read_dir(out).ctx("list directory", out)?.next().is_none();
-            if !empty && !opts.force && !(opts.resume && out.join(STATE_DIR).is_dir()) {
+            if !(empty || opts.force || opts.resume && out.join(STATE_DIR).is_dir()) {
                 return Err(Error::usage(
                     format!("output {} already exists", out.display()),
                     "pass --force to replace it, --resume to finish an interrupted pack, or choose another -o",

@@ -85,7 +85,7 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: 
         }
     }
     // Largest first: the parallel copy then ends with small files and finishes together.
-    list.sort_by(|a, b| b.size.cmp(&a.size));
+    list.sort_by_key(|j| std::cmp::Reverse(j.size));
     progress.bytes_total.store(list.iter().map(|j| j.size).sum::<u64>() + mbytes.len() as u64, Relaxed);
     progress.files_total.store(list.len() as u64 + 1, Relaxed);
 
