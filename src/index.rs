@@ -13,13 +13,16 @@
 //! size within its shard, key within the key section, no overlap with its neighbours), so a
 //! hostile index yields an error, never an out-of-bounds read. `validate_all` checks the rest.
 
+use crate::codec;
 use crate::error::{Error, IoContext, Result};
 use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"PACKDSIX";
-pub const VERSION: u32 = 1;
+/// The newest index format version this library reads and writes (1: no codec section, as
+/// written for uncompressed datasets; 2: with a codec section).
+pub const VERSION: u32 = 2;
 pub const HEADER_SIZE: usize = 128;
 pub const ENTRY_SIZE: usize = 32;
 pub const SHARD_SIZE: usize = 32;
@@ -30,10 +33,16 @@ pub const MAX_SHARDS: u64 = 1 << 24;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub offset: u64,
+    /// Stored size (bytes in the shard).
     pub size: u64,
     pub key_off: u64,
     pub shard: u32,
+    /// CRC32C of the original bytes.
     pub crc: u32,
+    /// Original size (equals `size` when stored raw).
+    pub raw: u64,
+    /// How the sample is stored: [`codec::RAW`], [`codec::ZSTD`], [`codec::ZSTD_DICT`].
+    pub codec: u8,
 }
 
 /// One shard file, as recorded in the index.
@@ -48,18 +57,32 @@ fn align8(x: usize) -> usize {
     (x + 7) & !7
 }
 
-/// Builds an index in memory (about 32 bytes + key length per sample) and writes it.
+/// Header flag: the index has a codec section (format version 2).
+pub const FLAG_CODEC: u64 = 1;
+const RAW_MASK: u64 = (1 << 56) - 1;
+
+/// Builds an index in memory (about 32 bytes + key length per sample; 8 more with a codec
+/// section) and writes it.
 #[derive(Default)]
 pub struct IndexBuilder {
     entries: Vec<u8>,
     keys: Vec<u8>,
     shards: Vec<ShardInfo>,
+    /// Some: a codec section (8 bytes per entry) is written.
+    codecs: Option<Vec<u8>>,
+    dict: Vec<u8>,
     total_bytes: u64,
 }
 
 impl IndexBuilder {
+    /// An index for samples stored as they are (format version 1).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An index with a codec section (format version 2): samples may be compressed.
+    pub fn new_coded(dict: &[u8]) -> Self {
+        IndexBuilder { codecs: Some(Vec::new()), dict: dict.to_vec(), ..Self::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -70,13 +93,20 @@ impl IndexBuilder {
         self.entries.is_empty()
     }
 
-    /// Sum of the sizes of all samples pushed.
+    /// Sum of the original sizes of all samples pushed.
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
     }
 
     pub fn push(&mut self, key: &[u8], shard: u32, offset: u64, size: u64, crc: u32) {
-        self.total_bytes += size;
+        self.push_coded(key, shard, offset, size, size, codec::RAW, crc);
+    }
+
+    /// A sample stored with `codec` in `size` bytes, `raw` bytes originally; `crc` is the
+    /// CRC32C of the original bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_coded(&mut self, key: &[u8], shard: u32, offset: u64, size: u64, raw: u64, codec: u8, crc: u32) {
+        self.total_bytes += raw;
         let e = &mut self.entries;
         e.extend_from_slice(&offset.to_le_bytes());
         e.extend_from_slice(&size.to_le_bytes());
@@ -84,6 +114,10 @@ impl IndexBuilder {
         e.extend_from_slice(&shard.to_le_bytes());
         e.extend_from_slice(&crc.to_le_bytes());
         self.keys.extend_from_slice(key);
+        match &mut self.codecs {
+            Some(c) => c.extend_from_slice(&(raw & RAW_MASK | u64::from(codec) << 56).to_le_bytes()),
+            None => assert!(codec == codec::RAW && raw == size, "a compressed sample needs IndexBuilder::new_coded"),
+        }
     }
 
     pub fn push_shard(&mut self, s: ShardInfo) {
@@ -94,9 +128,8 @@ impl IndexBuilder {
         &self.shards
     }
 
-    /// Serializes the index.
-    /// The header, the zero padding after the keys, and the shard table + names; the entries
-    /// and keys go between them as they are.
+    /// The header, the zero padding after the keys, the shard table + names, and the codec
+    /// section (with its leading padding); entries and keys go between them as they are.
     fn frame(&self) -> ([u8; HEADER_SIZE], usize, Vec<u8>) {
         let keys_off = HEADER_SIZE + self.entries.len();
         let shards_off = align8(keys_off + self.keys.len());
@@ -104,9 +137,19 @@ impl IndexBuilder {
         let (mut tail, names) = shard_table(&self.shards);
         let names_off = shards_off + tail.len();
         tail.extend_from_slice(&names);
+        let shards_crc = crc32c::crc32c(&tail);
         let body_crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&self.entries), &self.keys), &[0u8; 8][..pad]);
-        let h = write_header(self.len() as u64, self.shards.len() as u64, keys_off, self.keys.len(), shards_off, names_off, names.len(), body_crc, crc32c::crc32c(&tail));
-        (h, pad, tail)
+        let mut l = Layout { n: self.len() as u64, nshards: self.shards.len() as u64, keys_off, keys_len: self.keys.len(), shards_off, names_off, names_len: names.len(), body_crc, shards_crc, codec: None };
+        if let Some(c) = &self.codecs {
+            let end = names_off + names.len();
+            let codec_off = align8(end);
+            tail.extend_from_slice(&[0u8; 8][..codec_off - end]);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(c), &self.dict);
+            tail.extend_from_slice(c);
+            tail.extend_from_slice(&self.dict);
+            l.codec = Some(CodecLayout { off: codec_off, dict_len: self.dict.len(), raw_total: self.total_bytes, crc });
+        }
+        (write_header(&l), pad, tail)
     }
 
     /// Serializes the index.
@@ -152,25 +195,51 @@ fn shard_table(shards: &[ShardInfo]) -> (Vec<u8>, Vec<u8>) {
     (table, names)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_header(n: u64, nshards: u64, keys_off: usize, keys_len: usize, shards_off: usize, names_off: usize, names_len: usize, body_crc: u32, shards_crc: u32) -> [u8; HEADER_SIZE] {
+struct CodecLayout {
+    off: usize,
+    dict_len: usize,
+    raw_total: u64,
+    crc: u32,
+}
+
+struct Layout {
+    n: u64,
+    nshards: u64,
+    keys_off: usize,
+    keys_len: usize,
+    shards_off: usize,
+    names_off: usize,
+    names_len: usize,
+    body_crc: u32,
+    shards_crc: u32,
+    codec: Option<CodecLayout>,
+}
+
+fn write_header(l: &Layout) -> [u8; HEADER_SIZE] {
     let mut h = [0u8; HEADER_SIZE];
     {
         let h = &mut h[..];
         h[0..8].copy_from_slice(MAGIC);
-        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        let version = if l.codec.is_some() { 2u32 } else { 1 };
+        h[8..12].copy_from_slice(&version.to_le_bytes());
         h[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
-        h[16..24].copy_from_slice(&n.to_le_bytes());
-        h[24..32].copy_from_slice(&nshards.to_le_bytes());
+        h[16..24].copy_from_slice(&l.n.to_le_bytes());
+        h[24..32].copy_from_slice(&l.nshards.to_le_bytes());
         h[32..40].copy_from_slice(&(HEADER_SIZE as u64).to_le_bytes());
-        h[40..48].copy_from_slice(&(keys_off as u64).to_le_bytes());
-        h[48..56].copy_from_slice(&(keys_len as u64).to_le_bytes());
-        h[56..64].copy_from_slice(&(shards_off as u64).to_le_bytes());
-        h[64..72].copy_from_slice(&(names_off as u64).to_le_bytes());
-        h[72..80].copy_from_slice(&(names_len as u64).to_le_bytes());
-        h[80..84].copy_from_slice(&body_crc.to_le_bytes());
-        h[84..88].copy_from_slice(&shards_crc.to_le_bytes());
-        // 88..96 flags (0), 96..124 reserved (0)
+        h[40..48].copy_from_slice(&(l.keys_off as u64).to_le_bytes());
+        h[48..56].copy_from_slice(&(l.keys_len as u64).to_le_bytes());
+        h[56..64].copy_from_slice(&(l.shards_off as u64).to_le_bytes());
+        h[64..72].copy_from_slice(&(l.names_off as u64).to_le_bytes());
+        h[72..80].copy_from_slice(&(l.names_len as u64).to_le_bytes());
+        h[80..84].copy_from_slice(&l.body_crc.to_le_bytes());
+        h[84..88].copy_from_slice(&l.shards_crc.to_le_bytes());
+        if let Some(c) = &l.codec {
+            h[88..96].copy_from_slice(&FLAG_CODEC.to_le_bytes());
+            h[96..104].copy_from_slice(&(c.off as u64).to_le_bytes());
+            h[104..112].copy_from_slice(&(c.dict_len as u64).to_le_bytes());
+            h[112..120].copy_from_slice(&c.raw_total.to_le_bytes());
+            h[120..124].copy_from_slice(&c.crc.to_le_bytes());
+        }
         let hc = crc32c::crc32c(&h[..124]);
         h[124..128].copy_from_slice(&hc.to_le_bytes());
     }
@@ -181,15 +250,19 @@ fn write_header(n: u64, nshards: u64, keys_off: usize, keys_len: usize, shards_o
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConcatSummary {
     pub samples: u64,
+    /// Sum of the original sizes.
     pub total_bytes: u64,
+    /// Sum of the stored sizes.
+    pub stored_bytes: u64,
     pub file_size: u64,
     pub xxh3_128: u128,
 }
 
 /// Writes to `out` (atomically) the index made of `parts` one after another (each part's
 /// shards are renumbered after the previous parts'; keys must be increasing across parts).
-/// Streams: memory is O(number of shards), not O(number of samples).
-pub fn concat(parts: &[Index], out: &Path) -> Result<ConcatSummary> {
+/// With `dict` (Some, possibly empty) the result has a codec section holding that dictionary;
+/// parts without one count as all raw. Streams: memory is O(number of shards), not O(samples).
+pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<ConcatSummary> {
     let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
     let keys_len: usize = parts.iter().map(|p| p.keys_len).sum();
     let shards: Vec<ShardInfo> = parts.iter().flat_map(|p| p.shards().iter().cloned()).collect();
@@ -197,15 +270,16 @@ pub fn concat(parts: &[Index], out: &Path) -> Result<ConcatSummary> {
     let shards_off = align8(keys_off + keys_len);
     let (table, names) = shard_table(&shards);
     let names_off = shards_off + table.len();
-    // Pass 1 computes the body checksum; pass 2 writes (the header comes first in the file).
-    let mut total_bytes = 0u64;
-    let body = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<u64> {
-        let mut total = 0u64;
+    let names_end = names_off + names.len();
+    // Pass 1 computes the checksums and totals; pass 2 writes (the header comes first).
+    let body = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<(u64, u64)> {
+        let (mut raw_total, mut stored_total) = (0u64, 0u64);
         let (mut key_base, mut shard_base) = (0u64, 0u32);
         for p in parts {
             for i in 0..p.len() {
                 let e = p.entry(i)?;
-                total += e.size;
+                raw_total += e.raw;
+                stored_total += e.size;
                 let mut b = [0u8; ENTRY_SIZE];
                 b[0..8].copy_from_slice(&e.offset.to_le_bytes());
                 b[8..16].copy_from_slice(&e.size.to_le_bytes());
@@ -221,16 +295,41 @@ pub fn concat(parts: &[Index], out: &Path) -> Result<ConcatSummary> {
             sink(&p.bytes()[p.keys_off..p.keys_off + p.keys_len])?;
         }
         sink(&[0u8; 8][..shards_off - (keys_off + keys_len)])?;
-        Ok(total)
+        Ok((raw_total, stored_total))
+    };
+    let codec_section = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<()> {
+        if let Some(d) = dict {
+            for p in parts {
+                for i in 0..p.len() {
+                    let e = p.entry(i)?;
+                    sink(&(e.raw & RAW_MASK | u64::from(e.codec) << 56).to_le_bytes())?;
+                }
+            }
+            sink(d)?;
+        }
+        Ok(())
     };
     let mut crc = 0u32;
-    body(&mut |b| {
+    let (raw_total, stored_total) = body(&mut |b| {
         crc = crc32c::crc32c_append(crc, b);
         Ok(())
     })?;
     let mut tail = table;
     tail.extend_from_slice(&names);
-    let header = write_header(n, shards.len() as u64, keys_off, keys_len, shards_off, names_off, names.len(), crc, crc32c::crc32c(&tail));
+    let mut l = Layout { n, nshards: shards.len() as u64, keys_off, keys_len, shards_off, names_off, names_len: names.len(), body_crc: crc, shards_crc: crc32c::crc32c(&tail), codec: None };
+    let mut file_size = names_end;
+    if let Some(d) = dict {
+        let mut ccrc = 0u32;
+        codec_section(&mut |b| {
+            ccrc = crc32c::crc32c_append(ccrc, b);
+            Ok(())
+        })?;
+        let off = align8(names_end);
+        tail.extend_from_slice(&[0u8; 8][..off - names_end]);
+        l.codec = Some(CodecLayout { off, dict_len: d.len(), raw_total, crc: ccrc });
+        file_size = off + n as usize * 8 + d.len();
+    }
+    let header = write_header(&l);
     let tmp = crate::fsx::tmp_name(out);
     let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).ctx("create", &tmp)?);
     let mut hash = xxhash_rust::xxh3::Xxh3::new();
@@ -239,17 +338,16 @@ pub fn concat(parts: &[Index], out: &Path) -> Result<ConcatSummary> {
         std::io::Write::write_all(&mut w, b).ctx("write", &tmp)
     };
     put(&header)?;
-    total_bytes += body(&mut put)?;
+    body(&mut put)?;
     put(&tail)?;
+    codec_section(&mut put)?;
     let f = w.into_inner().map_err(|e| Error::io("write", &tmp, e.into_error()))?;
     f.sync_all().ctx("fsync", &tmp)?;
     drop(f);
     std::fs::rename(&tmp, out).ctx("rename", out)?;
     crate::fsx::sync_parent(out)?;
-    Ok(ConcatSummary { samples: n, total_bytes, file_size: (names_off + names.len()) as u64, xxh3_128: hash.digest128() })
+    Ok(ConcatSummary { samples: n, total_bytes: raw_total, stored_bytes: stored_total, file_size: file_size as u64, xxh3_128: hash.digest128() })
 }
-
-
 
 /// A mapped, header-validated index.
 pub struct Index {
@@ -262,6 +360,8 @@ pub struct Index {
     shards_off: usize,
     body_crc: u32,
     shards: Vec<ShardInfo>,
+    /// Format version 2: offset of the codec section, dictionary length, its CRC, raw total.
+    codec: Option<(usize, usize, u32, u64)>,
 }
 
 fn rd_u64(b: &[u8], at: usize) -> u64 {
@@ -306,13 +406,17 @@ impl Index {
             return Err(bad("not a packds index (bad magic)".into()));
         }
         let version = rd_u32(b, 8);
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(bad(format!("index format version {version} is not supported by packds {} (which reads version {VERSION}); upgrade packds", crate::VERSION)));
         }
         if rd_u32(b, 124) != crc32c::crc32c(&b[..124]) {
             return Err(bad("index header is corrupt (checksum mismatch)".into()));
         }
-        if rd_u32(b, 12) as usize != HEADER_SIZE || rd_u64(b, 88) != 0 {
+        let flags_ok = match version {
+            1 => rd_u64(b, 88) == 0 && b[96..124].iter().all(|&x| x == 0),
+            _ => rd_u64(b, 88) == FLAG_CODEC,
+        };
+        if rd_u32(b, 12) as usize != HEADER_SIZE || !flags_ok {
             return Err(bad("index header has unknown fields or flags".into()));
         }
         let len = b.len() as u64;
@@ -329,13 +433,23 @@ impl Index {
             let keys_end = keys_off.checked_add(keys_len)?;
             let table_end = nshards.checked_mul(SHARD_SIZE as u64)?.checked_add(shards_off)?;
             let names_end = names_off.checked_add(names_len)?;
+            let file_end = if version == 1 {
+                names_end
+            } else {
+                let codec_off = rd_u64(b, 96);
+                let dict_len = rd_u64(b, 104);
+                if codec_off != names_end.checked_add(7)? & !7 {
+                    return Some(false);
+                }
+                n.checked_mul(8)?.checked_add(codec_off)?.checked_add(dict_len)?
+            };
             Some(
                 entries_off == HEADER_SIZE as u64
                     && keys_off == entries_end
                     && shards_off >= keys_end
                     && shards_off % 8 == 0
                     && names_off == table_end
-                    && names_end == len
+                    && file_end == len
                     && nshards <= MAX_SHARDS,
             )
         })();
@@ -343,7 +457,8 @@ impl Index {
             return Err(bad(format!("index is truncated or its section table is corrupt ({n} samples, {nshards} shards claimed, file is {len} bytes)")));
         }
         let (shards_off, names_off) = (shards_off as usize, names_off as usize);
-        if rd_u32(b, 84) != crc32c::crc32c(&b[shards_off..]) {
+        let names_end = names_off + names_len as usize;
+        if rd_u32(b, 84) != crc32c::crc32c(&b[shards_off..names_end]) || b[names_end..align8(names_end).min(b.len())].iter().any(|&x| x != 0) {
             return Err(bad("index shard table is corrupt (checksum mismatch)".into()));
         }
         let mut shards = Vec::with_capacity(nshards as usize);
@@ -360,6 +475,7 @@ impl Index {
             let hash = u128::from(rd_u64(b, at + 8)) | (u128::from(rd_u64(b, at + 16)) << 64);
             shards.push(ShardInfo { name: name.to_string(), size: rd_u64(b, at), hash });
         }
+        let codec = (version == 2).then(|| (rd_u64(b, 96) as usize, rd_u64(b, 104) as usize, rd_u32(b, 120), rd_u64(b, 112)));
         Ok(Index {
             path: path.to_path_buf(),
             body_crc: rd_u32(b, 80),
@@ -370,7 +486,34 @@ impl Index {
             keys_len: keys_len as usize,
             shards_off,
             shards,
+            codec,
         })
+    }
+
+    /// Does the index have a codec section (format version 2: samples may be compressed)?
+    pub fn is_coded(&self) -> bool {
+        self.codec.is_some()
+    }
+
+    /// Format version of this index file.
+    pub fn version(&self) -> u32 {
+        if self.codec.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The zstd dictionary stored in the index, if any.
+    pub fn dict(&self) -> Option<&[u8]> {
+        let (off, dict_len, _, _) = self.codec?;
+        let at = off + self.n * 8;
+        (dict_len > 0).then(|| &self.bytes()[at..at + dict_len])
+    }
+
+    /// Sum of the original sizes (format version 2 records it; version 1 has no cheap answer).
+    pub fn raw_total(&self) -> Option<u64> {
+        self.codec.map(|c| c.3)
     }
 
     fn bytes(&self) -> &[u8] {
@@ -396,7 +539,15 @@ impl Index {
     fn raw_entry(&self, i: usize) -> Entry {
         let b = self.bytes();
         let at = self.entries_off + i * ENTRY_SIZE;
-        Entry { offset: rd_u64(b, at), size: rd_u64(b, at + 8), key_off: rd_u64(b, at + 16), shard: rd_u32(b, at + 24), crc: rd_u32(b, at + 28) }
+        let size = rd_u64(b, at + 8);
+        let (raw, codec) = match self.codec {
+            Some((off, ..)) => {
+                let w = rd_u64(b, off + i * 8);
+                (w & RAW_MASK, (w >> 56) as u8)
+            }
+            None => (size, codec::RAW),
+        };
+        Entry { offset: rd_u64(b, at), size, key_off: rd_u64(b, at + 16), shard: rd_u32(b, at + 24), crc: rd_u32(b, at + 28), raw, codec }
     }
 
     fn corrupt(&self, i: usize, what: &str) -> Error {
@@ -414,6 +565,15 @@ impl Index {
         match e.offset.checked_add(e.size) {
             Some(end) if end <= shard.size => {}
             _ => return Err(self.corrupt(i, "data lies past the end of its shard")),
+        }
+        let codec_ok = match e.codec {
+            codec::RAW => e.raw == e.size,
+            codec::ZSTD => e.raw <= e.size.saturating_mul(codec::MAX_EXPANSION),
+            codec::ZSTD_DICT => e.raw <= e.size.saturating_mul(codec::MAX_EXPANSION) && self.dict().is_some(),
+            _ => false,
+        };
+        if !codec_ok {
+            return Err(self.corrupt(i, "impossible codec or original size"));
         }
         if i > 0 {
             let p = self.raw_entry(i - 1);
@@ -463,6 +623,15 @@ impl Index {
         if crc32c::crc32c(&b[self.entries_off..self.shards_off]) != self.body_crc {
             return Err(Error::format(&self.path, "index entries or keys are corrupt (checksum mismatch)"));
         }
+        if let Some((off, _, crc, raw_total)) = self.codec {
+            if crc32c::crc32c(&b[off..]) != crc {
+                return Err(Error::format(&self.path, "index codec section is corrupt (checksum mismatch)"));
+            }
+            let sum = (0..self.n).map(|i| self.raw_entry(i).raw).fold(0u64, u64::wrapping_add);
+            if sum != raw_total {
+                return Err(Error::format(&self.path, "index codec section is corrupt (original sizes do not add up)"));
+            }
+        }
         let mut prev: Option<&[u8]> = None;
         for i in 0..self.n {
             self.entry(i)?;
@@ -490,6 +659,51 @@ mod tests {
         b.to_bytes()
     }
 
+    fn sample_coded() -> Vec<u8> {
+        let mut b = IndexBuilder::new_coded(b"a dictionary");
+        b.push_coded(b"a", 0, 512, 3, 3, codec::RAW, 7);
+        b.push_coded(b"bb", 0, 1536, 20, 900, codec::ZSTD, 5);
+        b.push_coded(b"c/d", 1, 512, 10, 4000, codec::ZSTD_DICT, 9);
+        b.push_shard(ShardInfo { name: "shard-00000.tar".into(), size: 3072, hash: 1 });
+        b.push_shard(ShardInfo { name: "shard-00001.tar".into(), size: 2048, hash: u128::MAX });
+        b.to_bytes()
+    }
+
+    #[test]
+    fn coded_round_trip() {
+        let ix = open_bytes(&sample_coded()).unwrap();
+        assert_eq!(ix.version(), 2);
+        assert_eq!(ix.dict(), Some(&b"a dictionary"[..]));
+        assert_eq!(ix.raw_total(), Some(4903));
+        let e = ix.entry(1).unwrap();
+        assert_eq!((e.size, e.raw, e.codec), (20, 900, codec::ZSTD));
+        assert_eq!(ix.entry(2).unwrap().codec, codec::ZSTD_DICT);
+        ix.validate_all().unwrap();
+        // concat of one part reproduces it.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p");
+        std::fs::write(&p, sample_coded()).unwrap();
+        let part = Index::open(&p).unwrap();
+        let out = d.path().join("o");
+        let sum = concat(&[part], &out, Some(b"a dictionary")).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), sample_coded());
+        assert_eq!((sum.total_bytes, sum.stored_bytes), (4903, 33));
+    }
+
+    #[test]
+    fn impossible_codec_entries_are_refused() {
+        let mut b = IndexBuilder::new_coded(b"");
+        b.push_coded(b"a", 0, 0, 1, 1 << 40, codec::ZSTD, 0); // a 1-byte frame claiming 1 TiB
+        b.push_coded(b"b", 0, 1, 10, 100, codec::ZSTD_DICT, 0); // no dictionary stored
+        b.push_coded(b"c", 0, 11, 10, 100, 7, 0); // unknown codec
+        b.push_coded(b"d", 0, 21, 10, 100, codec::RAW, 0); // raw but sizes differ
+        b.push_shard(ShardInfo { name: "s.tar".into(), size: 4096, hash: 0 });
+        let ix = open_bytes(&b.to_bytes()).unwrap();
+        for i in 0..4 {
+            assert!(ix.entry(i).is_err(), "entry {i}");
+        }
+    }
+
     fn open_bytes(bytes: &[u8]) -> Result<Index> {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("index.pdsi");
@@ -502,7 +716,7 @@ mod tests {
         let ix = open_bytes(&sample()).unwrap();
         assert_eq!(ix.len(), 3);
         assert_eq!(ix.key(1).unwrap(), b"bb");
-        assert_eq!(ix.entry(2).unwrap(), Entry { offset: 512, size: 10, key_off: 3, shard: 1, crc: 9 });
+        assert_eq!(ix.entry(2).unwrap(), Entry { offset: 512, size: 10, key_off: 3, shard: 1, crc: 9, raw: 10, codec: codec::RAW });
         assert_eq!(ix.find(b"c/d").unwrap(), Some(2));
         assert_eq!(ix.find(b"b").unwrap(), None);
         assert_eq!(ix.shards()[1].hash, u128::MAX);
@@ -529,7 +743,7 @@ mod tests {
             parts.push(Index::open(&p).unwrap());
         }
         let out = d.path().join("index.pdsi");
-        let sum = concat(&parts, &out).unwrap();
+        let sum = concat(&parts, &out, None).unwrap();
         let want = whole.to_bytes();
         assert_eq!(std::fs::read(&out).unwrap(), want);
         assert_eq!(sum.samples, 1 + 6 + 11);
@@ -540,20 +754,22 @@ mod tests {
 
     #[test]
     fn every_truncation_is_an_error() {
-        let b = sample();
-        for cut in 0..b.len() {
-            assert!(matches!(open_bytes(&b[..cut]), Err(Error::Format { .. })), "cut at {cut}");
+        for b in [sample(), sample_coded()] {
+            for cut in 0..b.len() {
+                assert!(matches!(open_bytes(&b[..cut]), Err(Error::Format { .. })), "cut at {cut}");
+            }
         }
     }
 
     #[test]
     fn every_bit_flip_is_caught_by_open_or_validate() {
-        let b = sample();
-        for byte in 0..b.len() {
-            let mut m = b.clone();
-            m[byte] ^= 0x10;
-            if let Ok(ix) = open_bytes(&m) {
-                assert!(ix.validate_all().is_err(), "flip at byte {byte} went unnoticed");
+        for b in [sample(), sample_coded()] {
+            for byte in 0..b.len() {
+                let mut m = b.clone();
+                m[byte] ^= 0x10;
+                if let Ok(ix) = open_bytes(&m) {
+                    assert!(ix.validate_all().is_err(), "flip at byte {byte} went unnoticed");
+                }
             }
         }
     }

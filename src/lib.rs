@@ -5,6 +5,7 @@
 //! - [`fsx`]     filesystem helpers: atomic write (temp + fsync + rename), directory fsync
 //! - [`walk`]    parallel discovery of the input tree, odd files, deterministic order
 //! - [`tar`]     pax/ustar header writer and header reader for the shard format
+//! - [`codec`]   per-sample zstd compression, bounded decompression, dictionaries
 //! - [`index`]   the binary index: builder, validation at open, O(1)/O(log n) lookups (mapped)
 //! - [`manifest`] the human-readable `manifest.json`
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
@@ -12,6 +13,7 @@
 //! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
 //! - `py`        the only code that names pyo3 (feature `python`)
 
+pub mod codec;
 pub mod error;
 pub mod fsx;
 pub mod index;

@@ -420,7 +420,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
     // Final index, then manifest (last: its presence marks the dataset complete).
     progress.phase.store(2, Relaxed);
     let index_path = out.join(manifest::INDEX_FILE);
-    let ix = crate::index::concat(&parts, &index_path)?;
+    let ix = crate::index::concat(&parts, &index_path, None)?;
     drop(parts);
     let total_bytes = ix.total_bytes;
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
