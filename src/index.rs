@@ -120,6 +120,19 @@ impl IndexBuilder {
         }
     }
 
+    /// Entries, keys and codec words as they will be written (for HDF5 shard columns).
+    pub fn raw_parts(&self) -> (&[u8], &[u8], Option<&[u8]>) {
+        (&self.entries, &self.keys, self.codecs.as_deref())
+    }
+
+    /// Adds `delta` to every data offset.
+    pub fn shift_offsets(&mut self, delta: u64) {
+        for e in self.entries.chunks_exact_mut(ENTRY_SIZE) {
+            let off = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes")) + delta;
+            e[0..8].copy_from_slice(&off.to_le_bytes());
+        }
+    }
+
     pub fn push_shard(&mut self, s: ShardInfo) {
         self.shards.push(s);
     }

@@ -8,7 +8,9 @@ use std::path::Path;
 pub const FILE: &str = "manifest.json";
 pub const INDEX_FILE: &str = "index.pdsi";
 pub const FORMAT_NAME: &str = "packds";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this library reads (1: samples stored raw; 2: per-sample
+/// compression, a codec section in the index). It writes 1 whenever it can.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShardRecord {
@@ -42,6 +44,25 @@ pub struct Manifest {
     pub shards: Vec<ShardRecord>,
     /// Files left out (symlinks, special files, and unreadable files under `--on-error skip`).
     pub skipped: Vec<Skipped>,
+    /// Present when the dataset was packed with `--compress` (format version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CompressionRecord {
+    /// `zstd:LEVEL` or `auto:LEVEL`.
+    pub mode: String,
+    /// Sum of the stored sizes (`total_bytes` is the sum of the original sizes).
+    pub stored_bytes: u64,
+    /// The zstd dictionary (stored in the index), when one was trained.
+    pub zstd_dict: Option<DictRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DictRecord {
+    pub size: u64,
+    pub xxh3_128: String,
 }
 
 pub fn hex128(h: u128) -> String {
@@ -68,7 +89,7 @@ impl Manifest {
         if m.format != FORMAT_NAME {
             return Err(Error::format(&p, "not a packds manifest"));
         }
-        if m.format_version != FORMAT_VERSION {
+        if m.format_version == 0 || m.format_version > FORMAT_VERSION {
             return Err(Error::format(&p, format!("format version {} is not supported by packds {} (upgrade packds)", m.format_version, crate::VERSION)));
         }
         Ok(m)

@@ -9,6 +9,7 @@
 //! Memory: the in-flight window holds at most `window` files of at most `small_max` bytes each;
 //! larger files are streamed by the writer. The index costs 32 bytes + key length per file.
 
+use crate::codec::{self, Compress, Encoder};
 use crate::error::{Error, IoContext, Result};
 use crate::fsx;
 use crate::index::{Index, IndexBuilder, ShardInfo};
@@ -33,9 +34,63 @@ const STREAM_CHUNK: usize = 1 << 20;
 const INFLIGHT_BYTES: usize = 256 << 20;
 const WRITEBACK_EVERY: u64 = 32 << 20;
 
-pub fn shard_name(k: usize) -> String {
-    format!("shard-{k:05}.tar")
+/// How shards are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardFormat {
+    /// POSIX pax tar.
+    #[default]
+    Tar,
+    /// HDF5, written through a [`H5Writer`] (h5py on the Python side).
+    H5,
 }
+
+impl ShardFormat {
+    pub fn ext(self) -> &'static str {
+        match self {
+            ShardFormat::Tar => "tar",
+            ShardFormat::H5 => "h5",
+        }
+    }
+}
+
+pub fn shard_name(k: usize, format: ShardFormat) -> String {
+    format!("shard-{k:05}.{}", format.ext())
+}
+
+/// What an HDF5 shard writer gets: the per-sample columns of one shard (little-endian arrays,
+/// data offsets relative to the start of the shard's data array). It creates the HDF5 file at
+/// `path` with a contiguous `data` array of `data_len` bytes allocated but not written, and
+/// returns that array's byte offset in the file; packds then writes the data there itself.
+pub struct H5Shard<'a> {
+    pub path: &'a Path,
+    pub data_len: u64,
+    pub offsets: Vec<u8>,
+    pub sizes: Vec<u8>,
+    pub raw_sizes: Vec<u8>,
+    pub codecs: Vec<u8>,
+    pub crcs: Vec<u8>,
+    pub keys: &'a [u8],
+    pub key_offsets: Vec<u8>,
+    pub dict: &'a [u8],
+    pub compression: String,
+}
+
+/// Creates an HDF5 shard skeleton (see [`H5Shard`]); returns the data array's file offset.
+#[derive(Clone)]
+pub struct H5Writer(pub std::sync::Arc<dyn Fn(&H5Shard) -> Result<u64> + Send + Sync>);
+
+impl std::fmt::Debug for H5Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("H5Writer")
+    }
+}
+
+/// The dictionary a pack trains (`--zstd-dict`), kept in the state directory for `--resume`.
+const STATE_DICT: &str = "zstd.dict";
+/// Dictionary training reads at most this many samples, and this much of each.
+const DICT_SAMPLES: usize = 4000;
+const DICT_SAMPLE_BYTES: usize = 64 << 10;
 
 fn shard_state_name(k: usize) -> String {
     format!("shard-{k:05}.pdsi")
@@ -56,6 +111,12 @@ pub struct PackOptions {
     pub resume: bool,
     /// Recorded verbatim in the manifest's `options`.
     pub options_json: serde_json::Value,
+    pub compress: Compress,
+    /// Train a zstd dictionary of at most this many bytes on the input (0: none).
+    pub dict_size: usize,
+    pub format: ShardFormat,
+    /// Needed for `ShardFormat::H5`.
+    pub h5_writer: Option<H5Writer>,
 }
 
 impl PackOptions {
@@ -72,6 +133,10 @@ impl PackOptions {
             force: false,
             resume: false,
             options_json: serde_json::Value::Null,
+            compress: Compress::None,
+            dict_size: 0,
+            format: ShardFormat::Tar,
+            h5_writer: None,
         }
     }
 }
@@ -196,7 +261,7 @@ fn only_packds_files(dir: &Path) -> Result<bool> {
         let ours = n == manifest::FILE
             || n == manifest::INDEX_FILE
             || n == STATE_DIR
-            || (n.starts_with("shard-") && n.ends_with(".tar"))
+            || (n.starts_with("shard-") && (n.ends_with(".tar") || n.ends_with(".h5")))
             || (n.starts_with('.') && n.ends_with(".tmp"));
         if !ours {
             return Ok(false);
@@ -239,6 +304,12 @@ fn lock_dir(dir: &Path) -> Result<DirLock> {
 struct StateOptions {
     shard_size: u64,
     sources: Vec<String>,
+    #[serde(default)]
+    format: ShardFormat,
+    #[serde(default)]
+    compress: String,
+    #[serde(default)]
+    dict_size: usize,
 }
 
 /// Packs `opts.sources` into `opts.output`.
@@ -247,6 +318,15 @@ pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
     let out = &opts.output;
     if opts.shard_size < 4096 {
         return Err(Error::usage(format!("--shard-size {} is too small", opts.shard_size), "use at least 4 KiB (default 1 GiB)"));
+    }
+    if opts.format == ShardFormat::H5 && opts.h5_writer.is_none() {
+        return Err(Error::usage("HDF5 shards are written through h5py", "pack with the packds Python package (`packds pack --format h5`), which has h5py"));
+    }
+    if opts.dict_size > 0 && opts.compress.is_none() {
+        return Err(Error::usage("--zstd-dict needs compression", "add --compress zstd (or auto)"));
+    }
+    if opts.dict_size > 0 && !(256..=(16 << 20)).contains(&opts.dict_size) {
+        return Err(Error::usage(format!("--zstd-dict size {} is out of range", opts.dict_size), "use 256 bytes to 16 MiB (default 112 KiB)"));
     }
     let mut created = false;
     match fs::symlink_metadata(out) {
@@ -351,6 +431,9 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
     let state_opts = StateOptions {
         shard_size: opts.shard_size,
         sources: opts.sources.iter().map(|s| s.display().to_string()).collect(),
+        format: opts.format,
+        compress: opts.compress.name(),
+        dict_size: opts.dict_size,
     };
     // Resume: take every completed shard whose keys match the walk, in order.
     // Per-shard indexes of completed shards (mapped files in .pack-state/); the final index is
@@ -368,10 +451,22 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
                 "resume with the same options, or start over with --force",
             ));
         }
+        if (prev.format, &prev.compress, prev.dict_size) != (opts.format, &state_opts.compress, opts.dict_size) {
+            return Err(Error::usage(
+                format!(
+                    "the interrupted pack in {} used --format {} --compress {}{}",
+                    out.display(),
+                    prev.format.ext(),
+                    prev.compress,
+                    if prev.dict_size > 0 { format!(" --zstd-dict {}", prev.dict_size) } else { String::new() }
+                ),
+                "resume with the same options, or start over with --force",
+            ));
+        }
         let mut k = 0;
         loop {
             let ip = state.join(shard_state_name(k));
-            let sp = out.join(shard_name(k));
+            let sp = out.join(shard_name(k, opts.format));
             if !ip.exists() {
                 break;
             }
@@ -389,7 +484,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
                     "start over with --force",
                 ));
             }
-            shard_records.push(ShardRecord { file: shard_name(k), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
+            shard_records.push(ShardRecord { file: shard_name(k, opts.format), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
             start += n;
             parts.push(ix);
             k += 1;
@@ -414,20 +509,41 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
         fsx::sync_dir(out)?;
     }
 
+    // The dictionary: trained once, before any shard, and kept for --resume.
+    let dict = if opts.dict_size > 0 {
+        let dp = state.join(STATE_DICT);
+        match fs::read(&dp) {
+            Ok(d) if opts.resume => d,
+            _ => {
+                let d = train_dict(opts, &walked.roots, &walked.files)?;
+                fsx::write_atomic(&dp, &d)?;
+                d
+            }
+        }
+    } else {
+        Vec::new()
+    };
+
     let mut skipped = walked.skipped.clone();
-    run_pipeline(opts, progress, &walked.roots, &walked.files, start, shard_records.len(), &mut parts, &mut shard_records, &mut skipped)?;
+    run_pipeline(opts, progress, &walked.roots, &walked.files, start, shard_records.len(), &dict, &mut parts, &mut shard_records, &mut skipped)?;
 
     // Final index, then manifest (last: its presence marks the dataset complete).
     progress.phase.store(2, Relaxed);
     let index_path = out.join(manifest::INDEX_FILE);
-    let ix = crate::index::concat(&parts, &index_path, None)?;
+    let coded = !opts.compress.is_none();
+    let ix = crate::index::concat(&parts, &index_path, coded.then_some(&dict[..]))?;
     drop(parts);
     let total_bytes = ix.total_bytes;
+    let compression = coded.then(|| manifest::CompressionRecord {
+        mode: opts.compress.name(),
+        stored_bytes: ix.stored_bytes,
+        zstd_dict: (!dict.is_empty()).then(|| manifest::DictRecord { size: dict.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(&dict)) }),
+    });
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let m = Manifest {
         format: manifest::FORMAT_NAME.into(),
-        format_version: manifest::FORMAT_VERSION,
-        shard_format: "tar".into(),
+        format_version: if coded { 2 } else { 1 },
+        shard_format: opts.format.ext().into(),
         tool: format!("packds {}", crate::VERSION),
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         options: opts.options_json.clone(),
@@ -440,6 +556,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
         },
         shards: shard_records,
         skipped: skipped.clone(),
+        compression,
     };
     fsx::write_atomic(&out.join(manifest::FILE), &m.to_json()?)?;
     fs::remove_dir_all(&state).ctx("remove", &state)?;
@@ -459,8 +576,9 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
 
 /// What an I/O thread hands the writer for one file.
 enum Item {
-    /// A whole tar member (header, data, padding); the data starts at `hlen`.
-    Small { meta: Meta, member: Vec<u8>, hlen: usize, crc: u32 },
+    /// A whole member (tar: header, stored data, padding; h5: the stored data); the data starts
+    /// at `hlen` and has `stored` bytes, encoded with `codec`; `crc` is of the original bytes.
+    Small { meta: Meta, member: Vec<u8>, hlen: usize, crc: u32, stored: u64, codec: u8 },
     Large { meta: Meta, file: File, path: PathBuf },
     Skip(Skipped),
     Fail(Error),
@@ -470,7 +588,67 @@ fn meta_of(md: &fs::Metadata) -> Meta {
     Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() }
 }
 
-fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64, buf: Vec<u8>) -> Result<Item> {
+/// Each I/O thread's own compression state and scratch buffers.
+struct WorkerState {
+    enc: Option<Encoder>,
+    data: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+/// The tar member name of a sample: its key, plus `.zst` when it is stored compressed, so that
+/// a plain `tar -x` followed by `zstd -d` on the `.zst` members restores the tree.
+fn member_name(key: &[u8], codec: u8) -> std::borrow::Cow<'_, [u8]> {
+    if codec == codec::RAW {
+        std::borrow::Cow::Borrowed(key)
+    } else {
+        std::borrow::Cow::Owned([key, b".zst"].concat())
+    }
+}
+
+/// With compression on, a tar member ending in `.zst` always is a packds frame: a key that
+/// ends so is compressed even when that does not pay.
+fn force_compress(format: ShardFormat, key: &[u8]) -> bool {
+    format == ShardFormat::Tar && key.ends_with(b".zst")
+}
+
+/// Reads exactly `want` bytes from `f` onto the end of `buf`; an extra byte (the file grew) or
+/// a short read (it shrank) is a `Changed` error.
+fn read_exact_file(f: &File, path: &Path, buf: &mut Vec<u8>, want: usize) -> Result<()> {
+    buf.reserve(want + 1);
+    let mut got = 0;
+    loop {
+        // Each read asks for everything left plus one byte: getting less means end of file.
+        // Straight into the spare capacity: no zero-filling of a buffer about to be overwritten.
+        let spare = &mut buf.spare_capacity_mut()[..want + 1 - got];
+        // SAFETY: reads at most spare.len() bytes into memory the Vec owns (uninitialised is
+        // fine for read(2)); only the bytes the kernel reports written are then marked as set.
+        let k = unsafe { libc::read(f.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+        if k < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io("read", path, e));
+        }
+        if k == 0 {
+            break;
+        }
+        // SAFETY: the kernel initialised exactly k bytes after the current length.
+        unsafe { buf.set_len(buf.len() + k as usize) };
+        got += k as usize;
+        if got >= want {
+            break;
+        }
+    }
+    if got != want {
+        let what = if got > want { format!("it grew past {want} bytes") } else { format!("size was {want} bytes at open, {got} bytes were read") };
+        return Err(Error::Changed { path: path.to_path_buf(), what });
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64, buf: Vec<u8>, format: ShardFormat, ws: &mut WorkerState) -> Result<Item> {
     let mut oo = OpenOptions::new();
     oo.read(true);
     let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
@@ -493,48 +671,34 @@ fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64, buf: Vec<u8>)
     if meta.size > small_max {
         return Ok(Item::Large { meta, file: f, path: path.to_path_buf() });
     }
-    // The whole tar member is built here, in parallel: header, data, padding. The writer
-    // then only appends it. One byte more than the size is asked for, so a file that grew
-    // since fstat shows up; a short read means end of file (std's read_to_end would stat and
-    // seek the file again and always make a second read).
     let want = meta.size as usize;
+    let tar = format == ShardFormat::Tar;
     let mut member = buf;
     member.clear();
-    let hlen = tar::write_header(&mut member, key, &meta);
+    if let Some(enc) = ws.enc.as_mut() {
+        // Compressing: read, checksum and encode here (in parallel), then lay out the member.
+        ws.data.clear();
+        read_exact_file(&f, path, &mut ws.data, want)?;
+        let crc = crc32c::crc32c(&ws.data);
+        let codec = enc.encode(&ws.data, &mut ws.frame, force_compress(format, key));
+        let stored: &[u8] = if codec == codec::RAW { &ws.data } else { &ws.frame };
+        let hlen = if tar { tar::write_header(&mut member, &member_name(key, codec), &Meta { size: stored.len() as u64, ..meta }) } else { 0 };
+        member.extend_from_slice(stored);
+        if tar {
+            member.resize(member.len() + tar::padding(stored.len() as u64) as usize, 0);
+        }
+        return Ok(Item::Small { meta, member, hlen, crc, stored: stored.len() as u64, codec });
+    }
+    // The whole member is built here, in parallel: header, data, padding. The writer then only
+    // appends it.
+    let hlen = if tar { tar::write_header(&mut member, key, &meta) } else { 0 };
     member.reserve(want + tar::padding(meta.size) as usize + 1);
-    let mut got = 0;
-    loop {
-        // Each read asks for everything left plus one byte: getting less means end of file.
-        // Straight into the spare capacity: no zero-filling of a buffer about to be overwritten.
-        let spare = &mut member.spare_capacity_mut()[..want + 1 - got];
-        // SAFETY: reads at most spare.len() bytes into memory the Vec owns (uninitialised is
-        // fine for read(2)); only the bytes the kernel reports written are then marked as set.
-        let k = unsafe { libc::read(f.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
-        if k < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io("read", path, e));
-        }
-        if k == 0 {
-            break;
-        }
-        // SAFETY: the kernel initialised exactly k bytes after the current length.
-        unsafe { member.set_len(member.len() + k as usize) };
-        got += k as usize;
-        if got >= want {
-            break;
-        }
-    }
-    if got != want {
-        let what = if got > want { format!("it grew past {want} bytes") } else { format!("size was {want} bytes at open, {got} bytes were read") };
-        return Err(Error::Changed { path: path.to_path_buf(), what });
-    }
-    member.truncate(hlen + want);
+    read_exact_file(&f, path, &mut member, want)?;
     let crc = crc32c::crc32c(&member[hlen..]);
-    member.resize(hlen + want + tar::padding(meta.size) as usize, 0);
-    Ok(Item::Small { meta, member, hlen, crc })
+    if tar {
+        member.resize(hlen + want + tar::padding(meta.size) as usize, 0);
+    }
+    Ok(Item::Small { meta, member, hlen, crc, stored: meta.size, codec: codec::RAW })
 }
 
 /// Files are handed from the I/O threads to the writer in chunks of this many consecutive files
@@ -587,6 +751,7 @@ fn run_pipeline(
     files: &FileList,
     start: usize,
     first_shard: usize,
+    dict: &[u8],
     parts: &mut Vec<Index>,
     records: &mut Vec<ShardRecord>,
     skipped: &mut Vec<Skipped>,
@@ -605,7 +770,7 @@ fn run_pipeline(
     // pages to fault in, per file.
     let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let pool_cap = wslots * CHUNK;
-    let read_item = |i: usize| -> Item {
+    let read_item = |i: usize, ws: &mut WorkerState| -> Item {
         let path = files.path(i, roots);
         if progress.cancel.load(Relaxed) {
             return Item::Fail(Error::Cancelled);
@@ -614,7 +779,7 @@ fn run_pipeline(
             std::thread::sleep(std::time::Duration::from_micros(us));
         }
         let buf = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-        match read_one(&path, files.key(i), opts.follow_symlinks, small_max, buf) {
+        match read_one(&path, files.key(i), opts.follow_symlinks, small_max, buf, opts.format, ws) {
             Ok(it) => it,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && opts.on_error == OnError::Skip => {
                 Item::Skip(Skipped { path: path.display().to_string(), reason: "deleted while packing".into() })
@@ -625,7 +790,10 @@ fn run_pipeline(
         }
     };
 
-    let worker = || loop {
+    let new_encoder = || (!opts.compress.is_none()).then(|| Encoder::new(opts.compress, Some(dict)));
+    let worker = || {
+        let mut ws = WorkerState { enc: new_encoder(), data: Vec::new(), frame: Vec::new() };
+        loop {
         let c = {
             let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
             loop {
@@ -641,11 +809,12 @@ fn run_pipeline(
             w.next - 1
         };
         let a = start + c * CHUNK;
-        let items: Vec<Item> = (a..(a + CHUNK).min(n)).map(read_item).collect();
+        let items: Vec<Item> = (a..(a + CHUNK).min(n)).map(|i| read_item(i, &mut ws)).collect();
         let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
         w.slots[c % wslots] = Some(items);
         if w.waiting == Some(c) {
             ready.notify_one();
+        }
         }
     };
 
@@ -688,47 +857,48 @@ fn run_pipeline(
                     }
                 };
                 let key = files.key(i);
-                // Small files arrive as complete members; large ones get their header here.
-                if let Item::Large { .. } = item {
-                    hdr.clear();
-                    tar::write_header(&mut hdr, key, &meta);
-                }
+                let tar = opts.format == ShardFormat::Tar;
+                // Large files are streamed here; their member length is known only for raw
+                // storage (compressed ones start a new shard check after compressing).
                 let member_len = match &item {
                     Item::Small { member, .. } => member.len() as u64,
-                    _ => hdr.len() as u64 + meta.size + tar::padding(meta.size),
+                    _ if tar => tar::header_len(key, &meta) + meta.size + tar::padding(meta.size),
+                    _ => meta.size,
                 };
                 if let Some(s) = &cur {
                     if s.pos + member_len + tar::END.len() as u64 > opts.shard_size && !s.index.is_empty() {
                         let s = cur.take().expect("checked above");
-                        close_shard(opts, s, parts, records)?;
+                        close_shard(opts, s, parts, records, dict)?;
                         k += 1;
                         Fault::check(fault.after_shards, (k - first_shard) as u64);
                     }
                 }
                 if cur.is_none() {
-                    let tmp = opts.output.join(format!(".{}.tmp", shard_name(k)));
+                    let tmp = opts.output.join(format!(".{}.tmp", shard_name(k, opts.format)));
                     let f = File::create(&tmp).ctx("create", &tmp)?;
-                    cur = Some(ShardOut { k, tmp, w: f, pos: 0, hash: Xxh3::new(), index: IndexBuilder::new(), flushed_at: 0 });
+                    let index = if opts.compress.is_none() { IndexBuilder::new() } else { IndexBuilder::new_coded(dict) };
+                    cur = Some(ShardOut { k, tmp, w: f, pos: 0, hash: Xxh3::new(), index, flushed_at: 0 });
                 }
                 let s = cur.as_mut().expect("opened above");
                 let member_start = s.pos;
-                let (data_off, crc) = match item {
-                    Item::Small { member, hlen, crc, .. } => {
+                let (data_off, stored, codec, crc) = match item {
+                    Item::Small { member, hlen, crc, stored, codec, .. } => {
                         s.put(&member)?;
                         let mut p = pool.lock().unwrap_or_else(|p| p.into_inner());
                         if p.len() < pool_cap {
                             p.push(member);
                         }
-                        (member_start + hlen as u64, crc)
+                        (member_start + hlen as u64, stored, codec, crc)
                     }
                     Item::Large { mut file, path, .. } => {
                         let hash_before = s.hash.clone();
-                        s.put(&hdr)?;
-                        match stream_file(s, &mut file, &path, meta.size) {
-                            Ok(c) => {
-                                s.put(&[0u8; 512][..tar::padding(meta.size) as usize])?;
-                                (member_start + hdr.len() as u64, c)
-                            }
+                        let r = if opts.compress.is_none() {
+                            write_large_raw(s, tar, &mut file, &path, key, &meta, &mut hdr).map(|(off, crc)| (off, meta.size, codec::RAW, crc))
+                        } else {
+                            write_large_coded(opts, s, &mut file, &path, key, &meta, dict, &mut hdr)
+                        };
+                        match r {
+                            Ok(v) => v,
                             Err(e @ Error::Changed { .. }) if opts.on_error == OnError::Skip => {
                                 // Roll the shard back to where this member began.
                                 s.w.set_len(member_start).ctx("truncate", &s.tmp)?;
@@ -743,14 +913,14 @@ fn run_pipeline(
                     }
                     _ => unreachable!("skips and failures were handled above"),
                 };
-                s.index.push(key, 0, data_off, meta.size, crc);
+                s.index.push_coded(key, 0, data_off, stored, meta.size, codec, crc);
                 files_written += 1;
                 progress.files_done.store(i as u64 + 1, Relaxed);
                 progress.bytes_done.fetch_add(meta.size, Relaxed);
                 Fault::check(fault.after_files, files_written);
             }
             if let Some(s) = cur.take() {
-                close_shard(opts, s, parts, records)?;
+                close_shard(opts, s, parts, records, dict)?;
             }
             Ok(())
         })();
@@ -801,15 +971,113 @@ fn stream_file(s: &mut ShardOut, f: &mut File, path: &Path, size: u64) -> Result
     Ok(crc)
 }
 
-fn close_shard(opts: &PackOptions, mut s: ShardOut, parts: &mut Vec<Index>, records: &mut Vec<ShardRecord>) -> Result<()> {
-    s.put(&tar::END)?;
-    let f = s.w;
-    f.sync_all().ctx("fsync", &s.tmp)?;
-    drop(f);
-    let name = shard_name(s.k);
+/// Writes a large file stored raw: header (tar), data streamed in chunks, padding.
+/// Returns (data offset, CRC32C).
+fn write_large_raw(s: &mut ShardOut, tar: bool, file: &mut File, path: &Path, key: &[u8], meta: &Meta, hdr: &mut Vec<u8>) -> Result<(u64, u32)> {
+    hdr.clear();
+    if tar {
+        tar::write_header(hdr, key, meta);
+    }
+    s.put(hdr)?;
+    let off = s.pos;
+    let crc = stream_file(s, file, path, meta.size)?;
+    if tar {
+        s.put(&[0u8; 512][..tar::padding(meta.size) as usize])?;
+    }
+    Ok((off, crc))
+}
+
+/// Writes a large file with compression: the file is compressed (zstd's own worker threads)
+/// into a spool file beside the shard, then either the frame or, when it does not pay, the
+/// file itself is written. Returns (data offset, stored size, codec, CRC32C of the original).
+#[allow(clippy::too_many_arguments)]
+fn write_large_coded(opts: &PackOptions, s: &mut ShardOut, file: &mut File, path: &Path, key: &[u8], meta: &Meta, dict: &[u8], hdr: &mut Vec<u8>) -> Result<(u64, u64, u8, u32)> {
+    let tar = opts.format == ShardFormat::Tar;
+    let spool_path = opts.output.join(".large.zst.tmp");
+    let zerr = |e: std::io::Error| Error::io("compress into", &spool_path, e);
+    let spool = File::options().read(true).write(true).create(true).truncate(true).open(&spool_path).ctx("create", &spool_path)?;
+    let _cleanup = RemoveOnDrop(&spool_path);
+    let mut enc = zstd::stream::Encoder::with_dictionary(spool, opts.compress.level(), dict).map_err(zerr)?;
+    enc.include_contentsize(true).map_err(zerr)?;
+    enc.set_pledged_src_size(Some(meta.size)).map_err(zerr)?;
+    enc.include_checksum(false).map_err(zerr)?;
+    let workers = opts.threads.clamp(1, 16) as u32;
+    if workers > 1 {
+        enc.multithread(workers).map_err(zerr)?;
+    }
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut crc = 0u32;
+    let mut left = meta.size;
+    while left > 0 {
+        let want = left.min(STREAM_CHUNK as u64) as usize;
+        let got = file.read(&mut buf[..want]).ctx("read", path)?;
+        if got == 0 {
+            return Err(Error::Changed { path: path.to_path_buf(), what: format!("it shrank: {} of {} bytes were there", meta.size - left, meta.size) });
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..got]);
+        enc.write_all(&buf[..got]).map_err(zerr)?;
+        left -= got as u64;
+    }
+    if file.read(&mut buf[..1]).ctx("read", path)? != 0 {
+        return Err(Error::Changed { path: path.to_path_buf(), what: format!("it grew past {} bytes", meta.size) });
+    }
+    let mut spool = enc.finish().map_err(zerr)?;
+    let clen = spool.metadata().ctx("stat", &spool_path)?.len();
+    let pays = match opts.compress {
+        Compress::Auto(_) => clen <= meta.size - meta.size / 16,
+        _ => clen < meta.size,
+    };
+    if !(pays || force_compress(opts.format, key)) {
+        file.seek(SeekFrom::Start(0)).ctx("seek", path)?;
+        let (off, again) = write_large_raw(s, tar, file, path, key, meta, hdr)?;
+        if again != crc {
+            return Err(Error::Changed { path: path.to_path_buf(), what: "its contents changed between two reads".into() });
+        }
+        return Ok((off, meta.size, codec::RAW, crc));
+    }
+    let codec = if dict.is_empty() { codec::ZSTD } else { codec::ZSTD_DICT };
+    hdr.clear();
+    if tar {
+        tar::write_header(hdr, &member_name(key, codec), &Meta { size: clen, ..*meta });
+    }
+    s.put(hdr)?;
+    let off = s.pos;
+    spool.seek(SeekFrom::Start(0)).ctx("seek", &spool_path)?;
+    let mut left = clen;
+    while left > 0 {
+        let got = spool.read(&mut buf[..left.min(STREAM_CHUNK as u64) as usize]).ctx("read", &spool_path)?;
+        if got == 0 {
+            return Err(Error::format(&spool_path, "spool file shrank while packing"));
+        }
+        s.put(&buf[..got])?;
+        left -= got as u64;
+    }
+    if tar {
+        s.put(&[0u8; 512][..tar::padding(clen) as usize])?;
+    }
+    Ok((off, clen, codec, crc))
+}
+
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.0);
+    }
+}
+
+fn close_shard(opts: &PackOptions, mut s: ShardOut, parts: &mut Vec<Index>, records: &mut Vec<ShardRecord>, dict: &[u8]) -> Result<()> {
+    let name = shard_name(s.k, opts.format);
     let dst = opts.output.join(&name);
-    fs::rename(&s.tmp, &dst).ctx("rename", &dst)?;
-    let info = ShardInfo { name: name.clone(), size: s.pos, hash: s.hash.digest128() };
+    let info = match opts.format {
+        ShardFormat::Tar => {
+            s.put(&tar::END)?;
+            s.w.sync_all().ctx("fsync", &s.tmp)?;
+            fs::rename(&s.tmp, &dst).ctx("rename", &dst)?;
+            ShardInfo { name: name.clone(), size: s.pos, hash: s.hash.digest128() }
+        }
+        ShardFormat::H5 => finish_h5(opts, &mut s, &dst, dict)?,
+    };
     s.index.push_shard(info.clone());
     let ip = opts.output.join(STATE_DIR).join(shard_state_name(s.k));
     s.index.write_atomic(&ip)?; // also fsyncs the state dir
@@ -819,6 +1087,117 @@ fn close_shard(opts: &PackOptions, mut s: ShardOut, parts: &mut Vec<Index>, reco
     records.push(ShardRecord { file: name, size: info.size, samples: ix.len() as u64, xxh3_128: hex128(info.hash) });
     parts.push(ix);
     Ok(())
+}
+
+/// Turns a shard's spooled data (`s.tmp`: the stored samples back to back) into an HDF5 file:
+/// the writer (h5py) makes the file with its metadata and a contiguous, allocated but unwritten
+/// `data` array; the data is then copied into that array's place and the file is hashed in
+/// order, fsynced and renamed to `dst`. Offsets in `s.index` become file offsets.
+fn finish_h5(opts: &PackOptions, s: &mut ShardOut, dst: &Path, dict: &[u8]) -> Result<ShardInfo> {
+    let writer = opts.h5_writer.as_ref().ok_or_else(|| Error::usage("HDF5 shards need an HDF5 writer", "pack with the packds Python package"))?;
+    let h5tmp = opts.output.join(format!(".{}.new.tmp", shard_name(s.k, opts.format)));
+    let _cleanup = RemoveOnDrop(&h5tmp);
+    let (entries, keys, codecs) = s.index.raw_parts();
+    let n = entries.len() / crate::index::ENTRY_SIZE;
+    let mut spec = H5Shard {
+        path: &h5tmp,
+        data_len: s.pos,
+        offsets: Vec::with_capacity(n * 8),
+        sizes: Vec::with_capacity(n * 8),
+        raw_sizes: Vec::with_capacity(n * 8),
+        codecs: Vec::with_capacity(n),
+        crcs: Vec::with_capacity(n * 4),
+        keys,
+        key_offsets: Vec::with_capacity(n * 8 + 8),
+        dict,
+        compression: opts.compress.name(),
+    };
+    for (j, e) in entries.chunks_exact(crate::index::ENTRY_SIZE).enumerate() {
+        spec.offsets.extend_from_slice(&e[0..8]);
+        spec.sizes.extend_from_slice(&e[8..16]);
+        spec.key_offsets.extend_from_slice(&e[16..24]);
+        spec.crcs.extend_from_slice(&e[28..32]);
+        match codecs {
+            Some(c) => {
+                let w = u64::from_le_bytes(c[j * 8..j * 8 + 8].try_into().expect("8 bytes"));
+                spec.raw_sizes.extend_from_slice(&(w & ((1 << 56) - 1)).to_le_bytes());
+                spec.codecs.push((w >> 56) as u8);
+            }
+            None => {
+                spec.raw_sizes.extend_from_slice(&e[8..16]);
+                spec.codecs.push(codec::RAW);
+            }
+        }
+    }
+    spec.key_offsets.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    let data_off = (writer.0)(&spec)?;
+    drop(spec);
+    let mut out = OpenOptions::new().read(true).write(true).open(&h5tmp).ctx("open", &h5tmp)?;
+    let flen = out.metadata().ctx("stat", &h5tmp)?.len();
+    let data_end = data_off.checked_add(s.pos).filter(|&e| e <= flen).ok_or_else(|| Error::format(&h5tmp, format!("the HDF5 writer put the data array at {data_off}, which does not fit in the {flen}-byte file")))?;
+    // Hash the file in order while the data goes in: head (HDF5 metadata), data, tail.
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut copy = |from: &mut File, from_path: &Path, at: u64, len: u64, write_to: Option<&mut File>, h: &mut Xxh3| -> Result<()> {
+        let mut w = write_to;
+        let mut done = 0u64;
+        while done < len {
+            let k = (len - done).min(STREAM_CHUNK as u64) as usize;
+            let got = std::os::unix::fs::FileExt::read_at(from, &mut buf[..k], if w.is_some() { done } else { at + done }).ctx("read", from_path)?;
+            if got == 0 {
+                return Err(Error::format(from_path, "file ended early"));
+            }
+            h.update(&buf[..got]);
+            if let Some(w) = w.as_deref_mut() {
+                std::os::unix::fs::FileExt::write_all_at(w, &buf[..got], at + done).ctx("write", &h5tmp)?;
+            }
+            done += got as u64;
+        }
+        Ok(())
+    };
+    copy(&mut out, &h5tmp, 0, data_off, None, &mut h)?;
+    let mut spool = File::open(&s.tmp).ctx("open", &s.tmp)?;
+    copy(&mut spool, &s.tmp, data_off, s.pos, Some(&mut out), &mut h)?;
+    copy(&mut out, &h5tmp, data_end, flen - data_end, None, &mut h)?;
+    out.sync_all().ctx("fsync", &h5tmp)?;
+    drop(out);
+    fs::rename(&h5tmp, dst).ctx("rename", dst)?;
+    let _ = fs::remove_file(&s.tmp);
+    s.index.shift_offsets(data_off);
+    Ok(ShardInfo { name: dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), size: flen, hash: h.digest128() })
+}
+
+/// Trains the `--zstd-dict` dictionary on up to `DICT_SAMPLES` files spread evenly over the
+/// sorted file list (the first `DICT_SAMPLE_BYTES` of each): deterministic for a given tree.
+fn train_dict(opts: &PackOptions, roots: &[SourceRoot], files: &FileList) -> Result<Vec<u8>> {
+    let n = files.len();
+    let take = n.min(DICT_SAMPLES);
+    let budget = opts.dict_size.saturating_mul(100);
+    let mut samples = Vec::with_capacity(take);
+    let mut total = 0usize;
+    for j in 0..take {
+        let i = j * n / take;
+        let path = files.path(i, roots);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(_) => continue, // the pack itself reports unreadable files
+        };
+        let mut b = Vec::new();
+        if (&mut f).take(DICT_SAMPLE_BYTES as u64).read_to_end(&mut b).is_ok() && !b.is_empty() && !codec::looks_compressed(&b) {
+            total += b.len();
+            samples.push(b);
+        }
+        if total >= budget {
+            break;
+        }
+    }
+    if samples.len() < 8 || total < 4 * opts.dict_size.min(64 << 10) {
+        return Err(Error::usage(
+            format!("too little compressible input to train a {}-byte zstd dictionary ({} samples, {total} bytes)", opts.dict_size, samples.len()),
+            "drop --zstd-dict (a dictionary helps datasets of many small, similar files)",
+        ));
+    }
+    codec::train_dict(&samples, opts.dict_size).map_err(|e| Error::usage(format!("zstd dictionary training failed: {e}"), "drop --zstd-dict, or give a smaller size"))
 }
 
 #[cfg(test)]
@@ -860,7 +1239,7 @@ mod tests {
         o2.output = d.path().join("b");
         o2.threads = 3;
         pack(&o2, &Progress::default()).unwrap();
-        for name in std::iter::once(manifest::INDEX_FILE.to_string()).chain((0..s.shards as usize).map(shard_name)) {
+        for name in std::iter::once(manifest::INDEX_FILE.to_string()).chain((0..s.shards as usize).map(|k| shard_name(k, ShardFormat::Tar))) {
             assert_eq!(fs::read(o.output.join(&name)).unwrap(), fs::read(o2.output.join(&name)).unwrap(), "{name}");
         }
     }

@@ -2,7 +2,9 @@
 //! sample is a bounds-checked slice of its shard's mapping.
 
 use crate::error::{Error, IoContext, Result};
-use crate::index::{Index, ShardInfo};
+use crate::codec::{self, DecodeError, Decoder};
+use crate::index::{Entry, Index, ShardInfo};
+use std::borrow::Cow;
 use crate::manifest::{self, hex128, Manifest};
 use crate::tar;
 use memmap2::{Mmap, MmapOptions};
@@ -27,12 +29,15 @@ pub struct Reader {
     index: Index,
     manifest: Manifest,
     maps: Vec<Option<Mmap>>,
+    decoder: Decoder,
 }
 
 /// The outcome of `verify`: what was checked and every problem found.
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     pub samples: u64,
+    /// Compressed samples decoded and checked against their CRC32C (`deep`).
+    pub decoded: u64,
     pub shards: u64,
     pub bytes: u64,
     pub problems: Vec<String>,
@@ -64,7 +69,8 @@ impl Reader {
             }
             maps.push(map_shard(dir, s, opts)?);
         }
-        Ok(Reader { dir: dir.to_path_buf(), index, manifest, maps })
+        let decoder = Decoder::new(index.dict());
+        Ok(Reader { dir: dir.to_path_buf(), index, manifest, maps, decoder })
     }
 
     pub fn dir(&self) -> &Path {
@@ -95,11 +101,22 @@ impl Reader {
         self.index.find(key)
     }
 
+    /// Original size of sample `i` (what `read` returns).
     pub fn size(&self, i: usize) -> Result<u64> {
+        Ok(self.index.entry(i)?.raw)
+    }
+
+    /// Stored size of sample `i` (what `get` returns).
+    pub fn stored_size(&self, i: usize) -> Result<u64> {
         Ok(self.index.entry(i)?.size)
     }
 
-    /// (shard file, data offset, size) of sample `i`.
+    /// Are any samples compressed (format version 2)?
+    pub fn is_coded(&self) -> bool {
+        self.index.is_coded()
+    }
+
+    /// (shard file, data offset, stored size) of sample `i`.
     pub fn locate(&self, i: usize) -> Result<(PathBuf, u64, u64)> {
         let e = self.index.entry(i)?;
         Ok((self.dir.join(&self.index.shards()[e.shard as usize].name), e.offset, e.size))
@@ -117,11 +134,59 @@ impl Reader {
         }
     }
 
-    /// Like `get`, and checks the sample's CRC32C.
-    pub fn get_checked(&self, i: usize) -> Result<&[u8]> {
-        let b = self.get(i)?;
+    /// The original bytes of sample `i`: borrowed from the mapping when stored raw, decoded
+    /// otherwise.
+    pub fn read(&self, i: usize) -> Result<Cow<'_, [u8]>> {
         let e = self.index.entry(i)?;
-        if crc32c::crc32c(b) != e.crc {
+        let stored = self.stored(&e);
+        if e.codec == codec::RAW {
+            return Ok(Cow::Borrowed(stored));
+        }
+        self.decoder.decode(e.codec, stored, e.raw).map(Cow::Owned).map_err(|d| self.decode_error(i, e.shard, d))
+    }
+
+    /// Decodes sample `i` into `dst`, which must have exactly its original size.
+    pub fn read_into(&self, i: usize, dst: &mut [u8]) -> Result<()> {
+        let e = self.index.entry(i)?;
+        self.decoder.decode_into(e.codec, self.stored(&e), dst).map_err(|d| self.decode_error(i, e.shard, d))
+    }
+
+    /// Like `read_into`, then checks the CRC32C of the original bytes.
+    pub fn read_into_checked(&self, i: usize, dst: &mut [u8]) -> Result<()> {
+        self.read_into(i, dst)?;
+        let e = self.index.entry(i)?;
+        if crc32c::crc32c(dst) != e.crc {
+            return Err(self.checksum_error(i, e.shard));
+        }
+        Ok(())
+    }
+
+    /// The index entry of sample `i` (bounds-checked).
+    pub fn entry(&self, i: usize) -> Result<Entry> {
+        self.index.entry(i)
+    }
+
+    #[inline]
+    fn stored(&self, e: &Entry) -> &[u8] {
+        match &self.maps[e.shard as usize] {
+            // In bounds: `entry` checked offset + size <= the shard size recorded in the index,
+            // and `map_shard` checked that the mapped file has exactly that size.
+            Some(m) => &m[e.offset as usize..(e.offset + e.size) as usize],
+            None => &[],
+        }
+    }
+
+    fn decode_error(&self, i: usize, shard: u32, d: DecodeError) -> Error {
+        let key = self.index.key(i).map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_else(|_| format!("#{i}"));
+        let path = self.dir.join(&self.index.shards()[shard as usize].name);
+        Error::format_hint(&path, format!("sample {key:?} cannot be decoded: {}", d.0), "the shard or index is damaged; run `packds verify --deep` and re-pack or re-stage")
+    }
+
+    /// Like `read`, and checks the CRC32C of the original bytes (raises a checksum error).
+    pub fn get_checked(&self, i: usize) -> Result<Cow<'_, [u8]>> {
+        let b = self.read(i)?;
+        let e = self.index.entry(i)?;
+        if crc32c::crc32c(&b) != e.crc {
             return Err(self.checksum_error(i, e.shard));
         }
         Ok(b)
@@ -135,11 +200,14 @@ impl Reader {
     /// Checks everything: the index (all entries, key order, checksum), each shard's size and
     /// XXH3-128 against the manifest, and every sample's CRC32C. Each shard is read once,
     /// sequentially with large reads; shards are checked by up to `threads` threads.
+    /// Samples stored compressed are checked against their CRC32C only with `deep` (decoded
+    /// from the mapping after the shard's sequential pass); their stored bytes are covered by
+    /// the shard's XXH3-128 either way.
     pub fn verify(&self) -> Result<VerifyReport> {
-        self.verify_with(4)
+        self.verify_with(4, false)
     }
 
-    pub fn verify_with(&self, threads: usize) -> Result<VerifyReport> {
+    pub fn verify_with(&self, threads: usize, deep: bool) -> Result<VerifyReport> {
         let mut rep = VerifyReport::default();
         if let Err(e) = self.index.validate_all() {
             rep.problems.push(e.to_string());
@@ -151,19 +219,19 @@ impl Reader {
             rep.problems.push(format!("{}: checksum does not match manifest.json", ipath.display()));
         }
         // Samples per shard, in offset order.
-        let mut per: Vec<Vec<(usize, u64, u64, u32)>> = vec![Vec::new(); self.index.shards().len()];
+        let mut per: Vec<Vec<(usize, u64, u64, u32, u8)>> = vec![Vec::new(); self.index.shards().len()];
         for i in 0..self.index.len() {
             let e = self.index.entry(i)?;
-            per[e.shard as usize].push((i, e.offset, e.size, e.crc));
+            per[e.shard as usize].push((i, e.offset, e.size, e.crc, e.codec));
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: std::sync::Mutex<Vec<(usize, Result<Vec<String>>)>> = Default::default();
+        let results: std::sync::Mutex<Vec<(usize, Result<(Vec<String>, u64)>)>> = Default::default();
         let work = || loop {
             let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if s >= per.len() {
                 return;
             }
-            let r = self.verify_shard(s, &per[s]);
+            let r = self.verify_shard(s, &per[s], deep);
             results.lock().unwrap_or_else(|p| p.into_inner()).push((s, r));
         };
         std::thread::scope(|sc| {
@@ -175,7 +243,9 @@ impl Reader {
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_by_key(|r| r.0);
         for (s, r) in results {
-            rep.problems.extend(r?);
+            let (problems, decoded) = r?;
+            rep.problems.extend(problems);
+            rep.decoded += decoded;
             rep.shards += 1;
             rep.bytes += self.index.shards()[s].size;
             rep.samples += per[s].len() as u64;
@@ -183,7 +253,7 @@ impl Reader {
         Ok(rep)
     }
 
-    fn verify_shard(&self, s: usize, samples: &[(usize, u64, u64, u32)]) -> Result<Vec<String>> {
+    fn verify_shard(&self, s: usize, samples: &[(usize, u64, u64, u32, u8)], deep: bool) -> Result<(Vec<String>, u64)> {
         let info = &self.index.shards()[s];
         let path = self.dir.join(&info.name);
         let mut f = File::open(&path).ctx("open", &path)?;
@@ -203,7 +273,7 @@ impl Reader {
             let end = pos + got as u64;
             let mut j = first;
             while j < samples.len() && samples[j].1 < end {
-                let (_, off, size, _) = samples[j];
+                let (_, off, size, _, _) = samples[j];
                 let a = off.max(pos);
                 let b = (off + size).min(end);
                 if a < b {
@@ -226,12 +296,20 @@ impl Reader {
         } else if h.digest128() != info.hash {
             problems.push(format!("{}: checksum does not match the index and manifest", path.display()));
         }
-        for (j, &(i, _, _, want)) in samples.iter().enumerate() {
-            if crcs[j] != want {
-                problems.push(self.checksum_error(i, s as u32).to_string());
+        let mut decoded = 0u64;
+        for (j, &(i, _, _, want, codec)) in samples.iter().enumerate() {
+            if codec == codec::RAW {
+                if crcs[j] != want {
+                    problems.push(self.checksum_error(i, s as u32).to_string());
+                }
+            } else if deep && problems.is_empty() {
+                match self.get_checked(i) {
+                    Ok(_) => decoded += 1,
+                    Err(e) => problems.push(e.to_string()),
+                }
             }
         }
-        Ok(problems)
+        Ok((problems, decoded))
     }
 
     /// Extracts every sample into `dest` (created if needed), refusing keys that are absolute,
@@ -276,7 +354,7 @@ impl Reader {
                 } else {
                     Error::io("create", &p, e)
                 })?;
-            f.write_all(data).ctx("write", &p)?;
+            f.write_all(&data).ctx("write", &p)?;
             f.set_permissions(fs::Permissions::from_mode(mode)).ctx("chmod", &p)?;
             if let Some((_, mtime)) = meta {
                 let ts = [libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 }; 2];
@@ -291,6 +369,9 @@ impl Reader {
     /// Mode and mtime from the ustar header right before sample `i`'s data.
     fn header_meta(&self, i: usize) -> Option<(u32, i64)> {
         let e = self.index.entry(i).ok()?;
+        if !self.index.shards()[e.shard as usize].name.ends_with(".tar") {
+            return None;
+        }
         let m = self.maps[e.shard as usize].as_ref()?;
         // Members are contiguous: this one's headers start where the previous member ends.
         let start = match i.checked_sub(1).and_then(|p| self.index.entry(p).ok()) {

@@ -75,6 +75,12 @@ fn ustar(out: &mut Vec<u8>, name: &[u8], meta: &Meta, typeflag: u8, size: u64) {
     out.extend_from_slice(&h);
 }
 
+/// Length of the header(s) `write_header` writes for `name` and `meta`.
+pub fn header_len(name: &[u8], meta: &Meta) -> u64 {
+    let mut v = Vec::new();
+    write_header(&mut v, name, meta) as u64
+}
+
 /// Appends the header(s) for a regular file `name` to `out`. The member's data must follow
 /// immediately, then `padding(meta.size)` zero bytes. Returns the number of header bytes.
 pub fn write_header(out: &mut Vec<u8>, name: &[u8], meta: &Meta) -> usize {

@@ -62,7 +62,11 @@ def cmd_pack(a: argparse.Namespace) -> int:
         include=a.include,
         exclude=a.exclude,
         on_error=a.on_error,
+        format=a.format,
+        compress=a.compress,
     )
+    if a.zstd_dict:
+        options["zstd_dict"] = a.zstd_dict
     try:
         s = pack(a.sources, a.output, force=a.force, resume=a.resume, progress=update, **options)
     finally:
@@ -99,8 +103,15 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"dataset:  {a.dataset}")
     print(f"format:   {m['format']} v{m['format_version']} ({m['shard_format']} shards), written by {m['tool']}")
     print(f"samples:  {m['samples']:,}")
-    print(f"bytes:    {m['total_bytes']:,} ({human(m['total_bytes'])})")
-    print(f"shards:   {len(m['shards'])}")
+    comp = m.get("compression")
+    stored = comp["stored_bytes"] if comp else m["total_bytes"]
+    ratio = m["total_bytes"] / stored if stored else 1.0
+    print(f"input:    {m['total_bytes']:,} bytes ({human(m['total_bytes'])})")
+    print(f"stored:   {stored:,} bytes ({human(stored)}), ratio {ratio:.2f}x" + (f" [{comp['mode']}]" if comp else " [not compressed]"))
+    if comp and comp.get("zstd_dict"):
+        d = comp["zstd_dict"]
+        print(f"dict:     zstd dictionary, {d['size']:,} bytes, xxh3-128 {d['xxh3_128']}")
+    print(f"shards:   {len(m['shards'])} ({human(sum(s['size'] for s in m['shards']))} on disk)")
     for s in m["shards"]:
         print(f"  {s['file']}  {human(s['size']):>10}  {s['samples']:>10,} samples  xxh3-128 {s['xxh3_128']}")
     print(f"skipped:  {len(m['skipped'])}")
@@ -138,7 +149,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     ds = pds_open(a.dataset)
-    r = ds.verify(threads=a.threads)
+    r = ds.verify(threads=a.threads, deep=a.deep)
     dt = time.perf_counter() - t
     for p in r["problems"]:
         print(f"packds: {p}", file=sys.stderr)
@@ -147,7 +158,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
         print("hint: copy or pack the dataset again from its source", file=sys.stderr)
         return 1
     print(
-        f"packds: {a.dataset} OK: {r['samples']:,} samples, {r['shards']} shard(s), {human(r['bytes'])} checked in {dt:.2f} s",
+        f"packds: {a.dataset} OK: {r['samples']:,} samples, {r['shards']} shard(s), {human(r['bytes'])} checked"
+        + (f", {r['decoded']:,} compressed samples decoded and checked" if a.deep and ds.format_version > 1 else "")
+        + f" in {dt:.2f} s",
         file=sys.stderr,
     )
     return 0
@@ -220,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="unreadable or changing files: fail (default) or skip and list them")
     s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
     s.add_argument("--resume", action="store_true", help="finish an interrupted pack, keeping its completed shards")
+    s.add_argument("--format", choices=["tar", "h5"], default="tar", help="shard format: tar (default; GNU tar and Python's tarfile read it) or h5 (HDF5; plain h5py reads it)")
+    s.add_argument("--compress", default="none", metavar="MODE",
+                   help="none (default); zstd or zstd:LEVEL: compress each sample on its own, keep it raw where that does not shrink it; "
+                   "auto or auto:LEVEL: like zstd, but samples that are already compressed (JPEG, PNG, ...) are not even tried and "
+                   "a frame must save 1/16 to be kept")
+    s.add_argument("--zstd-dict", nargs="?", type=parse_size, const=112 << 10, default=0, metavar="SIZE",
+                   help="train a zstd dictionary (default size 112K) on a sample of the input and store it in the dataset: "
+                   "many small similar files (text, JSON, labels) compress far better with one")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     s.set_defaults(func=cmd_pack)
@@ -242,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="check index, shard checksums and every sample")
     s.add_argument("dataset")
+    s.add_argument("--deep", action="store_true", help="also decompress every compressed sample and check it against its CRC32C")
     s.add_argument("--threads", type=int, default=4, metavar="N")
     s.set_defaults(func=cmd_verify)
 

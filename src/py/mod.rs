@@ -23,7 +23,12 @@ use std::time::Duration;
 pub struct PyReader {
     inner: Arc<Reader>,
     path: PathBuf,
+    /// `open(..., verify=True)`: every read checks the sample's CRC32C.
+    check: bool,
 }
+
+/// Decoding at least this many bytes releases the GIL; below, releasing costs more than it frees.
+const DETACH_BYTES: u64 = 64 << 10;
 
 impl PyReader {
     fn norm(&self, i: isize) -> PyResult<usize> {
@@ -66,8 +71,21 @@ impl PyReader {
     }
 
     fn sample<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let b = self.inner.get(i).map_err(to_py)?;
-        Ok(PyBytes::new(py, b))
+        let e = self.inner.entry(i).map_err(to_py)?;
+        if e.codec == crate::codec::RAW && !self.check {
+            return Ok(PyBytes::new(py, self.inner.get(i).map_err(to_py)?));
+        }
+        let r = &*self.inner;
+        let check = self.check;
+        let decode = move |buf: &mut [u8]| if check { r.read_into_checked(i, buf) } else { r.read_into(i, buf) };
+        PyBytes::new_with(py, e.raw as usize, |buf| {
+            if e.raw >= DETACH_BYTES {
+                py.detach(|| decode(buf))
+            } else {
+                decode(buf)
+            }
+            .map_err(to_py)
+        })
     }
 }
 
@@ -75,11 +93,17 @@ impl PyReader {
 impl PyReader {
     /// Opens the dataset directory `path`. O(shards): the index is mapped, not parsed.
     #[new]
-    #[pyo3(signature = (path, *, populate=false))]
-    fn new(py: Python<'_>, path: PathBuf, populate: bool) -> PyResult<Self> {
+    #[pyo3(signature = (path, *, populate=false, verify=false))]
+    fn new(py: Python<'_>, path: PathBuf, populate: bool, verify: bool) -> PyResult<Self> {
         let p = path.clone();
         let r = py.detach(move || Reader::open_with(&p, OpenOptionsPds { populate })).map_err(to_py)?;
-        Ok(PyReader { inner: Arc::new(r), path })
+        Ok(PyReader { inner: Arc::new(r), path, check: verify })
+    }
+
+    /// Whether every read checks the sample's CRC32C (`open(..., verify=True)`).
+    #[getter]
+    fn verifies(&self) -> bool {
+        self.check
     }
 
     /// The dataset directory.
@@ -104,17 +128,16 @@ impl PyReader {
         }
     }
 
-    /// Bytes of many samples in one call, GIL released while the bytes are copied.
+    /// Bytes of many samples in one call, GIL released while the bytes are copied (and
+    /// decompressed: compressed samples of a large batch are decoded by several threads).
     fn get_many<'py>(&self, py: Python<'py>, indices: Vec<isize>) -> PyResult<Bound<'py, PyList>> {
-        let mut srcs = Vec::with_capacity(indices.len());
+        let mut objs = Vec::with_capacity(indices.len());
+        let mut jobs: Vec<(usize, usize, usize, bool)> = Vec::with_capacity(indices.len());
+        let mut work = 0u64;
         for &i in &indices {
             let j = self.norm(i)?;
-            srcs.push(j);
-        }
-        let mut objs = Vec::with_capacity(srcs.len());
-        let mut jobs: Vec<(usize, usize, usize)> = Vec::with_capacity(srcs.len());
-        for &j in &srcs {
-            let len = self.inner.size(j).map_err(to_py)? as usize;
+            let e = self.inner.entry(j).map_err(to_py)?;
+            let len = e.raw as usize;
             // SAFETY: a new bytes object with uninitialised contents, filled below before any
             // Python code can see it; we hold the only reference until then.
             let obj = unsafe {
@@ -123,29 +146,102 @@ impl PyReader {
             };
             // SAFETY: `obj` is a bytes object; PyBytes_AsString returns its buffer.
             let buf = unsafe { pyo3::ffi::PyBytes_AsString(obj.as_ptr()) } as usize;
-            jobs.push((j, buf, len));
+            let coded = e.codec != crate::codec::RAW;
+            if coded {
+                work += e.raw;
+            }
+            jobs.push((j, buf, len, coded));
             objs.push(obj);
         }
         let reader = &*self.inner;
-        let res: crate::Result<()> = py.detach(|| {
-            for &(j, buf, len) in &jobs {
+        let check = self.check;
+        let fill = |job: &(usize, usize, usize, bool)| -> crate::Result<()> {
+            let &(j, buf, len, coded) = job;
+            if !coded && !check {
                 let src = reader.get(j)?;
-                debug_assert_eq!(src.len(), len);
                 // SAFETY: `buf` points at `len` writable bytes of a bytes object kept alive by
-                // `objs` on the caller's stack; no other thread can reach it.
+                // `objs` on the caller's stack; no other thread writes it.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf as *mut u8, len.min(src.len())) };
+                return Ok(());
             }
-            Ok(())
+            // SAFETY: as above; zeroed first so the slice is initialised memory.
+            let dst = unsafe {
+                std::ptr::write_bytes(buf as *mut u8, 0, len);
+                std::slice::from_raw_parts_mut(buf as *mut u8, len)
+            };
+            if check {
+                reader.read_into_checked(j, dst)
+            } else {
+                reader.read_into(j, dst)
+            }
+        };
+        let res: crate::Result<()> = py.detach(|| {
+            let threads = if work >= 4 * DETACH_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) } else { 1 };
+            if threads <= 1 || jobs.len() < 2 {
+                return jobs.iter().try_for_each(fill);
+            }
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let first_err: std::sync::Mutex<Option<crate::Error>> = std::sync::Mutex::new(None);
+            let run = || loop {
+                let k = next.fetch_add(1, Relaxed);
+                if k >= jobs.len() {
+                    return;
+                }
+                if let Err(e) = fill(&jobs[k]) {
+                    first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    next.store(jobs.len(), Relaxed);
+                }
+            };
+            std::thread::scope(|sc| {
+                for _ in 1..threads {
+                    let _ = std::thread::Builder::new().name("packds-decode".into()).spawn_scoped(sc, run);
+                }
+                run();
+            });
+            match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
         });
         res.map_err(to_py)?;
         PyList::new(py, objs)
+    }
+
+    /// The stored bytes of sample `i` (the zstd frame of a compressed sample; the same as
+    /// `ds[i]` for one stored raw).
+    fn raw<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let j = self.norm(i)?;
+        Ok(PyBytes::new(py, self.inner.get(j).map_err(to_py)?))
+    }
+
+    /// Stored size of sample `i` (equal to `size(i)` unless it is compressed).
+    fn stored_size(&self, i: isize) -> PyResult<u64> {
+        let j = self.norm(i)?;
+        self.inner.stored_size(j).map_err(to_py)
+    }
+
+    /// How sample `i` is stored: 0 raw, 1 zstd, 2 zstd with the dataset's dictionary.
+    fn _codec(&self, i: isize) -> PyResult<u8> {
+        let j = self.norm(i)?;
+        Ok(self.inner.entry(j).map_err(to_py)?.codec)
+    }
+
+    /// The dataset's zstd dictionary (bytes), or None.
+    fn zstd_dict<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.index().dict().map(|d| PyBytes::new(py, d))
+    }
+
+    /// Index format version (1: all samples stored raw; 2: with a codec section).
+    #[getter]
+    fn format_version(&self) -> u32 {
+        self.inner.index().version()
     }
 
     /// Sample `i`'s bytes after checking its CRC32C (raises ChecksumError).
     fn get_checked<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         let b = self.inner.get_checked(j).map_err(to_py)?;
-        Ok(PyBytes::new(py, b))
+        Ok(PyBytes::new(py, &b))
     }
 
     /// Key of sample `i` as str (decoded like os.fsdecode).
@@ -170,7 +266,7 @@ impl PyReader {
         self.find(key)
     }
 
-    /// Size in bytes of sample `i`.
+    /// Size in bytes of sample `i` (its original size: `len(ds[i])`).
     fn size(&self, i: isize) -> PyResult<u64> {
         let j = self.norm(i)?;
         self.inner.size(j).map_err(to_py)
@@ -220,14 +316,16 @@ impl PyReader {
         serde_json::to_string(self.inner.manifest()).map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
-    /// Full check (index, shard checksums, every sample); GIL released. Returns a dict with
-    /// `samples`, `shards`, `bytes`, `problems` (a list of messages; empty when all is well).
-    #[pyo3(signature = (threads=4))]
-    fn verify<'py>(&self, py: Python<'py>, threads: usize) -> PyResult<Bound<'py, PyDict>> {
+    /// Full check (index, shard checksums, every raw sample's CRC32C; with `deep`, every
+    /// compressed sample decoded and checked too); GIL released. Returns a dict with `samples`,
+    /// `shards`, `bytes`, `decoded`, `problems` (a list of messages; empty when all is well).
+    #[pyo3(signature = (threads=4, deep=false))]
+    fn verify<'py>(&self, py: Python<'py>, threads: usize, deep: bool) -> PyResult<Bound<'py, PyDict>> {
         let r = &*self.inner;
-        let rep = py.detach(|| r.verify_with(threads)).map_err(to_py)?;
+        let rep = py.detach(|| r.verify_with(threads, deep)).map_err(to_py)?;
         let d = PyDict::new(py);
         d.set_item("samples", rep.samples)?;
+        d.set_item("decoded", rep.decoded)?;
         d.set_item("shards", rep.shards)?;
         d.set_item("bytes", rep.bytes)?;
         d.set_item("problems", rep.problems)?;
@@ -246,7 +344,8 @@ impl PyReader {
 /// second. Ctrl-C cancels cleanly (completed shards stay for `resume=True`).
 #[pyfunction]
 #[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=0, follow_symlinks=false,
-    include=vec![], exclude=vec![], on_error="fail", force=false, resume=false, options_json=None, progress=None))]
+    include=vec![], exclude=vec![], on_error="fail", force=false, resume=false, options_json=None, progress=None,
+    compress="none", zstd_dict=0, format="tar", h5_writer=None))]
 #[allow(clippy::too_many_arguments)]
 fn pack<'py>(
     py: Python<'py>,
@@ -262,6 +361,10 @@ fn pack<'py>(
     resume: bool,
     options_json: Option<String>,
     progress: Option<Bound<'py, PyAny>>,
+    compress: &str,
+    zstd_dict: usize,
+    format: &str,
+    h5_writer: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let on_error = match on_error {
         "fail" => OnError::Fail,
@@ -277,6 +380,39 @@ fn pack<'py>(
     opts.on_error = on_error;
     opts.force = force;
     opts.resume = resume;
+    opts.compress = crate::codec::Compress::parse(compress).ok_or_else(|| {
+        to_py(crate::Error::usage(format!("--compress {compress:?} is not understood"), "use none, zstd, zstd:LEVEL (1..22, negative for faster), auto or auto:LEVEL"))
+    })?;
+    opts.dict_size = zstd_dict;
+    opts.format = match format {
+        "tar" => core_pack::ShardFormat::Tar,
+        "h5" | "hdf5" => core_pack::ShardFormat::H5,
+        other => return Err(to_py(crate::Error::usage(format!("--format {other:?} is not known"), "use tar or h5"))),
+    };
+    if let Some(w) = h5_writer {
+        let cb: Py<PyAny> = w.unbind();
+        opts.h5_writer = Some(core_pack::H5Writer(Arc::new(move |spec: &core_pack::H5Shard| -> crate::Result<u64> {
+            Python::attach(|py| {
+                let b = |v: &[u8]| PyBytes::new(py, v);
+                let args = (
+                    spec.path.to_path_buf(),
+                    spec.data_len,
+                    (b(&spec.offsets), b(&spec.sizes), b(&spec.raw_sizes), b(&spec.codecs), b(&spec.crcs), b(spec.keys), b(&spec.key_offsets)),
+                    b(spec.dict),
+                    spec.compression.as_str(),
+                );
+                cb.call1(py, args)?.extract::<u64>(py)
+            })
+            .map_err(|e: PyErr| {
+                let errno = Python::attach(|py| e.value(py).getattr("errno").ok().and_then(|v| v.extract::<i32>().ok()));
+                let msg = Python::attach(|py| e.value(py).to_string());
+                match errno {
+                    Some(n) => crate::Error::io("write HDF5 shard", spec.path, std::io::Error::from_raw_os_error(n)),
+                    None => crate::Error::io("write HDF5 shard", spec.path, std::io::Error::other(msg)),
+                }
+            })
+        })));
+    }
     opts.options_json = match options_json {
         Some(s) => serde_json::from_str(&s).map_err(|e| PyValueError::new_err(format!("options_json: {e}")))?,
         None => serde_json::Value::Null,
