@@ -1,0 +1,729 @@
+"""PyTorch datasets over a packds dataset (``pip install packds[torch]``; see docs/TORCH.md).
+
+* :class:`PackedDataset` — map-style (random access), for staged or in-memory data.
+  ``ds[i]`` is ``transform(bytes)`` or ``(transform(bytes), label)``; ``__getitems__`` reads a
+  whole batch with one ``get_many`` call (torch >= 2.1 DataLoaders use it).
+* :class:`StreamingDataset` — iterable, for data left on shared storage: reads contiguous
+  blocks of samples (MiB-sized ``pread`` calls), shuffles block order per epoch plus a sample
+  buffer, splits the epoch over distributed ranks and DataLoader workers with no duplicate and
+  no gap, and resumes mid-epoch from ``state_dict()``.
+* :class:`StreamingLoader` — a ``torch.utils.data.DataLoader`` that counts the batches it hands
+  out, so ``loader.state_dict()`` works with any number of workers.
+
+Nothing here builds a Python object per sample up front: the index stays in the mapped index
+file, labels are per class, so forked workers share it all instead of copying it on read.
+``import packds`` never imports this module (nor torch); importing this module imports torch
+if it is installed, and the classes work as plain Python classes without it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.sharedctypes
+import os
+import random
+from array import array
+from typing import Any, Callable, Iterator, Optional, Union
+
+import packds
+
+try:  # torch stays optional
+    import torch as _torch
+    from torch.utils.data import DataLoader as _DataLoader
+    from torch.utils.data import Dataset as _MapBase
+    from torch.utils.data import IterableDataset as _IterBase
+    from torch.utils.data import get_worker_info as _get_worker_info
+except ImportError:  # pragma: no cover - exercised only without torch
+    _torch = None
+    _MapBase = _IterBase = object  # type: ignore[assignment,misc]
+    _DataLoader = None  # type: ignore[assignment]
+
+    def _get_worker_info():  # type: ignore[no-redef]
+        return None
+
+
+__all__ = ["PackedDataset", "StreamingDataset", "StreamingLoader", "dist_info"]
+
+Target = Union[None, str, Callable[[str], Any], Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+class _Labels:
+    """Label of sample ``i`` without a per-sample list.
+
+    ``"parent"``: ImageFolder-style, the class is the key's first directory component. Keys are
+    sorted byte-wise, so all keys of one class form one contiguous run: the runs are found by
+    binary search (O(classes · log n) key reads) and a label is a bisect over the run starts.
+    A callable gets the key (``str``) and returns the label, computed on the fly. Anything else
+    with ``__getitem__`` (a numpy array, ...) is indexed by sample position.
+    """
+
+    def __init__(self, ds: packds.Dataset, target: Target) -> None:
+        self.kind = None
+        self.classes: list[str] = []
+        self.class_to_idx: dict[str, int] = {}
+        self.starts = array("q")
+        self.run_label = array("I")
+        self.fn = None
+        if target is None:
+            return
+        if isinstance(target, str):
+            if target != "parent":
+                raise ValueError(f"target={target!r}: give 'parent', a callable on the key, or a label array")
+            self.kind = "parent"
+            self._parent_runs(ds)
+        elif callable(target):
+            self.kind, self.fn = "call", target
+        elif hasattr(target, "__getitem__") and hasattr(target, "__len__"):
+            if len(target) != len(ds):
+                raise ValueError(f"target has {len(target)} labels for {len(ds)} samples")
+            self.kind, self.fn = "array", target
+        else:
+            raise TypeError(f"target={target!r}: give 'parent', a callable on the key, or a label array")
+
+    def _parent_runs(self, ds: packds.Dataset) -> None:
+        n = len(ds)
+        names: list[bytes] = []
+        i = 0
+        while i < n:
+            k = ds.key_bytes(i)
+            cut = k.find(b"/")
+            if cut <= 0:
+                raise ValueError(f"target='parent' needs keys like CLASS/NAME; sample {i} has key {os.fsdecode(k)!r}")
+            prefix = k[: cut + 1]
+            lo, hi = i + 1, n  # first position past the run of keys starting with prefix
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if ds.key_bytes(mid).startswith(prefix):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            self.starts.append(i)
+            names.append(k[:cut])
+            i = lo
+        decoded = [os.fsdecode(x) for x in names]
+        self.classes = sorted(set(decoded))
+        self.class_to_idx = {c: j for j, c in enumerate(self.classes)}
+        self.run_label = array("I", (self.class_to_idx[c] for c in decoded))
+
+    def __call__(self, ds: packds.Dataset, i: int):
+        if self.kind == "parent":
+            return self.run_label[bisect.bisect_right(self.starts, i) - 1]
+        if self.kind == "call":
+            return self.fn(ds.key(i))
+        return self.fn[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Map-style
+
+
+class PackedDataset(_MapBase):
+    """Map-style dataset: ``ds[i]`` → ``transform(bytes)``, or ``(transform(bytes), label)``
+    when ``target`` is given.
+
+    ``target="parent"``: the label is the index of the key's first directory component in the
+    sorted class names (``ds.classes``, ``ds.class_to_idx``), like torchvision's ImageFolder;
+    a callable gets the key and returns the label; an array-like is indexed by position.
+    ``populate=True`` pre-faults the shard mappings (for staged, node-local data);
+    ``verify=True`` checks each sample's CRC32C as it is read (``packds.open(verify=True)``).
+
+    Pickles as its path and options (spawn workers re-open it); forked workers share the parent's
+    mappings. With torch >= 2.1 a DataLoader with automatic batching calls ``__getitems__``,
+    which reads the whole batch with a single ``get_many`` (GIL released).
+    """
+
+    def __init__(self, path, transform: Optional[Callable[[bytes], Any]] = None, target: Target = None, *,
+                 populate: bool = False, verify: bool = False) -> None:
+        self.path = os.fspath(path.path if isinstance(path, packds.Dataset) else path)
+        self.transform = transform
+        self.target = target
+        self.populate = populate
+        self.verify = verify
+        self._pid = os.getpid()
+        self._ds: Optional[packds.Dataset] = path if isinstance(path, packds.Dataset) else None
+        self._labels = _Labels(self.dataset, target)
+
+    @property
+    def dataset(self) -> packds.Dataset:
+        """The underlying :class:`packds.Dataset`, opened on first use in each process."""
+        if self._ds is None:
+            self._ds = packds.open(self.path, populate=self.populate, **({"verify": True} if self.verify else {}))
+        return self._ds
+
+    @property
+    def classes(self) -> list[str]:
+        return self._labels.classes
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return self._labels.class_to_idx
+
+    def label(self, i: int):
+        """The label of sample ``i`` (``None`` without ``target``)."""
+        return None if self._labels.kind is None else self._labels(self.dataset, i)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _make(self, i: int, data: bytes):
+        x = self.transform(data) if self.transform is not None else data
+        if self._labels.kind is None:
+            return x
+        return x, self._labels(self._ds, i)
+
+    def __getitem__(self, i):
+        ds = self.dataset
+        if not isinstance(i, int):
+            i = int(i)  # numpy / torch integer scalars
+        if i < 0:
+            i += len(ds)
+        return self._make(i, ds[i])
+
+    def __getitems__(self, indices) -> list:
+        """A whole batch in one ``get_many`` call (used by torch >= 2.1 DataLoaders)."""
+        ds = self.dataset
+        n = len(ds)
+        idx = [int(i) + n if int(i) < 0 else int(i) for i in indices]
+        return [self._make(i, d) for i, d in zip(idx, ds.get_many(idx))]
+
+    def __getstate__(self) -> dict:
+        st = dict(self.__dict__)
+        st["_ds"] = None  # re-opened by path in the new process
+        return st
+
+    def __setstate__(self, st: dict) -> None:
+        self.__dict__.update(st)
+
+    def __repr__(self) -> str:
+        extra = f", {len(self.classes)} classes" if self.classes else ""
+        return f"<packds.torch.PackedDataset {self.path!r}: {len(self)} samples{extra}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size): ``torch.distributed`` if initialised, else ``RANK``/``WORLD_SIZE``,
+    else ``SLURM_PROCID``/``SLURM_NTASKS``, else (0, 1)."""
+    if _torch is not None:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                return dist.get_rank(), dist.get_world_size()
+        except Exception:  # noqa: BLE001 - a broken distributed setup falls back to the environment
+            pass
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(r) is not None and os.environ.get(w) is not None:
+            rank, world = int(os.environ[r]), int(os.environ[w])
+            if not 0 <= rank < world:
+                raise ValueError(f"{r}={rank} is not in [0, {w}={world})")
+            return rank, world
+    return 0, 1
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """One read of ``n`` bytes at ``offset`` (looped only on a short read). The streaming
+    dataset's every data read goes through here (tests count them)."""
+    b = os.pread(fd, n, offset)
+    if len(b) == n:
+        return b
+    parts = [b]
+    got = len(b)
+    while got < n:
+        more = os.pread(fd, n - got, offset + got)
+        if not more:
+            raise OSError(f"short read: {got} of {n} bytes at offset {offset}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _split(total: int, parts: int, k: int) -> tuple[int, int]:
+    """Bounds of part ``k`` when ``total`` items are split into ``parts`` near-equal parts."""
+    return total * k // parts, total * (k + 1) // parts
+
+
+def _consumed(batches: int, batch_size: int, counts: list[int], drop_last: bool) -> tuple[list[int], int]:
+    """Samples each worker has handed out after the loader yielded ``batches`` batches, and the
+    worker next in line. A DataLoader takes batches from its workers in round-robin order and
+    skips a worker once it is exhausted (in-order delivery, the default)."""
+    k = len(counts)
+    nb = [(m // batch_size) if drop_last else -(-m // batch_size) for m in counts]
+    if batches >= sum(nb):
+        return list(counts), 0
+    if batches < min(nb) * k:  # every worker still active: plain round robin
+        full, rest = divmod(batches, k)
+        taken = [full + (1 if w < rest else 0) for w in range(k)]
+        nxt = rest
+    else:
+        taken = [0] * k
+        w, left = 0, batches
+        while left:
+            if taken[w] < nb[w]:
+                taken[w] += 1
+                left -= 1
+            w = (w + 1) % k
+        nxt = w
+    return [min(t * batch_size, m) for t, m in zip(taken, counts)], nxt
+
+
+class StreamingDataset(_IterBase):
+    """Iterable dataset for data left on shared storage: whole blocks, read sequentially.
+
+    The samples of each shard are cut into blocks of about ``block_size`` bytes (contiguous in
+    the shard). Each epoch the block order is shuffled (``seed`` + epoch), the resulting sample
+    stream is cut into one contiguous piece per rank, each piece into one per DataLoader worker,
+    and each worker reads its blocks with one ``pread`` each, passing samples through a shuffle
+    buffer of ``shuffle_buffer`` samples. Every sample comes out exactly once per epoch.
+
+    Ranks: explicit ``rank``/``world_size``, else :func:`dist_info`. With ``world_size > 1``
+    the samples of an epoch do not split evenly in general; DDP needs the same number of batches
+    on every rank, so by default (``pad=True``) every rank gets ``ceil(n / world_size)`` samples,
+    the shortfall taken from the start of the epoch's stream (as ``DistributedSampler`` does);
+    ``drop_last=True`` gives every rank ``floor(n / world_size)`` instead (a few samples, others
+    each epoch, are skipped); ``pad=False, drop_last=False`` gives every sample exactly once,
+    ranks differing by at most one sample.
+
+    ``set_epoch(e)`` picks the epoch's order (call it every epoch, as with DistributedSampler);
+    ``state_dict()`` / ``load_state_dict()`` resume mid-epoch (see :class:`StreamingLoader`).
+    Yields ``transform(bytes)``, or ``(transform(bytes), label)`` with ``target`` (as in
+    :class:`PackedDataset`). Compressed datasets work the same (the block read pulls the stored
+    bytes, the reader decodes); ``verify=True`` checks every sample's CRC32C.
+    """
+
+    def __init__(
+        self,
+        path,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = 4096,
+        *,
+        block_size: int = 4 << 20,
+        transform: Optional[Callable[[bytes], Any]] = None,
+        target: Target = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        pad: bool = True,
+        drop_last: bool = False,
+        verify: bool = False,
+    ) -> None:
+        self.path = os.fspath(path.path if isinstance(path, packds.Dataset) else path)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.shuffle_buffer = max(0, int(shuffle_buffer)) if shuffle else 0
+        self.block_size = max(1, int(block_size))
+        self.transform = transform
+        self.target = target
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self._rank_world = None if rank is None else (int(rank), int(world_size))  # type: ignore[arg-type]
+        self.pad, self.drop_last = bool(pad), bool(drop_last)
+        self.verify = bool(verify)
+        self._ds: Optional[packds.Dataset] = path if isinstance(path, packds.Dataset) else None
+        self._labels = _Labels(self.dataset, target)
+        self._blocks: Optional[array] = None
+        # epoch, then a pending resume: epoch (-1: none), batches, batch_size, num_workers, drop_last.
+        # Shared memory, so persistent DataLoader workers see set_epoch / load_state_dict.
+        self._shared = multiprocessing.sharedctypes.RawArray("q", [0, -1, 0, 1, 0, 0])
+        self._yielded = 0  # samples handed out by iteration in this process (num_workers=0)
+        self._raw: Optional[bool] = None  # shard bytes slice straight into samples
+        self._raw_checked = False
+        self._fds: collections.OrderedDict = collections.OrderedDict()
+        self._fds_pid = os.getpid()
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    @property
+    def dataset(self) -> packds.Dataset:
+        if self._ds is None:
+            self._ds = packds.open(self.path, **({"verify": True} if self.verify else {}))
+        return self._ds
+
+    @property
+    def classes(self) -> list[str]:
+        return self._labels.classes
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return self._labels.class_to_idx
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[0])
+
+    def rank_world(self) -> tuple[int, int]:
+        """(rank, world_size) this dataset splits for."""
+        return self._rank_world if self._rank_world is not None else dist_info()
+
+    def __getstate__(self) -> dict:
+        st = dict(self.__dict__)
+        st["_ds"] = None
+        st["_fds"] = collections.OrderedDict()
+        st["_rank_world"] = self.rank_world()  # resolved here, where torch.distributed lives
+        if multiprocessing.context.get_spawning_popen() is None:
+            st["_shared"] = list(self._shared)  # a plain pickle: a snapshot
+        return st
+
+    def __setstate__(self, st: dict) -> None:
+        if isinstance(st["_shared"], list):
+            st["_shared"] = multiprocessing.sharedctypes.RawArray("q", st["_shared"])
+        st["_fds_pid"] = os.getpid()
+        self.__dict__.update(st)
+
+    def _fd(self, shard: int) -> int:
+        if self._fds_pid != os.getpid():  # forked: descriptors are shared with the parent, fine
+            self._fds = collections.OrderedDict()  # for pread, but keep each process its own
+            self._fds_pid = os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self.dataset._shard_path(shard), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fds[shard] = fd
+            if len(self._fds) > 8:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(shard)
+        return fd
+
+    def __del__(self) -> None:
+        try:
+            if self._fds_pid == os.getpid():
+                for fd in self._fds.values():
+                    os.close(fd)
+                self._fds.clear()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # --- layout ----------------------------------------------------------------------------
+
+    def blocks(self) -> array:
+        """Start positions of the read blocks, plus ``len(ds)`` at the end. A block lies inside
+        one shard and holds about ``block_size`` bytes of samples."""
+        if self._blocks is not None:
+            return self._blocks
+        ds = self.dataset
+        n = len(ds)
+        out = array("q")
+        i = 0
+        while i < n:
+            shard, off0, _ = ds._loc(i)
+            lo, hi = i + 1, n  # end of this shard's run of samples
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if ds._loc(mid)[0] == shard:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            end = lo
+            _, off1, size1 = ds._loc(end - 1)
+            per = max(1, round(self.block_size * (end - i) / max(1, off1 + size1 - off0)))
+            out.extend(range(i, end, per))
+            i = end
+        out.append(n)
+        self._blocks = out
+        return out
+
+    def _rank_count(self, n: int, world: int, rank: int) -> tuple[int, int]:
+        """Stream positions [start, stop) of ``rank``; stop may pass n (padding wraps)."""
+        if world == 1:
+            return 0, n
+        if self.drop_last:
+            per = n // world
+            return rank * per, (rank + 1) * per
+        if self.pad:
+            per = -(-n // world)
+            return rank * per, (rank + 1) * per
+        return _split(n, world, rank)
+
+    def __len__(self) -> int:
+        """Samples this rank gets per epoch."""
+        rank, world = self.rank_world()
+        a, b = self._rank_count(len(self.dataset), world, rank)
+        return b - a
+
+    def _epoch_ranges(self, epoch: int, start: int, stop: int) -> list[tuple[int, int]]:
+        """The sample ranges at stream positions [start, stop) of ``epoch``'s block order."""
+        blocks = self.blocks()
+        nb = len(blocks) - 1
+        n = blocks[-1]
+        order = list(range(nb))
+        if self.shuffle:
+            random.Random(f"packds-blocks-{self.seed}-{epoch}").shuffle(order)
+        out: list[tuple[int, int]] = []
+        if n == 0 or start >= stop:
+            return out
+        cum = array("q", [0])  # stream position where each block (in epoch order) starts
+        for b in order:
+            cum.append(cum[-1] + blocks[b + 1] - blocks[b])
+        pos = start
+        while pos < stop:
+            p = pos % n
+            take = min(stop - pos, n - p)
+            j = bisect.bisect_right(cum, p) - 1
+            q = p
+            while q < p + take:
+                b = order[j]
+                lo = blocks[b] + (q - cum[j])
+                hi = blocks[b] + min(cum[j + 1], p + take) - cum[j]
+                out.append((lo, hi))
+                q += hi - lo
+                j += 1
+            pos += take
+        return out
+
+    def _read(self, a: int, b: int) -> list[bytes]:
+        """Samples a..b-1 (contiguous, one shard) with one ``pread`` of their byte range.
+
+        Stored raw (the usual case), the samples are sliced out of that buffer. Compressed (or
+        opened with ``verify=True``), the read only pulls the range into the page cache and
+        ``get_many`` decodes (and checks) from there."""
+        ds = self.dataset
+        shard, off0, _ = ds._loc(a)
+        locs = [ds._loc(i) for i in range(a, b)]
+        end = locs[-1][1] + locs[-1][2]
+        buf = _pread(self._fd(shard), end - off0, off0)
+        if self._raw is None:
+            self._raw = not self.verify and ds.manifest.get("compression") is None
+        if self._raw:
+            out = [buf[o - off0 : o - off0 + s] for _, o, s in locs]
+            if not self._raw_checked:  # once per process: the shard bytes are the samples
+                self._raw_checked = True
+                if out[0] != ds[a] or out[-1] != ds[b - 1]:
+                    self._raw = False
+                    return ds.get_many(list(range(a, b)))
+            return out
+        return ds.get_many(list(range(a, b)))
+
+    # --- epochs and state ----------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch's order (same seed and epoch → same order). A resume position
+        loaded for another epoch is dropped."""
+        sh = self._shared
+        sh[0] = int(epoch)
+        if sh[1] != epoch:
+            sh[1] = -1
+        self._yielded = 0
+
+    def state_dict(self, batches: Optional[int] = None, batch_size: int = 1, num_workers: int = 0, drop_last: bool = False) -> dict:
+        """Where the epoch stands. Without arguments: the samples handed out by iteration in this
+        process (``num_workers=0``). With DataLoader workers give the loader's position: the
+        ``batches`` it yielded this epoch, its ``batch_size``, ``num_workers`` and ``drop_last``
+        (:class:`StreamingLoader` does this for you)."""
+        rank, world = self.rank_world()
+        if batches is None:
+            batches, batch_size, num_workers, drop_last = self._yielded, 1, 0, False
+        return {
+            "format": "packds.torch.StreamingDataset/1",
+            "epoch": self.epoch,
+            "batches": int(batches),
+            "batch_size": int(batch_size),
+            "num_workers": int(num_workers),
+            "drop_last": bool(drop_last),
+            "seed": self.seed,
+            "samples": len(self.dataset),
+            "rank": rank,
+            "world_size": world,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "block_size": self.block_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Positions the dataset where ``state`` was taken: its epoch, and the next iteration of
+        that epoch continues after the batches already consumed (same batch_size and
+        num_workers required). Call ``set_epoch`` with that epoch, or none, before iterating."""
+        if state.get("format") != "packds.torch.StreamingDataset/1":
+            raise ValueError("not a packds StreamingDataset state")
+        rank, world = self.rank_world()
+        mine = {"seed": self.seed, "samples": len(self.dataset), "rank": rank, "world_size": world, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer, "block_size": self.block_size}
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError("state is for another setup (saved, now): " + ", ".join(f"{k} {a!r}, {b!r}" for k, (a, b) in diff.items()))
+        sh = self._shared
+        sh[0] = int(state["epoch"])
+        if int(state["batches"]) > 0:
+            sh[1], sh[2], sh[3], sh[4], sh[5] = (int(state["epoch"]), int(state["batches"]), max(1, int(state["batch_size"])),
+                                                 int(state["num_workers"]), int(bool(state["drop_last"])))
+        else:
+            sh[1] = -1
+        self._yielded = int(state["batches"]) if int(state["num_workers"]) == 0 and sh[1] >= 0 else 0
+
+    def _resume_batches(self, batch_size: int, num_workers: int, drop_last: bool) -> int:
+        """For StreamingLoader: the batches already consumed in the pending resume (0 if none)."""
+        sh = self._shared
+        if sh[1] < 0 or sh[1] != sh[0]:
+            return 0
+        if (sh[3], sh[4], bool(sh[5])) != (max(1, batch_size), num_workers, drop_last):
+            raise ValueError(f"state was saved with batch_size={sh[3]}, num_workers={sh[4]}, drop_last={bool(sh[5])}; "
+                             f"this loader has batch_size={batch_size}, num_workers={num_workers}, drop_last={drop_last}")
+        return int(sh[2])
+
+    def _clear_resume(self) -> None:
+        self._shared[1] = -1
+
+    # --- iteration -----------------------------------------------------------------------
+
+    def plan(self, epoch: Optional[int] = None, worker: int = 0, num_workers: int = 0) -> list[tuple[int, int]]:
+        """The sample ranges (in stream order) logical ``worker`` of ``num_workers`` reads."""
+        epoch = self.epoch if epoch is None else epoch
+        rank, world = self.rank_world()
+        n = len(self.dataset)
+        a, b = self._rank_count(n, world, rank)
+        k = max(1, num_workers)
+        wa, wb = _split(b - a, k, worker)
+        return self._epoch_ranges(epoch, a + wa, a + wb)
+
+    def __iter__(self) -> Iterator:
+        info = _get_worker_info()
+        k = 0 if info is None else info.num_workers
+        wid = 0 if info is None else info.id
+        sh = self._shared
+        epoch = int(sh[0])
+        rank, world = self.rank_world()
+        n = len(self.dataset)
+        a, b = self._rank_count(n, world, rank)
+        kk = max(1, k)
+        counts = [_split(b - a, kk, w)[1] - _split(b - a, kk, w)[0] for w in range(kk)]
+        skip, rot = [0] * kk, 0
+        if sh[1] >= 0 and sh[1] == epoch:
+            if sh[4] != k:
+                raise ValueError(f"state was saved with num_workers={sh[4]}, this loader has {k}")
+            skip, rot = _consumed(int(sh[2]), int(sh[3]), counts, bool(sh[5]))
+        w = (wid + rot) % kk  # the logical worker: continues the round robin where it stopped
+        wa = _split(b - a, kk, w)[0]
+        ranges = self._epoch_ranges(epoch, a + wa, a + wa + counts[w])
+        rng = random.Random(f"packds-buffer-{self.seed}-{epoch}-{rank}-{w}")
+        if info is None:
+            self._yielded = skip[0]
+        return self._generate(ranges, rng, skip[w], info is None)
+
+    def _generate(self, ranges, rng: random.Random, skip: int, count: bool):
+        ds = self.dataset
+        labels = self._labels
+        transform = self.transform
+        W = self.shuffle_buffer
+        data: dict[int, bytes] = {}
+        buf: list[int] = []
+        out = 0
+        live = skip == 0
+
+        def make(i: int):
+            x = data.pop(i)
+            if transform is not None:
+                x = transform(x)
+            return x if labels.kind is None else (x, labels(ds, i))
+
+        def go_live(rest: range) -> None:
+            # resuming: the skipped part of the stream is never read; fetch what is still owed
+            if len(rest):
+                data.update(zip(rest, self._read(rest.start, rest.stop)))
+            need = sorted(buf)
+            if need:
+                data.update(zip(need, ds.get_many(need)))
+
+        for lo, hi in ranges:
+            if live:
+                data.update(zip(range(lo, hi), self._read(lo, hi)))
+            for i in range(lo, hi):
+                if len(buf) < W:
+                    buf.append(i)
+                    continue
+                if W:
+                    j = int(rng.random() * W)
+                    o, buf[j] = buf[j], i
+                else:
+                    o = i
+                if not live:
+                    out += 1
+                    if out == skip:
+                        live = True
+                        go_live(range(i + 1, hi))
+                    continue
+                if count:
+                    self._yielded += 1
+                yield make(o)
+        rng.shuffle(buf)
+        for pos, o in enumerate(buf):
+            if not live:
+                out += 1
+                if out == skip:
+                    live = True
+                    rest = buf[pos + 1 :]
+                    buf2 = sorted(rest)
+                    if buf2:
+                        data.update(zip(buf2, ds.get_many(buf2)))
+                continue
+            if count:
+                self._yielded += 1
+            yield make(o)
+        if count:
+            self._clear_resume()
+
+    def __repr__(self) -> str:
+        rank, world = self.rank_world()
+        return (f"<packds.torch.StreamingDataset {self.path!r}: {len(self.dataset)} samples, rank {rank}/{world}, "
+                f"epoch {self.epoch}, shuffle={self.shuffle}>")
+
+
+if _DataLoader is not None:
+
+    class StreamingLoader(_DataLoader):
+        """A ``DataLoader`` over a :class:`StreamingDataset` that counts the batches it yields,
+        so ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with any ``num_workers``.
+
+        The state is (epoch, batches yielded this epoch, batch_size, num_workers, drop_last):
+        workers hand out batches in round-robin order, so the count fixes how far each worker
+        got. After a full epoch the state points at the start of the next one.
+        """
+
+        def __init__(self, dataset: StreamingDataset, *args, **kwargs) -> None:
+            if not isinstance(dataset, StreamingDataset):
+                raise TypeError("StreamingLoader needs a packds.torch.StreamingDataset")
+            super().__init__(dataset, *args, **kwargs)
+            self._pds_batches = 0
+            self._pds_done = False
+
+        def _layout(self) -> tuple[int, int, bool]:
+            bs = self.batch_size if self.batch_size is not None else 1
+            return bs, self.num_workers, bool(self.drop_last) if self.batch_size is not None else False
+
+        def __iter__(self):
+            ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+            bs, nw, dl = self._layout()
+            self._pds_done = False
+            self._pds_batches = ds._resume_batches(bs, nw, dl)
+            for batch in super().__iter__():
+                self._pds_batches += 1
+                yield batch
+            ds._clear_resume()
+            self._pds_done = True
+
+        def state_dict(self) -> dict:
+            ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+            bs, nw, dl = self._layout()
+            st = ds.state_dict(batches=self._pds_batches, batch_size=bs, num_workers=nw, drop_last=dl)
+            if self._pds_done:
+                st["epoch"], st["batches"] = st["epoch"] + 1, 0
+            return st
+
+        def load_state_dict(self, state: dict) -> None:
+            self.dataset.load_state_dict(state)  # type: ignore[attr-defined]
+            self._pds_batches, self._pds_done = 0, False
+
+else:  # pragma: no cover
+
+    class StreamingLoader:  # type: ignore[no-redef]
+        def __init__(self, *a, **k) -> None:
+            raise ImportError("packds.torch.StreamingLoader needs torch: pip install 'packds[torch]'")
