@@ -1168,7 +1168,8 @@ fn finish_h5(opts: &PackOptions, s: &mut ShardOut, dst: &Path, dict: &[u8]) -> R
 }
 
 /// Trains the `--zstd-dict` dictionary on up to `DICT_SAMPLES` files spread evenly over the
-/// sorted file list (the first `DICT_SAMPLE_BYTES` of each): deterministic for a given tree.
+/// sorted file list (the first `DICT_SAMPLE_BYTES` of each; files that do not compress on their
+/// own are passed over): deterministic for a given tree.
 fn train_dict(opts: &PackOptions, roots: &[SourceRoot], files: &FileList) -> Result<Vec<u8>> {
     let n = files.len();
     let take = n.min(DICT_SAMPLES);
@@ -1183,7 +1184,9 @@ fn train_dict(opts: &PackOptions, roots: &[SourceRoot], files: &FileList) -> Res
             Err(_) => continue, // the pack itself reports unreadable files
         };
         let mut b = Vec::new();
-        if (&mut f).take(DICT_SAMPLE_BYTES as u64).read_to_end(&mut b).is_ok() && !b.is_empty() && !codec::looks_compressed(&b) {
+        // Only samples that compress on their own teach the dictionary anything.
+        let compressible = |b: &[u8]| zstd::bulk::compress(b, 1).is_ok_and(|c| c.len() < b.len() - b.len() / 10);
+        if (&mut f).take(DICT_SAMPLE_BYTES as u64).read_to_end(&mut b).is_ok() && b.len() >= 16 && !codec::looks_compressed(&b) && compressible(&b) {
             total += b.len();
             samples.push(b);
         }

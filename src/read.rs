@@ -59,7 +59,7 @@ impl Reader {
         let ipath = dir.join(manifest::INDEX_FILE);
         let index = Index::open(&ipath)?;
         let isize = fs::metadata(&ipath).ctx("stat", &ipath)?.len();
-        if isize != manifest.index.size || index.len() as u64 != manifest.samples || index.shards().len() != manifest.shards.len() {
+        if isize != manifest.index.size || index.len() as u64 != manifest.samples || index.shards().len() != manifest.shards.len() || index.version() != manifest.format_version {
             return Err(Error::format(dir, "manifest.json and index.pdsi disagree (index replaced or damaged)"));
         }
         let mut maps = Vec::with_capacity(index.shards().len());
@@ -152,10 +152,10 @@ impl Reader {
     }
 
     /// Like `read_into`, then checks the CRC32C of the original bytes.
+    /// A frame that does not decode counts as a checksum mismatch here.
     pub fn read_into_checked(&self, i: usize, dst: &mut [u8]) -> Result<()> {
-        self.read_into(i, dst)?;
         let e = self.index.entry(i)?;
-        if crc32c::crc32c(dst) != e.crc {
+        if self.decoder.decode_into(e.codec, self.stored(&e), dst).is_err() || crc32c::crc32c(dst) != e.crc {
             return Err(self.checksum_error(i, e.shard));
         }
         Ok(())
@@ -183,9 +183,13 @@ impl Reader {
     }
 
     /// Like `read`, and checks the CRC32C of the original bytes (raises a checksum error).
+    /// A frame that does not decode counts as a checksum mismatch here.
     pub fn get_checked(&self, i: usize) -> Result<Cow<'_, [u8]>> {
-        let b = self.read(i)?;
         let e = self.index.entry(i)?;
+        let b = match self.read(i) {
+            Err(Error::Format { .. }) => return Err(self.checksum_error(i, e.shard)),
+            r => r?,
+        };
         if crc32c::crc32c(&b) != e.crc {
             return Err(self.checksum_error(i, e.shard));
         }

@@ -209,7 +209,7 @@ def test_glob(ds, small_tree):
 
 def test_verify_report(ds):
     r = ds.verify()
-    assert set(r) == {"samples", "shards", "bytes", "problems"}
+    assert set(r) == {"samples", "shards", "bytes", "decoded", "problems"}
     assert r["samples"] == len(ds) and r["problems"] == []
     assert r["shards"] == len(ds.manifest["shards"])
     for t in (1, 2, 64, 1000):

@@ -337,24 +337,26 @@ def test_truncated_manifest(small_ds):
         open_fails(small_ds, names=p)
 
 
-@pytest.mark.parametrize("field,value", [("format_version", 2), ("format_version", 0), ("format", "webdataset"), ("format_version", "1")])
+@pytest.mark.parametrize("field,value", [("format_version", 3), ("format_version", 0), ("format", "webdataset"), ("format_version", "1")])
 def test_wrong_format_or_version_in_manifest(small_ds, field, value):
     m = load_manifest(small_ds)
     m[field] = value
     save_manifest(small_ds, m)
     e = open_fails(small_ds, names=os.path.join(small_ds, "manifest.json"))
-    if field == "format_version" and value == 2:
+    if field == "format_version" and value == 3:
         assert "upgrade" in str(e)
 
 
 @pytest.mark.parametrize(
     "patch",
-    ["samples+1", "samples-1", "index-size", "drop-shard", "extra-shard", "shard-size", "shard-hash", "shard-name", "swap-shard-records"],
+    ["samples+1", "samples-1", "index-size", "drop-shard", "extra-shard", "shard-size", "shard-hash", "shard-name", "swap-shard-records", "format-version"],
 )
 def test_manifest_disagrees_with_index(small_ds, patch):
     m = load_manifest(small_ds)
     sh = m["shards"]
-    if patch == "samples+1":
+    if patch == "format-version":  # a version-1 index under a manifest that claims version 2
+        m["format_version"] = 2
+    elif patch == "samples+1":
         m["samples"] += 1
     elif patch == "samples-1":
         m["samples"] -= 1

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tarfile
 import tempfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import packds
+from _formats import shard_samples
 
 # Name bytes: printable ASCII (but '/'), spaces, shell and glob metacharacters, multi-byte
 # UTF-8 (accents, CJK, emoji, combining marks) and bytes that are not UTF-8 at all.
@@ -26,7 +26,8 @@ names = (
     .filter(lambda n: n not in (b".", b"..") and len(n) <= 200)
 )
 paths = st.lists(names, min_size=1, max_size=4).map(tuple)
-contents = st.one_of(st.just(b""), st.binary(min_size=0, max_size=64), st.binary(min_size=500, max_size=5000))
+text = st.tuples(st.text(min_size=1, max_size=40), st.integers(1, 300)).map(lambda t: (t[0] * t[1]).encode("utf-8", "surrogatepass"))
+contents = st.one_of(st.just(b""), st.binary(min_size=0, max_size=64), st.binary(min_size=500, max_size=5000), text)
 trees = st.dictionaries(paths, contents, min_size=1, max_size=25)
 
 
@@ -44,8 +45,14 @@ def _consistent(tree: dict) -> dict:
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(tree=trees, shard_size=st.sampled_from([4096, 8192, 65536, 1 << 30]), threads=st.integers(1, 4))
-def test_random_trees_round_trip(tree, shard_size, threads):
+@given(
+    tree=trees,
+    shard_size=st.sampled_from([4096, 8192, 65536, 1 << 30]),
+    threads=st.integers(1, 4),
+    fmt=st.sampled_from(["tar", "h5"]),
+    compress=st.sampled_from(["none", "zstd", "auto", "zstd:-3"]),
+)
+def test_random_trees_round_trip(tree, shard_size, threads, fmt, compress):
     tree = _consistent(tree)
     base = tempfile.mkdtemp(prefix="packds-prop-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
@@ -57,7 +64,7 @@ def test_random_trees_round_trip(tree, shard_size, threads):
             with open(p, "wb") as f:
                 f.write(data)
         out = os.path.join(base, "o.pds")
-        s = packds.pack(os.fsdecode(src), out, shard_size=shard_size, threads=threads)
+        s = packds.pack(os.fsdecode(src), out, shard_size=shard_size, threads=threads, format=fmt, compress=compress)
         want = sorted((b"/".join(p), d) for p, d in tree.items())
         assert s["files"] == len(want) and s["skipped"] == []
         ds = packds.open(out)
@@ -70,12 +77,9 @@ def test_random_trees_round_trip(tree, shard_size, threads):
             assert ds.get_checked(i) == d
             assert ds[k] == d
             assert ds.index(ds.key(i)) == i
-        assert ds.verify()["problems"] == []
-        # tarfile reads the same members, in the same order.
-        got = []
-        for name in sorted(n for n in os.listdir(out) if n.endswith(".tar")):
-            with tarfile.open(os.path.join(out, name), encoding="utf-8", errors="surrogateescape") as tf:
-                got += [(os.fsencode(m.name), tf.extractfile(m).read()) for m in tf]
-        assert got == want
+            assert ds.size(i) == len(d)
+        assert ds.verify(deep=True)["problems"] == []
+        # Standard tools (tarfile or h5py, plus zstandard) read the same samples, in order.
+        assert shard_samples(out) == want
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -200,6 +200,12 @@ def pack(sources, output, **options) -> dict:
     elif options.get("zstd_dict") in (False, None):
         options.pop("zstd_dict", None)
     if options.get("format") in ("h5", "hdf5"):
+        try:
+            import h5py  # noqa: F401
+        except ImportError:
+            e = UsageError("--format h5 writes HDF5 shards through h5py, which is not installed")
+            e.hint = "pip install 'packds[h5]' (or pip install h5py)"
+            raise e from None
         from ._h5 import write_shard
 
         options["h5_writer"] = write_shard

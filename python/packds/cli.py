@@ -97,6 +97,12 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     ds = pds_open(a.dataset)
     m = ds.manifest
+    if a.save_dict:
+        d = ds.zstd_dict()
+        if d is None:
+            raise KeyErrorWithHint(f"{a.dataset} has no zstd dictionary", "it was packed without --zstd-dict: `zstd -d` needs no -D")
+        with open(a.save_dict, "wb") as f:
+            f.write(d)
     if a.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -248,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe a dataset")
     s.add_argument("dataset")
     s.add_argument("--json", action="store_true", help="print manifest.json")
+    s.add_argument("--save-dict", metavar="FILE", help="write the dataset's zstd dictionary to FILE (for `zstd -d -D FILE`)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("ls", help="list keys")
