@@ -223,6 +223,8 @@ struct Fault {
     after_shards: Option<u64>,
     after_files: Option<u64>,
     slow_us: Option<u64>,
+    /// Killed after the N-th HDF5 shard skeleton is written, before its data goes in.
+    in_h5: Option<u64>,
 }
 
 impl Fault {
@@ -235,6 +237,7 @@ impl Fault {
                     "kill-after-shards" => f.after_shards = n,
                     "kill-after-files" => f.after_files = n,
                     "pack-slow-us" => f.slow_us = n,
+                    "kill-in-h5-shard" => f.in_h5 = n,
                     _ => {}
                 }
             }
@@ -1132,6 +1135,7 @@ fn finish_h5(opts: &PackOptions, s: &mut ShardOut, dst: &Path, dict: &[u8]) -> R
     spec.key_offsets.extend_from_slice(&(keys.len() as u64).to_le_bytes());
     let data_off = (writer.0)(&spec)?;
     drop(spec);
+    Fault::check(Fault::from_env().in_h5, s.k as u64 + 1);
     let mut out = OpenOptions::new().read(true).write(true).open(&h5tmp).ctx("open", &h5tmp)?;
     let flen = out.metadata().ctx("stat", &h5tmp)?.len();
     let data_end = data_off.checked_add(s.pos).filter(|&e| e <= flen).ok_or_else(|| Error::format(&h5tmp, format!("the HDF5 writer put the data array at {data_off}, which does not fit in the {flen}-byte file")))?;

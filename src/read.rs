@@ -166,8 +166,9 @@ impl Reader {
         self.index.entry(i)
     }
 
+    /// The stored bytes of an entry (from [`Reader::entry`]), borrowed from the mapping.
     #[inline]
-    fn stored(&self, e: &Entry) -> &[u8] {
+    pub fn stored(&self, e: &Entry) -> &[u8] {
         match &self.maps[e.shard as usize] {
             // In bounds: `entry` checked offset + size <= the shard size recorded in the index,
             // and `map_shard` checked that the mapped file has exactly that size.

@@ -73,7 +73,7 @@ impl PyReader {
     fn sample<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
         let e = self.inner.entry(i).map_err(to_py)?;
         if e.codec == crate::codec::RAW && !self.check {
-            return Ok(PyBytes::new(py, self.inner.get(i).map_err(to_py)?));
+            return Ok(PyBytes::new(py, self.inner.stored(&e)));
         }
         let r = &*self.inner;
         let check = self.check;
@@ -158,7 +158,7 @@ impl PyReader {
         let fill = |job: &(usize, usize, usize, bool)| -> crate::Result<()> {
             let &(j, buf, len, coded) = job;
             if !coded && !check {
-                let src = reader.get(j)?;
+                let src = reader.stored(&reader.entry(j)?);
                 // SAFETY: `buf` points at `len` writable bytes of a bytes object kept alive by
                 // `objs` on the caller's stack; no other thread writes it.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf as *mut u8, len.min(src.len())) };
