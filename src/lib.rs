@@ -9,6 +9,7 @@
 //! - [`index`]   the binary index: builder, validation at open, O(1)/O(log n) lookups (mapped)
 //! - [`manifest`] the human-readable `manifest.json`
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
+//! - [`plan`]    partitioned packing (job arrays): plan, pack --part I/N, merge
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
 //! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
 //! - `py`        the only code that names pyo3 (feature `python`)
@@ -19,6 +20,7 @@ pub mod fsx;
 pub mod index;
 pub mod manifest;
 pub mod pack;
+pub mod plan;
 pub mod read;
 pub mod stage;
 pub mod tar;

@@ -74,7 +74,9 @@ impl Manifest {
         let p = dir.join(FILE);
         let text = std::fs::read(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                if dir.join(".pack-state").is_dir() {
+                if dir.join("part-0").is_dir() || dir.join("part-1").is_dir() {
+                    Error::format_hint(dir, "a partitioned pack that is not merged yet", "run `packds merge DATASET` once every part is done")
+                } else if dir.join(".pack-state").is_dir() {
                     Error::format_hint(dir, "incomplete dataset: its pack was interrupted", "finish it with the same `packds pack ... -o DATASET` command plus --resume")
                 } else if !dir.exists() {
                     Error::io("open", dir, e)

@@ -117,6 +117,49 @@ pub struct PackOptions {
     pub format: ShardFormat,
     /// Needed for `ShardFormat::H5`.
     pub h5_writer: Option<H5Writer>,
+    /// `--part I/N`: pack only part I of N of the plan into `output/part-I/` (see [`crate::plan`]).
+    pub part: Option<(u32, u32)>,
+    /// `--plan FILE`: the file list and shard boundaries, made once by `packds plan`.
+    pub plan: Option<PathBuf>,
+}
+
+/// What a pack covers when it is one part of a plan: files `range` of the plan's list, shards
+/// starting at the plan's `cuts` (file indices), numbered from `first_shard`.
+pub struct Selection<'a> {
+    pub roots: &'a [SourceRoot],
+    pub files: &'a FileList,
+    pub skipped: Vec<Skipped>,
+    pub range: std::ops::Range<usize>,
+    pub cuts: &'a [u64],
+    pub first_shard: usize,
+}
+
+/// The bytes a file takes in a shard before compression: what `--shard-size` counts. Shard
+/// boundaries depend only on these (never on compressed sizes), so a plan made from `stat`
+/// sizes predicts them exactly.
+pub fn planned_len(format: ShardFormat, key: &[u8], meta: &Meta) -> u64 {
+    match format {
+        ShardFormat::Tar => tar::header_len(key, meta) + meta.size + tar::padding(meta.size),
+        ShardFormat::H5 => meta.size,
+    }
+}
+
+/// Room kept at the end of every shard (the tar end blocks).
+pub const SHARD_END: u64 = tar::END.len() as u64;
+
+/// Shard boundaries for files of these planned lengths: the file indices where shards start.
+pub fn plan_cuts(lens: impl IntoIterator<Item = u64>, shard_size: u64) -> Vec<u64> {
+    let mut cuts = vec![0u64];
+    let (mut pos, mut any) = (0u64, false);
+    for (i, l) in lens.into_iter().enumerate() {
+        if any && pos + l + SHARD_END > shard_size {
+            cuts.push(i as u64);
+            pos = 0;
+        }
+        pos += l;
+        any = true;
+    }
+    cuts
 }
 
 impl PackOptions {
@@ -137,6 +180,8 @@ impl PackOptions {
             dict_size: 0,
             format: ShardFormat::Tar,
             h5_writer: None,
+            part: None,
+            plan: None,
         }
     }
 }
@@ -203,7 +248,7 @@ pub struct PackSummary {
     pub already_complete: bool,
 }
 
-fn globset(pats: &[String], what: &str) -> Result<Option<GlobSet>> {
+pub(crate) fn globset(pats: &[String], what: &str) -> Result<Option<GlobSet>> {
     if pats.is_empty() {
         return Ok(None);
     }
@@ -286,11 +331,11 @@ fn clear_dir(dir: &Path) -> Result<()> {
 }
 
 /// Holds an exclusive flock on the output directory for the life of the pack.
-struct DirLock {
+pub(crate) struct DirLock {
     _file: File,
 }
 
-fn lock_dir(dir: &Path) -> Result<DirLock> {
+pub(crate) fn lock_dir(dir: &Path) -> Result<DirLock> {
     let f = File::open(dir).ctx("open", dir)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -315,8 +360,16 @@ struct StateOptions {
     dict_size: usize,
 }
 
-/// Packs `opts.sources` into `opts.output`.
+/// Packs `opts.sources` into `opts.output` (or one part of a plan: see [`crate::plan`]).
 pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
+    if opts.part.is_some() {
+        return crate::plan::pack_part(opts, progress);
+    }
+    pack_selected(opts, progress, None)
+}
+
+/// Packs into `opts.output`: everything the walk finds, or the files of `sel`.
+pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selection>) -> Result<PackSummary> {
     let t0 = Instant::now();
     let out = &opts.output;
     if opts.shard_size < 4096 {
@@ -384,7 +437,7 @@ pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
         Err(e) => return Err(Error::io("stat", out, e)),
     }
     let lock = lock_dir(out)?;
-    let res = pack_locked(opts, progress, t0);
+    let res = pack_locked(opts, progress, t0, sel);
     if res.is_err() && created {
         // Nothing worth resuming unless a shard was completed.
         let has_shards = fs::read_dir(out.join(STATE_DIR)).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".pdsi")))).unwrap_or(false);
@@ -396,7 +449,7 @@ pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
     res
 }
 
-fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<PackSummary> {
+fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option<&Selection>) -> Result<PackSummary> {
     let out = &opts.output;
     let mut resolved;
     let opts = if opts.threads == 0 {
@@ -419,15 +472,23 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
         prune: vec![(out_md.dev(), out_md.ino())],
     };
     progress.phase.store(0, Relaxed);
-    let walked = walk::walk(&opts.sources, &wopts)?;
-    if walked.files.is_empty() {
+    let walked_own;
+    let (roots, files, walk_skipped, range, cuts, first_shard) = match sel {
+        Some(sel) => (sel.roots, sel.files, sel.skipped.clone(), sel.range.clone(), Some(sel.cuts), sel.first_shard),
+        None => {
+            walked_own = walk::walk(&opts.sources, &wopts)?;
+            let n = walked_own.files.len();
+            (&walked_own.roots[..], &walked_own.files, walked_own.skipped.clone(), 0..n, None, 0)
+        }
+    };
+    if files.is_empty() {
         let srcs: Vec<String> = opts.sources.iter().map(|s| s.display().to_string()).collect();
         return Err(Error::usage(
-            format!("no files to pack in {} ({} entries skipped)", srcs.join(", "), walked.skipped.len()),
+            format!("no files to pack in {} ({} entries skipped)", srcs.join(", "), walk_skipped.len()),
             "check the source path and the --include/--exclude patterns",
         ));
     }
-    progress.files_total.store(walked.files.len() as u64, Relaxed);
+    progress.files_total.store(range.len() as u64, Relaxed);
     progress.phase.store(1, Relaxed);
 
     let state = out.join(STATE_DIR);
@@ -443,7 +504,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
     // streamed from them, so the pack never holds the whole index in memory.
     let mut parts: Vec<Index> = Vec::new();
     let mut shard_records = Vec::new();
-    let mut start = 0usize;
+    let mut start = range.start;
     let mut resumed = 0u64;
     // The state is usable once its options file exists (written before any shard).
     if opts.resume && state.join(STATE_OPTIONS).is_file() {
@@ -466,7 +527,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
                 "resume with the same options, or start over with --force",
             ));
         }
-        let mut k = 0;
+        let mut k = first_shard;
         loop {
             let ip = state.join(shard_state_name(k));
             let sp = out.join(shard_name(k, opts.format));
@@ -480,7 +541,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
                 break; // shard missing or damaged: write it again from here
             }
             let n = ix.len();
-            let matches = start + n <= walked.files.len() && (0..n).all(|i| ix.key(i).ok() == Some(walked.files.key(start + i)));
+            let matches = start + n <= range.end && (0..n).all(|i| ix.key(i).ok() == Some(files.key(start + i)));
             if !matches {
                 return Err(Error::usage(
                     format!("the source tree changed since the pack into {} was interrupted", out.display()),
@@ -492,7 +553,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
             parts.push(ix);
             k += 1;
             resumed += 1;
-            progress.files_done.store(start as u64, Relaxed);
+            progress.files_done.store((start - range.start) as u64, Relaxed);
         }
         // Anything after the first gap is rewritten.
         for e in fs::read_dir(&state).ctx("list directory", &state)?.flatten() {
@@ -518,7 +579,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
         match fs::read(&dp) {
             Ok(d) if opts.resume => d,
             _ => {
-                let d = train_dict(opts, &walked.roots, &walked.files)?;
+                let d = train_dict(opts, roots, files)?;
                 fsx::write_atomic(&dp, &d)?;
                 d
             }
@@ -527,8 +588,9 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant) -> Result<P
         Vec::new()
     };
 
-    let mut skipped = walked.skipped.clone();
-    run_pipeline(opts, progress, &walked.roots, &walked.files, start, shard_records.len(), &dict, &mut parts, &mut shard_records, &mut skipped)?;
+    let mut skipped = walk_skipped;
+    let sel = PipeRange { start, end: range.end, first_file: range.start, first_shard: first_shard + shard_records.len(), cuts };
+    run_pipeline(opts, progress, roots, files, &sel, &dict, &mut parts, &mut shard_records, &mut skipped)?;
 
     // Final index, then manifest (last: its presence marks the dataset complete).
     progress.phase.store(2, Relaxed);
@@ -704,6 +766,17 @@ fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64, buf: Vec<u8>,
     Ok(Item::Small { meta, member, hlen, crc, stored: meta.size, codec: codec::RAW })
 }
 
+/// What the pipeline packs: files `start..end` (`start` is past any resumed shards;
+/// `first_file` is where this pack's range begins), shards numbered from `first_shard`, cut
+/// at a plan's `cuts` when given, else by size.
+struct PipeRange<'a> {
+    start: usize,
+    end: usize,
+    first_file: usize,
+    first_shard: usize,
+    cuts: Option<&'a [u64]>,
+}
+
 /// Files are handed from the I/O threads to the writer in chunks of this many consecutive files
 /// (one lock round-trip and at most one wake-up per chunk, not per file).
 const CHUNK: usize = 8;
@@ -725,6 +798,8 @@ struct ShardOut {
     tmp: PathBuf,
     w: File,
     pos: u64,
+    /// Sum of the planned (uncompressed) lengths of the members so far.
+    raw: u64,
     hash: Xxh3,
     index: IndexBuilder,
     flushed_at: u64,
@@ -752,14 +827,13 @@ fn run_pipeline(
     progress: &Progress,
     roots: &[SourceRoot],
     files: &FileList,
-    start: usize,
-    first_shard: usize,
+    sel: &PipeRange,
     dict: &[u8],
     parts: &mut Vec<Index>,
     records: &mut Vec<ShardRecord>,
     skipped: &mut Vec<Skipped>,
 ) -> Result<u64> {
-    let n = files.len();
+    let (start, n, first_shard) = (sel.start, sel.end, sel.first_shard);
     let threads = opts.threads.clamp(1, 256);
     let nchunks = (n - start).div_ceil(CHUNK);
     let wslots = (threads * 2 + 4).min(1024);
@@ -848,6 +922,14 @@ fn run_pipeline(
                 if progress.cancel.load(Relaxed) {
                     return Err(Error::Cancelled);
                 }
+                // A plan's shard boundary: the shard so far is complete.
+                if sel.cuts.is_some_and(|c| i > sel.first_file && c.binary_search(&(i as u64)).is_ok()) {
+                    if let Some(s) = cur.take() {
+                        close_shard(opts, s, parts, records, dict)?;
+                        k += 1;
+                        Fault::check(fault.after_shards, (k - first_shard) as u64);
+                    }
+                }
                 let meta = match &item {
                     Item::Small { meta, .. } | Item::Large { meta, .. } => *meta,
                     Item::Skip(s) => {
@@ -863,13 +945,14 @@ fn run_pipeline(
                 let tar = opts.format == ShardFormat::Tar;
                 // Large files are streamed here; their member length is known only for raw
                 // storage (compressed ones start a new shard check after compressing).
-                let member_len = match &item {
-                    Item::Small { member, .. } => member.len() as u64,
-                    _ if tar => tar::header_len(key, &meta) + meta.size + tar::padding(meta.size),
-                    _ => meta.size,
-                };
+                let _ = tar;
+                let member_len = planned_len(opts.format, key, &meta);
                 if let Some(s) = &cur {
-                    if s.pos + member_len + tar::END.len() as u64 > opts.shard_size && !s.index.is_empty() {
+                    let cut = match sel.cuts {
+                        Some(_) => false, // a plan's boundaries were applied above
+                        None => s.raw + member_len + SHARD_END > opts.shard_size && !s.index.is_empty(),
+                    };
+                    if cut {
                         let s = cur.take().expect("checked above");
                         close_shard(opts, s, parts, records, dict)?;
                         k += 1;
@@ -880,7 +963,7 @@ fn run_pipeline(
                     let tmp = opts.output.join(format!(".{}.tmp", shard_name(k, opts.format)));
                     let f = File::create(&tmp).ctx("create", &tmp)?;
                     let index = if opts.compress.is_none() { IndexBuilder::new() } else { IndexBuilder::new_coded(dict) };
-                    cur = Some(ShardOut { k, tmp, w: f, pos: 0, hash: Xxh3::new(), index, flushed_at: 0 });
+                    cur = Some(ShardOut { k, tmp, w: f, pos: 0, raw: 0, hash: Xxh3::new(), index, flushed_at: 0 });
                 }
                 let s = cur.as_mut().expect("opened above");
                 let member_start = s.pos;
@@ -917,8 +1000,9 @@ fn run_pipeline(
                     _ => unreachable!("skips and failures were handled above"),
                 };
                 s.index.push_coded(key, 0, data_off, stored, meta.size, codec, crc);
+                s.raw += member_len;
                 files_written += 1;
-                progress.files_done.store(i as u64 + 1, Relaxed);
+                progress.files_done.store((i + 1 - sel.first_file) as u64, Relaxed);
                 progress.bytes_done.fetch_add(meta.size, Relaxed);
                 Fault::check(fault.after_files, files_written);
             }

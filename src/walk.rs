@@ -59,6 +59,11 @@ impl FileList {
         self.item_key(&self.items[i])
     }
 
+    /// Which source root file `i` came from.
+    pub fn root(&self, i: usize) -> u32 {
+        self.items[i].root
+    }
+
     /// Where file `i` is read from.
     pub fn path(&self, i: usize, roots: &[SourceRoot]) -> PathBuf {
         let it = &self.items[i];

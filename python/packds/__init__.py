@@ -31,6 +31,8 @@ __version__: str = _core.__version__
 __all__ = [
     "open",
     "pack",
+    "plan",
+    "merge",
     "stage",
     "preload",
     "Dataset",
@@ -195,6 +197,11 @@ def pack(sources, output, **options) -> dict:
     if isinstance(sources, (str, bytes, os.PathLike)):
         sources = [sources]
     srcs = [os.fsdecode(s) for s in sources]
+    part = options.get("part")
+    if isinstance(part, str):
+        options["part"] = _parse_part(part)
+    if options.get("plan") is not None:
+        options["plan"] = os.fsdecode(options["plan"])
     if options.get("zstd_dict") is True:
         options["zstd_dict"] = DEFAULT_ZSTD_DICT_SIZE
     elif options.get("zstd_dict") in (False, None):
@@ -209,9 +216,36 @@ def pack(sources, output, **options) -> dict:
         from ._h5 import write_shard
 
         options["h5_writer"] = write_shard
-    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer")}
+    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer", "make_plan")}
     options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
     return _core.pack(srcs, os.fsdecode(output), **options)
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        e = UsageError(f"--part {text!r} is not I/N")
+        e.hint = "e.g. --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (I from 0 to N-1)"
+        raise e from None
+    return i, n
+
+
+def plan(sources, output, **options) -> dict:
+    """Walks ``sources`` once, stats every file and writes the plan file ``output``: the file
+    list and the shard boundaries for ``pack(..., plan=output, part=(i, n))`` in each task of a
+    job array (options as for :func:`pack`; the plan fixes them for every part). Returns
+    {files, shards, bytes, plan_bytes, skipped}."""
+    options.pop("part", None)
+    options["make_plan"] = True
+    return pack(sources, output, **options)
+
+
+def merge(output) -> dict:
+    """Joins the finished parts in ``output`` (from ``pack(..., part=...)``) into one dataset
+    there: shards are renamed into place, the index is streamed from the parts' indexes.
+    Refuses missing or unfinished parts, naming them; running it again is harmless."""
+    return _core.merge(os.fsdecode(output))
 
 
 #: Default ``--zstd-dict`` size (zstd's own default).

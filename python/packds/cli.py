@@ -67,6 +67,12 @@ def cmd_pack(a: argparse.Namespace) -> int:
     )
     if a.zstd_dict:
         options["zstd_dict"] = a.zstd_dict
+    if a.part is not None:
+        options["part"] = a.part
+    if a.plan is not None:
+        options["plan"] = a.plan
+    elif not a.sources:
+        raise UsageErrorWithHint("no SRC given", "name the directories to pack, or --plan PLAN with --part I/N")
     try:
         s = pack(a.sources, a.output, force=a.force, resume=a.resume, progress=update, **options)
     finally:
@@ -89,6 +95,47 @@ def cmd_pack(a: argparse.Namespace) -> int:
                 f"{len(s['skipped'])} skipped -> {a.output}",
                 file=sys.stderr,
             )
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from . import plan
+
+    options = dict(
+        shard_size=a.shard_size,
+        threads=a.threads,
+        follow_symlinks=a.follow_symlinks,
+        include=a.include,
+        exclude=a.exclude,
+        on_error=a.on_error,
+        format=a.format,
+        compress=a.compress,
+    )
+    if a.zstd_dict:
+        options["zstd_dict"] = a.zstd_dict
+    t = time.perf_counter()
+    s = plan(a.sources, a.output, **options)
+    if a.json:
+        print(json.dumps(s, default=str))
+    if not a.quiet:
+        print(
+            f"packds: planned {s['files']:,} files, {human(s['bytes'])} in {s['shards']} shard(s) in {time.perf_counter() - t:.2f} s, "
+            f"{len(s['skipped'])} skipped -> {a.output}; pack with --plan {a.output} --part I/N",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from . import merge
+
+    t = time.perf_counter()
+    s = merge(a.dataset)
+    if a.json:
+        print(json.dumps(s))
+    if not a.quiet:
+        what = "already merged" if s["already_merged"] else f"merged {s['parts']} part(s)"
+        print(f"packds: {what}: {s['samples']:,} samples, {s['shards']} shard(s), {human(s['bytes'])} in {time.perf_counter() - t:.2f} s -> {a.dataset}", file=sys.stderr)
     return 0
 
 
@@ -216,6 +263,12 @@ def cmd_stage(a: argparse.Namespace) -> int:
     return 0
 
 
+class UsageErrorWithHint(PackdsError):
+    def __init__(self, msg: str, hint: str) -> None:
+        super().__init__(msg)
+        self.hint = hint
+
+
 class KeyErrorWithHint(PackdsError):
     def __init__(self, msg: str, hint: str) -> None:
         super().__init__(msg)
@@ -229,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("pack", help="pack directories/files into a dataset", description="Pack SRC trees into DATASET: tar shards + index + manifest.json.")
-    s.add_argument("sources", nargs="+", metavar="SRC")
+    s.add_argument("sources", nargs="*", metavar="SRC")
     s.add_argument("-o", "--output", required=True, metavar="DATASET")
+    s.add_argument("--part", metavar="I/N", help="pack only part I of N (0 <= I < N) into DATASET/part-I/, for a Slurm job array "
+                   "(--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); then `packds merge DATASET`. A rerun task resumes")
+    s.add_argument("--plan", metavar="PLAN", help="with --part: the file list and shard boundaries made once by `packds plan` "
+                   "(its options are used; SRC may be left out). Without it every task walks and stats the whole tree")
     s.add_argument("--shard-size", type=parse_size, default=1 << 30, metavar="SIZE", help="target shard size (default 1G); a larger file gets a shard of its own")
     s.add_argument("--threads", type=int, default=0, metavar="N", help="I/O threads (default: 32 on network filesystems such as Lustre/GPFS/NFS, else 4 per CPU up to 16); lower it on a busy login node")
     s.add_argument("--follow-symlinks", action="store_true", help="follow symlinks (loops are detected); default: skip them with a warning")
@@ -250,6 +307,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     s.set_defaults(func=cmd_pack)
+
+    s = sub.add_parser("plan", help="walk and stat the tree once; fix the shards for `pack --plan PLAN --part I/N`",
+                       description="Walk SRC once, stat every file and write PLAN: the sorted file list and the shard boundaries a "
+                       "single pack would make. Each task of a job array then packs its part with `packds pack --plan PLAN --part I/N -o OUT`; "
+                       "`packds merge OUT` joins them, byte-identical to a single pack.")
+    s.add_argument("sources", nargs="+", metavar="SRC")
+    s.add_argument("-o", "--output", required=True, metavar="PLAN")
+    s.add_argument("--shard-size", type=parse_size, default=1 << 30, metavar="SIZE")
+    s.add_argument("--threads", type=int, default=0, metavar="N")
+    s.add_argument("--follow-symlinks", action="store_true")
+    s.add_argument("--include", action="append", default=[], metavar="GLOB")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    s.add_argument("--format", choices=["tar", "h5"], default="tar")
+    s.add_argument("--compress", default="none", metavar="MODE")
+    s.add_argument("--zstd-dict", nargs="?", type=parse_size, const=112 << 10, default=0, metavar="SIZE")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("merge", help="join the parts of a partitioned pack (no data copied)",
+                       description="Join DATASET/part-0 ... part-(N-1) into the dataset DATASET: shards are renamed into place, the "
+                       "index is rebuilt from the parts' indexes, manifest.json is written last. Refuses missing or unfinished parts; "
+                       "running it again is harmless.")
+    s.add_argument("dataset")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("info", help="describe a dataset")
     s.add_argument("dataset")

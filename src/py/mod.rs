@@ -345,7 +345,7 @@ impl PyReader {
 #[pyfunction]
 #[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=0, follow_symlinks=false,
     include=vec![], exclude=vec![], on_error="fail", force=false, resume=false, options_json=None, progress=None,
-    compress="none", zstd_dict=0, format="tar", h5_writer=None))]
+    compress="none", zstd_dict=0, format="tar", h5_writer=None, part=None, plan=None, make_plan=false))]
 #[allow(clippy::too_many_arguments)]
 fn pack<'py>(
     py: Python<'py>,
@@ -365,6 +365,9 @@ fn pack<'py>(
     zstd_dict: usize,
     format: &str,
     h5_writer: Option<Bound<'py, PyAny>>,
+    part: Option<(u32, u32)>,
+    plan: Option<PathBuf>,
+    make_plan: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let on_error = match on_error {
         "fail" => OnError::Fail,
@@ -384,6 +387,8 @@ fn pack<'py>(
         to_py(crate::Error::usage(format!("--compress {compress:?} is not understood"), "use none, zstd, zstd:LEVEL (1..22, negative for faster), auto or auto:LEVEL"))
     })?;
     opts.dict_size = zstd_dict;
+    opts.part = part;
+    opts.plan = plan;
     opts.format = match format {
         "tar" => core_pack::ShardFormat::Tar,
         "h5" | "hdf5" => core_pack::ShardFormat::H5,
@@ -417,6 +422,58 @@ fn pack<'py>(
         Some(s) => serde_json::from_str(&s).map_err(|e| PyValueError::new_err(format!("options_json: {e}")))?,
         None => serde_json::Value::Null,
     };
+    if make_plan {
+        let out = opts.output.clone();
+        let (files, shards, bytes, skipped, size) = run_cancellable(py, progress.as_ref(), move |st| {
+            let plan = crate::plan::make_plan(&opts, st, None)?;
+            let size = crate::plan::write_plan(&plan, &out)?;
+            Ok((plan.files.len(), plan.cuts.len(), plan.bytes, plan.skipped, size))
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("files", files)?;
+        d.set_item("shards", shards)?;
+        d.set_item("bytes", bytes)?;
+        d.set_item("plan_bytes", size)?;
+        let sk = PyList::empty(py);
+        for x in &skipped {
+            sk.append((x.path.as_str(), x.reason.as_str()))?;
+        }
+        d.set_item("skipped", sk)?;
+        return Ok(d);
+    }
+    let s = run_cancellable(py, progress.as_ref(), move |st| core_pack::pack(&opts, st))?;
+    let d = PyDict::new(py);
+    d.set_item("output", s.output)?;
+    d.set_item("files", s.files)?;
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("shards", s.shards)?;
+    d.set_item("resumed_shards", s.resumed_shards)?;
+    d.set_item("seconds", s.seconds)?;
+    d.set_item("already_complete", s.already_complete)?;
+    let sk = PyList::empty(py);
+    for x in &s.skipped {
+        sk.append((x.path.as_str(), x.reason.as_str()))?;
+    }
+    d.set_item("skipped", sk)?;
+    Ok(d)
+}
+
+/// Joins the finished parts of a partitioned pack in `output` into one dataset (GIL released).
+#[pyfunction]
+fn merge<'py>(py: Python<'py>, output: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let s = py.detach(|| crate::plan::merge(&output)).map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("parts", s.parts)?;
+    d.set_item("samples", s.samples)?;
+    d.set_item("shards", s.shards)?;
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("already_merged", s.already_merged)?;
+    Ok(d)
+}
+
+/// Runs `job` on a worker thread with the GIL released; every 100 ms checks for signals
+/// (Ctrl-C cancels the job cleanly) and calls `progress(phase, done, total, bytes)`.
+fn run_cancellable<T: Send + 'static>(py: Python<'_>, progress: Option<&Bound<'_, PyAny>>, job: impl FnOnce(&Progress) -> crate::Result<T> + Send + 'static) -> PyResult<T> {
     let state = Arc::new(Progress::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let rx = std::sync::Mutex::new(rx);
@@ -424,7 +481,7 @@ fn pack<'py>(
     let handle = std::thread::Builder::new()
         .name("packds-pack".into())
         .spawn(move || {
-            let r = core_pack::pack(&opts, &st);
+            let r = job(&st);
             let _ = tx.send(r);
         })
         .map_err(|e| PyValueError::new_err(format!("cannot start the pack thread: {e}")))?;
@@ -460,25 +517,13 @@ fn pack<'py>(
         }
     };
     let _ = handle.join();
-    let s = result.map_err(to_py)?;
-    let d = PyDict::new(py);
-    d.set_item("output", s.output)?;
-    d.set_item("files", s.files)?;
-    d.set_item("bytes", s.bytes)?;
-    d.set_item("shards", s.shards)?;
-    d.set_item("resumed_shards", s.resumed_shards)?;
-    d.set_item("seconds", s.seconds)?;
-    d.set_item("already_complete", s.already_complete)?;
-    let sk = PyList::empty(py);
-    for x in &s.skipped {
-        sk.append((x.path.as_str(), x.reason.as_str()))?;
-    }
-    d.set_item("skipped", sk)?;
-    Ok(d)
+    result.map_err(to_py)
 }
 
 #[pymodule(name = "_core")]
 mod core_module {
+    #[pymodule_export]
+    use super::merge;
     #[pymodule_export]
     use super::pack;
     #[pymodule_export]
