@@ -389,38 +389,52 @@ def mem_child(kind: str, root: str, pds: str, workers: int) -> dict:
     pids = [w.pid for w in it._workers]
     time.sleep(0.5)
     before = {pid: smaps(pid) for pid in pids}
+    fields = ("USS", "Private_Dirty", "Private_Clean", "Pss", "Rss", "Pss_Anon", "Pss_File")
+    peak = {k: 0 for k in fields}  # the largest summed growth seen while the epoch runs
     t = time.perf_counter()
-    for b in it:
+    for j, b in enumerate(it):
         n += len(b)
+        if j % 200 == 199:
+            now = {pid: smaps(pid) for pid in pids}
+            for k in fields:
+                peak[k] = max(peak[k], sum(now[p].get(k, 0) - before[p].get(k, 0) for p in pids))
     dt = time.perf_counter() - t
     after = {pid: smaps(pid) for pid in pids}
-    fields = ("USS", "Private_Dirty", "Private_Clean", "Pss", "Rss", "Pss_Anon", "Pss_File")
     grow = {k: sum(after[p].get(k, 0) - before[p].get(k, 0) for p in pids) for k in fields}
+    peak = {k: max(peak[k], grow[k]) for k in fields}
     total_after = {k: sum(after[p].get(k, 0) for p in pids) for k in fields}
     del it, dl
-    return {"kind": kind, "samples": n, "workers": len(pids), "growth": grow, "after": total_after, "seconds": dt}
+    return {"kind": kind, "samples": n, "workers": len(pids), "growth": grow, "peak": peak, "after": total_after, "seconds": dt}
 
 
-def bench_mem(args, work: str) -> dict:
+def bench_mem(args, work: str, keep: bool) -> dict:
+    """The 1M-file tree and its pack live in ``work``; with ``keep`` (an explicit --mem-root)
+    they are reused when already there and left in place (removing a million files takes
+    minutes)."""
     import packds
 
-    root = os.path.join(args.mem_root or work, "mem-tree")
-    pds = os.path.join(args.mem_root or work, "mem.pds")
+    root = os.path.join(work, "mem-tree")
+    pds = os.path.join(work, "mem.pds")
     n, classes = args.mem_samples, 1000
-    t = time.perf_counter()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    for c in range(classes):
-        os.makedirs(os.path.join(root, f"c{c:04d}"), exist_ok=True)
-    for i in range(n):
-        fd = os.open(f"{root}/c{i % classes:04d}/{i:07d}.bin", flags, 0o644)
-        os.write(fd, b"%07d" % i)
-        os.close(fd)
-    say(f"  mem: {n:,} files in {time.perf_counter() - t:.0f} s")
-    s = packds.pack(root, pds, shard_size=256 << 20)
-    say(f"  mem: packed into {s['shards']} shards")
+    ready = os.path.join(work, f"mem-ready-{n}")
+    if not (keep and os.path.exists(ready)):
+        bpr.rm(root)
+        bpr.rm(pds)
+        t = time.perf_counter()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        for c in range(classes):
+            os.makedirs(os.path.join(root, f"c{c:04d}"), exist_ok=True)
+        for i in range(n):
+            fd = os.open(f"{root}/c{i % classes:04d}/{i:07d}.bin", flags, 0o644)
+            os.write(fd, b"%07d" % i)
+            os.close(fd)
+        say(f"  mem: {n:,} files in {time.perf_counter() - t:.0f} s")
+        s = packds.pack(root, pds, shard_size=256 << 20)
+        say(f"  mem: packed into {s['shards']} shards")
+        open(ready, "w").close()
     out = {"samples": n, "classes": classes, "tree_on": bpr.fs_type(os.path.abspath(root)), "runs": {}}
     for kind in ("packds map-style", "packds streaming", "list of paths"):
-        r = subprocess.run([sys.executable, __file__, "--mem-child", kind, "--mem-root", os.path.dirname(root)],
+        r = subprocess.run([sys.executable, __file__, "--mem-child", kind, "--mem-root", work],
                            capture_output=True, text=True)
         if r.returncode:
             out["runs"][kind] = {"status": "failed: " + r.stderr[-500:]}
@@ -431,8 +445,6 @@ def bench_mem(args, work: str) -> dict:
         g = res["growth"]
         say(f"  mem: {kind:<20} {res['workers']} workers, {res['samples']:,} samples: growth USS {g['USS'] / 2**20:8.1f} MiB, "
             f"private dirty {g['Private_Dirty'] / 2**20:8.1f} MiB, PSS {g['Pss'] / 2**20:8.1f} MiB")
-    bpr.rm(root)
-    bpr.rm(pds)
     return out
 
 
@@ -497,7 +509,8 @@ def render(res: dict) -> str:
     if "mem" in res:
         mm = res["mem"]
         L += ["", f"## Memory: 8 forked workers, one epoch over {mm['samples']:,} samples ({mm['classes']} classes, tree on {mm['tree_on']})", "",
-              "Summed over the 8 workers, growth from after the first batch to the end of the epoch (MiB). "
+              "Summed over the 8 workers, growth from after the first batch to the end of the epoch (MiB); peak = the "
+              "largest summed growth seen while the epoch ran (sampled every 200 batches). "
               "USS = private clean + private dirty; private dirty = pages the worker wrote or copied (copy-on-write of "
               "inherited Python objects lands here); private clean includes shard pages that only this worker has mapped "
               "(page cache, dropped under pressure).", ""]
@@ -507,9 +520,12 @@ def render(res: dict) -> str:
                 rows.append([kind, r.get("status", "?"), "", "", "", ""])
                 continue
             g, a = r["growth"], r["after"]
-            rows.append([kind, f"{g['USS'] / 2**20:,.1f}", f"{g['Private_Dirty'] / 2**20:,.1f}", f"{g['Pss'] / 2**20:,.1f}",
-                         f"{g.get('Pss_Anon', 0) / 2**20:,.1f}", f"{a['USS'] / 2**20:,.1f}"])
-        L.append(bpr.table(["dataset", "USS growth", "private dirty growth", "PSS growth", "PSS anon growth", "USS after (sum)"], rows))
+            pk = r.get("peak", g)
+            rows.append([kind, f"{g['USS'] / 2**20:,.1f}", f"{pk['USS'] / 2**20:,.1f}", f"{g['Private_Dirty'] / 2**20:,.1f}",
+                         f"{pk['Private_Dirty'] / 2**20:,.1f}", f"{g['Pss'] / 2**20:,.1f}", f"{g.get('Pss_Anon', 0) / 2**20:,.1f}",
+                         f"{a['USS'] / 2**20:,.1f}", f"{r['samples'] / r['seconds']:,.0f}"])
+        L.append(bpr.table(["dataset", "USS growth", "USS peak growth", "private dirty growth", "private dirty peak growth",
+                            "PSS growth", "PSS anon growth", "USS after (sum)", "samples/s"], rows))
     return "\n".join(L) + "\n"
 
 
@@ -524,7 +540,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slowfs-files", type=int, default=3000)
     ap.add_argument("--slowfs-rounds", type=int, default=1)
     ap.add_argument("--mem-samples", type=int, default=1_000_000)
-    ap.add_argument("--mem-root", default=None, help="where the memory section's tree goes (default: a temp dir on disk)")
+    ap.add_argument("--mem-root", default=None, help="keep the memory section's tree and pack here, reused by later runs "
+                    "(default: a temp dir on disk, removed at the end)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: warm,slowfs,pattern,mem")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -586,12 +603,15 @@ def main(argv=None) -> int:
                         res["pattern"] = bench_pattern(exe, src, mnt, work, res["slowfs_tree"]["bytes"], args)
         if "mem" not in skip:
             say("memory ...")
-            mem_work = tempfile.mkdtemp(prefix="packds-bench-torch-mem-", dir=args.mem_root)
-            args.mem_root = mem_work
+            keep = args.mem_root is not None
+            mem_work = args.mem_root if keep else tempfile.mkdtemp(prefix="packds-bench-torch-mem-")
+            os.makedirs(mem_work, exist_ok=True)
             try:
-                res["mem"] = bench_mem(args, mem_work)
+                res["mem"] = bench_mem(args, mem_work, keep)
             finally:
-                bpr.rm(mem_work)
+                if not keep:
+                    say("  mem: removing the tree (a million files: minutes) ...")
+                    bpr.rm(mem_work)
     finally:
         bpr.rm(work)
     text = render(res)

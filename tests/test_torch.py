@@ -345,18 +345,25 @@ def test_resume_near_end_with_exhausted_workers(tree_ds):
         assert head + rest == full, stop
 
 
-def test_resume_in_process_without_loader(tree_ds):
+@pytest.mark.parametrize("read_ahead", [0, 1, 3])
+@pytest.mark.parametrize("buffer", [0, 40])
+def test_resume_in_process_without_loader(tree_ds, read_ahead, buffer):
     path, _ = tree_ds
-    s = pt.StreamingDataset(path, seed=5, shuffle_buffer=40, block_size=4096)
-    full = [key_of(x) for x in s]
-    s = pt.StreamingDataset(path, seed=5, shuffle_buffer=40, block_size=4096)
-    it = iter(s)
-    head = [key_of(next(it)) for _ in range(123)]
-    st = s.state_dict()
-    assert st["batches"] == 123 and st["num_workers"] == 0
-    s2 = pt.StreamingDataset(path, seed=5, shuffle_buffer=40, block_size=4096)
-    s2.load_state_dict(st)
-    assert head + [key_of(x) for x in s2] == full
+
+    def make():
+        return pt.StreamingDataset(path, seed=5, shuffle_buffer=buffer, block_size=4096, read_ahead=read_ahead)
+
+    full = [key_of(x) for x in make()]
+    for stop in (1, 123, N - 3):
+        s = make()
+        it = iter(s)
+        head = [key_of(next(it)) for _ in range(stop)]
+        del it
+        st = s.state_dict()
+        assert st["batches"] == stop and st["num_workers"] == 0
+        s2 = make()
+        s2.load_state_dict(st)
+        assert head + [key_of(x) for x in s2] == full
 
 
 def test_resume_rejects_other_setup(tree_ds):
@@ -381,13 +388,13 @@ def test_resume_rejects_other_setup(tree_ds):
 def test_streaming_issues_one_large_read_per_block(tree_ds, monkeypatch):
     path, keys = tree_ds
     reads = []
-    real = pt._pread
+    real = pt._pread_into
 
-    def counting(fd, n, off):
-        reads.append(n)
-        return real(fd, n, off)
+    def counting(fd, view, off):
+        reads.append(len(view))
+        return real(fd, view, off)
 
-    monkeypatch.setattr(pt, "_pread", counting)
+    monkeypatch.setattr(pt, "_pread_into", counting)
     s = pt.StreamingDataset(path, seed=0, shuffle_buffer=64, block_size=8192)
     got = [key_of(x) for x in s]
     assert sorted(got) == sorted(keys)

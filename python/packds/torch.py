@@ -230,21 +230,71 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    """One read of ``n`` bytes at ``offset`` (looped only on a short read). The streaming
-    dataset's every data read goes through here (tests count them)."""
-    b = os.pread(fd, n, offset)
-    if len(b) == n:
-        return b
-    parts = [b]
-    got = len(b)
-    while got < n:
-        more = os.pread(fd, n - got, offset + got)
-        if not more:
-            raise OSError(f"short read: {got} of {n} bytes at offset {offset}")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fills ``view`` from ``fd`` at ``offset``: one ``preadv`` (looped only on a short read).
+    Every data read of the streaming dataset goes through here (tests count them)."""
+    got = os.preadv(fd, [view], offset)
+    while got < len(view):
+        more = os.preadv(fd, [view[got:]], offset + got)
+        if more <= 0:
+            raise OSError(f"short read: {got} of {len(view)} bytes at offset {offset}")
+        got += more
+
+
+class _Reader:
+    """Reads blocks for one iteration: one reusable buffer, and a background thread that reads
+    up to ``ahead`` blocks ahead while the samples of the current one are handed out."""
+
+    def __init__(self, owner: "StreamingDataset", ranges: list, ahead: int) -> None:
+        self.owner, self.ranges, self.ahead = owner, ranges, ahead
+        self.buf = bytearray(0)
+        self.pool = None
+        if ahead > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packds-read")
+        self.jobs: dict = {}
+        self.next = 0  # next block index not yet submitted
+        self.first = 0  # blocks before this one are skipped (resume), never read
+
+    def _job(self, lo: int, hi: int) -> list:
+        return self.owner._read(lo, hi, self)
+
+    def _submit(self, k: int) -> None:
+        while self.next <= min(k, len(self.ranges) - 1):
+            if self.next >= self.first:
+                lo, hi = self.ranges[self.next]
+                self.jobs[self.next] = self.pool.submit(self._job, lo, hi) if self.pool else None
+            self.next += 1
+
+    def take(self, k: int) -> list:
+        """Samples of block ``k``; starts reading the blocks after it."""
+        if self.pool is None:
+            return self._job(*self.ranges[k])
+        self.first = max(self.first, k)
+        self._submit(k + self.ahead)
+        f = self.jobs.pop(k, None)
+        return f.result() if f is not None else self._job(*self.ranges[k])
+
+    def now(self, lo: int, hi: int) -> list:
+        """Samples lo..hi-1 at once (resuming mid-block); reads stay on the reading thread."""
+        if self.pool is None:
+            return self._job(lo, hi)
+        return self.pool.submit(self._job, lo, hi).result()
+
+    def start_after(self, k: int) -> None:
+        """Resuming: start reading the blocks after block ``k``."""
+        if self.pool is not None:
+            self.first = max(self.first, k + 1)
+            self.next = max(self.next, k + 1)
+            self._submit(k + self.ahead)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.jobs.values():
+                f.cancel()
+            self.pool.shutdown(wait=False)
+            self.pool = None
 
 
 def _split(total: int, parts: int, k: int) -> tuple[int, int]:
@@ -282,8 +332,9 @@ class StreamingDataset(_IterBase):
     The samples of each shard are cut into blocks of about ``block_size`` bytes (contiguous in
     the shard). Each epoch the block order is shuffled (``seed`` + epoch), the resulting sample
     stream is cut into one contiguous piece per rank, each piece into one per DataLoader worker,
-    and each worker reads its blocks with one ``pread`` each, passing samples through a shuffle
-    buffer of ``shuffle_buffer`` samples. Every sample comes out exactly once per epoch.
+    and each worker reads its blocks with one ``preadv`` each into a reusable buffer (a thread
+    reads ``read_ahead`` blocks ahead), passing samples through a shuffle buffer of
+    ``shuffle_buffer`` samples. Every sample comes out exactly once per epoch.
 
     Ranks: explicit ``rank``/``world_size``, else :func:`dist_info`. With ``world_size > 1``
     the samples of an epoch do not split evenly in general; DDP needs the same number of batches
@@ -315,6 +366,7 @@ class StreamingDataset(_IterBase):
         pad: bool = True,
         drop_last: bool = False,
         verify: bool = False,
+        read_ahead: int = 1,
     ) -> None:
         self.path = os.fspath(path.path if isinstance(path, packds.Dataset) else path)
         self.shuffle = bool(shuffle)
@@ -330,6 +382,7 @@ class StreamingDataset(_IterBase):
         self._rank_world = None if rank is None else (int(rank), int(world_size))  # type: ignore[arg-type]
         self.pad, self.drop_last = bool(pad), bool(drop_last)
         self.verify = bool(verify)
+        self.read_ahead = max(0, int(read_ahead))
         self._ds: Optional[packds.Dataset] = path if isinstance(path, packds.Dataset) else None
         self._labels = _Labels(self.dataset, target)
         self._blocks: Optional[array] = None
@@ -369,6 +422,7 @@ class StreamingDataset(_IterBase):
     def __getstate__(self) -> dict:
         st = dict(self.__dict__)
         st["_ds"] = None
+        st["_blocks"] = None  # derived from the index: recomputed on first use
         st["_fds"] = collections.OrderedDict()
         st["_rank_world"] = self.rank_world()  # resolved here, where torch.distributed lives
         if multiprocessing.context.get_spawning_popen() is None:
@@ -481,21 +535,25 @@ class StreamingDataset(_IterBase):
             pos += take
         return out
 
-    def _read(self, a: int, b: int) -> list[bytes]:
-        """Samples a..b-1 (contiguous, one shard) with one ``pread`` of their byte range.
+    def _read(self, a: int, b: int, reader: "_Reader") -> list:
+        """Samples a..b-1 (contiguous, one shard) with one read of their byte range into the
+        reader's reusable buffer.
 
-        Stored raw (the usual case), the samples are sliced out of that buffer. Compressed (or
+        Stored raw (the usual case), the samples are copied out of that buffer. Compressed (or
         opened with ``verify=True``), the read only pulls the range into the page cache and
         ``get_many`` decodes (and checks) from there."""
         ds = self.dataset
         shard, off0, _ = ds._loc(a)
         locs = [ds._loc(i) for i in range(a, b)]
-        end = locs[-1][1] + locs[-1][2]
-        buf = _pread(self._fd(shard), end - off0, off0)
+        n = locs[-1][1] + locs[-1][2] - off0
+        if len(reader.buf) < n:
+            reader.buf = bytearray(max(n, len(reader.buf) * 3 // 2))
+        view = memoryview(reader.buf)
+        _pread_into(self._fd(shard), view[:n], off0)
         if self._raw is None:
             self._raw = not self.verify and ds.manifest.get("compression") is None
         if self._raw:
-            out = [buf[o - off0 : o - off0 + s] for _, o, s in locs]
+            out = [bytes(view[o - off0 : o - off0 + s]) for _, o, s in locs]
             if not self._raw_checked:  # once per process: the shard bytes are the samples
                 self._raw_checked = True
                 if out[0] != ds[a] or out[-1] != ds[b - 1]:
@@ -618,6 +676,7 @@ class StreamingDataset(_IterBase):
         buf: list[int] = []
         out = 0
         live = skip == 0
+        reader = _Reader(self, ranges, self.read_ahead)
 
         def make(i: int):
             x = data.pop(i)
@@ -625,51 +684,55 @@ class StreamingDataset(_IterBase):
                 x = transform(x)
             return x if labels.kind is None else (x, labels(ds, i))
 
-        def go_live(rest: range) -> None:
+        def go_live(k: int, rest: range) -> None:
             # resuming: the skipped part of the stream is never read; fetch what is still owed
             if len(rest):
-                data.update(zip(rest, self._read(rest.start, rest.stop)))
+                data.update(zip(rest, reader.now(rest.start, rest.stop)))
+            reader.start_after(k)
             need = sorted(buf)
             if need:
                 data.update(zip(need, ds.get_many(need)))
 
-        for lo, hi in ranges:
-            if live:
-                data.update(zip(range(lo, hi), self._read(lo, hi)))
-            for i in range(lo, hi):
-                if len(buf) < W:
-                    buf.append(i)
-                    continue
-                if W:
-                    j = int(rng.random() * W)
-                    o, buf[j] = buf[j], i
-                else:
-                    o = i
+        try:
+            for k, (lo, hi) in enumerate(ranges):
+                if live:
+                    data.update(zip(range(lo, hi), reader.take(k)))
+                for i in range(lo, hi):
+                    if len(buf) < W:
+                        buf.append(i)
+                        continue
+                    if W:
+                        j = int(rng.random() * W)
+                        o, buf[j] = buf[j], i
+                    else:
+                        o = i
+                    if not live:
+                        out += 1
+                        if out == skip:
+                            live = True
+                            go_live(k, range(i + 1, hi))
+                        continue
+                    if count:
+                        self._yielded += 1
+                    yield make(o)
+            reader.close()
+            rng.shuffle(buf)
+            for pos, o in enumerate(buf):
                 if not live:
                     out += 1
                     if out == skip:
                         live = True
-                        go_live(range(i + 1, hi))
+                        rest = sorted(buf[pos + 1 :])
+                        if rest:
+                            data.update(zip(rest, ds.get_many(rest)))
                     continue
                 if count:
                     self._yielded += 1
                 yield make(o)
-        rng.shuffle(buf)
-        for pos, o in enumerate(buf):
-            if not live:
-                out += 1
-                if out == skip:
-                    live = True
-                    rest = buf[pos + 1 :]
-                    buf2 = sorted(rest)
-                    if buf2:
-                        data.update(zip(buf2, ds.get_many(buf2)))
-                continue
             if count:
-                self._yielded += 1
-            yield make(o)
-        if count:
-            self._clear_resume()
+                self._clear_resume()
+        finally:
+            reader.close()
 
     def __repr__(self) -> str:
         rank, world = self.rank_world()
