@@ -24,6 +24,7 @@ import packds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINISLURM = os.path.join(REPO, "..", "shared", "tools", "minislurm.sh")
+README_PATH = os.path.join(REPO, "README.md")
 
 
 def _cluster_env() -> dict:

@@ -213,9 +213,11 @@ def pack(sources, output, **options) -> dict:
             e = UsageError("--format h5 writes HDF5 shards through h5py, which is not installed")
             e.hint = "pip install 'packds[h5]' (or pip install h5py)"
             raise e from None
-        from ._h5 import write_shard
+    # HDF5 shards are written through h5py (imported only when a shard is written; a plan may
+    # name the format, so the writer is always at hand).
+    from ._h5 import write_shard
 
-        options["h5_writer"] = write_shard
+    options.setdefault("h5_writer", write_shard)
     recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer", "make_plan")}
     options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
     return _core.pack(srcs, os.fsdecode(output), **options)
