@@ -59,6 +59,10 @@ fn align8(x: usize) -> usize {
 
 /// Header flag: the index has a codec section (format version 2).
 pub const FLAG_CODEC: u64 = 1;
+/// Header flag (format version 2): entries are in key order, but their data may lie anywhere in
+/// the shards (an index of existing tar files, `packds index`). Access checks bounds only;
+/// `validate_all` sorts the extents once and refuses overlaps.
+pub const FLAG_UNORDERED: u64 = 2;
 const RAW_MASK: u64 = (1 << 56) - 1;
 
 /// Builds an index in memory (about 32 bytes + key length per sample; 8 more with a codec
@@ -72,6 +76,8 @@ pub struct IndexBuilder {
     codecs: Option<Vec<u8>>,
     dict: Vec<u8>,
     total_bytes: u64,
+    /// Entries in key order whose data is in no particular order ([`FLAG_UNORDERED`]).
+    unordered: bool,
 }
 
 impl IndexBuilder {
@@ -83,6 +89,12 @@ impl IndexBuilder {
     /// An index with a codec section (format version 2): samples may be compressed.
     pub fn new_coded(dict: &[u8]) -> Self {
         IndexBuilder { codecs: Some(Vec::new()), dict: dict.to_vec(), ..Self::default() }
+    }
+
+    /// An index of raw samples whose data need not follow key order (format version 2 with
+    /// [`FLAG_UNORDERED`], no codec section): samples indexed in place in existing tar files.
+    pub fn new_unordered() -> Self {
+        IndexBuilder { unordered: true, ..Self::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -152,7 +164,7 @@ impl IndexBuilder {
         tail.extend_from_slice(&names);
         let shards_crc = crc32c::crc32c(&tail);
         let body_crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&self.entries), &self.keys), &[0u8; 8][..pad]);
-        let mut l = Layout { n: self.len() as u64, nshards: self.shards.len() as u64, keys_off, keys_len: self.keys.len(), shards_off, names_off, names_len: names.len(), body_crc, shards_crc, codec: None };
+        let mut l = Layout { n: self.len() as u64, nshards: self.shards.len() as u64, keys_off, keys_len: self.keys.len(), shards_off, names_off, names_len: names.len(), body_crc, shards_crc, codec: None, unordered: self.unordered };
         if let Some(c) = &self.codecs {
             let end = names_off + names.len();
             let codec_off = align8(end);
@@ -226,6 +238,7 @@ struct Layout {
     body_crc: u32,
     shards_crc: u32,
     codec: Option<CodecLayout>,
+    unordered: bool,
 }
 
 fn write_header(l: &Layout) -> [u8; HEADER_SIZE] {
@@ -233,7 +246,7 @@ fn write_header(l: &Layout) -> [u8; HEADER_SIZE] {
     {
         let h = &mut h[..];
         h[0..8].copy_from_slice(MAGIC);
-        let version = if l.codec.is_some() { 2u32 } else { 1 };
+        let version = if l.codec.is_some() || l.unordered { 2u32 } else { 1 };
         h[8..12].copy_from_slice(&version.to_le_bytes());
         h[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
         h[16..24].copy_from_slice(&l.n.to_le_bytes());
@@ -246,8 +259,9 @@ fn write_header(l: &Layout) -> [u8; HEADER_SIZE] {
         h[72..80].copy_from_slice(&(l.names_len as u64).to_le_bytes());
         h[80..84].copy_from_slice(&l.body_crc.to_le_bytes());
         h[84..88].copy_from_slice(&l.shards_crc.to_le_bytes());
+        let flags = if l.codec.is_some() { FLAG_CODEC } else { 0 } | if l.unordered { FLAG_UNORDERED } else { 0 };
+        h[88..96].copy_from_slice(&flags.to_le_bytes());
         if let Some(c) = &l.codec {
-            h[88..96].copy_from_slice(&FLAG_CODEC.to_le_bytes());
             h[96..104].copy_from_slice(&(c.off as u64).to_le_bytes());
             h[104..112].copy_from_slice(&(c.dict_len as u64).to_le_bytes());
             h[112..120].copy_from_slice(&c.raw_total.to_le_bytes());
@@ -329,7 +343,7 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
     })?;
     let mut tail = table;
     tail.extend_from_slice(&names);
-    let mut l = Layout { n, nshards: shards.len() as u64, keys_off, keys_len, shards_off, names_off, names_len: names.len(), body_crc: crc, shards_crc: crc32c::crc32c(&tail), codec: None };
+    let mut l = Layout { n, nshards: shards.len() as u64, keys_off, keys_len, shards_off, names_off, names_len: names.len(), body_crc: crc, shards_crc: crc32c::crc32c(&tail), codec: None, unordered: false };
     let mut file_size = names_end;
     if let Some(d) = dict {
         let mut ccrc = 0u32;
@@ -375,6 +389,9 @@ pub struct Index {
     shards: Vec<ShardInfo>,
     /// Format version 2: offset of the codec section, dictionary length, its CRC, raw total.
     codec: Option<(usize, usize, u32, u64)>,
+    version: u32,
+    /// [`FLAG_UNORDERED`]: data in no particular order.
+    unordered: bool,
 }
 
 fn rd_u64(b: &[u8], at: usize) -> u64 {
@@ -425,9 +442,11 @@ impl Index {
         if rd_u32(b, 124) != crc32c::crc32c(&b[..124]) {
             return Err(bad("index header is corrupt (checksum mismatch)".into()));
         }
+        let flags = rd_u64(b, 88);
+        let coded = flags & FLAG_CODEC != 0;
         let flags_ok = match version {
-            1 => rd_u64(b, 88) == 0 && b[96..124].iter().all(|&x| x == 0),
-            _ => rd_u64(b, 88) == FLAG_CODEC,
+            1 => flags == 0 && b[96..124].iter().all(|&x| x == 0),
+            _ => flags != 0 && flags & !(FLAG_CODEC | FLAG_UNORDERED) == 0 && (coded || b[96..124].iter().all(|&x| x == 0)),
         };
         if rd_u32(b, 12) as usize != HEADER_SIZE || !flags_ok {
             return Err(bad("index header has unknown fields or flags".into()));
@@ -446,7 +465,7 @@ impl Index {
             let keys_end = keys_off.checked_add(keys_len)?;
             let table_end = nshards.checked_mul(SHARD_SIZE as u64)?.checked_add(shards_off)?;
             let names_end = names_off.checked_add(names_len)?;
-            let file_end = if version == 1 {
+            let file_end = if !coded {
                 names_end
             } else {
                 let codec_off = rd_u64(b, 96);
@@ -488,7 +507,7 @@ impl Index {
             let hash = u128::from(rd_u64(b, at + 8)) | (u128::from(rd_u64(b, at + 16)) << 64);
             shards.push(ShardInfo { name: name.to_string(), size: rd_u64(b, at), hash });
         }
-        let codec = (version == 2).then(|| (rd_u64(b, 96) as usize, rd_u64(b, 104) as usize, rd_u32(b, 120), rd_u64(b, 112)));
+        let codec = coded.then(|| (rd_u64(b, 96) as usize, rd_u64(b, 104) as usize, rd_u32(b, 120), rd_u64(b, 112)));
         Ok(Index {
             path: path.to_path_buf(),
             body_crc: rd_u32(b, 80),
@@ -500,6 +519,8 @@ impl Index {
             shards_off,
             shards,
             codec,
+            version,
+            unordered: flags & FLAG_UNORDERED != 0,
         })
     }
 
@@ -510,11 +531,12 @@ impl Index {
 
     /// Format version of this index file.
     pub fn version(&self) -> u32 {
-        if self.codec.is_some() {
-            2
-        } else {
-            1
-        }
+        self.version
+    }
+
+    /// Is the data in no particular order ([`FLAG_UNORDERED`]: an index of existing tars)?
+    pub fn is_unordered(&self) -> bool {
+        self.unordered
     }
 
     /// The zstd dictionary stored in the index, if any.
@@ -568,7 +590,8 @@ impl Index {
     }
 
     /// Entry `i`, checked: its shard exists, its bytes lie inside that shard's recorded size and
-    /// do not overlap the previous sample of the same shard.
+    /// do not overlap the previous sample of the same shard (an unordered index has no such
+    /// order to check here: `validate_all` checks overlaps there).
     pub fn entry(&self, i: usize) -> Result<Entry> {
         if i >= self.n {
             return Err(Error::format(&self.path, format!("sample {i} out of range ({} samples)", self.n)));
@@ -588,7 +611,7 @@ impl Index {
         if !codec_ok {
             return Err(self.corrupt(i, "impossible codec or original size"));
         }
-        if i > 0 {
+        if i > 0 && !self.unordered {
             let p = self.raw_entry(i - 1);
             let ordered = p.shard < e.shard || (p.shard == e.shard && p.offset.checked_add(p.size).is_some_and(|end| end <= e.offset));
             if !ordered {
@@ -653,6 +676,21 @@ impl Index {
                 return Err(self.corrupt(i, "keys are not strictly increasing"));
             }
             prev = Some(k);
+        }
+        if self.unordered {
+            // Data in no particular order: sort the extents once, then no two may overlap.
+            let mut ext: Vec<(u32, u64, u64, usize)> = (0..self.n).map(|i| {
+                let e = self.raw_entry(i);
+                (e.shard, e.offset, e.size, i)
+            }).collect();
+            ext.sort_unstable();
+            for w in ext.windows(2) {
+                let (p, c) = (w[0], w[1]);
+                // Bounds were checked by `entry` above: no overflow here.
+                if p.0 == c.0 && p.1 + p.2 > c.1 {
+                    return Err(self.corrupt(c.3, "overlaps another sample"));
+                }
+            }
         }
         Ok(())
     }
@@ -784,6 +822,53 @@ mod tests {
                     assert!(ix.validate_all().is_err(), "flip at byte {byte} went unnoticed");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn unordered_index_checks_bounds_at_access_and_overlaps_in_validate_all() {
+        let mk = |second_off: u64| {
+            let mut b = IndexBuilder::new_unordered();
+            b.push(b"a", 0, 2048, 10, 1); // data after "b"'s: fine in an unordered index
+            b.push(b"b", 0, second_off, 10, 2);
+            b.push_shard(ShardInfo { name: "x.tar".into(), size: 4096, hash: 0 });
+            b.to_bytes()
+        };
+        let bytes = mk(512);
+        assert_eq!(rd_u32(&bytes, 8), 2);
+        assert_eq!(rd_u64(&bytes, 88), FLAG_UNORDERED);
+        let ix = open_bytes(&bytes).unwrap();
+        assert!(ix.is_unordered() && !ix.is_coded() && ix.version() == 2);
+        assert_eq!(ix.entry(1).unwrap().offset, 512);
+        ix.validate_all().unwrap();
+        // Overlap: each entry passes its own access check; validate_all refuses the pair.
+        let ix = open_bytes(&mk(2050)).unwrap();
+        assert!(ix.entry(0).is_ok() && ix.entry(1).is_ok());
+        assert!(ix.validate_all().unwrap_err().to_string().contains("overlaps"));
+        // Every truncation and bit flip is still caught.
+        for cut in 0..bytes.len() {
+            assert!(open_bytes(&bytes[..cut]).is_err());
+        }
+        for byte in 0..bytes.len() {
+            let mut m = bytes.clone();
+            m[byte] ^= 0x10;
+            if let Ok(ix) = open_bytes(&m) {
+                assert!(ix.validate_all().is_err(), "flip at byte {byte} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_flag_bits_are_refused() {
+        for flags in [0u64, 4, FLAG_UNORDERED | 8] {
+            let mut b = IndexBuilder::new_unordered();
+            b.push(b"a", 0, 0, 1, 0);
+            b.push_shard(ShardInfo { name: "x.tar".into(), size: 10, hash: 0 });
+            let mut bytes = b.to_bytes();
+            bytes[88..96].copy_from_slice(&flags.to_le_bytes());
+            let c = crc32c::crc32c(&bytes[..124]);
+            bytes[124..128].copy_from_slice(&c.to_le_bytes());
+            assert!(open_bytes(&bytes).is_err(), "flags {flags}");
         }
     }
 

@@ -12,6 +12,7 @@
 //! - [`plan`]    partitioned packing (job arrays): plan, pack --part I/N, merge
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
 //! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
+//! - [`tarindex`] `packds index`: an index over existing tar files (WebDataset shards), in place
 //! - `py`        the only code that names pyo3 (feature `python`)
 
 pub mod codec;
@@ -23,6 +24,7 @@ pub mod pack;
 pub mod plan;
 pub mod read;
 pub mod stage;
+pub mod tarindex;
 pub mod tar;
 pub mod walk;
 

@@ -229,6 +229,13 @@ impl Reader {
             let e = self.index.entry(i)?;
             per[e.shard as usize].push((i, e.offset, e.size, e.crc, e.codec));
         }
+        if self.index.is_unordered() {
+            // Entries are in key order, the data is not: stream each shard once, in offset
+            // order (validate_all above refused overlaps).
+            for p in &mut per {
+                p.sort_unstable_by_key(|s| (s.1, s.2));
+            }
+        }
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results: std::sync::Mutex<Vec<(usize, Result<(Vec<String>, u64)>)>> = Default::default();
         let work = || loop {
@@ -378,6 +385,13 @@ impl Reader {
             return None;
         }
         let m = self.maps[e.shard as usize].as_ref()?;
+        if self.index.is_unordered() {
+            // A tar packds did not write: its member's ustar header is the block right before
+            // the data (after any pax or GNU long-name header). Only the permission bits are
+            // kept (no setuid, setgid or sticky bits from a foreign archive).
+            let b = e.offset.checked_sub(tar::BLOCK)? as usize;
+            return tar::parse_mode_mtime(m.get(b..b + tar::BLOCK as usize)?).map(|(mode, mtime)| (mode & 0o777, mtime));
+        }
         // Members are contiguous: this one's headers start where the previous member ends.
         let start = match i.checked_sub(1).and_then(|p| self.index.entry(p).ok()) {
             Some(p) if p.shard == e.shard => p.offset + p.size + tar::padding(p.size),

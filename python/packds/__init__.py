@@ -31,6 +31,7 @@ __version__: str = _core.__version__
 __all__ = [
     "open",
     "pack",
+    "index_tars",
     "plan",
     "merge",
     "stage",
@@ -248,6 +249,22 @@ def merge(output) -> dict:
     there: shards are renamed into place, the index is streamed from the parts' indexes.
     Refuses missing or unfinished parts, naming them; running it again is harmless."""
     return _core.merge(os.fsdecode(output))
+
+
+def index_tars(tars, output, *, group_by_basename: bool = False, force: bool = False, link: str = "symlink") -> dict:
+    """Indexes existing tar files (GNU tar, pax, WebDataset shards) in place into the dataset
+    directory ``output``: ``index.pdsi``, ``manifest.json`` and one ``shard-NNNNN.tar`` link per
+    tar (``link="symlink"``, the default, or ``"hard"``); the tars are read once and never
+    modified. Every regular member becomes a sample keyed by its name; links, devices, sparse
+    files and unsafe names are skipped and listed. ``group_by_basename=True`` checks (and
+    records) that the members of each WebDataset sample are contiguous, for
+    :class:`packds.wds.GroupedDataset`. Returns a summary dict (tars, samples, bytes, groups,
+    skipped ``[(member, reason)]``, warnings, seconds). Raises :class:`FormatError` naming the
+    tar and byte offset for a damaged or ambiguous archive, or a duplicate key.
+    """
+    if isinstance(tars, (str, bytes, os.PathLike)):
+        tars = [tars]
+    return _core.index_tars([os.fsdecode(t) for t in tars], os.fsdecode(output), group_by_basename=group_by_basename, force=force, link=link)
 
 
 #: Default ``--zstd-dict`` size (zstd's own default).

@@ -139,6 +139,39 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(a: argparse.Namespace) -> int:
+    import signal
+
+    from . import index_tars
+
+    def on_term(signum, frame):  # SIGTERM: cancel cleanly like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    s = index_tars(a.tars, a.output, group_by_basename=a.group_by_basename, force=a.force, link=a.link)
+    if a.json:
+        print(json.dumps(s, default=str))
+    if not a.quiet:
+        for path, reason in s["skipped"][:20]:
+            print(f"packds: skipped {path}: {reason}", file=sys.stderr)
+        if len(s["skipped"]) > 20:
+            print(f"packds: ... and {len(s['skipped']) - 20} more skipped (listed in manifest.json)", file=sys.stderr)
+        for w in s["warnings"]:
+            print(f"packds: warning: {w}", file=sys.stderr)
+        reasons: dict[str, int] = {}
+        for _path, reason in s["skipped"]:
+            kind = reason.split(":")[0].split(" (")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
+        why = f" ({', '.join(f'{n} {k}' for k, n in sorted(reasons.items()))})" if reasons else ""
+        groups = f" in {s['groups']:,} samples" if s["groups"] is not None else ""
+        print(
+            f"packds: indexed {s['samples']:,} member{'s' if s['samples'] != 1 else ''}{groups}, {human(s['bytes'])}, "
+            f"from {s['tars']} tar file(s) in {s['seconds']:.2f} s, {len(s['skipped'])} skipped{why} -> {a.output}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from . import open as pds_open
 
@@ -335,6 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser(
+        "index",
+        help="index existing tar files (WebDataset shards) in place",
+        description="Build a packds index over existing tar files without rewriting them: DATASET gets index.pdsi, "
+        "manifest.json and a shard-NNNNN.tar link per tar. Every regular member is a sample keyed by its name.",
+    )
+    s.add_argument("tars", nargs="+", metavar="TAR")
+    s.add_argument("-o", "--output", required=True, metavar="DATASET")
+    s.add_argument("--group-by-basename", action="store_true",
+                   help="WebDataset samples: check that members sharing a basename (dir/000123.jpg, dir/000123.cls) "
+                   "are contiguous, for packds.wds.GroupedDataset")
+    s.add_argument("--link", choices=["symlink", "hard"], default="symlink",
+                   help="how DATASET refers to the tars: symlink (default) or hard (same filesystem; survives moving them)")
+    s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
+    s.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("info", help="describe a dataset")
     s.add_argument("dataset")

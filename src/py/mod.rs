@@ -4,6 +4,7 @@
 
 mod errors;
 mod stage;
+mod tarindex;
 
 use crate::pack::{self as core_pack, PackOptions, Progress};
 use crate::read::{OpenOptionsPds, Reader};
@@ -530,6 +531,8 @@ mod core_module {
     use super::PyReader;
     #[pymodule_export]
     use super::stage::{preload, stage_dataset, stage_file, PyStageProgress};
+    #[pymodule_export]
+    use super::tarindex::{index_tars, PyGroups};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
