@@ -150,15 +150,21 @@ pub fn parse_member_meta(hdrs: &[u8]) -> Option<(u32, i64)> {
     let (mode, mut mtime) = parse_mode_mtime(&hdrs[n - 512..])?;
     if n >= 1024 && hdrs[156] == b'x' && parse_mode_mtime(&hdrs[..512]).is_some() {
         let size = usize::try_from(parse_octal(&hdrs[124..136])?).ok()?;
-        let recs = hdrs.get(512..512usize.checked_add(size)?)?;
-        for rec in recs.split(|&b| b == b'\n') {
-            // "<len> key=value"
-            let Some(sp) = rec.iter().position(|&b| b == b' ') else { continue };
-            if let Some(v) = rec[sp + 1..].strip_prefix(b"mtime=") {
+        let mut rest = hdrs.get(512..512usize.checked_add(size)?)?;
+        // Records are "<len> key=value\n", where len counts the whole record: values may hold
+        // newlines (a path can), so records are cut by their length, never at newlines.
+        while !rest.is_empty() {
+            let sp = rest.iter().position(|&b| b == b' ')?;
+            let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+            if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+                return None;
+            }
+            if let Some(v) = rest[sp + 1..len - 1].strip_prefix(b"mtime=") {
                 let v = std::str::from_utf8(v).ok()?;
                 let whole = v.split('.').next().unwrap_or(v);
                 mtime = whole.parse().ok()?;
             }
+            rest = &rest[len..];
         }
     }
     Some((mode, mtime))

@@ -85,7 +85,6 @@ fn fuzz_decompress_corpus() {
 /// (the name's fake value wins unless a real `mtime` record follows) or, when the fake value
 /// does not parse, falls back to the ustar field (0 for a time before 1970 or after 2242).
 #[test]
-#[ignore = "known bug: src/tar.rs parse_member_meta splits pax records at newlines (see docs/RELIABILITY.md, Fuzzing)"]
 fn tar_pax_record_with_newline_in_path() {
     use packds::tar::{parse_member_meta, write_header, Meta};
     let cases: [(&[u8], i64); 3] = [
