@@ -491,12 +491,15 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
     }
     // Move the shards into place (already moved ones are found there).
     let mut records = Vec::new();
+    let mut moved = 0u64;
     for ((info, d), m) in infos.iter().filter(|i| i.0.shards > 0).zip(&manifests) {
         let _ = info;
         for r in &m.shards {
             let (src, dst) = (d.join(&r.file), out.join(&r.file));
             if src.exists() {
                 fs::rename(&src, &dst).ctx("rename", &dst)?;
+                moved += 1;
+                kill_at("kill-in-merge", moved);
             } else if fs::metadata(&dst).map(|md| md.len()).ok() != Some(r.size) {
                 return Err(Error::format(&src, "shard is missing from its part and from the merged dataset"));
             }
@@ -537,6 +540,19 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
     }
     fsx::sync_dir(out)?;
     Ok(MergeSummary { parts: nparts, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: false })
+}
+
+/// Test-only fault injection: `PACKDS_FAULT=kill-in-merge:N` kills the process right after
+/// the N-th shard was moved (to test that a rerun finishes the merge).
+fn kill_at(name: &str, count: u64) {
+    if let Ok(v) = std::env::var("PACKDS_FAULT") {
+        if v.split_once(':').is_some_and(|(w, n)| w == name && n.parse() == Ok(count)) {
+            // SAFETY: raising a signal in our own process.
+            unsafe {
+                libc::raise(libc::SIGKILL);
+            }
+        }
+    }
 }
 
 fn list_parts(out: &Path) -> Result<Vec<(u32, PathBuf)>> {

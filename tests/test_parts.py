@@ -150,7 +150,10 @@ def test_bad_arguments_and_a_damaged_plan(tree, work):
     out = os.path.join(work, "out.pds")
     h.assert_cli_error(h.cli("pack", "--plan", plan, "--part", "4/4", "-o", out), "--part 4/4 is out of range")
     h.assert_cli_error(h.cli("pack", "--plan", plan, "--part", "x", "-o", out), "is not I/N")
-    h.assert_cli_error(h.cli("pack", "-o", out), "no SRC given")
+    r = h.cli("pack", "-o", out)
+    assert r.returncode == 2 and b"pack needs SRC" in r.stderr, h.show(r)
+    r = h.cli("pack", "--plan", plan, "-o", out)
+    assert r.returncode == 2 and b"needs --part" in r.stderr, h.show(r)
     h.assert_cli_error(h.cli("merge", os.path.join(work, "nothing-here")), "")
     b = bytearray(open(plan, "rb").read())
     b[len(b) // 2] ^= 1
@@ -158,3 +161,21 @@ def test_bad_arguments_and_a_damaged_plan(tree, work):
     r = h.cli("pack", "--plan", plan, "--part", "0/2", "-o", out)
     h.assert_cli_error(r, "not a valid packds plan", plan)
     shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kill_after", [1, 3, 5])
+def test_merge_killed_after_moving_n_shards_finishes_on_rerun(tree, work, kill_after):
+    plan = os.path.join(work, "plan")
+    packds.plan(tree, plan, shard_size=32 << 10)
+    out = os.path.join(work, "out.pds")
+    for p in range(3):
+        packds.pack([], out, plan=plan, part=(p, 3))
+    r = h.cli("merge", out, env={"PACKDS_FAULT": f"kill-in-merge:{kill_after}"})
+    assert r.returncode == -9, h.show(r)
+    with pytest.raises(FormatError):
+        packds.open(out)  # no manifest yet: nothing opens
+    r = h.cli("merge", out)
+    assert r.returncode == 0, h.show(r)
+    single = os.path.join(work, "single.pds")
+    packds.pack(tree, single, shard_size=32 << 10)
+    h.assert_same_dataset_bytes(single, out)

@@ -71,8 +71,6 @@ def cmd_pack(a: argparse.Namespace) -> int:
         options["part"] = a.part
     if a.plan is not None:
         options["plan"] = a.plan
-    elif not a.sources:
-        raise UsageErrorWithHint("no SRC given", "name the directories to pack, or --plan PLAN with --part I/N")
     try:
         s = pack(a.sources, a.output, force=a.force, resume=a.resume, progress=update, **options)
     finally:
@@ -296,12 +294,6 @@ def cmd_stage(a: argparse.Namespace) -> int:
     return 0
 
 
-class UsageErrorWithHint(PackdsError):
-    def __init__(self, msg: str, hint: str) -> None:
-        super().__init__(msg)
-        self.hint = hint
-
-
 class KeyErrorWithHint(PackdsError):
     def __init__(self, msg: str, hint: str) -> None:
         super().__init__(msg)
@@ -446,7 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "pack" and not args.sources and args.plan is None:
+        parser.error("pack needs SRC (the directories or files to pack), or --plan PLAN with --part I/N")
+    if args.cmd == "pack" and args.plan is not None and args.part is None:
+        parser.error("pack --plan needs --part I/N (a plan is packed part by part; then `packds merge`)")
     try:
         return args.func(args)
     except KeyboardInterrupt:
