@@ -405,23 +405,23 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
         }
         let skip: Option<String> = match typ {
             b'0' | 0 | b'7' if typ == 0 && raw_name.ends_with(b"/") => Some(String::new()), // old-style directory
-            b'0' | 0 | b'7' if p.sparse => Some("sparse file (pax GNU.sparse records): not supported, extract it and pack it instead".into()),
+            b'0' | 0 | b'7' if p.sparse => Some("sparse file: pax GNU.sparse records, not supported; extract it and pack it instead".into()),
             b'0' | 0 | b'7' => None,
             b'5' | b'D' | b'1' | b'2' | b'3' | b'4' | b'6' if size != 0 && typ != b'D' => {
                 return Err(ambiguous(&format!("member {shown:?} of type '{}' has {size} bytes of data", typ as char)));
             }
             b'5' | b'D' => Some(String::new()),
-            b'1' => Some(format!("hard link to {:?}: not indexed (its target is, where it is a regular member)", show(&link))),
-            b'2' => Some(format!("symlink to {:?}: not indexed", show(&link))),
+            b'1' => Some(format!("hard link: to {:?}, not indexed (its target is, where it is a regular member)", show(&link))),
+            b'2' => Some(format!("symlink: to {:?}, not indexed", show(&link))),
             b'3' | b'4' => Some("device file: not indexed".into()),
             b'6' => Some("FIFO: not indexed".into()),
-            b'S' => Some("GNU sparse file: not supported, extract it and pack it instead".into()),
+            b'S' => Some("GNU sparse file: not supported; extract it and pack it instead".into()),
             b'M' => Some("GNU multi-volume continuation: not supported".into()),
             b'V' => Some("GNU volume label: not a file".into()),
-            t => Some(format!("unsupported member type {:?}", t as char)),
+            t => Some(format!("unsupported member type {:?}: not indexed", t as char)),
         };
         let name = strip_dot_slash(&raw_name);
-        let skip = skip.or_else(|| unsafe_name(name).map(|why| format!("unsafe name ({why}): not indexed")));
+        let skip = skip.or_else(|| unsafe_name(name).map(|why| format!("unsafe name: {why}, not indexed")));
         match skip {
             Some(why) => {
                 if !why.is_empty() {
@@ -658,16 +658,21 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
         }
         work();
     });
+    if cancel.load(Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    // The error that stopped the others (theirs read "cancelled").
+    if let Some(e) = results.iter().position(|r| matches!(r, Some(Err(e)) if !matches!(e, Error::Cancelled))) {
+        return Err(results.into_iter().nth(e).flatten().expect("an error").expect_err("an error"));
+    }
     let mut scans = Vec::with_capacity(tars.len());
-    for r in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    for r in results {
         match r {
             Some(Ok(s)) => scans.push(s),
             Some(Err(e)) => return Err(e),
             None => {}
         }
-    }
-    if cancel.load(Relaxed) {
-        return Err(Error::Cancelled);
     }
     if scans.len() != tars.len() {
         return Err(Error::format(out, "a tar was not scanned (internal error)"));
@@ -900,8 +905,8 @@ mod tests {
         assert_eq!(&v[s.members[0].offset as usize..][..3], b"abc");
         let reasons: Vec<_> = s.skipped.iter().map(|(n, r)| format!("{n}: {r}")).collect();
         assert_eq!(reasons.len(), 4, "{reasons:?}"); // the directory is skipped silently
-        assert!(reasons[0].starts_with("hard: hard link to \"leaf\""), "{reasons:?}");
-        assert!(reasons[1].contains("symlink to \"some/very/long/link/target\""), "{reasons:?}");
+        assert!(reasons[0].starts_with("hard: hard link: to \"leaf\""), "{reasons:?}");
+        assert!(reasons[1].contains("symlink: to \"some/very/long/link/target\""), "{reasons:?}");
         assert!(reasons[2].contains("FIFO") && reasons[3].contains("sparse"), "{reasons:?}");
     }
 
