@@ -264,7 +264,7 @@ class _Reader:
         while self.next <= min(k, len(self.ranges) - 1):
             if self.next >= self.first:
                 lo, hi = self.ranges[self.next]
-                self.jobs[self.next] = self.pool.submit(self._job, lo, hi) if self.pool else None
+                self.jobs[self.next] = self.pool.submit(self._job, lo, hi)
             self.next += 1
 
     def take(self, k: int) -> list:
