@@ -334,3 +334,21 @@ def test_unordered_index_format_on_disk(work, wds_shards):
     ds = packds.open(out)
     ds[1]
     assert any("overlaps another sample" in p for p in ds.verify()["problems"])
+
+
+def test_readme_snippet(work):
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    code = re.search(r"<!-- snippet: wds-grouped -->\n```python\n(.*?)```", readme, re.S).group(1)
+    tar = os.path.join(work, "shard-000000.tar")
+    samples = [{"__key__": f"train/{i:06d}", "jpg": os.urandom(50), "cls": b"3"} for i in range(200)]
+    with webdataset.TarWriter(tar) as w:
+        for s in samples:
+            w.write(s)
+    out = os.path.join(work, "wds.pds")
+    r = h.cli("index", tar, "-o", out, "--group-by-basename")
+    assert r.returncode == 0, h.show(r)
+    ns: dict = {}
+    exec(code.replace("/project/def-me/wds.pds", out), ns)  # noqa: S102 - the README's code
+    assert ns["sample"] == samples[123] and len(ns["g"]) == 200
