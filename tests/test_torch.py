@@ -30,6 +30,13 @@ PER_CLASS = [60, 150, 91, 121]  # 422 samples: not a multiple of 4 ranks
 N = sum(PER_CLASS)
 
 
+@pytest.fixture(autouse=True)
+def single_rank(monkeypatch):
+    """Tests run as one rank unless they say otherwise, even inside a Slurm job or torchrun."""
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+
+
 def collate_list(batch):
     return batch
 
