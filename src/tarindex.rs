@@ -284,9 +284,7 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
             if let Some(p) = pending {
                 return Err(fmt_err(path, format!("the extended header at offset {p} is followed by the end-of-archive marker at offset {at}")));
             }
-            if at == 0 {
-                return Err(fmt_err(path, "not a tar archive (it starts with a zero block)".into()));
-            }
+            // At offset 0 too: an empty archive (`tar -cf x.tar -T /dev/null`), as GNU tar reads it.
             ended = true;
             break;
         }
@@ -636,6 +634,9 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
 
 fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0: Instant) -> Result<IndexTarsSummary> {
     let out = &opts.output;
+    if opts.force {
+        clear(out)?; // the old manifest first: from here on `out` is no dataset until ours is written
+    }
     // Scan: a few tars at once (each read sequentially); the first error stops the others.
     let threads = if opts.threads == 0 { 4 } else { opts.threads }.clamp(1, 64).min(tars.len());
     let next = AtomicUsize::new(0);
@@ -1043,6 +1044,46 @@ mod tests {
         assert!(s.skipped.iter().all(|(_, r)| r.starts_with("unsafe name")));
         assert!(s.warnings.len() == 1 && s.warnings[0].contains("non-zero bytes"), "{:?}", s.warnings);
         assert_eq!(s.size, v.len() as u64);
+    }
+
+    #[test]
+    fn index_tars_end_to_end_through_symlinks_and_the_first_real_error_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let mut tars = Vec::new();
+        for t in 0..6u8 {
+            let mut v = Vec::new();
+            for j in (0..20u8).rev() {
+                member(&mut v, format!("s/{j:02}.{t}").as_bytes(), &vec![j ^ t; usize::from(j) * 100]);
+            }
+            end(&mut v);
+            let p = d.path().join(format!("t{t}.tar"));
+            std::fs::write(&p, &v).unwrap();
+            tars.push(p);
+        }
+        let out = d.path().join("o.pds");
+        let opts = IndexTarsOptions { tars: tars.clone(), output: out.clone(), group_by_basename: true, force: false, link: Link::Symlink, threads: 3 };
+        let s = index_tars(&opts, &AtomicBool::new(false)).unwrap();
+        assert_eq!((s.samples, s.groups, s.tars), (120, Some(20), 6));
+        let r = crate::read::Reader::open(&out).unwrap();
+        assert!(r.index().is_unordered());
+        assert_eq!(r.key(0).unwrap(), b"s/00.0");
+        let i = r.find(b"s/07.3").unwrap().unwrap();
+        assert_eq!(&*r.read(i).unwrap(), &vec![7 ^ 3; 700][..]);
+        let rep = r.verify_with(2, false).unwrap();
+        assert!(rep.problems.is_empty() && rep.samples == 120, "{:?}", rep.problems);
+        assert_eq!(r.unpack(&d.path().join("un")).unwrap(), 120);
+        // A damaged tar among good ones: its own error, not a "cancelled" from the others.
+        let mut bad = std::fs::read(&tars[4]).unwrap();
+        bad[3] ^= 1; // the first header's name: its checksum no longer matches
+        std::fs::write(&tars[4], &bad).unwrap();
+        for _ in 0..5 {
+            let opts = IndexTarsOptions { output: d.path().join("p.pds"), ..opts.clone() };
+            match index_tars(&opts, &AtomicBool::new(false)) {
+                Err(Error::Format { path, what, .. }) => assert!(path == tars[4] && what.contains("checksum"), "{what}"),
+                other => panic!("{other:?}"),
+            }
+            assert!(!d.path().join("p.pds").exists());
+        }
     }
 
     #[test]
