@@ -328,6 +328,10 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
                                     let s = std::str::from_utf8(&v).ok().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse().ok());
                                     p.size = Some(s.ok_or_else(|| fmt_err(path, format!("malformed pax record in the header at offset {at}: bad size {:?}", show(&v))))?);
                                 }
+                                b"GNU.sparse.name" => {
+                                    p.sparse = true;
+                                    p.path = Some(v); // the real name (the ustar one is a placeholder)
+                                }
                                 k if k.starts_with(b"GNU.sparse.") => p.sparse = true,
                                 _ => {}
                             }
@@ -409,7 +413,7 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
                 return Err(ambiguous(&format!("member {shown:?} of type '{}' has {size} bytes of data", typ as char)));
             }
             b'5' | b'D' => Some(String::new()),
-            b'1' => Some(format!("hard link: to {:?}, not indexed (its target is, where it is a regular member)", show(&link))),
+            b'1' => Some(format!("hard link: to {:?}, not indexed (its target is, if it is a regular member)", show(&link))),
             b'2' => Some(format!("symlink: to {:?}, not indexed", show(&link))),
             b'3' | b'4' => Some("device file: not indexed".into()),
             b'6' => Some("FIFO: not indexed".into()),
