@@ -6,8 +6,6 @@
 //! and one that would write more is stopped by the buffer's end. The index itself bounds the
 //! size it may claim (see [`MAX_EXPANSION`]), so a hostile index cannot ask for a huge buffer.
 
-use std::cell::RefCell;
-
 /// Stored as it is.
 pub const RAW: u8 = 0;
 /// One zstd frame.
@@ -184,24 +182,23 @@ unsafe impl zstd::zstd_safe::WriteBuf for Limited<'_> {
 #[derive(Debug)]
 pub struct DecodeError(pub String);
 
-/// Decompresses samples of one dataset (shared by all threads; each thread has its own
-/// decompression context).
+/// Decompresses samples of one dataset. Shared by all threads: decompression contexts are
+/// kept in a small pool (a context allocates its tables once; making one per call, or per
+/// short-lived thread, would cost more than decoding a small sample).
 pub struct Decoder {
     ddict: Option<zstd::zstd_safe::DDict<'static>>,
+    pool: std::sync::Mutex<Vec<zstd::zstd_safe::DCtx<'static>>>,
 }
 
 // SAFETY: a zstd DDict is read-only after creation; zstd documents it as shareable between
-// threads (ZSTD_decompress_usingDDict only reads it).
+// threads (ZSTD_decompress_usingDDict only reads it). DCtx values move between threads only
+// through the mutex-guarded pool, one user at a time.
 unsafe impl Sync for Decoder {}
 unsafe impl Send for Decoder {}
 
-thread_local! {
-    static DCTX: RefCell<zstd::zstd_safe::DCtx<'static>> = RefCell::new(zstd::zstd_safe::DCtx::create());
-}
-
 impl Decoder {
     pub fn new(dict: Option<&[u8]>) -> Decoder {
-        Decoder { ddict: dict.filter(|d| !d.is_empty()).map(zstd::zstd_safe::DDict::create) }
+        Decoder { ddict: dict.filter(|d| !d.is_empty()).map(zstd::zstd_safe::DDict::create), pool: std::sync::Mutex::new(Vec::new()) }
     }
 
     /// Decodes `stored` (codec `codec`) into `dst`, which has exactly the original size.
@@ -223,21 +220,24 @@ impl Decoder {
             Ok(None) => return Err(DecodeError("zstd frame does not record its size".into())),
             Err(_) => return Err(DecodeError("not a zstd frame".into())),
         }
-        let res = DCTX.with(|c| {
-            let mut c = c.borrow_mut();
-            if codec == ZSTD_DICT {
-                match &self.ddict {
-                    Some(d) => c.decompress_using_ddict(dst, stored, d),
-                    None => Err(usize::MAX),
-                }
-            } else {
-                c.decompress(dst, stored)
+        if codec == ZSTD_DICT && self.ddict.is_none() {
+            return Err(DecodeError("sample needs the dataset's zstd dictionary, which is missing".into()));
+        }
+        // try_lock, never lock: a pool held by a thread that does not exist after a fork must
+        // not block the child (it then simply makes a context of its own).
+        let mut c = self.pool.try_lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(zstd::zstd_safe::DCtx::create);
+        let res = match (&self.ddict, codec) {
+            (Some(d), ZSTD_DICT) => c.decompress_using_ddict(dst, stored, d),
+            _ => c.decompress(dst, stored),
+        };
+        if let Ok(mut pool) = self.pool.try_lock() {
+            if pool.len() < 64 {
+                pool.push(c);
             }
-        });
+        }
         match res {
             Ok(n) if n == dst.len() => Ok(()),
             Ok(n) => Err(DecodeError(format!("zstd frame decoded to {n} bytes, the index says {}", dst.len()))),
-            Err(usize::MAX) => Err(DecodeError("sample needs the dataset's zstd dictionary, which is missing".into())),
             Err(code) => Err(DecodeError(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))),
         }
     }

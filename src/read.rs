@@ -355,7 +355,8 @@ impl Reader {
             let p = dest.join(std::ffi::OsStr::from_bytes(key));
             let data = self.get_checked(i)?;
             let meta = self.header_meta(i);
-            let mode = meta.map_or(0o644, |m| m.0);
+            // Permission bits only: setuid, setgid and sticky bits are never restored.
+            let mode = meta.map_or(0o644, |m| m.0 & 0o777);
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)

@@ -177,7 +177,7 @@ impl PyReader {
             }
         };
         let res: crate::Result<()> = py.detach(|| {
-            let threads = if work >= 4 * DETACH_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) } else { 1 };
+            let threads = if work >= 16 * DETACH_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) } else { 1 };
             if threads <= 1 || jobs.len() < 2 {
                 return jobs.iter().try_for_each(fill);
             }
