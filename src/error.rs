@@ -92,6 +92,23 @@ impl Error {
     }
 }
 
+
+/// Operations that write (create, replace or remove) rather than read the input.
+fn is_write_op(op: &str) -> bool {
+    matches!(op, "create directory" | "create" | "write" | "rename" | "fsync" | "remove" | "truncate" | "chmod")
+}
+
+/// Shorthand: `.ctx("open", path)` on an `io::Result`.
+pub trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,21 +124,5 @@ mod tests {
         assert!(ro.contains("read-only"), "{ro}");
         let long = Error::io("stat", "/a/b", io::Error::from_raw_os_error(libc::ENAMETOOLONG)).hint().unwrap();
         assert!(long.contains("PATH_MAX") && long.contains("--on-error skip"), "{long}");
-    }
-}
-
-/// Operations that write (create, replace or remove) rather than read the input.
-fn is_write_op(op: &str) -> bool {
-    matches!(op, "create directory" | "create" | "write" | "rename" | "fsync" | "remove" | "truncate" | "chmod")
-}
-
-/// Shorthand: `.ctx("open", path)` on an `io::Result`.
-pub trait IoContext<T> {
-    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T>;
-}
-
-impl<T> IoContext<T> for io::Result<T> {
-    fn ctx(self, op: &'static str, path: impl AsRef<Path>) -> Result<T> {
-        self.map_err(|e| Error::io(op, path, e))
     }
 }

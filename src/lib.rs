@@ -11,6 +11,7 @@
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
 //! - [`plan`]    partitioned packing (job arrays): plan, pack --part I/N, merge
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
+//! - [`sigbus`]  a SIGBUS guard for shards truncated under a reader's mappings
 //! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
 //! - [`tarindex`] `packds index`: an index over existing tar files (WebDataset shards), in place
 //! - `py`        the only code that names pyo3 (feature `python`)
@@ -23,6 +24,7 @@ pub mod manifest;
 pub mod pack;
 pub mod plan;
 pub mod read;
+pub mod sigbus;
 pub mod stage;
 pub mod tarindex;
 pub mod tar;

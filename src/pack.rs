@@ -78,7 +78,10 @@ pub struct H5Shard<'a> {
 
 /// Creates an HDF5 shard skeleton (see [`H5Shard`]); returns the data array's file offset.
 #[derive(Clone)]
-pub struct H5Writer(pub std::sync::Arc<dyn Fn(&H5Shard) -> Result<u64> + Send + Sync>);
+pub struct H5Writer(pub std::sync::Arc<H5WriteFn>);
+
+/// The function behind an [`H5Writer`].
+pub type H5WriteFn = dyn Fn(&H5Shard) -> Result<u64> + Send + Sync;
 
 impl std::fmt::Debug for H5Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

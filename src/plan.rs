@@ -282,7 +282,7 @@ pub fn read_plan(path: &Path) -> Result<Plan> {
         roots.push(SourceRoot { path: PathBuf::from(p), is_file });
     }
     let n = r.u64()?;
-    if n != header.files || n.checked_mul(8).is_none_or(|x| x > body.len() as u64) {
+    if n != header.files || n.checked_mul(8).map_or(true, |x| x > body.len() as u64) {
         return Err(bad("file count"));
     }
     let table = r.take(n * 8)?;
@@ -294,7 +294,7 @@ pub fn read_plan(path: &Path) -> Result<Plan> {
         let root = u32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
         let kl = u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")) as usize;
         let key = keys.get(at..at + kl).ok_or_else(|| bad("key table"))?;
-        if root >= nroots || (files.len() > 0 && files.key(files.len() - 1) >= key) {
+        if root >= nroots || (!files.is_empty() && files.key(files.len() - 1) >= key) {
             return Err(bad("file list is not sorted or names a missing root"));
         }
         files.push(key, root);

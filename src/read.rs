@@ -28,8 +28,19 @@ pub struct Reader {
     dir: PathBuf,
     index: Index,
     manifest: Manifest,
-    maps: Vec<Option<Mmap>>,
+    maps: Vec<Option<Mapped>>,
     decoder: Decoder,
+}
+
+/// (sample, offset, stored size, CRC32C, codec) of one sample, in a per-shard verify list.
+type ShardSample = (usize, u64, u64, u32, u8);
+/// A shard's verify outcome: problems found, compressed samples decoded.
+type ShardCheck = Result<(Vec<String>, u64)>;
+
+/// A shard mapping and its SIGBUS guard (declared first: unregistered before the unmap).
+struct Mapped {
+    guard: crate::sigbus::Guard,
+    map: Mmap,
 }
 
 /// The outcome of `verify`: what was checked and every problem found.
@@ -129,7 +140,7 @@ impl Reader {
         match &self.maps[e.shard as usize] {
             // In bounds: `entry` checked offset + size <= the shard size recorded in the index,
             // and `map_shard` checked that the mapped file has exactly that size.
-            Some(m) => Ok(&m[e.offset as usize..(e.offset + e.size) as usize]),
+            Some(m) => Ok(&m.map[e.offset as usize..(e.offset + e.size) as usize]),
             None => Ok(&[]),
         }
     }
@@ -142,20 +153,26 @@ impl Reader {
         if e.codec == codec::RAW {
             return Ok(Cow::Borrowed(stored));
         }
-        self.decoder.decode(e.codec, stored, e.raw).map(Cow::Owned).map_err(|d| self.decode_error(i, e.shard, d))
+        let r = self.decoder.decode(e.codec, stored, e.raw);
+        self.check_intact(e.shard)?;
+        r.map(Cow::Owned).map_err(|d| self.decode_error(i, e.shard, d))
     }
 
     /// Decodes sample `i` into `dst`, which must have exactly its original size.
     pub fn read_into(&self, i: usize, dst: &mut [u8]) -> Result<()> {
         let e = self.index.entry(i)?;
-        self.decoder.decode_into(e.codec, self.stored(&e), dst).map_err(|d| self.decode_error(i, e.shard, d))
+        let r = self.decoder.decode_into(e.codec, self.stored(&e), dst);
+        self.check_intact(e.shard)?;
+        r.map_err(|d| self.decode_error(i, e.shard, d))
     }
 
     /// Like `read_into`, then checks the CRC32C of the original bytes.
     /// A frame that does not decode counts as a checksum mismatch here.
     pub fn read_into_checked(&self, i: usize, dst: &mut [u8]) -> Result<()> {
         let e = self.index.entry(i)?;
-        if self.decoder.decode_into(e.codec, self.stored(&e), dst).is_err() || crc32c::crc32c(dst) != e.crc {
+        let r = self.decoder.decode_into(e.codec, self.stored(&e), dst);
+        self.check_intact(e.shard)?;
+        if r.is_err() || crc32c::crc32c(dst) != e.crc {
             return Err(self.checksum_error(i, e.shard));
         }
         Ok(())
@@ -172,8 +189,21 @@ impl Reader {
         match &self.maps[e.shard as usize] {
             // In bounds: `entry` checked offset + size <= the shard size recorded in the index,
             // and `map_shard` checked that the mapped file has exactly that size.
-            Some(m) => &m[e.offset as usize..(e.offset + e.size) as usize],
+            Some(m) => &m.map[e.offset as usize..(e.offset + e.size) as usize],
             None => &[],
+        }
+    }
+
+    /// Err when shard `shard` shrank under its mapping since the dataset was opened (a read
+    /// of it faulted and got zeros; see [`crate::sigbus`]). Call after using bytes from it.
+    #[inline]
+    pub fn check_intact(&self, shard: u32) -> Result<()> {
+        match self.maps.get(shard as usize) {
+            Some(Some(m)) if m.guard.tripped() => {
+                let path = self.dir.join(&self.index.shards()[shard as usize].name);
+                Err(Error::format_hint(&path, "shard was truncated or overwritten while this dataset was open", "never modify a dataset in place while jobs read it; re-stage or re-pack it into a new directory, then open it again"))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -188,10 +218,15 @@ impl Reader {
     pub fn get_checked(&self, i: usize) -> Result<Cow<'_, [u8]>> {
         let e = self.index.entry(i)?;
         let b = match self.read(i) {
-            Err(Error::Format { .. }) => return Err(self.checksum_error(i, e.shard)),
+            Err(Error::Format { .. }) => {
+                self.check_intact(e.shard)?;
+                return Err(self.checksum_error(i, e.shard));
+            }
             r => r?,
         };
-        if crc32c::crc32c(&b) != e.crc {
+        let crc = crc32c::crc32c(&b);
+        self.check_intact(e.shard)?;
+        if crc != e.crc {
             return Err(self.checksum_error(i, e.shard));
         }
         Ok(b)
@@ -224,7 +259,7 @@ impl Reader {
             rep.problems.push(format!("{}: checksum does not match manifest.json", ipath.display()));
         }
         // Samples per shard, in offset order.
-        let mut per: Vec<Vec<(usize, u64, u64, u32, u8)>> = vec![Vec::new(); self.index.shards().len()];
+        let mut per: Vec<Vec<ShardSample>> = vec![Vec::new(); self.index.shards().len()];
         for i in 0..self.index.len() {
             let e = self.index.entry(i)?;
             per[e.shard as usize].push((i, e.offset, e.size, e.crc, e.codec));
@@ -237,7 +272,7 @@ impl Reader {
             }
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: std::sync::Mutex<Vec<(usize, Result<(Vec<String>, u64)>)>> = Default::default();
+        let results: std::sync::Mutex<Vec<(usize, ShardCheck)>> = Default::default();
         let work = || loop {
             let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if s >= per.len() {
@@ -265,7 +300,7 @@ impl Reader {
         Ok(rep)
     }
 
-    fn verify_shard(&self, s: usize, samples: &[(usize, u64, u64, u32, u8)], deep: bool) -> Result<(Vec<String>, u64)> {
+    fn verify_shard(&self, s: usize, samples: &[ShardSample], deep: bool) -> ShardCheck {
         let info = &self.index.shards()[s];
         let path = self.dir.join(&info.name);
         let mut f = File::open(&path).ctx("open", &path)?;
@@ -385,7 +420,7 @@ impl Reader {
         if !self.index.shards()[e.shard as usize].name.ends_with(".tar") {
             return None;
         }
-        let m = self.maps[e.shard as usize].as_ref()?;
+        let m = &self.maps[e.shard as usize].as_ref()?.map;
         if self.index.is_unordered() {
             // A tar packds did not write: its member's ustar header is the block right before
             // the data (after any pax or GNU long-name header). Only the permission bits are
@@ -436,7 +471,7 @@ fn advise_sequential(f: &File) {
     }
 }
 
-fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<Option<Mmap>> {
+fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<Option<Mapped>> {
     let path = dir.join(&s.name);
     let f = File::open(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -459,7 +494,7 @@ fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<Option<M
     // SAFETY: shards are immutable once renamed into place (packds never writes a finished
     // shard). The length was checked above; every slice taken from it is bounds-checked.
     let m = unsafe { mo.map(&f) }.ctx("map", &path)?;
-    Ok(Some(m))
+    Ok(Some(Mapped { guard: crate::sigbus::register(m.as_ptr(), m.len()), map: m }))
 }
 
 #[cfg(test)]

@@ -74,7 +74,9 @@ impl PyReader {
     fn sample<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
         let e = self.inner.entry(i).map_err(to_py)?;
         if e.codec == crate::codec::RAW && !self.check {
-            return Ok(PyBytes::new(py, self.inner.stored(&e)));
+            let b = PyBytes::new(py, self.inner.stored(&e));
+            self.inner.check_intact(e.shard).map_err(to_py)?;
+            return Ok(b);
         }
         let r = &*self.inner;
         let check = self.check;
@@ -159,11 +161,12 @@ impl PyReader {
         let fill = |job: &(usize, usize, usize, bool)| -> crate::Result<()> {
             let &(j, buf, len, coded) = job;
             if !coded && !check {
-                let src = reader.stored(&reader.entry(j)?);
+                let e = reader.entry(j)?;
+                let src = reader.stored(&e);
                 // SAFETY: `buf` points at `len` writable bytes of a bytes object kept alive by
                 // `objs` on the caller's stack; no other thread writes it.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf as *mut u8, len.min(src.len())) };
-                return Ok(());
+                return reader.check_intact(e.shard);
             }
             // SAFETY: as above; zeroed first so the slice is initialised memory.
             let dst = unsafe {
@@ -212,7 +215,10 @@ impl PyReader {
     /// `ds[i]` for one stored raw).
     fn raw<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
-        Ok(PyBytes::new(py, self.inner.get(j).map_err(to_py)?))
+        let e = self.inner.entry(j).map_err(to_py)?;
+        let b = PyBytes::new(py, self.inner.stored(&e));
+        self.inner.check_intact(e.shard).map_err(to_py)?;
+        Ok(b)
     }
 
     /// Stored size of sample `i` (equal to `size(i)` unless it is compressed).
