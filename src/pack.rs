@@ -646,7 +646,8 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
 enum Item {
     /// A whole member (tar: header, stored data, padding; h5: the stored data); the data starts
     /// at `hlen` and has `stored` bytes, encoded with `codec`; `crc` is of the original bytes.
-    Small { meta: Meta, member: Vec<u8>, hlen: usize, crc: u32, stored: u64, codec: u8 },
+    /// `planned` is its [`planned_len`], computed here in parallel, off the writer's path.
+    Small { meta: Meta, member: Vec<u8>, hlen: usize, crc: u32, stored: u64, codec: u8, planned: u64 },
     Large { meta: Meta, file: File, path: PathBuf },
     Skip(Skipped),
     Fail(Error),
@@ -755,7 +756,8 @@ fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64, buf: Vec<u8>,
         if tar {
             member.resize(member.len() + tar::padding(stored.len() as u64) as usize, 0);
         }
-        return Ok(Item::Small { meta, member, hlen, crc, stored: stored.len() as u64, codec });
+        let planned = planned_len(format, key, &meta);
+        return Ok(Item::Small { meta, member, hlen, crc, stored: stored.len() as u64, codec, planned });
     }
     // The whole member is built here, in parallel: header, data, padding. The writer then only
     // appends it.
@@ -766,7 +768,9 @@ fn read_one(path: &Path, key: &[u8], follow: bool, small_max: u64, buf: Vec<u8>,
     if tar {
         member.resize(hlen + want + tar::padding(meta.size) as usize, 0);
     }
-    Ok(Item::Small { meta, member, hlen, crc, stored: meta.size, codec: codec::RAW })
+    // Uncompressed, the member is exactly what the shard-size rule counts.
+    let planned = if tar { member.len() as u64 } else { meta.size };
+    Ok(Item::Small { meta, member, hlen, crc, stored: meta.size, codec: codec::RAW, planned })
 }
 
 /// What the pipeline packs: files `start..end` (`start` is past any resumed shards;
@@ -949,7 +953,10 @@ fn run_pipeline(
                 // Large files are streamed here; their member length is known only for raw
                 // storage (compressed ones start a new shard check after compressing).
                 let _ = tar;
-                let member_len = planned_len(opts.format, key, &meta);
+                let member_len = match &item {
+                    Item::Small { planned, .. } => *planned,
+                    _ => planned_len(opts.format, key, &meta),
+                };
                 if let Some(s) = &cur {
                     let cut = match sel.cuts {
                         Some(_) => false, // a plan's boundaries were applied above
