@@ -170,12 +170,12 @@ pub fn fix_index_crcs(b: &mut [u8]) {
     put(b, 124, &c.to_le_bytes());
 }
 
-/// Rows of the index's shard table (version 1 layout) whose name is one of `files`: sets their
+/// Rows of the index's shard table (format 1 and 2 layout) whose name is one of `files`: sets their
 /// size and XXH3-128 to the file's actual ones.
 fn fix_index_shard_table(ix: &mut [u8], files: &[(String, Vec<u8>)]) {
     let (Some(ns), Some(so), Some(no), Some(nl)) = (rd_u64(ix, 24), rd_u64(ix, 56), rd_u64(ix, 64), rd_u64(ix, 72)) else { return };
     for s in 0..ns.min(64) as usize {
-        let Some(at) = (so as usize).checked_add(s * 32) else { return };
+        let Some(at) = (so as usize).checked_add(s * 32).filter(|at| at.checked_add(32).is_some_and(|end| end <= ix.len())) else { return };
         let (Some(noff), Some(nlen)) = (rd_u32(ix, at + 24), rd_u32(ix, at + 28)) else { return };
         let name = (no as usize).checked_add(noff as usize).and_then(|a| Some((a, a.checked_add(nlen as usize)?)));
         let Some(name) = name.filter(|&(_, e)| e as u64 <= no.saturating_add(nl)).and_then(|(a, e)| ix.get(a..e)) else { continue };
