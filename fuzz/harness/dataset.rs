@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 /// At most this many samples are read per input (counts come from hostile bytes).
 pub const CAP: usize = 10_000;
 
+/// A dataset's files: (name, bytes), manifest first, index second, then the shards.
+pub type Files = Vec<(String, Vec<u8>)>;
+
 pub const INDEX: &str = "index.pdsi";
 pub const MANIFEST: &str = "manifest.json";
 
@@ -324,7 +327,7 @@ fn write_if_changed(path: &Path, now: &mut Vec<u8>, want: &[u8]) {
 
 /// Both fixtures, written once into `root/ds`: the packed one (`manifest.json`, `index.pdsi`,
 /// `shard-*.tar`) and the coded one's shards (`zshard-*.tar`). Returns (packed, coded).
-fn write_fixtures(root: &Path) -> (PathBuf, Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
+fn write_fixtures(root: &Path) -> (PathBuf, Files, Files) {
     let packed = build_fixture(root);
     let coded = build_coded_fixture(&packed[0].1);
     let ds = root.join("ds");
