@@ -376,10 +376,26 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
     Ok(ConcatSummary { samples: n, total_bytes: raw_total, stored_bytes: stored_total, file_size: file_size as u64, xxh3_128: hash.digest128() })
 }
 
+/// The index file's bytes: mapped, or read whole where the filesystem cannot map files.
+enum IndexBytes {
+    Mapped(Mmap),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for IndexBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            IndexBytes::Mapped(m) => m,
+            IndexBytes::Read(v) => v,
+        }
+    }
+}
+
 /// A mapped, header-validated index.
 pub struct Index {
     path: PathBuf,
-    map: Option<Mmap>,
+    map: Option<IndexBytes>,
     n: usize,
     entries_off: usize,
     keys_off: usize,
@@ -421,12 +437,21 @@ impl Index {
         } else {
             // SAFETY: the index is an immutable file (written once under a temporary name and
             // renamed into place). Every access below is bounds-checked against the map length.
-            Some(unsafe { Mmap::map(&f) }.ctx("map", path)?)
+            match unsafe { Mmap::map(&f) } {
+                Ok(m) => Some(IndexBytes::Mapped(m)),
+                // A filesystem that cannot map files (FUSE with direct I/O): read it whole.
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                    let mut v = Vec::new();
+                    std::io::Read::read_to_end(&mut &f, &mut v).ctx("read", path)?;
+                    Some(IndexBytes::Read(v))
+                }
+                Err(e) => return Err(Error::io("map", path, e)),
+            }
         };
         Self::from_map(path, map)
     }
 
-    fn from_map(path: &Path, map: Option<Mmap>) -> Result<Index> {
+    fn from_map(path: &Path, map: Option<IndexBytes>) -> Result<Index> {
         let bad = |what: String| Error::format(path, what);
         let b: &[u8] = map.as_deref().unwrap_or(&[]);
         if b.len() < HEADER_SIZE {

@@ -28,8 +28,17 @@ pub struct Reader {
     dir: PathBuf,
     index: Index,
     manifest: Manifest,
-    maps: Vec<Option<Mapped>>,
+    maps: Vec<ShardData>,
     decoder: Decoder,
+}
+
+/// How a shard's bytes are reached.
+enum ShardData {
+    Empty,
+    Mapped(Mapped),
+    /// A filesystem that cannot map files (a FUSE mount with direct I/O answers ENODEV): read
+    /// with `pread`, one read per access.
+    Unmapped(File),
 }
 
 /// (sample, offset, stored size, CRC32C, codec) of one sample, in a per-shard verify list.
@@ -133,27 +142,22 @@ impl Reader {
         Ok((self.dir.join(&self.index.shards()[e.shard as usize].name), e.offset, e.size))
     }
 
-    /// The stored bytes of sample `i`, borrowed from the mapping.
+    /// The stored bytes of sample `i` (borrowed from the mapping when the shard is mapped).
     #[inline]
-    pub fn get(&self, i: usize) -> Result<&[u8]> {
+    pub fn get(&self, i: usize) -> Result<Cow<'_, [u8]>> {
         let e = self.index.entry(i)?;
-        match &self.maps[e.shard as usize] {
-            // In bounds: `entry` checked offset + size <= the shard size recorded in the index,
-            // and `map_shard` checked that the mapped file has exactly that size.
-            Some(m) => Ok(&m.map[e.offset as usize..(e.offset + e.size) as usize]),
-            None => Ok(&[]),
-        }
+        self.stored(&e)
     }
 
     /// The original bytes of sample `i`: borrowed from the mapping when stored raw, decoded
     /// otherwise.
     pub fn read(&self, i: usize) -> Result<Cow<'_, [u8]>> {
         let e = self.index.entry(i)?;
-        let stored = self.stored(&e);
+        let stored = self.stored(&e)?;
         if e.codec == codec::RAW {
-            return Ok(Cow::Borrowed(stored));
+            return Ok(stored);
         }
-        let r = self.decoder.decode(e.codec, stored, e.raw);
+        let r = self.decoder.decode(e.codec, &stored, e.raw);
         self.check_intact(e.shard)?;
         r.map(Cow::Owned).map_err(|d| self.decode_error(i, e.shard, d))
     }
@@ -161,7 +165,7 @@ impl Reader {
     /// Decodes sample `i` into `dst`, which must have exactly its original size.
     pub fn read_into(&self, i: usize, dst: &mut [u8]) -> Result<()> {
         let e = self.index.entry(i)?;
-        let r = self.decoder.decode_into(e.codec, self.stored(&e), dst);
+        let r = self.decoder.decode_into(e.codec, &self.stored(&e)?, dst);
         self.check_intact(e.shard)?;
         r.map_err(|d| self.decode_error(i, e.shard, d))
     }
@@ -170,7 +174,7 @@ impl Reader {
     /// A frame that does not decode counts as a checksum mismatch here.
     pub fn read_into_checked(&self, i: usize, dst: &mut [u8]) -> Result<()> {
         let e = self.index.entry(i)?;
-        let r = self.decoder.decode_into(e.codec, self.stored(&e), dst);
+        let r = self.decoder.decode_into(e.codec, &self.stored(&e)?, dst);
         self.check_intact(e.shard)?;
         if r.is_err() || crc32c::crc32c(dst) != e.crc {
             return Err(self.checksum_error(i, e.shard));
@@ -183,14 +187,36 @@ impl Reader {
         self.index.entry(i)
     }
 
-    /// The stored bytes of an entry (from [`Reader::entry`]), borrowed from the mapping.
+    /// The stored bytes of an entry (from [`Reader::entry`]): borrowed from the mapping, or
+    /// read with `pread` from a shard that could not be mapped.
     #[inline]
-    pub fn stored(&self, e: &Entry) -> &[u8] {
-        match &self.maps[e.shard as usize] {
+    pub fn stored(&self, e: &Entry) -> Result<Cow<'_, [u8]>> {
+        self.bytes(e.shard, e.offset, e.size)
+    }
+
+    /// Bytes `[off, off + len)` of shard `shard`; the caller has bounds-checked them against the
+    /// shard size recorded in the index.
+    #[inline]
+    fn bytes(&self, shard: u32, off: u64, len: u64) -> Result<Cow<'_, [u8]>> {
+        match &self.maps[shard as usize] {
             // In bounds: `entry` checked offset + size <= the shard size recorded in the index,
             // and `map_shard` checked that the mapped file has exactly that size.
-            Some(m) => &m.map[e.offset as usize..(e.offset + e.size) as usize],
-            None => &[],
+            ShardData::Mapped(m) => Ok(Cow::Borrowed(&m.map[off as usize..(off + len) as usize])),
+            ShardData::Empty => Ok(Cow::Borrowed(&[])),
+            ShardData::Unmapped(f) => {
+                let path = || self.dir.join(&self.index.shards()[shard as usize].name);
+                let mut v = Vec::new();
+                v.try_reserve_exact(len as usize).map_err(|_| Error::format(path(), format!("cannot allocate {len} bytes for a sample")))?;
+                v.resize(len as usize, 0);
+                std::os::unix::fs::FileExt::read_exact_at(f, &mut v, off).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        Error::format_hint(path(), "shard was truncated or overwritten while this dataset was open", "never modify a dataset in place while jobs read it; re-stage or re-pack it into a new directory, then open it again")
+                    } else {
+                        Error::io("read", path(), e)
+                    }
+                })?;
+                Ok(Cow::Owned(v))
+            }
         }
     }
 
@@ -199,7 +225,7 @@ impl Reader {
     #[inline]
     pub fn check_intact(&self, shard: u32) -> Result<()> {
         match self.maps.get(shard as usize) {
-            Some(Some(m)) if m.guard.tripped() => {
+            Some(ShardData::Mapped(m)) if m.guard.tripped() => {
                 let path = self.dir.join(&self.index.shards()[shard as usize].name);
                 Err(Error::format_hint(&path, "shard was truncated or overwritten while this dataset was open", "never modify a dataset in place while jobs read it; re-stage or re-pack it into a new directory, then open it again"))
             }
@@ -420,23 +446,24 @@ impl Reader {
         if !self.index.shards()[e.shard as usize].name.ends_with(".tar") {
             return None;
         }
-        let m = &self.maps[e.shard as usize].as_ref()?.map;
+        let shard_len = self.index.shards()[e.shard as usize].size;
+        let region = |a: u64, b: u64| -> Option<Cow<'_, [u8]>> { (a <= b && b <= shard_len).then(|| self.bytes(e.shard, a, b - a).ok()).flatten() };
         if self.index.is_unordered() {
             // A tar packds did not write: its member's ustar header is the block right before
             // the data (after any pax or GNU long-name header). Only the permission bits are
             // kept (no setuid, setgid or sticky bits from a foreign archive).
-            let b = e.offset.checked_sub(tar::BLOCK)? as usize;
-            return tar::parse_mode_mtime(m.get(b..b + tar::BLOCK as usize)?).map(|(mode, mtime)| (mode & 0o777, mtime));
+            let b = e.offset.checked_sub(tar::BLOCK)?;
+            return tar::parse_mode_mtime(&region(b, b + tar::BLOCK)?).map(|(mode, mtime)| (mode & 0o777, mtime));
         }
         // Members are contiguous: this one's headers start where the previous member ends.
         let start = match i.checked_sub(1).and_then(|p| self.index.entry(p).ok()) {
             Some(p) if p.shard == e.shard => p.offset + p.size + tar::padding(p.size),
             _ => 0,
         };
-        let hdrs = m.get(start as usize..e.offset as usize)?;
-        tar::parse_member_meta(hdrs).or_else(|| {
-            let b = e.offset.checked_sub(tar::BLOCK)? as usize;
-            tar::parse_mode_mtime(m.get(b..b + tar::BLOCK as usize)?)
+        let hdrs = region(start, e.offset)?;
+        tar::parse_member_meta(&hdrs).or_else(|| {
+            let b = e.offset.checked_sub(tar::BLOCK)?;
+            tar::parse_mode_mtime(&region(b, b + tar::BLOCK)?)
         })
     }
 }
@@ -471,7 +498,7 @@ fn advise_sequential(f: &File) {
     }
 }
 
-fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<Option<Mapped>> {
+fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<ShardData> {
     let path = dir.join(&s.name);
     let f = File::open(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -485,7 +512,7 @@ fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<Option<M
         return Err(Error::format(&path, format!("shard is {len} bytes, the index says {} (truncated or replaced)", s.size)));
     }
     if len == 0 {
-        return Ok(None);
+        return Ok(ShardData::Empty);
     }
     let mut mo = MmapOptions::new();
     if opts.populate {
@@ -493,8 +520,12 @@ fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<Option<M
     }
     // SAFETY: shards are immutable once renamed into place (packds never writes a finished
     // shard). The length was checked above; every slice taken from it is bounds-checked.
-    let m = unsafe { mo.map(&f) }.ctx("map", &path)?;
-    Ok(Some(Mapped { guard: crate::sigbus::register(m.as_ptr(), m.len()), map: m }))
+    match unsafe { mo.map(&f) } {
+        Ok(m) => Ok(ShardData::Mapped(Mapped { guard: crate::sigbus::register(m.as_ptr(), m.len()), map: m })),
+        // A filesystem that cannot map files (FUSE with direct I/O): read with pread instead.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(ShardData::Unmapped(f)),
+        Err(e) => Err(Error::io("map", &path, e)),
+    }
 }
 
 #[cfg(test)]

@@ -115,7 +115,7 @@ class Dataset(_core.Reader):
         Built on Python's own ``mmap`` (the extension targets the stable ABI from 3.9, whose
         buffer protocol arrives only in 3.11); the view keeps its mapping alive, so it stays
         valid after ``del ds``. A sample stored compressed cannot be viewed in place: it is
-        decoded, and the view is of that copy. With ``open(..., verify=True)`` every view is
+        decoded, and the view is of that copy (as on a filesystem that cannot map files). With ``open(..., verify=True)`` every view is
         of a checked copy.
         """
         if self.verifies or self._codec(i):
@@ -126,8 +126,13 @@ class Dataset(_core.Reader):
             with self._maps_lock:
                 m = self._maps.get(shard)
                 if m is None:
-                    with builtins.open(self._shard_path(shard), "rb") as f:
-                        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    try:
+                        with builtins.open(self._shard_path(shard), "rb") as f:
+                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    except OSError:
+                        # A filesystem that cannot map files (FUSE with direct I/O): the reader
+                        # uses pread there, and a view is of a copy.
+                        return memoryview(self[i])
                     self._maps[shard] = m
         return memoryview(m)[offset : offset + size]
 

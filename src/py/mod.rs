@@ -74,7 +74,7 @@ impl PyReader {
     fn sample<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
         let e = self.inner.entry(i).map_err(to_py)?;
         if e.codec == crate::codec::RAW && !self.check {
-            let b = PyBytes::new(py, self.inner.stored(&e));
+            let b = PyBytes::new(py, &self.inner.stored(&e).map_err(to_py)?);
             self.inner.check_intact(e.shard).map_err(to_py)?;
             return Ok(b);
         }
@@ -162,7 +162,7 @@ impl PyReader {
             let &(j, buf, len, coded) = job;
             if !coded && !check {
                 let e = reader.entry(j)?;
-                let src = reader.stored(&e);
+                let src = reader.stored(&e)?;
                 // SAFETY: `buf` points at `len` writable bytes of a bytes object kept alive by
                 // `objs` on the caller's stack; no other thread writes it.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf as *mut u8, len.min(src.len())) };
@@ -216,7 +216,7 @@ impl PyReader {
     fn raw<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         let e = self.inner.entry(j).map_err(to_py)?;
-        let b = PyBytes::new(py, self.inner.stored(&e));
+        let b = PyBytes::new(py, &self.inner.stored(&e).map_err(to_py)?);
         self.inner.check_intact(e.shard).map_err(to_py)?;
         Ok(b)
     }
