@@ -201,27 +201,38 @@ impl Decoder {
         Decoder { ddict: dict.filter(|d| !d.is_empty()).map(zstd::zstd_safe::DDict::create), pool: std::sync::Mutex::new(Vec::new()) }
     }
 
-    /// Decodes `stored` (codec `codec`) into `dst`, which has exactly the original size.
-    pub fn decode_into(&self, codec: u8, stored: &[u8], dst: &mut [u8]) -> Result<(), DecodeError> {
+    /// The checks that need no output buffer: a known codec, sizes that agree, a frame that
+    /// records the original size, a dictionary when one is needed. Run before allocating the
+    /// output, so a lying frame or index costs nothing.
+    pub fn check(&self, codec: u8, stored: &[u8], raw_size: u64) -> Result<(), DecodeError> {
         match codec {
             RAW => {
-                if stored.len() != dst.len() {
-                    return Err(DecodeError(format!("stored size {} differs from the original size {}", stored.len(), dst.len())));
+                if stored.len() as u64 != raw_size {
+                    return Err(DecodeError(format!("stored size {} differs from the original size {raw_size}", stored.len())));
                 }
-                dst.copy_from_slice(stored);
                 return Ok(());
             }
             ZSTD | ZSTD_DICT => {}
             c => return Err(DecodeError(format!("unknown codec {c}"))),
         }
         match zstd::zstd_safe::get_frame_content_size(stored) {
-            Ok(Some(n)) if n == dst.len() as u64 => {}
-            Ok(Some(n)) => return Err(DecodeError(format!("zstd frame claims {n} bytes, the index says {}", dst.len()))),
+            Ok(Some(n)) if n == raw_size => {}
+            Ok(Some(n)) => return Err(DecodeError(format!("zstd frame claims {n} bytes, the index says {raw_size}"))),
             Ok(None) => return Err(DecodeError("zstd frame does not record its size".into())),
             Err(_) => return Err(DecodeError("not a zstd frame".into())),
         }
         if codec == ZSTD_DICT && self.ddict.is_none() {
             return Err(DecodeError("sample needs the dataset's zstd dictionary, which is missing".into()));
+        }
+        Ok(())
+    }
+
+    /// Decodes `stored` (codec `codec`) into `dst`, which has exactly the original size.
+    pub fn decode_into(&self, codec: u8, stored: &[u8], dst: &mut [u8]) -> Result<(), DecodeError> {
+        self.check(codec, stored, dst.len() as u64)?;
+        if codec == RAW {
+            dst.copy_from_slice(stored);
+            return Ok(());
         }
         // try_lock, never lock: a pool held by a thread that does not exist after a fork must
         // not block the child (it then simply makes a context of its own).
@@ -244,6 +255,7 @@ impl Decoder {
 
     /// Decodes into a new buffer (fallible allocation: a huge claimed size is an error).
     pub fn decode(&self, codec: u8, stored: &[u8], raw_size: u64) -> Result<Vec<u8>, DecodeError> {
+        self.check(codec, stored, raw_size)?;
         let n = usize::try_from(raw_size).map_err(|_| DecodeError(format!("original size {raw_size} does not fit in memory")))?;
         let mut v = Vec::new();
         v.try_reserve_exact(n).map_err(|_| DecodeError(format!("cannot allocate {n} bytes for the decoded sample")))?;

@@ -170,6 +170,18 @@ impl Reader {
         r.map_err(|d| self.decode_error(i, e.shard, d))
     }
 
+    /// The checks on sample `i` that need no output buffer (codec, sizes, the frame's recorded
+    /// size): callers that allocate the output themselves run this first.
+    pub fn precheck(&self, i: usize) -> Result<()> {
+        let e = self.index.entry(i)?;
+        if e.codec == codec::RAW {
+            return Ok(());
+        }
+        let r = self.decoder.check(e.codec, &self.stored(&e)?, e.raw);
+        self.check_intact(e.shard)?;
+        r.map_err(|d| self.decode_error(i, e.shard, d))
+    }
+
     /// Like `read_into`, then checks the CRC32C of the original bytes.
     /// A frame that does not decode counts as a checksum mismatch here.
     pub fn read_into_checked(&self, i: usize, dst: &mut [u8]) -> Result<()> {

@@ -358,3 +358,27 @@ def test_h5_standard_reader_sees_every_sample(packed, mixed_tree):
     _, want = mixed_tree
     assert h5_samples(packed("h5", "auto")) == list(want.items())
     assert tar_samples(packed("tar", "auto")) == list(want.items())
+
+
+def test_index_claiming_a_large_but_possible_size_allocates_nothing(packed, work):
+    """An index may claim up to 32,768 x the stored size; when the frame records another size,
+    the read fails before the output is allocated (the frame of a 12 MB file must not make packds
+    ask for 32,768 times its size)."""
+    ds_dir = h.copy_dataset(packed("tar", "zstd"), os.path.join(work, "claim.pds"))
+    ds = packds.open(ds_dir)
+    i = max((j for j in range(len(ds)) if ds._codec(j) == 1), key=ds.stored_size)  # the big text file
+    claim = ds.stored_size(i) * 32768
+    del ds
+    ix_path = os.path.join(ds_dir, "index.pdsi")
+    ix = bytearray(open(ix_path, "rb").read())
+    codec_off = struct.unpack_from("<Q", ix, 96)[0]
+    struct.pack_into("<Q", ix, codec_off + 8 * i, claim | (1 << 56))
+    open(ix_path, "wb").write(ix)
+    ds = packds.open(ds_dir)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for read in (lambda: ds[i], lambda: ds.get_many([i])):
+        with pytest.raises(FormatError, match="claims"):
+            read()
+    with pytest.raises(ChecksumError):  # with verify=True a frame that does not decode is a checksum error
+        packds.open(ds_dir, verify=True)[i]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 30_000  # KiB

@@ -80,6 +80,10 @@ impl PyReader {
         }
         let r = &*self.inner;
         let check = self.check;
+        // Before allocating the output: a frame or index that lies about the size costs nothing.
+        if let Err(err) = r.precheck(i) {
+            return Err(to_py(if check { r.get_checked(i).err().unwrap_or(err) } else { err }));
+        }
         let decode = move |buf: &mut [u8]| if check { r.read_into_checked(i, buf) } else { r.read_into(i, buf) };
         PyBytes::new_with(py, e.raw as usize, |buf| {
             if e.raw >= DETACH_BYTES {
@@ -140,6 +144,9 @@ impl PyReader {
         for &i in &indices {
             let j = self.norm(i)?;
             let e = self.inner.entry(j).map_err(to_py)?;
+            if let Err(err) = self.inner.precheck(j) {
+                return Err(to_py(if self.check { self.inner.get_checked(j).err().unwrap_or(err) } else { err }));
+            }
             let len = e.raw as usize;
             // SAFETY: a new bytes object with uninitialised contents, filled below before any
             // Python code can see it; we hold the only reference until then.
