@@ -386,7 +386,7 @@ def bench_dataloader(paths, src, args, avail):
 
 
 def bench_slowfs(args):
-    code = "/work/shared/tools/slowfs.c"
+    code = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "tools", "slowfs.c"))
     if not os.path.exists(code):
         return {"status": f"not installed ({code} missing)"}
     if shutil.which("pkg-config") is None or subprocess.run(["pkg-config", "--exists", "fuse3"]).returncode != 0:
