@@ -1,6 +1,7 @@
 """The ``packds`` command line. Data goes to stdout, everything else to stderr.
 
-Exit codes: 0 success, 1 an error (one line ``packds: error: ...`` and a ``hint:``), 2 usage.
+Exit codes: 0 success, 1 an error (one line ``packds: error: ...`` and a ``hint:``), 2 usage,
+130 interrupted by Ctrl-C, 143 by SIGTERM (scancel, a time limit): the work is cancelled cleanly.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
     from . import pack
 
     def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
+        _Terminated.signalled = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
@@ -143,6 +145,7 @@ def cmd_index(a: argparse.Namespace) -> int:
     from . import index_tars
 
     def on_term(signum, frame):  # SIGTERM: cancel cleanly like Ctrl-C
+        _Terminated.signalled = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
@@ -282,6 +285,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
         return 0
 
     def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
+        _Terminated.signalled = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
@@ -298,6 +302,12 @@ class KeyErrorWithHint(PackdsError):
     def __init__(self, msg: str, hint: str) -> None:
         super().__init__(msg)
         self.hint = hint
+
+
+class _Terminated:
+    """Set by the SIGTERM handlers, which cancel through KeyboardInterrupt like Ctrl-C."""
+
+    signalled = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         print("packds: interrupted", file=sys.stderr)
-        return 130
+        # 128 + the signal: 143 for SIGTERM (scancel, a time limit), 130 for Ctrl-C.
+        return 143 if _Terminated.signalled else 130
     except BrokenPipeError:
         # The reader of our stdout went away (`packds ls ... | head`): not an error. Point
         # stdout at /dev/null so the interpreter's final flush does not complain.

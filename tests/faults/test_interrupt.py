@@ -66,12 +66,12 @@ def test_b6_signal_pack_at_a_random_time_then_resume(tree, reference, work, seed
     time.sleep(delay)
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    # never another signal (SIGSEGV, SIGABRT, ...); SIGTERM cancels like Ctrl-C: exit 130
+    # never another signal (SIGSEGV, SIGABRT, ...); SIGTERM cancels like Ctrl-C: exit 143
     # (-15 only once the pack is done: Python restores the default handler at interpreter exit)
-    assert p.returncode in ((0, 130, -sig) if sig == signal.SIGTERM else (0, -sig)), (p.returncode, err)
+    assert p.returncode in ((0, 143, -sig) if sig == signal.SIGTERM else (0, -sig)), (p.returncode, err)
     if sig == signal.SIGTERM and p.returncode == -sig:
         assert os.path.exists(os.path.join(out, "manifest.json")), "SIGTERM killed an unfinished pack"
-    if p.returncode == 130 and os.path.exists(out):
+    if p.returncode == 143 and os.path.exists(out):
         assert not [n for n in os.listdir(out) if n.endswith(".tmp")], f"SIGTERM left a partial shard: {os.listdir(out)}"
     state = _check_after_kill(out, ref)
     print(f"\n{sig!r} after {delay:.3f}/{dt:.3f} s: rc={p.returncode} state={state}")
@@ -140,7 +140,7 @@ def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
         if p.returncode == 0:
             h.assert_same_dataset_bytes(staged_src, final)
             continue
-        assert p.returncode == 130, (p.returncode, err)
+        assert p.returncode == 143, (p.returncode, err)
         assert b"interrupted" in err
         assert _leftovers(dest) == [], f"run {i}: partial copy left behind: {os.listdir(dest)}"
         assert not os.path.exists(final)
@@ -149,7 +149,7 @@ def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
 def test_b6_sigterm_cancels_a_pack_cleanly(tree, reference, work):
     """Regression: `packds pack` had no SIGTERM handler (stage had one), so a Slurm time limit
     killed it outright, leaving its half-written `.shard-N.tar.tmp`. Now SIGTERM cancels like
-    Ctrl-C: `packds: interrupted`, exit 130, the partial shard removed, resumable."""
+    Ctrl-C: `packds: interrupted`, exit 143 (128 + SIGTERM), the partial shard removed, resumable."""
     ref, dt = reference
     interrupted = 0
     for i, frac in enumerate([0.1, 0.3, 0.5]):
@@ -161,7 +161,7 @@ def test_b6_sigterm_cancels_a_pack_cleanly(tree, reference, work):
         _, err = p.communicate(timeout=60)
         if p.returncode == 0 or (p.returncode == -signal.SIGTERM and os.path.exists(os.path.join(out, "manifest.json"))):
             continue  # finished first (or was exiting: default handler restored at shutdown)
-        assert p.returncode == 130 and err.endswith(b"packds: interrupted\n"), (p.returncode, err)
+        assert p.returncode == 143 and err.endswith(b"packds: interrupted\n"), (p.returncode, err)
         interrupted += 1
         if os.path.exists(out):
             assert not [n for n in os.listdir(out) if n.endswith(".tmp")], os.listdir(out)
