@@ -137,9 +137,14 @@ _HARNESS = textwrap.dedent(
                 ds.get(k)
             except OK:
                 pass
+        for i in range(min(n, 40)):
+            try:
+                ds.raw(i)
+            except OK:
+                pass
         try:
             ds.get_many(list(range(min(n, 40))))
-            ds.verify()
+            ds.verify(deep=True)
             stats["read_all"] += 1
         except OK:
             pass
@@ -207,3 +212,16 @@ def test_c21_hypothesis_mutations_never_crash(small_ds_pristine, work):
 def test_c21_hypothesis_mutations_never_crash_long(small_ds_pristine, work):
     pytest.importorskip("hypothesis")
     _run_harness(small_ds_pristine, work, 5000)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "h5"])
+def test_c21_hypothesis_mutations_of_compressed_datasets_never_crash(work, fmt):
+    """The same harness over compressed datasets (zstd frames, a dictionary, HDF5 files)."""
+    pytest.importorskip("hypothesis")
+    src = os.path.join(work, "text")
+    for i in range(400):
+        h.write(src, f"c{i % 3:02}/f{i:05}.txt", (b"sample %d of class %d; " % (i, i % 3)) * (1 + i % 90))
+    h.write(src, "top.txt", b"top")
+    pristine = os.path.join(work, f"z-{fmt}.pds")
+    h.pack(src, pristine, shard_size=16 << 10, threads=4, format=fmt, compress="zstd", zstd_dict=4096)
+    _run_harness(pristine, work, 150)
