@@ -304,7 +304,7 @@ impl Fault {
 }
 
 /// Is every entry of `dir` something packds writes? (Only then may `--force` clear it.)
-fn only_packds_files(dir: &Path) -> Result<bool> {
+pub(crate) fn only_packds_files(dir: &Path) -> Result<bool> {
     for e in fs::read_dir(dir).ctx("list directory", dir)? {
         let e = e.ctx("list directory", dir)?;
         let n = e.file_name();

@@ -537,22 +537,6 @@ pub fn group_ranges<'k>(n: usize, key: impl Fn(usize) -> Result<&'k [u8]>) -> Re
 }
 
 /// Is every entry of `dir` something `packds index` (or `pack`) writes?
-fn only_ours(dir: &Path) -> Result<bool> {
-    for e in fs::read_dir(dir).ctx("list directory", dir)? {
-        let n = e.ctx("list directory", dir)?.file_name();
-        let n = n.to_string_lossy();
-        let ours = n == manifest::FILE
-            || n == manifest::INDEX_FILE
-            || n == ".pack-state"
-            || (n.starts_with("shard-") && (n.ends_with(".tar") || n.ends_with(".h5")))
-            || (n.starts_with('.') && n.ends_with(".tmp"));
-        if !ours {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// Removes a dataset's files, manifest first (so it stops being a dataset at once).
 fn clear(dir: &Path) -> Result<()> {
     let m = dir.join(manifest::FILE);
@@ -608,7 +592,7 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
             if !empty && !opts.force {
                 return Err(Error::usage(format!("output {} already exists", out.display()), "pass --force to replace it, or choose another -o"));
             }
-            if !empty && !only_ours(out)? {
+            if !empty && !crate::pack::only_packds_files(out)? {
                 return Err(Error::usage(format!("output {} holds files that packds did not write; refusing to delete them", out.display()), "choose another -o, or remove that directory yourself"));
             }
         }

@@ -46,17 +46,8 @@ def _progress_bar(quiet: bool):
     return update, bar.close
 
 
-def cmd_pack(a: argparse.Namespace) -> int:
-    import signal
-
-    from . import pack
-
-    def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
-        _Terminated.signalled = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    update, close = _progress_bar(a.quiet)
+def _pack_options(a: argparse.Namespace) -> dict:
+    """The options `pack` and `plan` share, from their command lines."""
     options = dict(
         shard_size=a.shard_size,
         threads=a.threads,
@@ -69,6 +60,21 @@ def cmd_pack(a: argparse.Namespace) -> int:
     )
     if a.zstd_dict:
         options["zstd_dict"] = a.zstd_dict
+    return options
+
+
+def cmd_pack(a: argparse.Namespace) -> int:
+    import signal
+
+    from . import pack
+
+    def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
+        _Terminated.signalled = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    update, close = _progress_bar(a.quiet)
+    options = _pack_options(a)
     if a.part is not None:
         options["part"] = a.part
     if a.plan is not None:
@@ -101,18 +107,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
 def cmd_plan(a: argparse.Namespace) -> int:
     from . import plan
 
-    options = dict(
-        shard_size=a.shard_size,
-        threads=a.threads,
-        follow_symlinks=a.follow_symlinks,
-        include=a.include,
-        exclude=a.exclude,
-        on_error=a.on_error,
-        format=a.format,
-        compress=a.compress,
-    )
-    if a.zstd_dict:
-        options["zstd_dict"] = a.zstd_dict
+    options = _pack_options(a)
     t = time.perf_counter()
     s = plan(a.sources, a.output, **options)
     if a.json:

@@ -487,7 +487,7 @@ fn merge<'py>(py: Python<'py>, output: PathBuf) -> PyResult<Bound<'py, PyDict>> 
 
 /// Runs `job` on a worker thread with the GIL released; every 100 ms checks for signals
 /// (Ctrl-C cancels the job cleanly) and calls `progress(phase, done, total, bytes)`.
-fn run_cancellable<T: Send + 'static>(py: Python<'_>, progress: Option<&Bound<'_, PyAny>>, job: impl FnOnce(&Progress) -> crate::Result<T> + Send + 'static) -> PyResult<T> {
+pub(crate) fn run_cancellable<T: Send + 'static>(py: Python<'_>, progress: Option<&Bound<'_, PyAny>>, job: impl FnOnce(&Progress) -> crate::Result<T> + Send + 'static) -> PyResult<T> {
     let state = Arc::new(Progress::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let rx = std::sync::Mutex::new(rx);

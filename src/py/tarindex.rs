@@ -4,13 +4,10 @@
 use super::errors::to_py;
 use super::PyReader;
 use crate::tarindex::{self as core, IndexTarsOptions, Link};
-use pyo3::exceptions::{PyIndexError, PyKeyError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyKeyError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::Duration;
 
 /// Indexes existing tar files in place into the dataset directory `output`; returns a summary
 /// dict (output, tars, samples, bytes, groups, skipped [(member, reason)], warnings, seconds).
@@ -23,36 +20,7 @@ pub fn index_tars<'py>(py: Python<'py>, tars: Vec<PathBuf>, output: PathBuf, gro
         other => return Err(to_py(crate::Error::usage(format!("--link {other:?} is not known"), "use symlink or hard"))),
     };
     let opts = IndexTarsOptions { tars, output, group_by_basename, force, link, threads };
-    let cancel = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let c = cancel.clone();
-    let handle = std::thread::Builder::new()
-        .name("packds-index".into())
-        .spawn(move || {
-            let _ = tx.send(core::index_tars(&opts, &c));
-        })
-        .map_err(|e| PyValueError::new_err(format!("cannot start the index thread: {e}")))?;
-    let rx = std::sync::Mutex::new(rx);
-    let result = loop {
-        let got = py.detach(|| rx.lock().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected)?.recv_timeout(Duration::from_millis(100)));
-        match got {
-            Ok(r) => break r,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(crate::Error::format(".", "the index thread stopped unexpectedly")),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if let Err(e) = py.check_signals() {
-            cancel.store(true, Relaxed);
-            py.detach(|| {
-                if let Ok(rx) = rx.lock() {
-                    let _ = rx.recv();
-                }
-            });
-            let _ = handle.join();
-            return Err(e);
-        }
-    };
-    let _ = handle.join();
-    let s = result.map_err(to_py)?;
+    let s = super::run_cancellable(py, None, move |progress| core::index_tars(&opts, &progress.cancel))?;
     let d = PyDict::new(py);
     d.set_item("output", s.output)?;
     d.set_item("tars", s.tars)?;
