@@ -304,6 +304,17 @@ impl Fault {
 }
 
 /// Is every entry of `dir` something packds writes? (Only then may `--force` clear it.)
+/// Creates a new output directory; a missing parent is a usage error with a hint.
+pub(crate) fn create_output_dir(out: &Path) -> Result<()> {
+    fs::create_dir(out).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::usage(format!("cannot create {}: its parent directory does not exist", out.display()), "create the parent directory first")
+        } else {
+            Error::io("create directory", out, e)
+        }
+    })
+}
+
 pub(crate) fn only_packds_files(dir: &Path) -> Result<bool> {
     for e in fs::read_dir(dir).ctx("list directory", dir)? {
         let e = e.ctx("list directory", dir)?;
@@ -428,13 +439,7 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
             return Err(Error::usage(format!("output {} exists and is not a directory", out.display()), "choose another -o"));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir(out).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Error::usage(format!("cannot create {}: its parent directory does not exist", out.display()), "create the parent directory first")
-                } else {
-                    Error::io("create directory", out, e)
-                }
-            })?;
+            crate::pack::create_output_dir(out)?;
             created = true;
         }
         Err(e) => return Err(Error::io("stat", out, e)),

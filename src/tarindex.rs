@@ -598,13 +598,7 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
         }
         Ok(_) => return Err(Error::usage(format!("output {} exists and is not a directory", out.display()), "choose another -o")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir(out).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Error::usage(format!("cannot create {}: its parent directory does not exist", out.display()), "create the parent directory first")
-                } else {
-                    Error::io("create directory", out, e)
-                }
-            })?;
+            crate::pack::create_output_dir(out)?;
             created = true;
         }
         Err(e) => return Err(Error::io("stat", out, e)),
