@@ -335,7 +335,9 @@ mod tests {
 
     #[test]
     fn dictionary_helps_small_similar_samples() {
-        let samples: Vec<Vec<u8>> = (0..2000).map(|i| format!("{{\"id\": {i}, \"label\": \"class_{}\", \"caption\": \"a photo of a small thing number {}\"}}", i % 10, i * 7).into_bytes()).collect();
+        let samples: Vec<Vec<u8>> = (0..2000)
+            .map(|i| format!("{{\"id\": {i}, \"label\": \"class_{}\", \"caption\": \"a photo of a small thing number {}\"}}", i % 10, i * 7).into_bytes())
+            .collect();
         let dict = train_dict(&samples, 4096).unwrap();
         let (mut plain, mut with) = (0usize, 0usize);
         let mut e0 = Encoder::new(Compress::Zstd(3), None);

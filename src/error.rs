@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// An I/O call failed on `path`.
     #[error("cannot {op} {}: {source}", path.display())]
-    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
     /// The disk (or quota) is full while writing `path`.
     #[error("no space left on device while writing {}", path.display())]
@@ -67,9 +72,14 @@ impl Error {
     pub fn hint(&self) -> Option<String> {
         match self {
             Error::Usage { hint, .. } => hint.clone(),
-            Error::NoSpace { .. } => Some("free space (or quota) there, or write elsewhere; an interrupted pack keeps its completed shards: rerun it with --resume".into()),
+            Error::NoSpace { .. } => {
+                Some("free space (or quota) there, or write elsewhere; an interrupted pack keeps its completed shards: rerun it with --resume".into())
+            }
             Error::Format { hint: Some(h), .. } => Some((*h).to_string()),
-            Error::Format { .. } => Some("the dataset is damaged or incomplete: re-run `packds pack` (with --resume if it was interrupted), or `packds verify` to see what is wrong".into()),
+            Error::Format { .. } => Some(
+                "the dataset is damaged or incomplete: re-run `packds pack` (with --resume if it was interrupted), or `packds verify` to see what is wrong"
+                    .into(),
+            ),
             Error::Checksum { .. } => Some("the data on disk is damaged: copy or pack the dataset again".into()),
             Error::Changed { .. } => Some("pack from a tree that is not being modified, or pass --on-error skip".into()),
             // Writing (the output side): the input-side advice below (--on-error skip) does not apply.
@@ -79,9 +89,10 @@ impl Error {
             Error::Io { op, source, .. } if source.kind() == io::ErrorKind::PermissionDenied && is_write_op(op) => {
                 Some("the destination is not writable by you: fix its permissions, or write the output elsewhere".into())
             }
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENAMETOOLONG) => {
-                Some("the path is longer than the system allows (PATH_MAX 4096 bytes): pack from a directory nearer to it, or pass --on-error skip to leave it out".into())
-            }
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENAMETOOLONG) => Some(
+                "the path is longer than the system allows (PATH_MAX 4096 bytes): pack from a directory nearer to it, or pass --on-error skip to leave it out"
+                    .into(),
+            ),
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
                 Some("fix the permissions, or pass --on-error skip to leave such files out".into())
             }
@@ -91,7 +102,6 @@ impl Error {
         }
     }
 }
-
 
 /// Operations that write (create, replace or remove) rather than read the input.
 fn is_write_op(op: &str) -> bool {

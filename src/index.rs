@@ -164,7 +164,19 @@ impl IndexBuilder {
         tail.extend_from_slice(&names);
         let shards_crc = crc32c::crc32c(&tail);
         let body_crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&self.entries), &self.keys), &[0u8; 8][..pad]);
-        let mut l = Layout { n: self.len() as u64, nshards: self.shards.len() as u64, keys_off, keys_len: self.keys.len(), shards_off, names_off, names_len: names.len(), body_crc, shards_crc, codec: None, unordered: self.unordered };
+        let mut l = Layout {
+            n: self.len() as u64,
+            nshards: self.shards.len() as u64,
+            keys_off,
+            keys_len: self.keys.len(),
+            shards_off,
+            names_off,
+            names_len: names.len(),
+            body_crc,
+            shards_crc,
+            codec: None,
+            unordered: self.unordered,
+        };
         if let Some(c) = &self.codecs {
             let end = names_off + names.len();
             let codec_off = align8(end);
@@ -343,7 +355,19 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
     })?;
     let mut tail = table;
     tail.extend_from_slice(&names);
-    let mut l = Layout { n, nshards: shards.len() as u64, keys_off, keys_len, shards_off, names_off, names_len: names.len(), body_crc: crc, shards_crc: crc32c::crc32c(&tail), codec: None, unordered: false };
+    let mut l = Layout {
+        n,
+        nshards: shards.len() as u64,
+        keys_off,
+        keys_len,
+        shards_off,
+        names_off,
+        names_len: names.len(),
+        body_crc: crc,
+        shards_crc: crc32c::crc32c(&tail),
+        codec: None,
+        unordered: false,
+    };
     let mut file_size = names_end;
     if let Some(d) = dict {
         let mut ccrc = 0u32;
@@ -462,7 +486,10 @@ impl Index {
         }
         let version = rd_u32(b, 8);
         if version != 1 && version != VERSION {
-            return Err(bad(format!("index format version {version} is not supported by packds {} (which reads version {VERSION}); upgrade packds", crate::VERSION)));
+            return Err(bad(format!(
+                "index format version {version} is not supported by packds {} (which reads version {VERSION}); upgrade packds",
+                crate::VERSION
+            )));
         }
         if rd_u32(b, 124) != crc32c::crc32c(&b[..124]) {
             return Err(bad("index header is corrupt (checksum mismatch)".into()));
@@ -704,10 +731,12 @@ impl Index {
         }
         if self.unordered {
             // Data in no particular order: sort the extents once, then no two may overlap.
-            let mut ext: Vec<(u32, u64, u64, usize)> = (0..self.n).map(|i| {
-                let e = self.raw_entry(i);
-                (e.shard, e.offset, e.size, i)
-            }).collect();
+            let mut ext: Vec<(u32, u64, u64, usize)> = (0..self.n)
+                .map(|i| {
+                    let e = self.raw_entry(i);
+                    (e.shard, e.offset, e.size, i)
+                })
+                .collect();
             ext.sort_unstable();
             for w in ext.windows(2) {
                 let (p, c) = (w[0], w[1]);

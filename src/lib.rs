@@ -26,8 +26,8 @@ pub mod plan;
 pub mod read;
 pub mod sigbus;
 pub mod stage;
-pub mod tarindex;
 pub mod tar;
+pub mod tarindex;
 pub mod walk;
 
 #[cfg(feature = "python")]

@@ -77,7 +77,11 @@ impl Manifest {
                 if dir.join("part-0").is_dir() || dir.join("part-1").is_dir() {
                     Error::format_hint(dir, "a partitioned pack that is not merged yet", "run `packds merge DATASET` once every part is done")
                 } else if dir.join(".pack-state").is_dir() {
-                    Error::format_hint(dir, "incomplete dataset: its pack was interrupted", "finish it with the same `packds pack ... -o DATASET` command plus --resume")
+                    Error::format_hint(
+                        dir,
+                        "incomplete dataset: its pack was interrupted",
+                        "finish it with the same `packds pack ... -o DATASET` command plus --resume",
+                    )
                 } else if !dir.exists() {
                     Error::io("open", dir, e)
                 } else {

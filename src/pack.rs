@@ -15,7 +15,7 @@ use crate::fsx;
 use crate::index::{Index, IndexBuilder, ShardInfo};
 use crate::manifest::{self, hex128, IndexRecord, Manifest, ShardRecord};
 use crate::tar::{self, Meta};
-use crate::walk::{self, FileList, OnError, SourceRoot, Skipped, WalkOptions};
+use crate::walk::{self, FileList, OnError, Skipped, SourceRoot, WalkOptions};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -353,10 +353,7 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<DirLock> {
     let f = File::open(dir).ctx("open", dir)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::usage(
-            format!("another packds process is writing {}", dir.display()),
-            "wait for it to finish, or write to another directory",
-        ));
+        return Err(Error::usage(format!("another packds process is writing {}", dir.display()), "wait for it to finish, or write to another directory"));
     }
     Ok(DirLock { _file: f })
 }
@@ -448,7 +445,8 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
     let res = pack_locked(opts, progress, t0, sel);
     if res.is_err() && created {
         // Nothing worth resuming unless a shard was completed.
-        let has_shards = fs::read_dir(out.join(STATE_DIR)).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".pdsi")))).unwrap_or(false);
+        let has_shards =
+            fs::read_dir(out.join(STATE_DIR)).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".pdsi")))).unwrap_or(false);
         if !has_shards {
             let _ = fs::remove_dir_all(out);
         }
@@ -551,10 +549,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
             let n = ix.len();
             let matches = start + n <= range.end && (0..n).all(|i| ix.key(i).ok() == Some(files.key(start + i)));
             if !matches {
-                return Err(Error::usage(
-                    format!("the source tree changed since the pack into {} was interrupted", out.display()),
-                    "start over with --force",
-                ));
+                return Err(Error::usage(format!("the source tree changed since the pack into {} was interrupted", out.display()), "start over with --force"));
             }
             shard_records.push(ShardRecord { file: shard_name(k, opts.format), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
             start += n;
@@ -622,11 +617,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
         options: opts.options_json.clone(),
         samples: ix.samples,
         total_bytes,
-        index: IndexRecord {
-            file: manifest::INDEX_FILE.into(),
-            size: ix.file_size,
-            xxh3_128: hex128(ix.xxh3_128),
-        },
+        index: IndexRecord { file: manifest::INDEX_FILE.into(), size: ix.file_size, xxh3_128: hex128(ix.xxh3_128) },
         shards: shard_records,
         skipped: skipped.clone(),
         compression,
@@ -652,8 +643,20 @@ enum Item {
     /// A whole member (tar: header, stored data, padding; h5: the stored data); the data starts
     /// at `hlen` and has `stored` bytes, encoded with `codec`; `crc` is of the original bytes.
     /// `planned` is its [`planned_len`], computed here in parallel, off the writer's path.
-    Small { meta: Meta, member: Vec<u8>, hlen: usize, crc: u32, stored: u64, codec: u8, planned: u64 },
-    Large { meta: Meta, file: File, path: PathBuf },
+    Small {
+        meta: Meta,
+        member: Vec<u8>,
+        hlen: usize,
+        crc: u32,
+        stored: u64,
+        codec: u8,
+        planned: u64,
+    },
+    Large {
+        meta: Meta,
+        file: File,
+        path: PathBuf,
+    },
     Skip(Skipped),
     Fail(Error),
 }
@@ -873,8 +876,12 @@ fn run_pipeline(
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound && opts.on_error == OnError::Skip => {
                 Item::Skip(Skipped { path: path.display().to_string(), reason: "deleted while packing".into() })
             }
-            Err(e) if opts.on_error == OnError::Skip && !matches!(e, Error::NoSpace { .. }) => Item::Skip(Skipped { path: path.display().to_string(), reason: e.to_string() }),
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Item::Fail(Error::Changed { path: path.clone(), what: "it was deleted".into() }),
+            Err(e) if opts.on_error == OnError::Skip && !matches!(e, Error::NoSpace { .. }) => {
+                Item::Skip(Skipped { path: path.display().to_string(), reason: e.to_string() })
+            }
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Item::Fail(Error::Changed { path: path.clone(), what: "it was deleted".into() })
+            }
             Err(e) => Item::Fail(e),
         }
     };
@@ -883,27 +890,27 @@ fn run_pipeline(
     let worker = || {
         let mut ws = WorkerState { enc: new_encoder(), data: Vec::new(), frame: Vec::new() };
         loop {
-        let c = {
+            let c = {
+                let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if w.stop || w.next >= nchunks {
+                        return;
+                    }
+                    if w.next < w.written + wslots {
+                        break;
+                    }
+                    w = space.wait(w).unwrap_or_else(|p| p.into_inner());
+                }
+                w.next += 1;
+                w.next - 1
+            };
+            let a = start + c * CHUNK;
+            let items: Vec<Item> = (a..(a + CHUNK).min(n)).map(|i| read_item(i, &mut ws)).collect();
             let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                if w.stop || w.next >= nchunks {
-                    return;
-                }
-                if w.next < w.written + wslots {
-                    break;
-                }
-                w = space.wait(w).unwrap_or_else(|p| p.into_inner());
+            w.slots[c % wslots] = Some(items);
+            if w.waiting == Some(c) {
+                ready.notify_one();
             }
-            w.next += 1;
-            w.next - 1
-        };
-        let a = start + c * CHUNK;
-        let items: Vec<Item> = (a..(a + CHUNK).min(n)).map(|i| read_item(i, &mut ws)).collect();
-        let mut w = shared.lock().unwrap_or_else(|p| p.into_inner());
-        w.slots[c % wslots] = Some(items);
-        if w.waiting == Some(c) {
-            ready.notify_one();
-        }
         }
     };
 
@@ -1093,7 +1100,16 @@ fn write_large_raw(s: &mut ShardOut, tar: bool, file: &mut File, path: &Path, ke
 /// into a spool file beside the shard, then either the frame or, when it does not pay, the
 /// file itself is written. Returns (data offset, stored size, codec, CRC32C of the original).
 #[allow(clippy::too_many_arguments)]
-fn write_large_coded(opts: &PackOptions, s: &mut ShardOut, file: &mut File, path: &Path, key: &[u8], meta: &Meta, dict: &[u8], hdr: &mut Vec<u8>) -> Result<(u64, u64, u8, u32)> {
+fn write_large_coded(
+    opts: &PackOptions,
+    s: &mut ShardOut,
+    file: &mut File,
+    path: &Path,
+    key: &[u8],
+    meta: &Meta,
+    dict: &[u8],
+    hdr: &mut Vec<u8>,
+) -> Result<(u64, u64, u8, u32)> {
     let tar = opts.format == ShardFormat::Tar;
     let spool_path = opts.output.join(".large.zst.tmp");
     let zerr = |e: std::io::Error| Error::io("compress into", &spool_path, e);
@@ -1237,7 +1253,10 @@ fn finish_h5(opts: &PackOptions, s: &mut ShardOut, dst: &Path, dict: &[u8]) -> R
     Fault::check(Fault::from_env().in_h5, s.k as u64 + 1);
     let mut out = OpenOptions::new().read(true).write(true).open(&h5tmp).ctx("open", &h5tmp)?;
     let flen = out.metadata().ctx("stat", &h5tmp)?.len();
-    let data_end = data_off.checked_add(s.pos).filter(|&e| e <= flen).ok_or_else(|| Error::format(&h5tmp, format!("the HDF5 writer put the data array at {data_off}, which does not fit in the {flen}-byte file")))?;
+    let data_end = data_off
+        .checked_add(s.pos)
+        .filter(|&e| e <= flen)
+        .ok_or_else(|| Error::format(&h5tmp, format!("the HDF5 writer put the data array at {data_off}, which does not fit in the {flen}-byte file")))?;
     // Hash the file in order while the data goes in: head (HDF5 metadata), data, tail.
     let mut h = Xxh3::new();
     let mut buf = vec![0u8; STREAM_CHUNK];
@@ -1303,7 +1322,8 @@ fn train_dict(opts: &PackOptions, roots: &[SourceRoot], files: &FileList) -> Res
             "drop --zstd-dict (a dictionary helps datasets of many small, similar files)",
         ));
     }
-    codec::train_dict(&samples, opts.dict_size).map_err(|e| Error::usage(format!("zstd dictionary training failed: {e}"), "drop --zstd-dict, or give a smaller size"))
+    codec::train_dict(&samples, opts.dict_size)
+        .map_err(|e| Error::usage(format!("zstd dictionary training failed: {e}"), "drop --zstd-dict, or give a smaller size"))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::index::Index;
 use crate::manifest::{self, hex128, CompressionRecord, IndexRecord, Manifest};
 use crate::pack::{self, planned_len, PackOptions, PackSummary, Progress, Selection, ShardFormat};
 use crate::tar::Meta;
-use crate::walk::{self, FileList, SourceRoot, Skipped, WalkOptions};
+use crate::walk::{self, FileList, Skipped, SourceRoot, WalkOptions};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -65,7 +65,8 @@ impl PlanOptions {
     fn apply(&self, o: &mut PackOptions) -> Result<()> {
         o.shard_size = self.shard_size;
         o.format = self.format;
-        o.compress = crate::codec::Compress::parse(&self.compress).ok_or_else(|| Error::usage(format!("the plan names an unknown --compress {:?}", self.compress), "make the plan again with this packds"))?;
+        o.compress = crate::codec::Compress::parse(&self.compress)
+            .ok_or_else(|| Error::usage(format!("the plan names an unknown --compress {:?}", self.compress), "make the plan again with this packds"))?;
         o.dict_size = self.dict_size;
         o.include = self.include.clone();
         o.exclude = self.exclude.clone();
@@ -122,7 +123,10 @@ pub fn make_plan(opts: &PackOptions, progress: &Progress, prune: Option<&Path>) 
     let walked = walk::walk(&sources, &wopts)?;
     let n = walked.files.len();
     if n == 0 {
-        return Err(Error::usage(format!("no files to pack ({} entries skipped)", walked.skipped.len()), "check the source path and the --include/--exclude patterns"));
+        return Err(Error::usage(
+            format!("no files to pack ({} entries skipped)", walked.skipped.len()),
+            "check the source path and the --include/--exclude patterns",
+        ));
     }
     progress.files_total.store(n as u64, Relaxed);
     let lens = stat_all(&walked.files, &walked.roots, opts, threads, progress)?;
@@ -156,7 +160,9 @@ fn stat_all(files: &FileList, roots: &[SourceRoot], opts: &PackOptions, threads:
                 let path = files.path(i, roots);
                 let md = if opts.follow_symlinks { fs::metadata(&path) } else { fs::symlink_metadata(&path) };
                 match md {
-                    Ok(md) => Ok(planned_len(opts.format, files.key(i), &Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() })),
+                    Ok(md) => {
+                        Ok(planned_len(opts.format, files.key(i), &Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() }))
+                    }
                     Err(_) if opts.on_error == walk::OnError::Skip => Ok(0),
                     Err(e) => Err(Error::io("stat", &path, e)),
                 }
@@ -345,7 +351,10 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
     let t0 = Instant::now();
     let (p, nparts) = opts.part.ok_or_else(|| Error::usage("no part given", "pass --part I/N"))?;
     if nparts == 0 || p >= nparts {
-        return Err(Error::usage(format!("--part {p}/{nparts} is out of range"), "I runs from 0 to N-1 (e.g. --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"));
+        return Err(Error::usage(
+            format!("--part {p}/{nparts} is out of range"),
+            "I runs from 0 to N-1 (e.g. --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)",
+        ));
     }
     fs::create_dir_all(&opts.output).ctx("create directory", &opts.output)?;
     if opts.output.join(manifest::FILE).exists() {
@@ -471,7 +480,10 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
         ));
     }
     if infos.iter().any(|i| i.0.parts != nparts || i.0.plan != infos[0].0.plan) || infos.len() != nparts as usize {
-        return Err(Error::usage(format!("the parts in {} come from different plans or part counts", out.display()), "pack every part with the same plan and the same --part .../N"));
+        return Err(Error::usage(
+            format!("the parts in {} come from different plans or part counts", out.display()),
+            "pack every part with the same plan and the same --part .../N",
+        ));
     }
     infos.sort_by_key(|i| i.0.part);
     // Each non-empty part is a dataset of its own.
@@ -485,9 +497,13 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
         indexes.push(Index::open(&d.join(manifest::INDEX_FILE))?);
     }
     let m0 = manifests.first().cloned().ok_or_else(|| Error::usage("every part is empty", "nothing to merge"))?;
-    let dict_hashes: Vec<Option<String>> = manifests.iter().map(|m| m.compression.as_ref().and_then(|c| c.zstd_dict.as_ref().map(|d| d.xxh3_128.clone()))).collect();
+    let dict_hashes: Vec<Option<String>> =
+        manifests.iter().map(|m| m.compression.as_ref().and_then(|c| c.zstd_dict.as_ref().map(|d| d.xxh3_128.clone()))).collect();
     if dict_hashes.iter().any(|h| *h != dict_hashes[0]) {
-        return Err(Error::usage("the parts trained different zstd dictionaries (the tree changed during the array job?)", "pack the parts again from one plan"));
+        return Err(Error::usage(
+            "the parts trained different zstd dictionaries (the tree changed during the array job?)",
+            "pack the parts again from one plan",
+        ));
     }
     // Move the shards into place (already moved ones are found there).
     let mut records = Vec::new();

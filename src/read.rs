@@ -1,13 +1,13 @@
 //! `Reader`: an opened dataset. The index and every shard are memory-mapped read-only; a
 //! sample is a bounds-checked slice of its shard's mapping.
 
-use crate::error::{Error, IoContext, Result};
 use crate::codec::{self, DecodeError, Decoder};
+use crate::error::{Error, IoContext, Result};
 use crate::index::{Entry, Index, ShardInfo};
-use std::borrow::Cow;
 use crate::manifest::{self, hex128, Manifest};
 use crate::tar;
 use memmap2::{Mmap, MmapOptions};
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -79,7 +79,11 @@ impl Reader {
         let ipath = dir.join(manifest::INDEX_FILE);
         let index = Index::open(&ipath)?;
         let isize = fs::metadata(&ipath).ctx("stat", &ipath)?.len();
-        if isize != manifest.index.size || index.len() as u64 != manifest.samples || index.shards().len() != manifest.shards.len() || index.version() != manifest.format_version {
+        if isize != manifest.index.size
+            || index.len() as u64 != manifest.samples
+            || index.shards().len() != manifest.shards.len()
+            || index.version() != manifest.format_version
+        {
             return Err(Error::format(dir, "manifest.json and index.pdsi disagree (index replaced or damaged)"));
         }
         let mut maps = Vec::with_capacity(index.shards().len());
@@ -222,7 +226,11 @@ impl Reader {
                 v.resize(len as usize, 0);
                 std::os::unix::fs::FileExt::read_exact_at(f, &mut v, off).map_err(|e| {
                     if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Error::format_hint(path(), "shard was truncated or overwritten while this dataset was open", "never modify a dataset in place while jobs read it; re-stage or re-pack it into a new directory, then open it again")
+                        Error::format_hint(
+                            path(),
+                            "shard was truncated or overwritten while this dataset was open",
+                            "never modify a dataset in place while jobs read it; re-stage or re-pack it into a new directory, then open it again",
+                        )
                     } else {
                         Error::io("read", path(), e)
                     }
@@ -239,7 +247,11 @@ impl Reader {
         match self.maps.get(shard as usize) {
             Some(ShardData::Mapped(m)) if m.guard.tripped() => {
                 let path = self.dir.join(&self.index.shards()[shard as usize].name);
-                Err(Error::format_hint(&path, "shard was truncated or overwritten while this dataset was open", "never modify a dataset in place while jobs read it; re-stage or re-pack it into a new directory, then open it again"))
+                Err(Error::format_hint(
+                    &path,
+                    "shard was truncated or overwritten while this dataset was open",
+                    "never modify a dataset in place while jobs read it; re-stage or re-pack it into a new directory, then open it again",
+                ))
             }
             _ => Ok(()),
         }
@@ -248,7 +260,11 @@ impl Reader {
     fn decode_error(&self, i: usize, shard: u32, d: DecodeError) -> Error {
         let key = self.index.key(i).map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_else(|_| format!("#{i}"));
         let path = self.dir.join(&self.index.shards()[shard as usize].name);
-        Error::format_hint(&path, format!("sample {key:?} cannot be decoded: {}", d.0), "the shard or index is damaged; run `packds verify --deep` and re-pack or re-stage")
+        Error::format_hint(
+            &path,
+            format!("sample {key:?} cannot be decoded: {}", d.0),
+            "the shard or index is damaged; run `packds verify --deep` and re-pack or re-stage",
+        )
     }
 
     /// Like `read`, and checks the CRC32C of the original bytes (raises a checksum error).
@@ -419,7 +435,12 @@ impl Reader {
                 let p = dest.join(std::ffi::OsStr::from_bytes(&rel));
                 match fs::symlink_metadata(&p) {
                     Ok(m) if m.is_dir() => {}
-                    Ok(_) => return Err(Error::Escape { member: String::from_utf8_lossy(key).into_owned(), why: "a path component exists and is not a directory (symlink?)" }),
+                    Ok(_) => {
+                        return Err(Error::Escape {
+                            member: String::from_utf8_lossy(key).into_owned(),
+                            why: "a path component exists and is not a directory (symlink?)",
+                        })
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir(&p).ctx("create directory", &p)?,
                     Err(e) => return Err(Error::io("stat", &p, e)),
                 }
@@ -430,16 +451,13 @@ impl Reader {
             let meta = self.header_meta(i);
             // Permission bits only: setuid, setgid and sticky bits are never restored.
             let mode = meta.map_or(0o644, |m| m.0 & 0o777);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&p)
-                .map_err(|e| if e.kind() == std::io::ErrorKind::AlreadyExists {
+            let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&p).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
                     Error::usage(format!("{} already exists", p.display()), "unpack into an empty directory")
                 } else {
                     Error::io("create", &p, e)
-                })?;
+                }
+            })?;
             f.write_all(&data).ctx("write", &p)?;
             f.set_permissions(fs::Permissions::from_mode(mode)).ctx("chmod", &p)?;
             if let Some((_, mtime)) = meta {

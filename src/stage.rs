@@ -104,12 +104,7 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: 
         let _ = fs::remove_dir_all(tmp);
         return Err(e);
     }
-    Ok(StageSummary {
-        path: dest.to_path_buf(),
-        bytes: progress.bytes_done.load(Relaxed),
-        files: list.len() as u64 + 1,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok(StageSummary { path: dest.to_path_buf(), bytes: progress.bytes_done.load(Relaxed), files: list.len() as u64 + 1, seconds: t0.elapsed().as_secs_f64() })
 }
 
 /// Copies one file `src` to `dest` through the temporary file `tmp` (same directory as

@@ -198,7 +198,11 @@ fn parse_pax(data: &[u8], at: u64, path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)
             break; // some writers pad with NULs
         }
         let sp = rest.iter().take(20).position(|&b| b == b' ').ok_or_else(|| bad("no length"))?;
-        let len: usize = std::str::from_utf8(&rest[..sp]).ok().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad length"))?;
+        let len: usize = std::str::from_utf8(&rest[..sp])
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("bad length"))?;
         if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
             return Err(bad("length does not match the record"));
         }
@@ -295,7 +299,9 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
         let size = number(&h[124..136]).ok_or_else(|| fmt_err(path, format!("bad size field in the header at offset {at}")))?;
         let typ = h[156];
         let data_at = st.pos;
-        let ambiguous = |what: &str| fmt_err(path, format!("ambiguous archive: {what} (header at offset {at}); tar readers disagree about such members, so packds refuses them"));
+        let ambiguous = |what: &str| {
+            fmt_err(path, format!("ambiguous archive: {what} (header at offset {at}); tar readers disagree about such members, so packds refuses them"))
+        };
         match typ {
             b'x' | b'g' | b'L' | b'K' => {
                 let kind = if matches!(typ, b'x' | b'g') { "pax" } else { "GNU long-name" };
@@ -303,7 +309,10 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
                     return Err(fmt_err(path, format!("{kind} header at offset {at} claims {size} bytes of records (limit {MAX_EXTENSION})")));
                 }
                 if data_at + size > fsize {
-                    return Err(fmt_err(path, format!("truncated archive: the {kind} header at offset {at} claims {size} bytes, past the end of the file ({fsize} bytes)")));
+                    return Err(fmt_err(
+                        path,
+                        format!("truncated archive: the {kind} header at offset {at} claims {size} bytes, past the end of the file ({fsize} bytes)"),
+                    ));
                 }
                 let mut data = Vec::with_capacity(size as usize);
                 let n = st.take(size + crate::tar::padding(size), |b| data.extend_from_slice(b))?;
@@ -325,8 +334,14 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
                                 b"path" => p.path = (!v.is_empty()).then_some(v),
                                 b"linkpath" => p.linkpath = Some(v),
                                 b"size" => {
-                                    let s = std::str::from_utf8(&v).ok().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse().ok());
-                                    p.size = Some(s.ok_or_else(|| fmt_err(path, format!("malformed pax record in the header at offset {at}: bad size {:?}", show(&v))))?);
+                                    let s = std::str::from_utf8(&v)
+                                        .ok()
+                                        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                                        .and_then(|s| s.parse().ok());
+                                    p.size =
+                                        Some(s.ok_or_else(|| {
+                                            fmt_err(path, format!("malformed pax record in the header at offset {at}: bad size {:?}", show(&v)))
+                                        })?);
                                 }
                                 b"GNU.sparse.name" => {
                                     p.sparse = true;
@@ -386,7 +401,10 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
         let link = p.linkpath.or(ll.map(|l| l.1)).unwrap_or_else(|| cstr(&h[157..257]).to_vec());
         let shown = show(&raw_name);
         if data_at.checked_add(size).map_or(true, |end| end > fsize) {
-            return Err(fmt_err(path, format!("member {shown:?} (header at offset {at}) claims {size} bytes of data, past the end of the file ({fsize} bytes)")));
+            return Err(fmt_err(
+                path,
+                format!("member {shown:?} (header at offset {at}) claims {size} bytes of data, past the end of the file ({fsize} bytes)"),
+            ));
         }
         // GNU old-style sparse members may carry extension blocks of sparse maps after the header.
         if typ == b'S' && h[482] != 0 {
@@ -403,7 +421,10 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
         }
         let data_at = st.pos;
         if data_at + size > fsize {
-            return Err(fmt_err(path, format!("member {shown:?} (header at offset {at}) claims {size} bytes of data, past the end of the file ({fsize} bytes)")));
+            return Err(fmt_err(
+                path,
+                format!("member {shown:?} (header at offset {at}) claims {size} bytes of data, past the end of the file ({fsize} bytes)"),
+            ));
         }
         let skip: Option<String> = match typ {
             b'0' | 0 | b'7' if typ == 0 && raw_name.ends_with(b"/") => Some(String::new()), // old-style directory
@@ -527,7 +548,11 @@ pub fn group_ranges<'k>(n: usize, key: impl Fn(usize) -> Result<&'k [u8]>) -> Re
                 last.1 = last.1.checked_add(1).ok_or_else(|| Error::format("", "a sample with more than 2^32 members"))?;
             }
             Some(p) if p >= g => {
-                return Ok(Err(format!("the members of sample {:?} are not contiguous in key order (a directory name with a '.' in it?); member {:?}", show(g), show(k))));
+                return Ok(Err(format!(
+                    "the members of sample {:?} are not contiguous in key order (a directory name with a '.' in it?); member {:?}",
+                    show(g),
+                    show(k)
+                )));
             }
             _ => out.push((i as u64, 1, dot as u32)),
         }
@@ -593,7 +618,10 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
                 return Err(Error::usage(format!("output {} already exists", out.display()), "pass --force to replace it, or choose another -o"));
             }
             if !empty && !crate::pack::only_packds_files(out)? {
-                return Err(Error::usage(format!("output {} holds files that packds did not write; refusing to delete them", out.display()), "choose another -o, or remove that directory yourself"));
+                return Err(Error::usage(
+                    format!("output {} holds files that packds did not write; refusing to delete them", out.display()),
+                    "choose another -o, or remove that directory yourself",
+                ));
             }
         }
         Ok(_) => return Err(Error::usage(format!("output {} exists and is not a directory", out.display()), "choose another -o")),
@@ -674,14 +702,28 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
             let (first, second) = if (w[0].0, a.header) < (w[1].0, b.header) { ((ta, a), (tb, b)) } else { ((tb, b), (ta, a)) };
             return Err(Error::format_hint(
                 second.0,
-                format!("duplicate key {:?}: the member at offset {} of {} and the member at offset {} of {}", show(&a.name), first.1.header, first.0.display(), second.1.header, second.0.display()),
+                format!(
+                    "duplicate key {:?}: the member at offset {} of {} and the member at offset {} of {}",
+                    show(&a.name),
+                    first.1.header,
+                    first.0.display(),
+                    second.1.header,
+                    second.0.display()
+                ),
                 "keys must be unique: index the tars into separate datasets, or rename the members",
             ));
         }
     }
-    let skipped: Vec<Skipped> = scans.iter().zip(tars).flat_map(|(s, t)| s.skipped.iter().map(move |(n, why)| Skipped { path: format!("{}:{n}", t.display()), reason: why.clone() })).collect();
+    let skipped: Vec<Skipped> = scans
+        .iter()
+        .zip(tars)
+        .flat_map(|(s, t)| s.skipped.iter().map(move |(n, why)| Skipped { path: format!("{}:{n}", t.display()), reason: why.clone() }))
+        .collect();
     if order.is_empty() {
-        return Err(Error::usage(format!("no regular members to index in {} tar file(s) ({} skipped)", tars.len(), skipped.len()), "packds indexes regular files; see the skipped members with --json"));
+        return Err(Error::usage(
+            format!("no regular members to index in {} tar file(s) ({} skipped)", tars.len(), skipped.len()),
+            "packds indexes regular files; see the skipped members with --json",
+        ));
     }
     let groups = if opts.group_by_basename {
         match group_ranges(order.len(), |i| Ok(&member(&order[i]).name[..]))? {
@@ -708,7 +750,10 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
             Link::Symlink => std::os::unix::fs::symlink(t, &lp).ctx("create", &lp)?,
             Link::Hard => fs::hard_link(t, &lp).map_err(|e| {
                 if e.raw_os_error() == Some(libc::EXDEV) {
-                    Error::usage(format!("cannot hard-link {} into {}: another filesystem", t.display(), out.display()), "use --link symlink, or put DATASET on the same filesystem as the tars")
+                    Error::usage(
+                        format!("cannot hard-link {} into {}: another filesystem", t.display(), out.display()),
+                        "use --link symlink, or put DATASET on the same filesystem as the tars",
+                    )
                 } else {
                     Error::io("create", &lp, e)
                 }
@@ -939,7 +984,9 @@ mod tests {
                     assert!(cut % 512 == 0 && cut > 0 || cut >= end_at + 512, "cut {cut}");
                     assert!(s.members.len() <= 2);
                 }
-                Err(Error::Format { what, .. }) => assert!(what.contains("truncated") || what.contains("empty") || what.contains("past the end"), "cut {cut}: {what}"),
+                Err(Error::Format { what, .. }) => {
+                    assert!(what.contains("truncated") || what.contains("empty") || what.contains("past the end"), "cut {cut}: {what}")
+                }
                 Err(e) => panic!("cut {cut}: {e}"),
             }
         }

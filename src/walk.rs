@@ -169,10 +169,9 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
     let mut jobs = VecDeque::new();
     for (i, src) in sources.iter().enumerate() {
         let md = fs::metadata(src).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::usage(
-                format!("source {} does not exist", src.display()),
-                "check the path (a source is a directory or a file)",
-            ),
+            std::io::ErrorKind::NotFound => {
+                Error::usage(format!("source {} does not exist", src.display()), "check the path (a source is a directory or a file)")
+            }
             _ => Error::io("stat", src, e),
         })?;
         let root = i as u32;
@@ -182,17 +181,9 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
             files.push(name.as_bytes(), root);
         } else if md.is_dir() {
             roots.push(SourceRoot { path: src.clone(), is_file: false });
-            jobs.push_back(DirJob {
-                root,
-                rel: Vec::new(),
-                abs: src.clone(),
-                ancestors: Arc::new(Ancestors { dev_ino: (md.dev(), md.ino()), parent: None }),
-            });
+            jobs.push_back(DirJob { root, rel: Vec::new(), abs: src.clone(), ancestors: Arc::new(Ancestors { dev_ino: (md.dev(), md.ino()), parent: None }) });
         } else {
-            return Err(Error::usage(
-                format!("source {} is neither a regular file nor a directory", src.display()),
-                "name a directory or regular files",
-            ));
+            return Err(Error::usage(format!("source {} is neither a regular file nor a directory", src.display()), "name a directory or regular files"));
         }
     }
     let shared = Shared {
@@ -203,9 +194,7 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
     };
     let nthreads = opts.threads.clamp(1, 256);
     std::thread::scope(|s| {
-        let started = (0..nthreads)
-            .filter(|_| std::thread::Builder::new().name("packds-walk".into()).spawn_scoped(s, || worker(&shared)).is_ok())
-            .count();
+        let started = (0..nthreads).filter(|_| std::thread::Builder::new().name("packds-walk".into()).spawn_scoped(s, || worker(&shared)).is_ok()).count();
         if started == 0 {
             worker(&shared); // no thread could be started (ulimit -u): walk on this one
         }
@@ -290,13 +279,7 @@ fn matches(set: &Option<GlobSet>, key: &[u8]) -> bool {
     set.as_ref().is_some_and(|s| s.is_match_candidate(&Candidate::new(OsStr::from_bytes(key))))
 }
 
-fn list_dir(
-    opts: &WalkOptions,
-    job: &DirJob,
-    files: &mut FileList,
-    skipped: &mut Vec<Skipped>,
-    subdirs: &mut Vec<DirJob>,
-) -> Result<()> {
+fn list_dir(opts: &WalkOptions, job: &DirJob, files: &mut FileList, skipped: &mut Vec<Skipped>, subdirs: &mut Vec<DirJob>) -> Result<()> {
     let skip_or_fail = |skipped: &mut Vec<Skipped>, path: &Path, err: std::io::Error, op: &'static str| -> Result<()> {
         match opts.on_error {
             OnError::Fail => Err(Error::io(op, path, err)),
@@ -369,12 +352,7 @@ fn list_dir(
                 skipped.push(Skipped { path: lossy(&abs), reason: "the output directory (never packed into itself)".into() });
                 continue;
             }
-            subdirs.push(DirJob {
-                root: job.root,
-                rel: key,
-                abs,
-                ancestors: Arc::new(Ancestors { dev_ino: id, parent: Some(job.ancestors.clone()) }),
-            });
+            subdirs.push(DirJob { root: job.root, rel: key, abs, ancestors: Arc::new(Ancestors { dev_ino: id, parent: Some(job.ancestors.clone()) }) });
         } else if is_file {
             if matches(&opts.exclude, &key) {
                 continue;

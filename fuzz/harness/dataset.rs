@@ -67,7 +67,8 @@ pub fn build_fixture(root: &Path) -> Vec<(String, Vec<u8>)> {
     let mut m: serde_json::Value = serde_json::from_slice(&fs::read(out.join(MANIFEST)).unwrap()).unwrap();
     m["created_unix"] = serde_json::json!(0);
     let mut files = vec![(MANIFEST.to_string(), serde_json::to_vec_pretty(&m).unwrap()), (INDEX.to_string(), fs::read(out.join(INDEX)).unwrap())];
-    let mut shards: Vec<String> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != MANIFEST && n != INDEX).collect();
+    let mut shards: Vec<String> =
+        fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != MANIFEST && n != INDEX).collect();
     shards.sort();
     assert!(shards.len() >= 2, "the fixture should span several shards: {shards:?}");
     for s in shards {
@@ -120,7 +121,9 @@ pub fn build_coded_fixture(packed_manifest: &[u8]) -> Vec<(String, Vec<u8>)> {
         let name = format!("zshard-{s:05}.tar");
         let hash = xxhash_rust::xxh3::xxh3_128(&b);
         ib.push_shard(ShardInfo { name: name.clone(), size: b.len() as u64, hash });
-        recs.push(serde_json::json!({"file": name, "size": b.len(), "samples": if s == 0 { 4 } else { samples.len() - 4 }, "xxh3_128": format!("{hash:032x}")}));
+        recs.push(
+            serde_json::json!({"file": name, "size": b.len(), "samples": if s == 0 { 4 } else { samples.len() - 4 }, "xxh3_128": format!("{hash:032x}")}),
+        );
         files.push((name, b));
     }
     let index = ib.to_bytes();
@@ -567,4 +570,3 @@ impl DatasetHarness {
         assert_eq!(names(&self.ds), want, "unpack wrote into the dataset directory");
     }
 }
-

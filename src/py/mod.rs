@@ -85,14 +85,7 @@ impl PyReader {
             return Err(to_py(if check { r.get_checked(i).err().unwrap_or(err) } else { err }));
         }
         let decode = move |buf: &mut [u8]| if check { r.read_into_checked(i, buf) } else { r.read_into(i, buf) };
-        PyBytes::new_with(py, e.raw as usize, |buf| {
-            if e.raw >= DETACH_BYTES {
-                py.detach(|| decode(buf))
-            } else {
-                decode(buf)
-            }
-            .map_err(to_py)
-        })
+        PyBytes::new_with(py, e.raw as usize, |buf| if e.raw >= DETACH_BYTES { py.detach(|| decode(buf)) } else { decode(buf) }.map_err(to_py))
     }
 }
 
@@ -398,7 +391,10 @@ fn pack<'py>(
     opts.force = force;
     opts.resume = resume;
     opts.compress = crate::codec::Compress::parse(compress).ok_or_else(|| {
-        to_py(crate::Error::usage(format!("--compress {compress:?} is not understood"), "use none, zstd, zstd:LEVEL (1..22, negative for faster), auto or auto:LEVEL"))
+        to_py(crate::Error::usage(
+            format!("--compress {compress:?} is not understood"),
+            "use none, zstd, zstd:LEVEL (1..22, negative for faster), auto or auto:LEVEL",
+        ))
     })?;
     opts.dict_size = zstd_dict;
     opts.part = part;
@@ -487,7 +483,11 @@ fn merge<'py>(py: Python<'py>, output: PathBuf) -> PyResult<Bound<'py, PyDict>> 
 
 /// Runs `job` on a worker thread with the GIL released; every 100 ms checks for signals
 /// (Ctrl-C cancels the job cleanly) and calls `progress(phase, done, total, bytes)`.
-pub(crate) fn run_cancellable<T: Send + 'static>(py: Python<'_>, progress: Option<&Bound<'_, PyAny>>, job: impl FnOnce(&Progress) -> crate::Result<T> + Send + 'static) -> PyResult<T> {
+pub(crate) fn run_cancellable<T: Send + 'static>(
+    py: Python<'_>,
+    progress: Option<&Bound<'_, PyAny>>,
+    job: impl FnOnce(&Progress) -> crate::Result<T> + Send + 'static,
+) -> PyResult<T> {
     let state = Arc::new(Progress::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let rx = std::sync::Mutex::new(rx);
@@ -510,12 +510,7 @@ pub(crate) fn run_cancellable<T: Send + 'static>(py: Python<'_>, progress: Optio
         }
         let cb = py.check_signals().and_then(|_| match &progress {
             Some(cb) => cb
-                .call1((
-                    state.phase.load(Relaxed),
-                    state.files_done.load(Relaxed),
-                    state.files_total.load(Relaxed),
-                    state.bytes_done.load(Relaxed),
-                ))
+                .call1((state.phase.load(Relaxed), state.files_done.load(Relaxed), state.files_total.load(Relaxed), state.bytes_done.load(Relaxed)))
                 .map(|_| ()),
             None => Ok(()),
         });
@@ -541,11 +536,11 @@ mod core_module {
     #[pymodule_export]
     use super::pack;
     #[pymodule_export]
-    use super::PyReader;
-    #[pymodule_export]
     use super::stage::{preload, stage_dataset, stage_file, PyStageProgress};
     #[pymodule_export]
     use super::tarindex::{index_tars, PyGroups};
+    #[pymodule_export]
+    use super::PyReader;
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

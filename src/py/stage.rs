@@ -65,7 +65,15 @@ fn summary<'py>(py: Python<'py>, s: StageSummary) -> PyResult<Bound<'py, PyDict>
 /// XXH3-128 against the manifest in the same pass; GIL released.
 #[pyfunction]
 #[pyo3(signature = (src, dest, tmp, *, jobs=4, durable=true, progress=None))]
-pub fn stage_dataset<'py>(py: Python<'py>, src: PathBuf, dest: PathBuf, tmp: PathBuf, jobs: usize, durable: bool, progress: Option<&Bound<'py, PyStageProgress>>) -> PyResult<Bound<'py, PyDict>> {
+pub fn stage_dataset<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dest: PathBuf,
+    tmp: PathBuf,
+    jobs: usize,
+    durable: bool,
+    progress: Option<&Bound<'py, PyStageProgress>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let p = progress_of(progress);
     let s = py.detach(|| core_stage::stage_dataset(&src, &dest, &tmp, jobs, durable, &p)).map_err(to_py)?;
     summary(py, s)
@@ -74,7 +82,14 @@ pub fn stage_dataset<'py>(py: Python<'py>, src: PathBuf, dest: PathBuf, tmp: Pat
 /// Copies the single file `src` to `dest` via the temporary file `tmp`; GIL released.
 #[pyfunction]
 #[pyo3(signature = (src, dest, tmp, *, durable=true, progress=None))]
-pub fn stage_file<'py>(py: Python<'py>, src: PathBuf, dest: PathBuf, tmp: PathBuf, durable: bool, progress: Option<&Bound<'py, PyStageProgress>>) -> PyResult<Bound<'py, PyDict>> {
+pub fn stage_file<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dest: PathBuf,
+    tmp: PathBuf,
+    durable: bool,
+    progress: Option<&Bound<'py, PyStageProgress>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let p = progress_of(progress);
     let s = py.detach(|| core_stage::stage_file(&src, &dest, &tmp, durable, &p)).map_err(to_py)?;
     summary(py, s)

@@ -13,7 +13,15 @@ use std::path::PathBuf;
 /// dict (output, tars, samples, bytes, groups, skipped [(member, reason)], warnings, seconds).
 #[pyfunction]
 #[pyo3(signature = (tars, output, *, group_by_basename=false, force=false, link="symlink", threads=0))]
-pub fn index_tars<'py>(py: Python<'py>, tars: Vec<PathBuf>, output: PathBuf, group_by_basename: bool, force: bool, link: &str, threads: usize) -> PyResult<Bound<'py, PyDict>> {
+pub fn index_tars<'py>(
+    py: Python<'py>,
+    tars: Vec<PathBuf>,
+    output: PathBuf,
+    group_by_basename: bool,
+    force: bool,
+    link: &str,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
     let link = match link {
         "symlink" => Link::Symlink,
         "hard" => Link::Hard,
@@ -77,7 +85,9 @@ impl PyGroups {
         let r = reader.get().inner.clone();
         let dir = reader.get().path.clone();
         let groups = py
-            .detach(move || core::group_ranges(r.len(), |i| r.key(i)).map(|g| g.map_err(|why| crate::Error::format(&dir, format!("cannot group by basename: {why}")))))
+            .detach(move || {
+                core::group_ranges(r.len(), |i| r.key(i)).map(|g| g.map_err(|why| crate::Error::format(&dir, format!("cannot group by basename: {why}"))))
+            })
             .and_then(|g| g)
             .map_err(to_py)?;
         Ok(PyGroups { reader: reader.unbind(), groups })
