@@ -311,7 +311,7 @@ def bench_pack(src: str, work: str, tree: dict, args) -> tuple[dict, str, str | 
             "internal_seconds": [x.get("internal_seconds") for x in rs] if tool.startswith("packds") else None,
         }
     base = rows["packds pack"]["median_s"]
-    for tool, row in rows.items():
+    for row in rows.values():
         if row.get("installed"):
             row["time_vs_packds"] = row["median_s"] / base
     out_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
@@ -331,7 +331,7 @@ def bench_open(out: str, tarpath: str | None, args) -> dict:
     t_pds, t_pop, t_tar = [], [], []
     ntar = 0
     for r in range(args.repeat):
-        for k in range(5):
+        for _ in range(5):
             t0 = time.perf_counter()
             ds = packds.open(out)
             ds[0]
@@ -600,7 +600,7 @@ def bench_scale(work: str, args) -> dict:
     res["index_bytes"] = os.path.getsize(os.path.join(out, "index.pdsi"))
     res["dataset_bytes"] = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     probes = []
-    for k in range(args.scale_opens):
+    for _ in range(args.scale_opens):
         q = subprocess.run([sys.executable, "-c", PROBE, out, HERE], capture_output=True, text=True)
         if q.returncode != 0:
             raise SystemExit(f"scale probe failed: {q.stderr[-2000:]}")

@@ -551,8 +551,9 @@ def main(argv=None) -> int:
         r = mem_child(args.mem_child, os.path.join(args.mem_root, "mem-tree"), os.path.join(args.mem_root, "mem.pds"), 8)
         print(json.dumps(r))
         return 0
-    import packds
     import torch
+
+    import packds
 
     skip = set(filter(None, args.skip.split(",")))
     args.tar = "tar"

@@ -29,6 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_pack_read as bpr  # noqa: E402  (helpers: run_child, machine_info, packds_cmd, ...)
+
 import peers  # noqa: E402
 
 say, median, fmt, rm = bpr.say, bpr.median, bpr.fmt, bpr.rm
@@ -167,7 +168,7 @@ def bench_open(paths: dict, args, avail):
         why = avail.get(kind) if kind not in ("packds", "tarfile") else None
         if why or not p:
             status[name] = why or "no output (its pack failed or was not installed)"
-    for r in range(args.repeat):
+    for _ in range(args.repeat):
         for name, (kind, p) in kinds.items():
             if name in status:
                 continue
@@ -367,7 +368,7 @@ def bench_dataloader(paths, src, args, avail):
     n = len(dsets["packds"])
     idx = torch.randperm(n, generator=g)[: min(n, args.dl_samples)].tolist()
     res = {f"{k}, {w} workers": [] for k in dsets for w in (0, 2)}
-    for r in range(args.repeat):
+    for _ in range(args.repeat):
         for name, d in dsets.items():
             for w in (0, 2):
                 sub = Subset(d, idx)

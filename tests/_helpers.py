@@ -28,7 +28,7 @@ def walk_files(root) -> list[bytes]:
     byte-wise: what packds must produce as keys."""
     root = b(root)
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)

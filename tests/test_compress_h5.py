@@ -230,7 +230,7 @@ def _first(ds, pred):
 def test_flipped_byte_is_caught(packed, work, fmt, which):
     ds_dir = h.copy_dataset(packed(fmt, "zstd"), os.path.join(work, "c.pds"))
     ds = packds.open(ds_dir)
-    i = _first(ds, (lambda j: ds._codec(j) != 0 and ds.stored_size(j) > 100) if which == "compressed" else (lambda j: ds._codec(j) == 0 and ds.size(j) > 100))
+    i = _first(ds, (lambda j, ds=ds: ds._codec(j) != 0 and ds.stored_size(j) > 100) if which == "compressed" else (lambda j, ds=ds: ds._codec(j) == 0 and ds.size(j) > 100))
     key = ds.key(i)
     path, off, size = ds.locate(i)
     del ds
@@ -257,7 +257,7 @@ def test_flipped_byte_is_caught(packed, work, fmt, which):
 def test_lying_frame_raises_format_error_without_allocating(packed, work):
     ds_dir = h.copy_dataset(packed("tar", "zstd"), os.path.join(work, "lie.pds"))
     ds = packds.open(ds_dir)
-    i = _first(ds, lambda j: ds._codec(j) == 1 and ds.stored_size(j) >= 20)
+    i = _first(ds, lambda j, ds=ds: ds._codec(j) == 1 and ds.stored_size(j) >= 20)
     path, off, size = ds.locate(i)
     del ds
     # A zstd frame header claiming 1 TiB of content (single-segment, 8-byte size field).

@@ -9,7 +9,6 @@ import os
 import random
 import threading
 
-import _helpers as h
 import packds
 
 # Set in the parent before forking; inherited by the workers (the point of the test).

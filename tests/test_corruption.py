@@ -531,7 +531,7 @@ def test_fuzzed_indexes_never_crash(small_ds_pristine, work):
         write_bytes(idx_path(d), ix)
         procs.append((trial, d, subprocess.Popen([sys.executable, script, d, os.path.join(work, f"un{trial}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
         if len(procs) >= 4 or trial == 23:
-            for t, dd, p in procs:
+            for t, _dd, p in procs:
                 out, err = p.communicate(timeout=120)
                 r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
                 h.assert_not_signalled(r)

@@ -3,7 +3,6 @@ pax `size` record that tarfile and GNU tar honour. Needs about 9 GB of free disk
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tarfile

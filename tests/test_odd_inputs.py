@@ -56,8 +56,8 @@ def test_symlinks_skipped_by_default(linky, work):
     assert [ds.key(i) for i in range(len(ds))] == ["p/r/in_r.txt", "real/data.txt", "real/more/x.bin"]
     sk = skipped_paths(ds.manifest)
     links = ["link_file", "link_dir", "real/back", "self_dir", "self_link", "broken", "p/q/to_r", "p/r/to_q"]
-    for l in links:
-        p = os.path.join(linky, l)
+    for name in links:
+        p = os.path.join(linky, name)
         assert p in sk, (p, sk)
         assert "symlink" in sk[p], sk[p]
     assert len(sk) == len(links)
@@ -82,8 +82,8 @@ def test_follow_symlinks(linky, work):
     assert "link_dir/more/x.bin" in keys
     assert "p/q/to_r/in_r.txt" in keys  # q/to_r -> r (not a loop yet)
     sk = skipped_paths(ds.manifest)
-    for l, why in [("self_dir", "loop"), ("real/back", "loop"), ("self_link", ""), ("broken", "broken")]:
-        p = os.path.join(linky, l)
+    for name, why in [("self_dir", "loop"), ("real/back", "loop"), ("self_link", ""), ("broken", "broken")]:
+        p = os.path.join(linky, name)
         assert p in sk and why in sk[p], (p, sk)
     # No key passes through a loop more than once.
     assert all(k.count("back") == 0 and k.count("self_dir") == 0 for k in keys), keys
@@ -230,7 +230,7 @@ def locked_tree():
     try:
         yield prefix, src, outp, os.fsdecode(secret), lockdir
     finally:
-        for dp, dn, fn in os.walk(base):
+        for dp, _dn, _fn in os.walk(base):
             os.chmod(dp, 0o755)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -404,7 +404,7 @@ def test_extreme_mtimes_modes_and_ids_in_tar_headers(work):
     ds = packds.open(out)
     with tarfile.open(os.path.join(out, "shard-00000.tar")) as tf:
         members = {m.name.encode(): m for m in tf}
-        for k, c in cases.items():
+        for k in cases:
             st = os.lstat(os.path.join(os.fsencode(src), k))
             m = members[k]
             assert m.mtime == math.floor(st.st_mtime), (k, m.mtime, st.st_mtime)
@@ -415,7 +415,7 @@ def test_extreme_mtimes_modes_and_ids_in_tar_headers(work):
     os.mkdir(dest)
     t = subprocess.run(["tar", "-xf", os.path.join(out, "shard-00000.tar"), "-C", dest], capture_output=True)
     assert t.returncode == 0, t.stderr
-    for k, c in cases.items():
+    for k in cases:
         a = os.lstat(os.path.join(os.fsencode(src), k))
         b_ = os.lstat(os.path.join(os.fsencode(dest), k))
         assert math.floor(b_.st_mtime) == math.floor(a.st_mtime), (k, a.st_mtime, b_.st_mtime)

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 
+from test_stage_slurm import MINISLURM, README_PATH, _cluster_env  # noqa: F401
+
 import _helpers as h
 import packds
-from test_stage_slurm import MINISLURM, README_PATH, _cluster_env  # noqa: F401
 
 
 def _readme_block(name: str) -> str:

@@ -11,8 +11,6 @@ import stat
 import subprocess
 import tarfile
 
-import pytest
-
 import _helpers as h
 import packds
 

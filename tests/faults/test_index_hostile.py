@@ -15,8 +15,6 @@ import subprocess
 import sys
 import tarfile
 
-import pytest
-
 import _helpers as h
 
 _CHILD = r"""

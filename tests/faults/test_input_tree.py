@@ -12,8 +12,8 @@ import pytest
 
 import _helpers as h
 import packds
-from packds import SourceChangedError
 from faults import _fx
+from packds import SourceChangedError
 
 # A sysfs attribute stats as 4096 bytes and reads as a few dozen: a file that "shrank" while it
 # was read, at exactly the read, deterministically (the /proc twin, a file that grows, is in

@@ -32,7 +32,7 @@ def tree(fast_base):
 def reference(tree, fast_base):
     out = os.path.join(fast_base, "faults-int-ref.pds")
     p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
-    h.wait_for(lambda: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
+    h.wait_for(lambda out=out, p=p: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
     t = time.perf_counter()
     _, err = p.communicate(timeout=120)
     dt = time.perf_counter() - t  # from the output's creation to the end
@@ -61,7 +61,7 @@ def test_b6_signal_pack_at_a_random_time_then_resume(tree, reference, work, seed
     p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
     # The random point is taken from when the output directory appears (interpreter start-up
     # is most of the run otherwise): anywhere from before the first shard to after the last.
-    h.wait_for(lambda: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
+    h.wait_for(lambda out=out, p=p: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
     delay = random.Random(seed * 31 + sig).uniform(0.0, 1.2) * dt
     time.sleep(delay)
     p.send_signal(sig)
@@ -132,7 +132,7 @@ def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
         dest = os.path.join(work, f"dest{i}")
         os.mkdir(dest)
         p = _fx.popen_cli("stage", staged_src, "--to", dest, "--jobs", str(1 + i % 4), "-q", env={"PACKDS_FAULT": "stage-slow-ms:20"})
-        h.wait_for(lambda: bool(_leftovers(dest)) or p.poll() is not None, timeout=30, step=0.005)
+        h.wait_for(lambda dest=dest, p=p: bool(_leftovers(dest)) or p.poll() is not None, timeout=30, step=0.005)
         time.sleep(rng.uniform(0.0, 0.3))
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
@@ -155,7 +155,7 @@ def test_b6_sigterm_cancels_a_pack_cleanly(tree, reference, work):
     for i, frac in enumerate([0.1, 0.3, 0.5]):
         out = os.path.join(work, f"o{i}.pds")
         p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
-        h.wait_for(lambda: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
+        h.wait_for(lambda out=out, p=p: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
         time.sleep(frac * dt)
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
