@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import shutil
@@ -11,6 +13,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+
+import pytest
 
 import packds
 
@@ -81,8 +85,8 @@ def assert_same_dataset_bytes(a, c) -> None:
 def cli(*args, env: dict | None = None, timeout: float = 120, prefix=(), cwd=None, input: bytes | None = None):
     """Runs ``python -m packds ARGS`` and returns the CompletedProcess (stdout/stderr bytes)."""
     cmd = [*prefix, sys.executable, "-m", "packds", *[b(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in args]]
-    e = dict(os.environ)
-    e.pop("PACKDS_FAULT", None)
+    # Not the caller's fault switch nor a surrounding Slurm job's variables: tests say what they need.
+    e = {k: v for k, v in os.environ.items() if k != "PACKDS_FAULT" and not k.startswith("SLURM_")}
     if env:
         e.update(env)
     return subprocess.run(cmd, capture_output=True, timeout=timeout, env=e, cwd=cwd, input=input)
@@ -358,3 +362,57 @@ def wait_for(pred, timeout: float = 10.0, step: float = 0.01) -> bool:
             return True
         time.sleep(step)
     return pred()
+
+
+# --------------------------------------------------------------------------------------------
+# Processes, mounts and odd trees (fault tests)
+
+
+def mkdeep(root: str, names: list[str], leaf: bytes = b"leaf", data: bytes = b"leaf") -> None:
+    """Creates root/names[0]/names[1]/.../leaf with dir fds (works past PATH_MAX)."""
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n in names:
+            os.mkdir(n, dir_fd=fd)
+            nfd = os.open(n, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        f = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        try:
+            os.write(f, data)
+        finally:
+            os.close(f)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def tmpfs(path: str, opts: str):
+    """Mounts a tmpfs at ``path`` (root only), unmounted afterwards."""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        # Needs root (CI runs as root; under CI=true this skip is a failure).
+        pytest.skip(f"cannot mount a tmpfs at {path}: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def manifest(d: str) -> dict:
+    with open(os.path.join(d, "manifest.json")) as f:
+        return json.load(f)
+
+
+def staging_leftovers(d: str) -> list[str]:
+    """Names in ``d`` that an unfinished stage leaves (``.NAME.staging-…``)."""
+    return sorted(n for n in os.listdir(d) if ".staging-" in n)
+
+
+def popen_cli(*args, env: dict | None = None, **kw) -> subprocess.Popen:
+    e = {k: v for k, v in os.environ.items() if k != "PACKDS_FAULT" and not k.startswith("SLURM_")}
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "packds", *[os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, **kw)

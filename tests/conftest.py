@@ -1,7 +1,10 @@
 """Fixtures for the packds suite: a fast scratch area (tmpfs when there is one), the "odd" tree
 of 20,000+ awkward files, and datasets packed from it once per session.
 
-``--runslow`` enables the tests marked ``slow`` (the only tests that are ever skipped)."""
+``--runslow`` enables the tests marked ``slow``. A test may also skip when something it needs is
+missing on this machine (a tool such as ``h5dump``, a FUSE or Slurm helper, root for a tmpfs):
+it says what. Under ``CI=true`` every such skip is a failure (``.ci/run`` installs everything);
+only the ``slow`` skips stay skips."""
 
 from __future__ import annotations
 
@@ -27,6 +30,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _ci_fails_skip(report, slow: bool) -> None:
+    if report.skipped and _ci() and not slow and not hasattr(report, "wasxfail"):
+        where = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (every skip but --runslow ones fails in CI): {where}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    slow = "slow" in item.keywords and not item.config.getoption("--runslow")
+    _ci_fails_skip(outcome.get_result(), slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _ci_fails_skip(outcome.get_result(), False)
 
 
 @pytest.fixture(scope="session")

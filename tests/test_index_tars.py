@@ -11,13 +11,12 @@ import subprocess
 import tarfile
 
 import pytest
+import webdataset  # a test extra: pip install '.[test]'
 
 import _helpers as h
 import packds
 import packds.wds
 from packds import FormatError, UnsafePathError, UsageError
-
-webdataset = pytest.importorskip("webdataset")
 
 
 def _wds_samples(n: int, seed: int = 1) -> list[dict]:

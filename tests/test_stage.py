@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import _helpers as h
 import packds
 import packds.errors
 from packds.stage import plan, stage_record
@@ -25,9 +26,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def base():
-    root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    d = tempfile.mkdtemp(prefix="packds-stage-", dir=root)
+def base(fast_base):
+    d = tempfile.mkdtemp(prefix="stage-", dir=fast_base)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -69,14 +69,9 @@ def dest(base):
 
 @pytest.fixture
 def tmpfs8(tmp_path):
-    """An 8 MiB tmpfs (we are root in CI)."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (the stage tests need root): {r.stderr.strip()}")
-    yield str(d)
-    subprocess.run(["umount", "-l", str(d)], check=False)
+    """An 8 MiB tmpfs (needs root, as in CI)."""
+    with h.tmpfs(str(tmp_path / "tmpfs"), "size=8M") as d:
+        yield d
 
 
 def cli(*args, env=None, **kw):
@@ -97,10 +92,6 @@ def same_samples(a, b) -> None:
     for i in range(len(da)):
         assert da.key(i) == db.key(i)
         assert da[i] == db[i], da.key(i)
-
-
-def leftovers(d: str) -> list[str]:
-    return sorted(n for n in os.listdir(d) if ".staging-" in n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +160,7 @@ def test_patched_statvfs_decides(small, dest, monkeypatch):
     with pytest.raises(packds.NoSpaceError) as ei:
         stage_record(small, dest, policy="local", reserve=11 * MiB)
     assert "needs" in str(ei.value) and ei.value.hint
-    assert leftovers(dest) == [] and not os.path.exists(os.path.join(dest, "small.pds"))
+    assert h.staging_leftovers(dest) == [] and not os.path.exists(os.path.join(dest, "small.pds"))
 
 
 def test_memory_limit_from_slurm_env(monkeypatch):
@@ -219,7 +210,7 @@ def test_simultaneous_stagers_copy_once(big, dest):
     recs = [json.loads(o) for o, _ in outs]
     assert sum(r["copied"] for r in recs) == 1
     assert {r["path"] for r in recs} == {os.path.join(dest, "big.pds")}
-    assert leftovers(dest) == []
+    assert h.staging_leftovers(dest) == []
     ds = packds.open(os.path.join(dest, "big.pds"))
     assert ds.verify()["problems"] == []
 
@@ -229,7 +220,7 @@ def test_sigkill_mid_copy_then_stage_again(big, dest):
     assert r.returncode == -signal.SIGKILL
     final = os.path.join(dest, "big.pds")
     assert not os.path.exists(final)
-    left = leftovers(dest)
+    left = h.staging_leftovers(dest)
     assert len(left) == 1  # the dead stager's partial copy
     with pytest.raises(packds.FormatError):
         packds.open(os.path.join(dest, left[0]))
@@ -237,20 +228,20 @@ def test_sigkill_mid_copy_then_stage_again(big, dest):
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["copied"] is True and rec["path"] == final
-    assert leftovers(dest) == []
+    assert h.staging_leftovers(dest) == []
     assert packds.open(final).verify()["problems"] == []
 
 
 def test_sigterm_mid_copy_leaves_nothing_accepted(big, dest):
     p = subprocess.Popen([sys.executable, "-m", "packds", "stage", big, "--to", dest, "--jobs", "1"], env={**os.environ, "PACKDS_FAULT": "stage-slow-ms:50"}, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not leftovers(dest) and time.monotonic() < deadline:
+    while not h.staging_leftovers(dest) and time.monotonic() < deadline:
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=60)
     assert p.returncode != 0
     assert not os.path.exists(os.path.join(dest, "big.pds"))
-    assert leftovers(dest) == []  # a clean cancel removes its partial copy
+    assert h.staging_leftovers(dest) == []  # a clean cancel removes its partial copy
 
 
 def test_corrupted_source_fails_naming_the_shard(big, base, dest):
@@ -330,7 +321,7 @@ def test_single_tar_and_h5_files_are_copied(base, dest):
         with open(src, "rb") as a, open(rec["path"], "rb") as b:
             assert a.read() == b.read()
         assert json.loads(cli("stage", src, "--to", dest, "--json", "-q").stdout)["copied"] is False
-    assert leftovers(dest) == []
+    assert h.staging_leftovers(dest) == []
 
 
 def test_bad_sources_are_clear_errors(base, dest):

@@ -13,7 +13,6 @@ import pytest
 
 import _helpers as h
 import packds
-from faults import _fx
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +24,16 @@ def src_ds(fast_base):
     return out
 
 
-def _leftovers(d):
-    return sorted(n for n in os.listdir(d) if ".staging-" in n)
-
 
 def test_d3_eight_stagers_at_once_copy_once(src_ds, work):
-    procs = [_fx.popen_cli("stage", src_ds, "--to", work, "--json", "-q", "--memory-limit", "1K", text=True) for _ in range(8)]
+    procs = [h.popen_cli("stage", src_ds, "--to", work, "--json", "-q", "--memory-limit", "1K", text=True) for _ in range(8)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [e for _, e in outs]
     recs = [json.loads(o) for o, _ in outs]
     assert sum(r["copied"] for r in recs) == 1
     final = os.path.join(work, os.path.basename(src_ds))
     assert {r["path"] for r in recs} == {final}
-    assert _leftovers(work) == []
+    assert h.staging_leftovers(work) == []
     h.assert_same_dataset_bytes(src_ds, final)
 
 
@@ -45,9 +41,9 @@ def test_d4_lock_holder_sigkilled_while_others_wait(src_ds, work):
     """The copier is SIGKILLed mid-copy while three stagers wait on the lock: the kernel drops
     its flock, one waiter removes the dead copy and copies again, all return the same intact
     path, nothing is left over."""
-    holder = _fx.popen_cli("stage", src_ds, "--to", work, "--jobs", "1", "-q", env={"PACKDS_FAULT": "stage-slow-ms:150"})
-    assert h.wait_for(lambda: bool(_leftovers(work)), timeout=30), "the first stager never started copying"
-    waiters = [_fx.popen_cli("stage", src_ds, "--to", work, "--json", "-q", text=True) for _ in range(3)]
+    holder = h.popen_cli("stage", src_ds, "--to", work, "--jobs", "1", "-q", env={"PACKDS_FAULT": "stage-slow-ms:150"})
+    assert h.wait_for(lambda: bool(h.staging_leftovers(work)), timeout=30), "the first stager never started copying"
+    waiters = [h.popen_cli("stage", src_ds, "--to", work, "--json", "-q", text=True) for _ in range(3)]
     time.sleep(0.3)
     assert all(w.poll() is None for w in waiters), "waiters should block on the lock"
     holder.send_signal(signal.SIGKILL)
@@ -59,7 +55,7 @@ def test_d4_lock_holder_sigkilled_while_others_wait(src_ds, work):
     assert sum(r["copied"] for r in recs) == 1
     final = os.path.join(work, os.path.basename(src_ds))
     assert {r["path"] for r in recs} == {final}
-    assert _leftovers(work) == []
+    assert h.staging_leftovers(work) == []
     h.assert_same_dataset_bytes(src_ds, final)
     assert packds.open(final).verify()["problems"] == []
 
@@ -72,8 +68,8 @@ def test_d11_source_shard_damaged_during_the_copy(src_ds, work, fast_base):
     os.mkdir(dest)
     shards = sorted(n for n in os.listdir(src) if n.startswith("shard-"))
     victim = os.path.join(src, shards[-1])  # smallest: copied last (largest first)
-    p = _fx.popen_cli("stage", src, "--to", dest, "--jobs", "1", env={"PACKDS_FAULT": "stage-slow-ms:60"}, text=True)
-    assert h.wait_for(lambda: bool(_leftovers(dest)), timeout=30)
+    p = h.popen_cli("stage", src, "--to", dest, "--jobs", "1", env={"PACKDS_FAULT": "stage-slow-ms:60"}, text=True)
+    assert h.wait_for(lambda: bool(h.staging_leftovers(dest)), timeout=30)
     with open(victim, "r+b") as f:
         f.seek(700)
         b = f.read(1)
@@ -83,7 +79,7 @@ def test_d11_source_shard_damaged_during_the_copy(src_ds, work, fast_base):
     assert p.returncode == 1, err
     assert err.startswith("packds: error: checksum mismatch") and shards[-1] in err, err
     assert not os.path.exists(os.path.join(dest, "src.pds"))
-    assert _leftovers(dest) == []
+    assert h.staging_leftovers(dest) == []
 
 
 def test_e7_reader_keeps_its_copy_while_a_restage_replaces_it(src_ds, work, fast_base):

@@ -204,20 +204,17 @@ def _run_harness(small_ds_pristine, work, examples):
 
 
 def test_c21_hypothesis_mutations_never_crash(small_ds_pristine, work):
-    pytest.importorskip("hypothesis")
     _run_harness(small_ds_pristine, work, 300)
 
 
 @pytest.mark.slow
 def test_c21_hypothesis_mutations_never_crash_long(small_ds_pristine, work):
-    pytest.importorskip("hypothesis")
     _run_harness(small_ds_pristine, work, 5000)
 
 
 @pytest.mark.parametrize("fmt", ["tar", "h5"])
 def test_c21_hypothesis_mutations_of_compressed_datasets_never_crash(work, fmt):
     """The same harness over compressed datasets (zstd frames, a dictionary, HDF5 files)."""
-    pytest.importorskip("hypothesis")
     src = os.path.join(work, "text")
     for i in range(400):
         h.write(src, f"c{i % 3:02}/f{i:05}.txt", (b"sample %d of class %d; " % (i, i % 3)) * (1 + i % 90))

@@ -12,7 +12,6 @@ import pytest
 
 import _helpers as h
 import packds
-from faults import _fx
 from packds import SourceChangedError
 
 # A sysfs attribute stats as 4096 bytes and reads as a few dozen: a file that "shrank" while it
@@ -106,7 +105,7 @@ def test_a15_path_longer_than_path_max(work):
     a clean OSError (ENAMETOOLONG) naming it and nothing published by default; --on-error skip
     lists it. Never a crash or a truncated key."""
     src = os.path.join(work, "src")
-    _fx.mkdeep(src, [("%02d" % i) + "L" * 250 for i in range(20)])
+    h.mkdeep(src, [("%02d" % i) + "L" * 250 for i in range(20)])
     h.write(src, b"short.txt", b"short")
     out = os.path.join(work, "o.pds")
     with pytest.raises(OSError) as ei:
@@ -125,7 +124,7 @@ def test_a15_path_longer_than_path_max(work):
 def test_a16_tree_300_levels_deep(work):
     """A16 (> 200 levels): packs and reads back; GNU-compatible pax name; no stack overflow."""
     src = os.path.join(work, "src")
-    _fx.mkdeep(src, ["d"] * 300, data=b"deep leaf")
+    h.mkdeep(src, ["d"] * 300, data=b"deep leaf")
     h.write(src, b"top", b"top")
     out = os.path.join(work, "o.pds")
     s = packds.pack(src, out)

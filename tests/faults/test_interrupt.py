@@ -16,7 +16,6 @@ import pytest
 
 import _helpers as h
 import packds
-from faults import _fx
 
 PACK_ARGS = ("--shard-size", "1M", "--threads", "1", "-q")
 SEEDS = [11, 12, 13]
@@ -31,7 +30,7 @@ def tree(fast_base):
 @pytest.fixture(scope="module")
 def reference(tree, fast_base):
     out = os.path.join(fast_base, "faults-int-ref.pds")
-    p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
+    p = h.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
     h.wait_for(lambda out=out, p=p: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
     t = time.perf_counter()
     _, err = p.communicate(timeout=120)
@@ -58,7 +57,7 @@ def _check_after_kill(out, ref):
 def test_b6_signal_pack_at_a_random_time_then_resume(tree, reference, work, seed, sig):
     ref, dt = reference
     out = os.path.join(work, "o.pds")
-    p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
+    p = h.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
     # The random point is taken from when the output directory appears (interpreter start-up
     # is most of the run otherwise): anywhere from before the first shard to after the last.
     h.wait_for(lambda out=out, p=p: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
@@ -87,9 +86,6 @@ def staged_src(reference):
     return reference[0]
 
 
-def _leftovers(d):
-    return sorted(n for n in os.listdir(d) if ".staging-" in n)
-
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -100,7 +96,7 @@ def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed
     dest = os.path.join(work, "dest")
     os.mkdir(dest)
     final = os.path.join(dest, os.path.basename(staged_src))
-    p = _fx.popen_cli("stage", staged_src, "--to", dest, "--jobs", "2", "-q", "--json", env={"PACKDS_FAULT": "stage-slow-ms:30"})
+    p = h.popen_cli("stage", staged_src, "--to", dest, "--jobs", "2", "-q", "--json", env={"PACKDS_FAULT": "stage-slow-ms:30"})
     time.sleep(random.Random(seed * 7 + sig).uniform(0.2, 1.5))
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
@@ -109,17 +105,17 @@ def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed
         h.assert_same_dataset_bytes(staged_src, final)
         assert packds.open(final).verify()["problems"] == []
     if sig == signal.SIGTERM and p.returncode != 0:
-        assert _leftovers(dest) == [], "a SIGTERMed stage must remove its partial copy"
-    for n in _leftovers(dest):
+        assert h.staging_leftovers(dest) == [], "a SIGTERMed stage must remove its partial copy"
+    for n in h.staging_leftovers(dest):
         with pytest.raises((packds.FormatError, OSError)):
             packds.open(os.path.join(dest, n))
-    r = _fx.popen_cli("stage", staged_src, "--to", dest, "-q", "--json")
+    r = h.popen_cli("stage", staged_src, "--to", dest, "-q", "--json")
     o, e = r.communicate(timeout=120)
     assert r.returncode == 0, e
     assert json.loads(o)["path"] == final
-    assert _leftovers(dest) == []
+    assert h.staging_leftovers(dest) == []
     h.assert_same_dataset_bytes(staged_src, final)
-    assert _fx.manifest(final) == _fx.manifest(staged_src)
+    assert h.manifest(final) == h.manifest(staged_src)
 
 
 def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
@@ -131,8 +127,8 @@ def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
     for i in range(10):
         dest = os.path.join(work, f"dest{i}")
         os.mkdir(dest)
-        p = _fx.popen_cli("stage", staged_src, "--to", dest, "--jobs", str(1 + i % 4), "-q", env={"PACKDS_FAULT": "stage-slow-ms:20"})
-        h.wait_for(lambda dest=dest, p=p: bool(_leftovers(dest)) or p.poll() is not None, timeout=30, step=0.005)
+        p = h.popen_cli("stage", staged_src, "--to", dest, "--jobs", str(1 + i % 4), "-q", env={"PACKDS_FAULT": "stage-slow-ms:20"})
+        h.wait_for(lambda dest=dest, p=p: bool(h.staging_leftovers(dest)) or p.poll() is not None, timeout=30, step=0.005)
         time.sleep(rng.uniform(0.0, 0.3))
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
@@ -142,7 +138,7 @@ def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
             continue
         assert p.returncode == 143, (p.returncode, err)
         assert b"interrupted" in err
-        assert _leftovers(dest) == [], f"run {i}: partial copy left behind: {os.listdir(dest)}"
+        assert h.staging_leftovers(dest) == [], f"run {i}: partial copy left behind: {os.listdir(dest)}"
         assert not os.path.exists(final)
 
 
@@ -154,7 +150,7 @@ def test_b6_sigterm_cancels_a_pack_cleanly(tree, reference, work):
     interrupted = 0
     for i, frac in enumerate([0.1, 0.3, 0.5]):
         out = os.path.join(work, f"o{i}.pds")
-        p = _fx.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
+        p = h.popen_cli("pack", tree.root, "-o", out, *PACK_ARGS)
         h.wait_for(lambda out=out, p=p: os.path.exists(out) or p.poll() is not None, timeout=30, step=0.001)
         time.sleep(frac * dt)
         p.send_signal(signal.SIGTERM)

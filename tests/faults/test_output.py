@@ -12,7 +12,6 @@ import pytest
 
 import _helpers as h
 import packds
-from faults import _fx
 
 ARGS = ("--shard-size", "256K", "--threads", "2")
 
@@ -35,7 +34,7 @@ def test_b1_enospc_mid_shard_then_resume_after_freeing_space(src5m, ref5m, work)
     """B1: `no space left on device while writing .../.shard-NNNNN.tar.tmp`, exit 1 and a
     --resume hint; the partial shard is removed; the directory does not open; once space is
     freed, --resume finishes byte-identical to an uninterrupted pack."""
-    with _fx.tmpfs(os.path.join(work, "mnt"), "size=4M") as mnt:
+    with h.tmpfs(os.path.join(work, "mnt"), "size=4M") as mnt:
         out = os.path.join(mnt, "o.pds")
         r = h.cli("pack", src5m.root, "-o", out, *ARGS)
         line = h.assert_cli_error(r, "no space left on device", out)
@@ -56,7 +55,7 @@ def test_b1_enospc_mid_shard_then_resume_after_freeing_space(src5m, ref5m, work)
 
 def test_b1_enospc_through_the_api_is_nospaceerror(src5m, work):
     """The same fault from Python: NoSpaceError (an OSError with a hint), not a generic error."""
-    with _fx.tmpfs(os.path.join(work, "mnt"), "size=4M") as mnt:
+    with h.tmpfs(os.path.join(work, "mnt"), "size=4M") as mnt:
         out = os.path.join(mnt, "o.pds")
         with pytest.raises(packds.NoSpaceError) as ei:
             packds.pack(src5m.root, out, shard_size=256 << 10)
@@ -66,7 +65,7 @@ def test_b1_enospc_through_the_api_is_nospaceerror(src5m, work):
 def test_b3_out_of_inodes(src5m, work):
     """B3: the filesystem runs out of inodes (tmpfs nr_inodes) while shards are created: the
     same clean `no space` error (ENOSPC), exit 1; nothing that opens; resume after remount."""
-    with _fx.tmpfs(os.path.join(work, "mnt"), "size=64M,nr_inodes=8") as mnt:
+    with h.tmpfs(os.path.join(work, "mnt"), "size=64M,nr_inodes=8") as mnt:
         out = os.path.join(mnt, "o.pds")
         r = h.cli("pack", src5m.root, "-o", out, *ARGS)
         h.assert_cli_error(r, "no space left on device")
@@ -82,7 +81,7 @@ def test_b3_out_of_inodes(src5m, work):
 def test_read_only_destination(src5m, work):
     """Output on a read-only filesystem (EROFS even for root): one clean error line naming the
     output, exit 1, no traceback."""
-    with _fx.tmpfs(os.path.join(work, "mnt"), "size=4M,ro") as mnt:
+    with h.tmpfs(os.path.join(work, "mnt"), "size=4M,ro") as mnt:
         out = os.path.join(mnt, "o.pds")
         r = h.cli("pack", src5m.root, "-o", out, *ARGS)
         line = h.assert_cli_error(r, out)

@@ -13,7 +13,6 @@ import pytest
 
 import _helpers as h
 import packds
-from faults import _fx
 
 
 def test_d12_stage_of_an_interrupted_pack_fails_before_copying(work):
@@ -25,7 +24,7 @@ def test_d12_stage_of_an_interrupted_pack_fails_before_copying(work):
     assert r.returncode != 0 and not os.path.exists(os.path.join(src, "manifest.json"))
     dest = os.path.join(work, "dest")
     os.mkdir(dest)
-    p = _fx.popen_cli("stage", src, "--to", dest, text=True)
+    p = h.popen_cli("stage", src, "--to", dest, text=True)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 1 and out == "", err
     assert err.startswith("packds: error:") and src in err and "hint:" in err, err
@@ -93,7 +92,7 @@ def test_e5_many_shards_under_a_low_fd_limit(work):
 
 def test_f4_unpack_into_a_full_disk(small_ds_pristine, work):
     """F4: unpack onto a 256 KiB tmpfs: NoSpaceError / exit 1 with one error line, no crash."""
-    with _fx.tmpfs(os.path.join(work, "mnt"), "size=256K") as mnt:
+    with h.tmpfs(os.path.join(work, "mnt"), "size=256K") as mnt:
         dest = os.path.join(mnt, "out")
         r = h.cli("unpack", small_ds_pristine, dest)
         h.assert_cli_error(r, "no space left on device")
