@@ -267,7 +267,7 @@ pub enum Prepared {
     /// Ready to write (locked; cleared under `--force`).
     Open(OutputDir),
     /// `--resume` of a pack that had already completed: its manifest (leftover state removed).
-    Complete(Manifest),
+    Complete(Box<Manifest>),
 }
 
 /// A locked output directory, ready to be written.
@@ -286,7 +286,7 @@ impl OutputDir {
         let created = match fs::symlink_metadata(path) {
             Ok(md) if md.is_dir() => {
                 if mode.resume && !mode.force && path.join(MANIFEST_FILE).exists() {
-                    return complete_dataset(path).map(Prepared::Complete);
+                    return complete_dataset(path).map(|m| Prepared::Complete(Box::new(m)));
                 }
                 check_existing(path, mode)?;
                 false

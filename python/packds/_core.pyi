@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension `packds._core`."""
 
 from os import PathLike
-from typing import Any, Callable
+from typing import Any, Callable, final
 
 __version__: str
 INDEX_FORMAT_VERSION: int
@@ -90,6 +90,7 @@ class Groups:
     def find(self, key: str | bytes) -> int | None: ...
     def item(self, i: int) -> dict[str, Any]: ...
 
+@final
 class StageProgress:
     """Progress counters of a running stage or preload, readable from any thread."""
 
