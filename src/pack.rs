@@ -475,34 +475,40 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
     let sel = PipeRange { start, end: range.end, first_file: range.start, first_shard: first_shard + shard_records.len(), cuts };
     run_pipeline(opts, progress, roots, files, &sel, &dict, &mut parts, &mut shard_records, &mut skipped)?;
 
-    // Final index, then manifest (last: its presence marks the dataset complete).
     progress.phase.store(2, Relaxed);
-    let index_path = out.join(layout::INDEX_FILE);
-    let coded = !opts.compress.is_none();
-    let ix = crate::index::concat(&parts, &index_path, coded.then_some(&dict[..]))?;
-    drop(parts);
-    let total_bytes = ix.total_bytes;
-    let compression = coded.then(|| manifest::CompressionRecord {
-        mode: opts.compress.name(),
-        stored_bytes: ix.stored_bytes,
-        zstd_dict: (!dict.is_empty()).then(|| manifest::DictRecord { size: dict.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(&dict)) }),
-    });
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let m = Manifest::new(opts.format, opts.options_json.clone(), ix.into(), shard_records).with_skipped(skipped.clone()).with_compression(compression);
-    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
-    fs::remove_dir_all(&state).ctx("remove", &state)?;
-    fsx::sync_dir(out)?;
+    let m = finish(opts, parts, &dict, shard_records, skipped)?;
     progress.phase.store(3, Relaxed);
     Ok(PackSummary {
         output: out.clone(),
         files: m.samples,
-        bytes: total_bytes,
+        bytes: m.total_bytes,
         shards: m.shards.len() as u64,
         resumed_shards: resumed,
-        skipped,
+        skipped: m.skipped,
         seconds: t0.elapsed().as_secs_f64(),
         already_complete: false,
     })
+}
+
+/// The final index (streamed from the per-shard `parts`), then the manifest (last: its presence
+/// marks the dataset complete), then the state directory goes.
+fn finish(opts: &PackOptions, parts: Vec<Index>, dict: &[u8], shards: Vec<ShardRecord>, skipped: Vec<Skipped>) -> Result<Manifest> {
+    let out = &opts.output;
+    let coded = !opts.compress.is_none();
+    let ix = crate::index::concat(&parts, &out.join(layout::INDEX_FILE), coded.then_some(dict))?;
+    drop(parts);
+    let compression = coded.then(|| manifest::CompressionRecord {
+        mode: opts.compress.name(),
+        stored_bytes: ix.stored_bytes,
+        zstd_dict: (!dict.is_empty()).then(|| manifest::DictRecord { size: dict.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(dict)) }),
+    });
+    let m = Manifest::new(opts.format, opts.options_json.clone(), ix.into(), shards).with_skipped(skipped).with_compression(compression);
+    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
+    let state = out.join(STATE_DIR);
+    fs::remove_dir_all(&state).ctx("remove", &state)?;
+    fsx::sync_dir(out)?;
+    Ok(m)
 }
 
 /// What an I/O thread hands the writer for one file.

@@ -521,6 +521,27 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
     let coded = m0.compression.is_some();
     let dict = indexes[0].dict().map(|d| d.to_vec()).unwrap_or_default();
     let ix = crate::index::concat(&indexes, &out.join(layout::INDEX_FILE), coded.then_some(&dict[..]))?;
+    let m = merged_manifest(out, nparts, &manifests, ix, records)?;
+    drop(indexes);
+    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
+    fsx::sync_dir(out)?;
+    for (_, d) in &parts {
+        fs::remove_dir_all(d).ctx("remove", d)?;
+    }
+    fsx::sync_dir(out)?;
+    Ok(MergeSummary { parts: nparts, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: false })
+}
+
+/// The merged dataset's manifest: the first part's format, options (less the part's own) and
+/// compression, every part's skipped files, the merged index and shards.
+fn merged_manifest(
+    out: &Path,
+    nparts: u32,
+    manifests: &[Manifest],
+    ix: crate::index::ConcatSummary,
+    records: Vec<crate::manifest::ShardRecord>,
+) -> Result<Manifest> {
+    let m0 = &manifests[0];
     let mut skipped: Vec<Skipped> = manifests.iter().flat_map(|m| m.skipped.iter().cloned()).collect();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let mut options = m0.options.clone();
@@ -533,15 +554,7 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
         ShardFormat::from_ext(&m0.shard_format).ok_or_else(|| Error::format(out, format!("the parts name an unknown shard format {:?}", m0.shard_format)))?;
     let compression =
         m0.compression.as_ref().map(|c| CompressionRecord { mode: c.mode.clone(), stored_bytes: ix.stored_bytes, zstd_dict: c.zstd_dict.clone() });
-    let m = Manifest::new(format, options, ix.into(), records).with_skipped(skipped).with_compression(compression).with_format_version(m0.format_version);
-    drop(indexes);
-    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
-    fsx::sync_dir(out)?;
-    for (_, d) in &parts {
-        fs::remove_dir_all(d).ctx("remove", d)?;
-    }
-    fsx::sync_dir(out)?;
-    Ok(MergeSummary { parts: nparts, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: false })
+    Ok(Manifest::new(format, options, ix.into(), records).with_skipped(skipped).with_compression(compression).with_format_version(m0.format_version))
 }
 
 /// Test-only fault injection: `PACKDS_FAULT=kill-in-merge:N` kills the process right after

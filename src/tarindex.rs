@@ -724,16 +724,8 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
     b.write_atomic(&ipath)?;
     let ibytes = fs::read(&ipath).ctx("read", &ipath)?;
     let total = b.total_bytes();
-    let sources: Vec<String> = tars.iter().map(|t| t.to_string_lossy().into_owned()).collect();
-    let options = serde_json::json!({
-        "indexed": true,
-        "group_by_basename": opts.group_by_basename,
-        "link": match opts.link { Link::Symlink => "symlink", Link::Hard => "hard" },
-        "sources": sources,
-    });
     let facts = IndexFacts { samples: order.len() as u64, total_bytes: total, file_size: ibytes.len() as u64, xxh3_128: xxhash_rust::xxh3::xxh3_128(&ibytes) };
-    // Format version 2: the index is unordered (FLAG_UNORDERED).
-    let m = Manifest::new(ShardFormat::Tar, options, facts, shards).with_skipped(skipped.clone()).with_format_version(2);
+    let m = manifest_of(opts, tars, facts, shards, skipped.clone());
     if cancel.load(Relaxed) {
         return Err(Error::Cancelled);
     }
@@ -748,6 +740,18 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
         warnings: scans.into_iter().flat_map(|s| s.warnings).collect(),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The manifest of an index over `tars`: format version 2 (the index is unordered).
+fn manifest_of(opts: &IndexTarsOptions, tars: &[PathBuf], facts: IndexFacts, shards: Vec<ShardRecord>, skipped: Vec<Skipped>) -> Manifest {
+    let sources: Vec<String> = tars.iter().map(|t| t.to_string_lossy().into_owned()).collect();
+    let options = serde_json::json!({
+        "indexed": true,
+        "group_by_basename": opts.group_by_basename,
+        "link": match opts.link { Link::Symlink => "symlink", Link::Hard => "hard" },
+        "sources": sources,
+    });
+    Manifest::new(ShardFormat::Tar, options, facts, shards).with_skipped(skipped).with_format_version(2)
 }
 
 #[cfg(test)]
