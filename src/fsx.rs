@@ -21,7 +21,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// `dir/.name.tmp` for `dir/name`.
 pub fn tmp_name(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+    path.with_file_name(crate::layout::tmp_file_name(&name))
 }
 
 /// fsync the directory that holds `path`, so a rename in it survives a crash.

@@ -65,6 +65,30 @@ pub const FLAG_CODEC: u64 = 1;
 pub const FLAG_UNORDERED: u64 = 2;
 const RAW_MASK: u64 = (1 << 56) - 1;
 
+/// Per-sample columns of an [`IndexBuilder`]'s entries, little-endian arrays (u64 offsets,
+/// stored sizes, original sizes and key offsets, u8 codecs, u32 CRC32Cs). `key_offsets` has one
+/// more element, the keys' total length.
+pub struct Columns {
+    pub offsets: Vec<u8>,
+    pub sizes: Vec<u8>,
+    pub raw_sizes: Vec<u8>,
+    pub codecs: Vec<u8>,
+    pub crcs: Vec<u8>,
+    pub key_offsets: Vec<u8>,
+}
+
+/// The entry at byte `at` of an entry table ([`ENTRY_SIZE`] bytes: offset u64, stored size u64,
+/// key offset u64, shard u32, CRC32C u32), with its codec word (original size | codec << 56)
+/// when there is a codec section.
+fn decode_entry(b: &[u8], at: usize, codec_word: Option<u64>) -> Entry {
+    let size = rd_u64(b, at + 8);
+    let (raw, codec) = match codec_word {
+        Some(w) => (w & RAW_MASK, (w >> 56) as u8),
+        None => (size, codec::RAW),
+    };
+    Entry { offset: rd_u64(b, at), size, key_off: rd_u64(b, at + 16), shard: rd_u32(b, at + 24), crc: rd_u32(b, at + 28), raw, codec }
+}
+
 /// Builds an index in memory (about 32 bytes + key length per sample; 8 more with a codec
 /// section) and writes it.
 #[derive(Default)]
@@ -132,9 +156,38 @@ impl IndexBuilder {
         }
     }
 
-    /// Entries, keys and codec words as they will be written (for HDF5 shard columns).
-    pub fn raw_parts(&self) -> (&[u8], &[u8], Option<&[u8]>) {
-        (&self.entries, &self.keys, self.codecs.as_deref())
+    /// The keys pushed so far, back to back.
+    pub fn keys(&self) -> &[u8] {
+        &self.keys
+    }
+
+    /// Entry `j` as pushed.
+    fn entry_at(&self, j: usize) -> Entry {
+        decode_entry(&self.entries, j * ENTRY_SIZE, self.codecs.as_ref().map(|c| rd_u64(c, j * 8)))
+    }
+
+    /// The per-sample columns of the entries pushed so far (what an HDF5 shard stores).
+    pub fn columns(&self) -> Columns {
+        let n = self.len();
+        let mut c = Columns {
+            offsets: Vec::with_capacity(n * 8),
+            sizes: Vec::with_capacity(n * 8),
+            raw_sizes: Vec::with_capacity(n * 8),
+            codecs: Vec::with_capacity(n),
+            crcs: Vec::with_capacity(n * 4),
+            key_offsets: Vec::with_capacity(n * 8 + 8),
+        };
+        for j in 0..n {
+            let e = self.entry_at(j);
+            c.offsets.extend_from_slice(&e.offset.to_le_bytes());
+            c.sizes.extend_from_slice(&e.size.to_le_bytes());
+            c.raw_sizes.extend_from_slice(&e.raw.to_le_bytes());
+            c.codecs.push(e.codec);
+            c.crcs.extend_from_slice(&e.crc.to_le_bytes());
+            c.key_offsets.extend_from_slice(&e.key_off.to_le_bytes());
+        }
+        c.key_offsets.extend_from_slice(&(self.keys.len() as u64).to_le_bytes());
+        c
     }
 
     /// Adds `delta` to every data offset.
@@ -446,6 +499,21 @@ fn rd_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
+/// Position of `want` among `n` strictly increasing keys (`key(i)` is the i-th), by binary
+/// search: O(log n) calls of `key`.
+pub fn find_sorted<'k>(n: usize, key: impl Fn(usize) -> Result<&'k [u8]>, want: &[u8]) -> Result<Option<usize>> {
+    let (mut lo, mut hi) = (0usize, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match key(mid)?.cmp(want) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return Ok(Some(mid)),
+        }
+    }
+    Ok(None)
+}
+
 /// A shard name must be a plain file name inside the dataset directory.
 pub fn valid_shard_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
@@ -625,16 +693,7 @@ impl Index {
 
     fn raw_entry(&self, i: usize) -> Entry {
         let b = self.bytes();
-        let at = self.entries_off + i * ENTRY_SIZE;
-        let size = rd_u64(b, at + 8);
-        let (raw, codec) = match self.codec {
-            Some((off, ..)) => {
-                let w = rd_u64(b, off + i * 8);
-                (w & RAW_MASK, (w >> 56) as u8)
-            }
-            None => (size, codec::RAW),
-        };
-        Entry { offset: rd_u64(b, at), size, key_off: rd_u64(b, at + 16), shard: rd_u32(b, at + 24), crc: rd_u32(b, at + 28), raw, codec }
+        decode_entry(b, self.entries_off + i * ENTRY_SIZE, self.codec.map(|(off, ..)| rd_u64(b, off + i * 8)))
     }
 
     fn corrupt(&self, i: usize, what: &str) -> Error {
@@ -693,16 +752,7 @@ impl Index {
 
     /// Position of `key`, by binary search over the sorted keys: O(log n).
     pub fn find(&self, key: &[u8]) -> Result<Option<usize>> {
-        let (mut lo, mut hi) = (0usize, self.n);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.key(mid)?.cmp(key) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Ok(Some(mid)),
-            }
-        }
-        Ok(None)
+        find_sorted(self.n, |i| self.key(i), key)
     }
 
     /// The O(n) checks `open` skips: the body checksum, every entry, keys strictly increasing.

@@ -7,7 +7,8 @@
 //! - [`tar`]     pax/ustar header writer and header reader for the shard format
 //! - [`codec`]   per-sample zstd compression, bounded decompression, dictionaries
 //! - [`index`]   the binary index: builder, validation at open, O(1)/O(log n) lookups (mapped)
-//! - [`manifest`] the human-readable `manifest.json`
+//! - [`layout`]  the dataset directory contract: file names, owned files, output preflight, staging checks
+//! - [`manifest`] the human-readable `manifest.json`: its one constructor, loading and checks
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
 //! - [`plan`]    partitioned packing (job arrays): plan, pack --part I/N, merge
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod error;
 pub mod fsx;
 pub mod index;
+pub mod layout;
 pub mod manifest;
 pub mod pack;
 pub mod plan;

@@ -1,12 +1,12 @@
 //! `manifest.json`: the human-readable description of a dataset, written last.
 
 use crate::error::{Error, IoContext, Result};
+use crate::layout::{self, DirKind, ShardFormat};
 use crate::walk::Skipped;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-pub const FILE: &str = "manifest.json";
-pub const INDEX_FILE: &str = "index.pdsi";
+pub use crate::layout::{INDEX_FILE, MANIFEST_FILE as FILE};
 pub const FORMAT_NAME: &str = "packds";
 /// The newest format version this library reads (1: samples stored raw; 2: per-sample
 /// compression, a codec section in the index). It writes 1 whenever it can.
@@ -69,35 +69,86 @@ pub fn hex128(h: u128) -> String {
     format!("{h:032x}")
 }
 
+/// What a manifest records about the index: from [`crate::index::concat`] or an
+/// [`crate::index::IndexBuilder`] and the written file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexFacts {
+    pub samples: u64,
+    /// Sum of the original sample sizes.
+    pub total_bytes: u64,
+    pub file_size: u64,
+    pub xxh3_128: u128,
+}
+
+impl From<crate::index::ConcatSummary> for IndexFacts {
+    fn from(s: crate::index::ConcatSummary) -> IndexFacts {
+        IndexFacts { samples: s.samples, total_bytes: s.total_bytes, file_size: s.file_size, xxh3_128: s.xxh3_128 }
+    }
+}
+
 impl Manifest {
+    /// The one constructor: a format version 1 manifest of a dataset in `shard_format` with the
+    /// given index and shards, written by this packds now. See the `with_` methods for the rest.
+    pub fn new(shard_format: ShardFormat, options: serde_json::Value, index: IndexFacts, shards: Vec<ShardRecord>) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            format_version: 1,
+            shard_format: shard_format.ext().into(),
+            tool: format!("packds {}", crate::VERSION),
+            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            options,
+            samples: index.samples,
+            total_bytes: index.total_bytes,
+            index: IndexRecord { file: INDEX_FILE.into(), size: index.file_size, xxh3_128: hex128(index.xxh3_128) },
+            shards,
+            skipped: Vec::new(),
+            compression: None,
+        }
+    }
+
+    /// The files left out, as given.
+    pub fn with_skipped(mut self, skipped: Vec<Skipped>) -> Manifest {
+        self.skipped = skipped;
+        self
+    }
+
+    /// Per-sample compression (format version 2).
+    pub fn with_compression(mut self, compression: Option<CompressionRecord>) -> Manifest {
+        if compression.is_some() {
+            self.format_version = 2;
+        }
+        self.compression = compression;
+        self
+    }
+
+    /// A format version that the index's features require (2: an unordered index).
+    pub fn with_format_version(mut self, v: u32) -> Manifest {
+        self.format_version = v;
+        self
+    }
+
+    /// Loads and checks the manifest of the dataset `dir`; its absence is explained (a pack that
+    /// was interrupted, parts not merged yet, not a dataset at all).
     pub fn load(dir: &Path) -> Result<Manifest> {
+        Manifest::parse(&Manifest::read_bytes(dir)?, &dir.join(FILE))
+    }
+
+    /// The manifest file's bytes, with [`Manifest::load`]'s errors.
+    pub fn read_bytes(dir: &Path) -> Result<Vec<u8>> {
         let p = dir.join(FILE);
-        let text = std::fs::read(&p).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                if dir.join("part-0").is_dir() || dir.join("part-1").is_dir() {
-                    Error::format_hint(dir, "a partitioned pack that is not merged yet", "run `packds merge DATASET` once every part is done")
-                } else if dir.join(".pack-state").is_dir() {
-                    Error::format_hint(
-                        dir,
-                        "incomplete dataset: its pack was interrupted",
-                        "finish it with the same `packds pack ... -o DATASET` command plus --resume",
-                    )
-                } else if !dir.exists() {
-                    Error::io("open", dir, e)
-                } else {
-                    Error::format_hint(dir, "not a packds dataset (no manifest.json)", "give the directory written by `packds pack -o DATASET`")
-                }
-            } else {
-                Error::io("read", &p, e)
-            }
-        })?;
-        let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::format(&p, format!("manifest is not valid: {e}")))?;
+        std::fs::read(&p).map_err(|e| if e.kind() == std::io::ErrorKind::NotFound { no_manifest(dir, e) } else { Error::io("read", &p, e) })
+    }
+
+    /// Parses and checks manifest bytes read from `path`: format, version, file names.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Manifest> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| Error::format(path, format!("manifest is not valid: {e}")))?;
         if m.format != FORMAT_NAME {
-            return Err(Error::format(&p, "not a packds manifest"));
+            return Err(Error::format(path, "not a packds manifest"));
         }
         if m.format_version == 0 || m.format_version > FORMAT_VERSION {
-            return Err(Error::format(&p, format!("format version {} is not supported by packds {} (upgrade packds)", m.format_version, crate::VERSION)));
+            return Err(Error::format(path, format!("format version {} is not supported by packds {} (upgrade packds)", m.format_version, crate::VERSION)));
         }
+        layout::check_manifest_names(&m, path)?;
         Ok(m)
     }
 
@@ -106,6 +157,26 @@ impl Manifest {
         v.push(b'\n');
         Ok(v)
     }
+}
+
+/// Why `dir` has no manifest, for the user.
+fn no_manifest(dir: &Path, e: std::io::Error) -> Error {
+    match DirKind::of(dir) {
+        DirKind::UnmergedParts => Error::format_hint(dir, "a partitioned pack that is not merged yet", "run `packds merge DATASET` once every part is done"),
+        DirKind::InterruptedPack => Error::format_hint(
+            dir,
+            "incomplete dataset: its pack was interrupted",
+            "finish it with the same `packds pack ... -o DATASET` command plus --resume",
+        ),
+        _ if !dir.exists() => Error::io("open", dir, e),
+        _ => Error::format_hint(dir, "not a packds dataset (no manifest.json)", "give the directory written by `packds pack -o DATASET`"),
+    }
+}
+
+/// Serializes `value` as JSON for the file `path` (an error, never an empty file).
+pub fn json_bytes<T: Serialize>(value: &T, pretty: bool, path: &Path) -> Result<Vec<u8>> {
+    let r = if pretty { serde_json::to_vec_pretty(value) } else { serde_json::to_vec(value) };
+    r.map_err(|e| Error::format(path, format!("cannot write as JSON: {e}")))
 }
 
 /// Reads and parses a JSON file, naming it in errors.

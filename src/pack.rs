@@ -13,7 +13,8 @@ use crate::codec::{self, Compress, Encoder};
 use crate::error::{Error, IoContext, Result};
 use crate::fsx;
 use crate::index::{Index, IndexBuilder, ShardInfo};
-use crate::manifest::{self, hex128, IndexRecord, Manifest, ShardRecord};
+use crate::layout::{self, state_index_name as shard_state_name, Mode, OutputDir, Prepared};
+use crate::manifest::{self, hex128, Manifest, ShardRecord};
 use crate::tar::{self, Meta};
 use crate::walk::{self, FileList, OnError, Skipped, SourceRoot, WalkOptions};
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -27,36 +28,12 @@ use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 use xxhash_rust::xxh3::Xxh3;
 
-pub const STATE_DIR: &str = ".pack-state";
+pub use crate::layout::{shard_name, ShardFormat, STATE_DIR};
 const STATE_OPTIONS: &str = "options.json";
 pub const DEFAULT_SHARD_SIZE: u64 = 1 << 30;
 const STREAM_CHUNK: usize = 1 << 20;
 const INFLIGHT_BYTES: usize = 256 << 20;
 const WRITEBACK_EVERY: u64 = 32 << 20;
-
-/// How shards are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShardFormat {
-    /// POSIX pax tar.
-    #[default]
-    Tar,
-    /// HDF5, written through a [`H5Writer`] (h5py on the Python side).
-    H5,
-}
-
-impl ShardFormat {
-    pub fn ext(self) -> &'static str {
-        match self {
-            ShardFormat::Tar => "tar",
-            ShardFormat::H5 => "h5",
-        }
-    }
-}
-
-pub fn shard_name(k: usize, format: ShardFormat) -> String {
-    format!("shard-{k:05}.{}", format.ext())
-}
 
 /// What an HDF5 shard writer gets: the per-sample columns of one shard (little-endian arrays,
 /// data offsets relative to the start of the shard's data array). It creates the HDF5 file at
@@ -94,10 +71,6 @@ const STATE_DICT: &str = "zstd.dict";
 /// Dictionary training reads at most this many samples, and this much of each.
 const DICT_SAMPLES: usize = 4000;
 const DICT_SAMPLE_BYTES: usize = 64 << 10;
-
-fn shard_state_name(k: usize) -> String {
-    format!("shard-{k:05}.pdsi")
-}
 
 #[derive(Debug, Clone)]
 pub struct PackOptions {
@@ -303,61 +276,6 @@ impl Fault {
     }
 }
 
-/// Is every entry of `dir` something packds writes? (Only then may `--force` clear it.)
-/// Creates a new output directory; a missing parent is a usage error with a hint.
-pub(crate) fn create_output_dir(out: &Path) -> Result<()> {
-    fs::create_dir(out).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::usage(format!("cannot create {}: its parent directory does not exist", out.display()), "create the parent directory first")
-        } else {
-            Error::io("create directory", out, e)
-        }
-    })
-}
-
-pub(crate) fn only_packds_files(dir: &Path) -> Result<bool> {
-    for e in fs::read_dir(dir).ctx("list directory", dir)? {
-        let e = e.ctx("list directory", dir)?;
-        let n = e.file_name();
-        let n = n.to_string_lossy();
-        let ours = n == manifest::FILE
-            || n == manifest::INDEX_FILE
-            || n == STATE_DIR
-            || (n.starts_with("shard-") && (n.ends_with(".tar") || n.ends_with(".h5")))
-            || (n.starts_with('.') && n.ends_with(".tmp"));
-        if !ours {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-fn clear_dir(dir: &Path) -> Result<()> {
-    for e in fs::read_dir(dir).ctx("list directory", dir)? {
-        let p = e.ctx("list directory", dir)?.path();
-        if p.is_dir() && !p.is_symlink() {
-            fs::remove_dir_all(&p).ctx("remove", &p)?;
-        } else {
-            fs::remove_file(&p).ctx("remove", &p)?;
-        }
-    }
-    Ok(())
-}
-
-/// Holds an exclusive flock on the output directory for the life of the pack.
-pub(crate) struct DirLock {
-    _file: File,
-}
-
-pub(crate) fn lock_dir(dir: &Path) -> Result<DirLock> {
-    let f = File::open(dir).ctx("open", dir)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::usage(format!("another packds process is writing {}", dir.display()), "wait for it to finish, or write to another directory"));
-    }
-    Ok(DirLock { _file: f })
-}
-
 /// What the stored state says about completed shards (for `--resume`).
 #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
 struct StateOptions {
@@ -395,63 +313,27 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
     if opts.dict_size > 0 && !(256..=(16 << 20)).contains(&opts.dict_size) {
         return Err(Error::usage(format!("--zstd-dict size {} is out of range", opts.dict_size), "use 256 bytes to 16 MiB (default 112 KiB)"));
     }
-    let mut created = false;
-    match fs::symlink_metadata(out) {
-        Ok(md) if md.is_dir() => {
-            if out.join(manifest::FILE).exists() && opts.resume && !opts.force {
-                let m = Manifest::load(out)?;
-                // A pack killed while it removed its state after writing the manifest is
-                // complete; tidy up what it left.
-                if out.join(STATE_DIR).exists() {
-                    let _lock = lock_dir(out)?;
-                    fs::remove_dir_all(out.join(STATE_DIR)).ctx("remove", out.join(STATE_DIR))?;
-                }
-                progress.phase.store(3, Relaxed);
-                return Ok(PackSummary {
-                    output: out.clone(),
-                    files: m.samples,
-                    bytes: m.total_bytes,
-                    shards: m.shards.len() as u64,
-                    resumed_shards: m.shards.len() as u64,
-                    skipped: m.skipped,
-                    seconds: t0.elapsed().as_secs_f64(),
-                    already_complete: true,
-                });
-            }
-            let empty = fs::read_dir(out).ctx("list directory", out)?.next().is_none();
-            if !(empty || opts.force || opts.resume && out.join(STATE_DIR).is_dir()) {
-                return Err(Error::usage(
-                    format!("output {} already exists", out.display()),
-                    "pass --force to replace it, --resume to finish an interrupted pack, or choose another -o",
-                ));
-            }
-            if opts.force && !only_packds_files(out)? {
-                return Err(Error::usage(
-                    format!("output {} holds files that packds did not write; refusing to delete them", out.display()),
-                    "choose another -o, or remove that directory yourself",
-                ));
-            }
+    let dir = match OutputDir::prepare(out, Mode::pack(opts.force, opts.resume))? {
+        Prepared::Open(dir) => dir,
+        Prepared::Complete(m) => {
+            progress.phase.store(3, Relaxed);
+            return Ok(PackSummary {
+                output: out.clone(),
+                files: m.samples,
+                bytes: m.total_bytes,
+                shards: m.shards.len() as u64,
+                resumed_shards: m.shards.len() as u64,
+                skipped: m.skipped,
+                seconds: t0.elapsed().as_secs_f64(),
+                already_complete: true,
+            });
         }
-        Ok(_) => {
-            return Err(Error::usage(format!("output {} exists and is not a directory", out.display()), "choose another -o"));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            crate::pack::create_output_dir(out)?;
-            created = true;
-        }
-        Err(e) => return Err(Error::io("stat", out, e)),
-    }
-    let lock = lock_dir(out)?;
+    };
     let res = pack_locked(opts, progress, t0, sel);
-    if res.is_err() && created {
-        // Nothing worth resuming unless a shard was completed.
-        let has_shards =
-            fs::read_dir(out.join(STATE_DIR)).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".pdsi")))).unwrap_or(false);
-        if !has_shards {
-            let _ = fs::remove_dir_all(out);
-        }
+    // Nothing worth resuming unless a shard was completed.
+    if res.is_err() && dir.created() && !dir.has_completed_shard() {
+        dir.remove();
     }
-    drop(lock);
     res
 }
 
@@ -465,9 +347,6 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
     } else {
         opts
     };
-    if opts.force && !opts.resume {
-        clear_dir(out)?;
-    }
     let out_md = fs::metadata(out).ctx("stat", out)?;
     let wopts = WalkOptions {
         follow_symlinks: opts.follow_symlinks,
@@ -561,7 +440,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
         // Anything after the first gap is rewritten.
         for e in fs::read_dir(&state).ctx("list directory", &state)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(num) = name.strip_prefix("shard-").and_then(|r| r.strip_suffix(".pdsi")).and_then(|r| r.parse::<usize>().ok()) {
+            if let Some(num) = layout::parse_state_index_name(&name) {
                 if num >= k {
                     fs::remove_file(e.path()).ctx("remove", e.path())?;
                 }
@@ -572,7 +451,8 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
             fs::remove_dir_all(&state).ctx("remove", &state)?;
         }
         fs::create_dir(&state).ctx("create directory", &state)?;
-        fsx::write_atomic(&state.join(STATE_OPTIONS), &serde_json::to_vec(&state_opts).unwrap_or_default())?;
+        let options_path = state.join(STATE_OPTIONS);
+        fsx::write_atomic(&options_path, &manifest::json_bytes(&state_opts, false, &options_path)?)?;
         fsx::sync_dir(out)?;
     }
 
@@ -595,47 +475,40 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
     let sel = PipeRange { start, end: range.end, first_file: range.start, first_shard: first_shard + shard_records.len(), cuts };
     run_pipeline(opts, progress, roots, files, &sel, &dict, &mut parts, &mut shard_records, &mut skipped)?;
 
-    // Final index, then manifest (last: its presence marks the dataset complete).
     progress.phase.store(2, Relaxed);
-    let index_path = out.join(manifest::INDEX_FILE);
-    let coded = !opts.compress.is_none();
-    let ix = crate::index::concat(&parts, &index_path, coded.then_some(&dict[..]))?;
-    drop(parts);
-    let total_bytes = ix.total_bytes;
-    let compression = coded.then(|| manifest::CompressionRecord {
-        mode: opts.compress.name(),
-        stored_bytes: ix.stored_bytes,
-        zstd_dict: (!dict.is_empty()).then(|| manifest::DictRecord { size: dict.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(&dict)) }),
-    });
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let m = Manifest {
-        format: manifest::FORMAT_NAME.into(),
-        format_version: if coded { 2 } else { 1 },
-        shard_format: opts.format.ext().into(),
-        tool: format!("packds {}", crate::VERSION),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        options: opts.options_json.clone(),
-        samples: ix.samples,
-        total_bytes,
-        index: IndexRecord { file: manifest::INDEX_FILE.into(), size: ix.file_size, xxh3_128: hex128(ix.xxh3_128) },
-        shards: shard_records,
-        skipped: skipped.clone(),
-        compression,
-    };
-    fsx::write_atomic(&out.join(manifest::FILE), &m.to_json()?)?;
-    fs::remove_dir_all(&state).ctx("remove", &state)?;
-    fsx::sync_dir(out)?;
+    let m = finish(opts, parts, &dict, shard_records, skipped)?;
     progress.phase.store(3, Relaxed);
     Ok(PackSummary {
         output: out.clone(),
         files: m.samples,
-        bytes: total_bytes,
+        bytes: m.total_bytes,
         shards: m.shards.len() as u64,
         resumed_shards: resumed,
-        skipped,
+        skipped: m.skipped,
         seconds: t0.elapsed().as_secs_f64(),
         already_complete: false,
     })
+}
+
+/// The final index (streamed from the per-shard `parts`), then the manifest (last: its presence
+/// marks the dataset complete), then the state directory goes.
+fn finish(opts: &PackOptions, parts: Vec<Index>, dict: &[u8], shards: Vec<ShardRecord>, skipped: Vec<Skipped>) -> Result<Manifest> {
+    let out = &opts.output;
+    let coded = !opts.compress.is_none();
+    let ix = crate::index::concat(&parts, &out.join(layout::INDEX_FILE), coded.then_some(dict))?;
+    drop(parts);
+    let compression = coded.then(|| manifest::CompressionRecord {
+        mode: opts.compress.name(),
+        stored_bytes: ix.stored_bytes,
+        zstd_dict: (!dict.is_empty()).then(|| manifest::DictRecord { size: dict.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(dict)) }),
+    });
+    let m = Manifest::new(opts.format, opts.options_json.clone(), ix.into(), shards).with_skipped(skipped).with_compression(compression);
+    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
+    let state = out.join(STATE_DIR);
+    fs::remove_dir_all(&state).ctx("remove", &state)?;
+    fsx::sync_dir(out)?;
+    Ok(m)
 }
 
 /// What an I/O thread hands the writer for one file.
@@ -1215,39 +1088,20 @@ fn finish_h5(opts: &PackOptions, s: &mut ShardOut, dst: &Path, dict: &[u8]) -> R
     let writer = opts.h5_writer.as_ref().ok_or_else(|| Error::usage("HDF5 shards need an HDF5 writer", "pack with the packds Python package"))?;
     let h5tmp = opts.output.join(format!(".{}.new.tmp", shard_name(s.k, opts.format)));
     let _cleanup = RemoveOnDrop(&h5tmp);
-    let (entries, keys, codecs) = s.index.raw_parts();
-    let n = entries.len() / crate::index::ENTRY_SIZE;
-    let mut spec = H5Shard {
+    let cols = s.index.columns();
+    let spec = H5Shard {
         path: &h5tmp,
         data_len: s.pos,
-        offsets: Vec::with_capacity(n * 8),
-        sizes: Vec::with_capacity(n * 8),
-        raw_sizes: Vec::with_capacity(n * 8),
-        codecs: Vec::with_capacity(n),
-        crcs: Vec::with_capacity(n * 4),
-        keys,
-        key_offsets: Vec::with_capacity(n * 8 + 8),
+        offsets: cols.offsets,
+        sizes: cols.sizes,
+        raw_sizes: cols.raw_sizes,
+        codecs: cols.codecs,
+        crcs: cols.crcs,
+        keys: s.index.keys(),
+        key_offsets: cols.key_offsets,
         dict,
         compression: opts.compress.name(),
     };
-    for (j, e) in entries.chunks_exact(crate::index::ENTRY_SIZE).enumerate() {
-        spec.offsets.extend_from_slice(&e[0..8]);
-        spec.sizes.extend_from_slice(&e[8..16]);
-        spec.key_offsets.extend_from_slice(&e[16..24]);
-        spec.crcs.extend_from_slice(&e[28..32]);
-        match codecs {
-            Some(c) => {
-                let w = u64::from_le_bytes(c[j * 8..j * 8 + 8].try_into().expect("8 bytes"));
-                spec.raw_sizes.extend_from_slice(&(w & ((1 << 56) - 1)).to_le_bytes());
-                spec.codecs.push((w >> 56) as u8);
-            }
-            None => {
-                spec.raw_sizes.extend_from_slice(&e[8..16]);
-                spec.codecs.push(codec::RAW);
-            }
-        }
-    }
-    spec.key_offsets.extend_from_slice(&(keys.len() as u64).to_le_bytes());
     let data_off = (writer.0)(&spec)?;
     drop(spec);
     Fault::check(Fault::from_env().in_h5, s.k as u64 + 1);

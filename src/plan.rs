@@ -20,8 +20,9 @@
 use crate::error::{Error, IoContext, Result};
 use crate::fsx;
 use crate::index::Index;
-use crate::manifest::{self, hex128, CompressionRecord, IndexRecord, Manifest};
-use crate::pack::{self, planned_len, PackOptions, PackSummary, Progress, Selection, ShardFormat};
+use crate::layout::{self, ShardFormat};
+use crate::manifest::{self, hex128, CompressionRecord, Manifest};
+use crate::pack::{self, planned_len, PackOptions, PackSummary, Progress, Selection};
 use crate::tar::Meta;
 use crate::walk::{self, FileList, Skipped, SourceRoot, WalkOptions};
 use serde::{Deserialize, Serialize};
@@ -34,8 +35,7 @@ use std::time::Instant;
 
 const MAGIC: &[u8; 8] = b"PACKDSPL";
 const VERSION: u32 = 1;
-/// Written last into a finished part's directory.
-pub const PART_FILE: &str = "part.json";
+pub use crate::layout::{part_dir, PART_FILE};
 
 /// The pack options a plan fixes (every part uses these).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -133,7 +133,7 @@ pub fn make_plan(opts: &PackOptions, progress: &Progress, prune: Option<&Path>) 
     let cuts = pack::plan_cuts(lens.iter().copied(), opts.shard_size);
     let bytes = lens.iter().sum();
     let mut plan = Plan { options: PlanOptions::of(opts), roots: walked.roots, files: walked.files, skipped: walked.skipped, cuts, bytes, hash: 0 };
-    plan.hash = xxhash_rust::xxh3::xxh3_128(&to_bytes(&plan));
+    plan.hash = xxhash_rust::xxh3::xxh3_128(&to_bytes(&plan)?);
     Ok(plan)
 }
 
@@ -186,7 +186,7 @@ fn stat_all(files: &FileList, roots: &[SourceRoot], opts: &PackOptions, threads:
     Ok(lens)
 }
 
-fn to_bytes(plan: &Plan) -> Vec<u8> {
+fn to_bytes(plan: &Plan) -> Result<Vec<u8>> {
     let header = Header {
         tool: format!("packds {}", crate::VERSION),
         options: plan.options.clone(),
@@ -195,7 +195,7 @@ fn to_bytes(plan: &Plan) -> Vec<u8> {
         bytes: plan.bytes,
         skipped: plan.skipped.clone(),
     };
-    let json = serde_json::to_vec(&header).unwrap_or_default();
+    let json = manifest::json_bytes(&header, false, Path::new("plan"))?;
     let mut b = Vec::with_capacity(64 + json.len() + plan.files.len() * 40);
     b.extend_from_slice(MAGIC);
     b.extend_from_slice(&VERSION.to_le_bytes());
@@ -228,12 +228,12 @@ fn to_bytes(plan: &Plan) -> Vec<u8> {
     }
     let crc = crc32c::crc32c(&b);
     b.extend_from_slice(&crc.to_le_bytes());
-    b
+    Ok(b)
 }
 
 /// Writes the plan atomically; returns its size in bytes.
 pub fn write_plan(plan: &Plan, path: &Path) -> Result<u64> {
-    let b = to_bytes(plan);
+    let b = to_bytes(plan)?;
     fsx::write_atomic(path, &b)?;
     Ok(b.len() as u64)
 }
@@ -339,11 +339,6 @@ pub struct PartInfo {
     pub end_file: u64,
 }
 
-/// The directory of part `p` under `out`.
-pub fn part_dir(out: &Path, p: u32) -> PathBuf {
-    out.join(format!("part-{p}"))
-}
-
 /// `pack --part I/N`: packs part I of the plan (`opts.plan`, or one made here by walking and
 /// stat'ing the sources, the same in every task) into `opts.output/part-I/`. Rerunning a
 /// finished part does nothing; an interrupted one resumes.
@@ -357,7 +352,7 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
         ));
     }
     fs::create_dir_all(&opts.output).ctx("create directory", &opts.output)?;
-    if opts.output.join(manifest::FILE).exists() {
+    if layout::DirKind::of(&opts.output) == layout::DirKind::Dataset {
         return Err(Error::usage(format!("{} is already a merged dataset", opts.output.display()), "nothing to do; pack into another directory to start over"));
     }
     let plan = match &opts.plan {
@@ -384,14 +379,14 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
     if a == b {
         // More parts than shards: this one has nothing to pack.
         fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-        fsx::write_atomic(&pj, &serde_json::to_vec_pretty(&info).unwrap_or_default())?;
+        fsx::write_atomic(&pj, &manifest::json_bytes(&info, true, &pj)?)?;
         fsx::sync_dir(&opts.output)?;
         return Ok(summary_of(&dir, t0, false));
     }
     let mut o = opts.clone();
     plan.options.apply(&mut o)?;
     o.output = dir.clone();
-    let mut recorded = serde_json::to_value(&plan.options).unwrap_or_default();
+    let mut recorded = serde_json::to_value(&plan.options).map_err(|e| Error::format(&pj, format!("cannot record the plan options: {e}")))?;
     if let Some(m) = recorded.as_object_mut() {
         m.insert("part".into(), serde_json::json!([p, nparts]));
     }
@@ -412,7 +407,7 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
         first_shard: a as usize,
     };
     let mut s = pack::pack_selected(&o, progress, Some(&sel))?;
-    fsx::write_atomic(&pj, &serde_json::to_vec_pretty(&info).unwrap_or_default())?;
+    fsx::write_atomic(&pj, &manifest::json_bytes(&info, true, &pj)?)?;
     fsx::sync_dir(&opts.output)?;
     s.seconds = t0.elapsed().as_secs_f64();
     Ok(s)
@@ -447,9 +442,9 @@ pub struct MergeSummary {
 /// last, then the part directories are removed. Refuses missing or unfinished parts, naming
 /// them. Idempotent: a merge that was interrupted is finished by running it again.
 pub fn merge(out: &Path) -> Result<MergeSummary> {
-    let _lock = pack::lock_dir(out)?;
+    let _lock = layout::lock_dir(out)?;
     let parts = list_parts(out)?;
-    if out.join(manifest::FILE).exists() {
+    if layout::DirKind::of(out) == layout::DirKind::Dataset {
         let m = Manifest::load(out)?;
         for (_, d) in &parts {
             fs::remove_dir_all(d).ctx("remove", d)?;
@@ -494,7 +489,7 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
             continue;
         }
         manifests.push(Manifest::load(d)?);
-        indexes.push(Index::open(&d.join(manifest::INDEX_FILE))?);
+        indexes.push(Index::open(&d.join(layout::INDEX_FILE))?);
     }
     let m0 = manifests.first().cloned().ok_or_else(|| Error::usage("every part is empty", "nothing to merge"))?;
     let dict_hashes: Vec<Option<String>> =
@@ -525,7 +520,28 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
     fsx::sync_dir(out)?;
     let coded = m0.compression.is_some();
     let dict = indexes[0].dict().map(|d| d.to_vec()).unwrap_or_default();
-    let ix = crate::index::concat(&indexes, &out.join(manifest::INDEX_FILE), coded.then_some(&dict[..]))?;
+    let ix = crate::index::concat(&indexes, &out.join(layout::INDEX_FILE), coded.then_some(&dict[..]))?;
+    let m = merged_manifest(out, nparts, &manifests, ix, records)?;
+    drop(indexes);
+    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
+    fsx::sync_dir(out)?;
+    for (_, d) in &parts {
+        fs::remove_dir_all(d).ctx("remove", d)?;
+    }
+    fsx::sync_dir(out)?;
+    Ok(MergeSummary { parts: nparts, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: false })
+}
+
+/// The merged dataset's manifest: the first part's format, options (less the part's own) and
+/// compression, every part's skipped files, the merged index and shards.
+fn merged_manifest(
+    out: &Path,
+    nparts: u32,
+    manifests: &[Manifest],
+    ix: crate::index::ConcatSummary,
+    records: Vec<crate::manifest::ShardRecord>,
+) -> Result<Manifest> {
+    let m0 = &manifests[0];
     let mut skipped: Vec<Skipped> = manifests.iter().flat_map(|m| m.skipped.iter().cloned()).collect();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let mut options = m0.options.clone();
@@ -534,28 +550,11 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
         o.remove("plan");
         o.insert("merged_parts".into(), nparts.into());
     }
-    let m = Manifest {
-        format: manifest::FORMAT_NAME.into(),
-        format_version: m0.format_version,
-        shard_format: m0.shard_format.clone(),
-        tool: format!("packds {}", crate::VERSION),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        options,
-        samples: ix.samples,
-        total_bytes: ix.total_bytes,
-        index: IndexRecord { file: manifest::INDEX_FILE.into(), size: ix.file_size, xxh3_128: hex128(ix.xxh3_128) },
-        shards: records,
-        skipped,
-        compression: m0.compression.as_ref().map(|c| CompressionRecord { mode: c.mode.clone(), stored_bytes: ix.stored_bytes, zstd_dict: c.zstd_dict.clone() }),
-    };
-    drop(indexes);
-    fsx::write_atomic(&out.join(manifest::FILE), &m.to_json()?)?;
-    fsx::sync_dir(out)?;
-    for (_, d) in &parts {
-        fs::remove_dir_all(d).ctx("remove", d)?;
-    }
-    fsx::sync_dir(out)?;
-    Ok(MergeSummary { parts: nparts, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: false })
+    let format =
+        ShardFormat::from_ext(&m0.shard_format).ok_or_else(|| Error::format(out, format!("the parts name an unknown shard format {:?}", m0.shard_format)))?;
+    let compression =
+        m0.compression.as_ref().map(|c| CompressionRecord { mode: c.mode.clone(), stored_bytes: ix.stored_bytes, zstd_dict: c.zstd_dict.clone() });
+    Ok(Manifest::new(format, options, ix.into(), records).with_skipped(skipped).with_compression(compression).with_format_version(m0.format_version))
 }
 
 /// Test-only fault injection: `PACKDS_FAULT=kill-in-merge:N` kills the process right after
@@ -576,7 +575,7 @@ fn list_parts(out: &Path) -> Result<Vec<(u32, PathBuf)>> {
     for e in fs::read_dir(out).ctx("list directory", out)? {
         let e = e.ctx("list directory", out)?;
         let name = e.file_name();
-        if let Some(p) = name.to_str().and_then(|n| n.strip_prefix("part-")).and_then(|n| n.parse::<u32>().ok()) {
+        if let Some(p) = name.to_str().and_then(layout::parse_part_dir_name) {
             if e.path().is_dir() {
                 v.push((p, e.path()));
             }

@@ -6,10 +6,11 @@
 //! reads and writes, each file fsynced), then `manifest.json` last, then the directory is
 //! fsynced and renamed into place. A copy that was interrupted is therefore never a directory
 //! that `Reader::open` accepts (no manifest) and never at the final path. Policy, locking and
-//! the up-to-date check live in `python/packds/stage.py`.
+//! the up-to-date check live in `python/packds/stage.py`; what a copy holds, in [`crate::layout`].
 
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{self, hex128, Manifest};
+use crate::layout::{CopyList, DataFile, MANIFEST_FILE};
+use crate::manifest::hex128;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -54,13 +55,6 @@ fn fault_kill_after() -> Option<u64> {
     fault("stage-kill-after-bytes")
 }
 
-struct Job {
-    name: String,
-    size: u64,
-    /// Expected XXH3-128 (hex), when the manifest gives one.
-    hash: Option<String>,
-}
-
 /// Copies the packds dataset `src` to `dest` through the temporary directory `tmp` (same
 /// filesystem as `dest`; removed first if it exists). `dest` must not exist. Up to `jobs`
 /// files are copied at once. On any error `tmp` is removed and nothing appears at `dest`.
@@ -70,20 +64,8 @@ struct Job {
 /// the page cache matters: an interrupted copy is never renamed into place either way.
 pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: bool, progress: &StageProgress) -> Result<StageSummary> {
     let t0 = Instant::now();
-    // Validate with the normal loader (good errors), then work from the exact bytes we copy.
-    Manifest::load(src)?;
-    let mpath = src.join(manifest::FILE);
-    let mbytes = fs::read(&mpath).ctx("read", &mpath)?;
-    let m: Manifest = serde_json::from_slice(&mbytes).map_err(|e| Error::format(&mpath, format!("manifest is not valid: {e}")))?;
-    let mut list = vec![Job { name: m.index.file.clone(), size: m.index.size, hash: Some(m.index.xxh3_128.clone()) }];
-    for s in &m.shards {
-        list.push(Job { name: s.file.clone(), size: s.size, hash: Some(s.xxh3_128.clone()) });
-    }
-    for j in &list {
-        if j.name.is_empty() || j.name.contains('/') || j.name == "." || j.name == ".." || j.name == manifest::FILE {
-            return Err(Error::format(&mpath, format!("bad file name {:?} in manifest.json", j.name)));
-        }
-    }
+    // The manifest is read once (and checked, its file names too); those exact bytes are copied.
+    let CopyList { manifest: mbytes, files: mut list } = CopyList::load(src)?;
     // Largest first: the parallel copy then ends with small files and finishes together.
     list.sort_by_key(|j| std::cmp::Reverse(j.size));
     progress.bytes_total.store(list.iter().map(|j| j.size).sum::<u64>() + mbytes.len() as u64, Relaxed);
@@ -91,7 +73,7 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: 
 
     prepare_tmp_dir(tmp)?;
     let r = copy_all(src, tmp, &list, jobs, durable, progress).and_then(|()| {
-        let mp = tmp.join(manifest::FILE);
+        let mp = tmp.join(MANIFEST_FILE);
         write_file(&mp, &mbytes, durable)?;
         progress.bytes_done.fetch_add(mbytes.len() as u64, Relaxed);
         progress.files_done.fetch_add(1, Relaxed);
@@ -219,7 +201,7 @@ fn prepare_tmp_dir(tmp: &Path) -> Result<()> {
     fs::create_dir(tmp).ctx("create directory", tmp)
 }
 
-fn copy_all(src: &Path, tmp: &Path, list: &[Job], jobs: usize, durable: bool, progress: &StageProgress) -> Result<()> {
+fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: bool, progress: &StageProgress) -> Result<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -251,7 +233,15 @@ fn copy_all(src: &Path, tmp: &Path, list: &[Job], jobs: usize, durable: bool, pr
 
 /// Copies `src` to the new file `dst` with large reads and writes, hashing in the same pass;
 /// fsyncs `dst`. With `expect`, checks the size and XXH3-128 (ChecksumError names the shard).
-fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, durable: bool, progress: &StageProgress, stop: &AtomicBool, kill_after: Option<u64>) -> Result<u128> {
+fn copy_one(
+    src: &Path,
+    dst: &Path,
+    expect: Option<&DataFile>,
+    durable: bool,
+    progress: &StageProgress,
+    stop: &AtomicBool,
+    kill_after: Option<u64>,
+) -> Result<u128> {
     let mut f = File::open(src).map_err(|e| {
         if e.kind() == ErrorKind::NotFound && expect.is_some() {
             Error::format(src, "file listed in manifest.json is missing")
@@ -317,7 +307,7 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&Job>, durable: bool, progres
         if n != j.size {
             return Err(Error::format(src, format!("is {n} bytes, manifest.json says {} (truncated or replaced)", j.size)));
         }
-        if j.hash.as_deref().is_some_and(|want| hex128(digest) != want) {
+        if hex128(digest) != j.xxh3_128 {
             return Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from manifest.json)", j.name), shard: src.to_path_buf() });
         }
     }

@@ -28,7 +28,8 @@
 use crate::error::{Error, IoContext, Result};
 use crate::index::IndexBuilder;
 use crate::index::ShardInfo;
-use crate::manifest::{self, hex128, IndexRecord, Manifest, ShardRecord};
+use crate::layout::{self, Mode, OutputDir, Prepared, ShardFormat};
+use crate::manifest::{hex128, IndexFacts, Manifest, ShardRecord};
 use crate::walk::Skipped;
 use std::fs::{self, File};
 use std::io::Read;
@@ -561,30 +562,6 @@ pub fn group_ranges<'k>(n: usize, key: impl Fn(usize) -> Result<&'k [u8]>) -> Re
     Ok(Ok(out))
 }
 
-/// Is every entry of `dir` something `packds index` (or `pack`) writes?
-/// Removes a dataset's files, manifest first (so it stops being a dataset at once).
-fn clear(dir: &Path) -> Result<()> {
-    let m = dir.join(manifest::FILE);
-    match fs::remove_file(&m) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io("remove", &m, e)),
-        _ => crate::fsx::sync_dir(dir)?,
-    }
-    for e in fs::read_dir(dir).ctx("list directory", dir)? {
-        let p = e.ctx("list directory", dir)?.path();
-        let md = fs::symlink_metadata(&p).ctx("stat", &p)?;
-        if md.is_dir() {
-            fs::remove_dir_all(&p).ctx("remove", &p)?;
-        } else {
-            fs::remove_file(&p).ctx("remove", &p)?;
-        }
-    }
-    Ok(())
-}
-
-fn shard_name(i: usize) -> String {
-    format!("shard-{i:05}.tar")
-}
-
 /// Builds the dataset `opts.output` (index, manifest, links) over the tars in `opts.tars`.
 pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexTarsSummary> {
     let t0 = Instant::now();
@@ -606,37 +583,20 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
     if u32::try_from(tars.len()).is_err() || tars.len() as u64 > crate::index::MAX_SHARDS {
         return Err(Error::usage(format!("{} tar files are too many for one index", tars.len()), "index them in several datasets"));
     }
-    let mut created = false;
-    match fs::symlink_metadata(out) {
-        Ok(md) if md.is_dir() => {
-            let cout = fs::canonicalize(out).ctx("open", out)?;
-            if let Some(t) = tars.iter().find(|t| t.parent() == Some(cout.as_path())) {
-                return Err(Error::usage(format!("{} lies inside the output directory {}", t.display(), out.display()), "choose another -o"));
-            }
-            let empty = fs::read_dir(out).ctx("list directory", out)?.next().is_none();
-            if !empty && !opts.force {
-                return Err(Error::usage(format!("output {} already exists", out.display()), "pass --force to replace it, or choose another -o"));
-            }
-            if !empty && !crate::pack::only_packds_files(out)? {
-                return Err(Error::usage(
-                    format!("output {} holds files that packds did not write; refusing to delete them", out.display()),
-                    "choose another -o, or remove that directory yourself",
-                ));
-            }
+    if let Ok(cout) = fs::canonicalize(out) {
+        if let Some(t) = tars.iter().find(|t| t.parent() == Some(cout.as_path())) {
+            return Err(Error::usage(format!("{} lies inside the output directory {}", t.display(), out.display()), "choose another -o"));
         }
-        Ok(_) => return Err(Error::usage(format!("output {} exists and is not a directory", out.display()), "choose another -o")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            crate::pack::create_output_dir(out)?;
-            created = true;
-        }
-        Err(e) => return Err(Error::io("stat", out, e)),
     }
+    let Prepared::Open(dir) = OutputDir::prepare(out, Mode::index(opts.force))? else {
+        return Err(Error::usage(format!("output {} already exists", out.display()), "pass --force to replace it, or choose another -o"));
+    };
     let r = index_into(opts, &tars, cancel, t0);
     if r.is_err() {
-        if created {
-            let _ = fs::remove_dir_all(out);
+        if dir.created() {
+            dir.remove();
         } else {
-            let _ = clear(out);
+            let _ = dir.clear();
         }
     }
     r
@@ -644,9 +604,6 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
 
 fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0: Instant) -> Result<IndexTarsSummary> {
     let out = &opts.output;
-    if opts.force {
-        clear(out)?; // the old manifest first: from here on `out` is no dataset until ours is written
-    }
     // Scan: a few tars at once (each read sequentially); the first error stops the others.
     let threads = if opts.threads == 0 { 4 } else { opts.threads }.clamp(1, 64).min(tars.len());
     let next = AtomicUsize::new(0);
@@ -743,7 +700,7 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
     }
     let mut shards = Vec::with_capacity(tars.len());
     for (i, (t, s)) in tars.iter().zip(&scans).enumerate() {
-        let name = shard_name(i);
+        let name = layout::shard_name(i, ShardFormat::Tar);
         let lp = out.join(&name);
         let _ = fs::remove_file(&lp);
         match opts.link {
@@ -763,35 +720,16 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
         shards.push(ShardRecord { file: name, size: s.size, samples: per_shard[i], xxh3_128: hex128(s.hash) });
     }
     crate::fsx::sync_dir(out)?;
-    let ipath = out.join(manifest::INDEX_FILE);
+    let ipath = out.join(layout::INDEX_FILE);
     b.write_atomic(&ipath)?;
     let ibytes = fs::read(&ipath).ctx("read", &ipath)?;
     let total = b.total_bytes();
-    let created_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let sources: Vec<String> = tars.iter().map(|t| t.to_string_lossy().into_owned()).collect();
-    let m = Manifest {
-        format: manifest::FORMAT_NAME.into(),
-        format_version: 2,
-        shard_format: "tar".into(),
-        tool: format!("packds {}", crate::VERSION),
-        created_unix,
-        options: serde_json::json!({
-            "indexed": true,
-            "group_by_basename": opts.group_by_basename,
-            "link": match opts.link { Link::Symlink => "symlink", Link::Hard => "hard" },
-            "sources": sources,
-        }),
-        samples: order.len() as u64,
-        total_bytes: total,
-        index: IndexRecord { file: manifest::INDEX_FILE.into(), size: ibytes.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(&ibytes)) },
-        shards,
-        skipped: skipped.clone(),
-        compression: None,
-    };
+    let facts = IndexFacts { samples: order.len() as u64, total_bytes: total, file_size: ibytes.len() as u64, xxh3_128: xxhash_rust::xxh3::xxh3_128(&ibytes) };
+    let m = manifest_of(opts, tars, facts, shards, skipped.clone());
     if cancel.load(Relaxed) {
         return Err(Error::Cancelled);
     }
-    crate::fsx::write_atomic(&out.join(manifest::FILE), &m.to_json()?)?;
+    crate::fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
     Ok(IndexTarsSummary {
         output: out.clone(),
         tars: tars.len() as u64,
@@ -802,6 +740,18 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
         warnings: scans.into_iter().flat_map(|s| s.warnings).collect(),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The manifest of an index over `tars`: format version 2 (the index is unordered).
+fn manifest_of(opts: &IndexTarsOptions, tars: &[PathBuf], facts: IndexFacts, shards: Vec<ShardRecord>, skipped: Vec<Skipped>) -> Manifest {
+    let sources: Vec<String> = tars.iter().map(|t| t.to_string_lossy().into_owned()).collect();
+    let options = serde_json::json!({
+        "indexed": true,
+        "group_by_basename": opts.group_by_basename,
+        "link": match opts.link { Link::Symlink => "symlink", Link::Hard => "hard" },
+        "sources": sources,
+    });
+    Manifest::new(ShardFormat::Tar, options, facts, shards).with_skipped(skipped).with_format_version(2)
 }
 
 #[cfg(test)]

@@ -284,6 +284,37 @@ def test_restage_is_fast_and_repairs_a_damaged_copy(small, dest):
     assert packds.open(fixed["path"]).verify()["problems"] == []
 
 
+@pytest.mark.parametrize("fmt", ["tar", "h5"])
+def test_restage_after_the_source_changed_replaces_the_old_copy(base, dest, fmt):
+    """The source is packed again with other contents (same place, --force) and staged again to
+    the same destination: the stale copy (the format's own shard files) is removed and replaced
+    by the new one, for HDF5 shards exactly as for tar."""
+    if fmt == "h5":
+        pytest.importorskip("h5py")
+    tree = os.path.join(dest, "tree")
+    for i in range(40):
+        os.makedirs(tree, exist_ok=True)
+        with open(os.path.join(tree, f"f{i:03d}"), "wb") as f:
+            f.write(b"old %d " % i * 3000)
+    src = os.path.join(base, f"changing-{fmt}.pds")
+    packds.pack(tree, src, shard_size=64 << 10, format=fmt, force=True)
+    out = os.path.join(dest, "local")
+    first = stage_record(src, out)
+    assert first["copied"] is True
+    assert any(n.endswith("." + fmt) for n in os.listdir(first["path"]))
+    for i in range(40):
+        with open(os.path.join(tree, f"f{i:03d}"), "wb") as f:
+            f.write(b"NEW %d " % i * 2000)
+    packds.pack(tree, src, shard_size=64 << 10, format=fmt, force=True)
+    again = stage_record(src, out)
+    assert again["copied"] is True and again["path"] == first["path"]
+    ds = packds.open(again["path"])
+    assert ds[7] == b"NEW 7 " * 2000
+    assert sorted(os.listdir(again["path"])) == sorted(os.listdir(src))
+    assert leftovers(out) == []
+    assert stage_record(src, out)["copied"] is False
+
+
 def test_staged_copy_reads_like_the_source(small, dest):
     path = packds.stage(small, dest)
     same_samples(small, path)

@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension `packds._core`."""
 
 from os import PathLike
-from typing import Any, Callable
+from typing import Any, Callable, final
 
 __version__: str
 INDEX_FORMAT_VERSION: int
@@ -89,3 +89,46 @@ class Groups:
     def key(self, i: int) -> str: ...
     def find(self, key: str | bytes) -> int | None: ...
     def item(self, i: int) -> dict[str, Any]: ...
+
+@final
+class StageProgress:
+    """Progress counters of a running stage or preload, readable from any thread."""
+
+    def __new__(cls) -> StageProgress: ...
+    @property
+    def bytes_done(self) -> int: ...
+    @property
+    def bytes_total(self) -> int: ...
+    @property
+    def files_done(self) -> int: ...
+    @property
+    def files_total(self) -> int: ...
+    def cancel(self) -> None:
+        """Asks the running copy to stop (it then fails with KeyboardInterrupt, leaving nothing)."""
+
+def stage_dataset(
+    src: str | PathLike[str],
+    dest: str | PathLike[str],
+    tmp: str | PathLike[str],
+    *,
+    jobs: int = 4,
+    durable: bool = True,
+    progress: StageProgress | None = None,
+) -> dict[str, Any]: ...
+def stage_file(
+    src: str | PathLike[str],
+    dest: str | PathLike[str],
+    tmp: str | PathLike[str],
+    *,
+    durable: bool = True,
+    progress: StageProgress | None = None,
+) -> dict[str, Any]: ...
+def preload(files: list[str], *, jobs: int = 4, progress: StageProgress | None = None) -> int: ...
+def dataset_kind(path: str | PathLike[str]) -> str:
+    """"dataset", "parts" (not merged yet), "interrupted" (a pack), "none" or "missing"."""
+def dataset_files(path: str | PathLike[str]) -> tuple[list[tuple[str, int]], int]:
+    """([(path, size)] of the index and every shard, the bytes a copy takes)."""
+def is_staged_at(src: str | PathLike[str], dest: str | PathLike[str]) -> bool: ...
+def is_intact_with_options(dest: str | PathLike[str], options: str) -> bool: ...
+def remove_stale_copy(path: str | PathLike[str]) -> None: ...
+def tree_fingerprint(path: str | PathLike[str]) -> dict[str, int]: ...

@@ -3,7 +3,9 @@
 The copy itself (parallel, XXH3-128 verified in the same pass, fsync, atomic rename) and the
 page-cache preload run in Rust (``_core.stage_dataset``, ``_core.stage_file``,
 ``_core.preload``) with the GIL released. This module decides *whether* and *where* to copy,
-takes the per-node lock, recognises an intact earlier copy and cleans up after dead stagers.
+takes the per-node lock and cleans up after dead stagers. What a dataset directory holds (its
+files, whether a copy is intact and current, what may be removed) is the Rust core's
+(``src/layout.rs``, through ``_core``): this module names no dataset file.
 
 Layout in the destination directory ``DEST`` for a source named ``NAME``::
 
@@ -32,7 +34,6 @@ __all__ = ["stage", "stage_record", "plan", "preload", "memory_limit_default", "
 POLICIES = ("auto", "local", "memory", "inplace")
 GiB = 1 << 30
 MEMORY_LIMIT_CAP = 10 * GiB
-_MANIFEST = "manifest.json"
 
 
 def _warn(msg: str) -> None:
@@ -98,9 +99,10 @@ def reserve_default(fs_size: int) -> int:
 def _source_kind(src: str) -> str:
     """'dataset', 'tree' (a directory of loose files, packed on the fly) or 'file'."""
     if os.path.isdir(src):
-        if os.path.exists(os.path.join(src, _MANIFEST)):
+        kind = _core.dataset_kind(src)
+        if kind == "dataset":
             return "dataset"
-        if os.path.isdir(os.path.join(src, ".pack-state")):
+        if kind == "interrupted":
             e = FormatError(f"{src}: incomplete dataset: its pack was interrupted")
             e.hint = "finish it with `packds pack ... --resume` before staging it"
             raise e
@@ -114,40 +116,6 @@ def _source_kind(src: str) -> str:
     raise e
 
 
-def _dataset_files(src: str) -> tuple[bytes, dict, list[tuple[str, int]]]:
-    """(manifest bytes, manifest, [(file, size)] of the index and every shard)."""
-    with open(os.path.join(src, _MANIFEST), "rb") as f:
-        raw = f.read()
-    try:
-        m = json.loads(raw)
-        files = [(m["index"]["file"], int(m["index"]["size"]))] + [(s["file"], int(s["size"])) for s in m["shards"]]
-    except (ValueError, KeyError, TypeError) as e:
-        err = FormatError(f"{os.path.join(src, _MANIFEST)}: manifest is not valid: {e}")
-        err.hint = "the dataset is damaged: pack it again"
-        raise err from None
-    return raw, m, files
-
-
-def _tree_fingerprint(src: str) -> dict:
-    """Files, bytes and newest mtime of a loose tree (what decides whether a packed copy is
-    still current), plus an estimate of the packed size (tar headers and padding included)."""
-    files = nbytes = packed = 0
-    newest = 0
-    for dirpath, _dirs, names in os.walk(src):
-        for n in names:
-            try:
-                st = os.lstat(os.path.join(dirpath, n))
-            except OSError:
-                continue
-            if (st.st_mode & 0o170000) != 0o100000:
-                continue
-            files += 1
-            nbytes += st.st_size
-            packed += 1536 + (st.st_size + 511) // 512 * 512  # pax + ustar header, padding
-            newest = max(newest, st.st_mtime_ns)
-    return {"files": files, "bytes": nbytes, "mtime_ns_max": newest, "packed_estimate": packed + (1 << 20)}
-
-
 class _Source:
     def __init__(self, src: str) -> None:
         self.path = os.path.abspath(src.rstrip("/") or "/")
@@ -155,35 +123,29 @@ class _Source:
         base = os.path.basename(self.path)
         self.name = base + ".pds" if self.kind == "tree" and not base.endswith(".pds") else base
         if self.kind == "dataset":
-            self.manifest_bytes, self.manifest, self.files = _dataset_files(self.path)
-            self.size = sum(s for _, s in self.files) + len(self.manifest_bytes)
+            _files, self.size = _core.dataset_files(self.path)
         elif self.kind == "tree":
-            self.fingerprint = _tree_fingerprint(self.path)
+            self.fingerprint = _core.tree_fingerprint(self.path)
             self.size = self.fingerprint["packed_estimate"]
         else:
             self.size = os.stat(self.path).st_size
 
     def is_staged_at(self, dest: str) -> bool:
-        """Is ``dest`` an intact, current copy? Cheap: sizes and the manifest's bytes (which
-        hold every file's XXH3-128), not the data."""
-        try:
-            if self.kind == "file":
+        """Is ``dest`` an intact, current copy? Cheap: sizes and the manifest (which holds
+        every file's XXH3-128), not the data."""
+        if self.kind == "file":
+            try:
                 a, b = os.stat(self.path), os.stat(dest)
-                return os.path.isfile(dest) and a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
-            with open(os.path.join(dest, _MANIFEST), "rb") as f:
-                raw = f.read()
-            if self.kind == "dataset":
-                if raw != self.manifest_bytes:
-                    return False
-                files = self.files
-            else:
-                m = json.loads(raw)
-                if m.get("options", {}).get("staged_from") != self._tree_record():
-                    return False
-                files = [(m["index"]["file"], int(m["index"]["size"]))] + [(s["file"], int(s["size"])) for s in m["shards"]]
-            return all(os.stat(os.path.join(dest, n)).st_size == s for n, s in files)
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+            except OSError:
+                return False
+            return os.path.isfile(dest) and a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+        if self.kind == "dataset":
+            return _core.is_staged_at(self.path, dest)
+        return _core.is_intact_with_options(dest, json.dumps(self._options()))
+
+    def _options(self) -> dict:
+        """What a tree packed on the fly records in its manifest's options."""
+        return {"staged_from": self._tree_record()}
 
     def _tree_record(self) -> dict:
         fp = self.fingerprint
@@ -193,8 +155,7 @@ class _Source:
         """The files to pull into memory for the memory policy."""
         if self.kind == "file":
             return [root]
-        _raw, _m, files = _dataset_files(root)
-        return [os.path.join(root, n) for n, _ in files]
+        return [p for p, _ in _core.dataset_files(root)[0]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,13 +300,7 @@ def _remove_stale(path: str, source: _Source) -> None:
             raise _exists_error(path)
         os.unlink(path)
         return
-    if not os.path.isdir(path) or os.path.islink(path):
-        raise _exists_error(path)
-    for n in os.listdir(path):
-        ours = n in (_MANIFEST, "index.pdsi", ".pack-state") or (n.startswith("shard-") and n.endswith(".tar")) or (n.startswith(".") and n.endswith(".tmp"))
-        if not ours:
-            raise _exists_error(path)
-    shutil.rmtree(path)
+    _core.remove_stale_copy(path)
 
 
 def _exists_error(path: str) -> UsageError:
@@ -427,7 +382,7 @@ def preload(path, *, jobs: int = 4, quiet: bool = True) -> int:
     into the page cache with large sequential reads, in Rust with the GIL released. Returns the
     number of bytes read."""
     path = os.path.abspath(os.fsdecode(path))
-    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n, _ in _dataset_files(path)[2]]
+    files = [path] if os.path.isfile(path) else [p for p, _ in _core.dataset_files(path)[0]]
     prog = _core.StageProgress()
     return _run_with_progress(lambda: _core.preload(files, jobs=jobs, progress=prog), prog, _Reporter("preloading", quiet))
 
@@ -550,7 +505,7 @@ def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool) -> None
         from . import pack
 
         rep.close()
-        opts = json.dumps({"staged_from": source._tree_record()}, sort_keys=True)
+        opts = json.dumps(source._options(), sort_keys=True)
         pack([source.path], tmp, options_json=opts)
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -536,7 +536,10 @@ mod core_module {
     #[pymodule_export]
     use super::pack;
     #[pymodule_export]
-    use super::stage::{preload, stage_dataset, stage_file, PyStageProgress};
+    use super::stage::{
+        dataset_files, dataset_kind, is_intact_with_options, is_staged_at, preload, remove_stale_copy, stage_dataset, stage_file, tree_fingerprint,
+        PyStageProgress,
+    };
     #[pymodule_export]
     use super::tarindex::{index_tars, PyGroups};
     #[pymodule_export]

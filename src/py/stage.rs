@@ -1,10 +1,14 @@
 //! Bindings for `crate::stage`: the copy and preload run with the GIL released; a
-//! `StageProgress` object lets a Python thread read the counters and cancel.
+//! `StageProgress` object lets a Python thread read the counters and cancel. Also what
+//! `stage.py` asks `crate::layout` about a dataset directory (it names no packds file itself).
 
 use super::errors::to_py;
+use crate::layout::{self, CopyList, DirKind};
 use crate::stage::{self as core_stage, StageProgress, StageSummary};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -102,4 +106,55 @@ pub fn stage_file<'py>(
 pub fn preload(py: Python<'_>, files: Vec<PathBuf>, jobs: usize, progress: Option<&Bound<'_, PyStageProgress>>) -> PyResult<u64> {
     let p = progress_of(progress);
     py.detach(|| core_stage::preload(&files, jobs, &p)).map_err(to_py)
+}
+
+/// What the directory `path` is: "dataset", "parts" (a partitioned pack not merged yet),
+/// "interrupted" (a pack that was interrupted), "none" (another directory) or "missing".
+#[pyfunction]
+pub fn dataset_kind(py: Python<'_>, path: PathBuf) -> &'static str {
+    py.detach(|| DirKind::of(&path).name())
+}
+
+/// The files of the dataset `path` besides its manifest (index and shards) as (path, size),
+/// and the bytes a copy of it takes (manifest included). Raises FormatError for a damaged or
+/// missing manifest.
+#[pyfunction]
+pub fn dataset_files(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(OsString, u64)>, u64)> {
+    let list = py.detach(|| CopyList::load(&path)).map_err(to_py)?;
+    let files = list.files.iter().map(|f| (path.join(&f.name).into_os_string(), f.size)).collect();
+    Ok((files, list.total_bytes()))
+}
+
+/// Is `dest` an intact copy of the dataset `src` (same manifest bytes, every file its size)?
+#[pyfunction]
+pub fn is_staged_at(py: Python<'_>, src: PathBuf, dest: PathBuf) -> bool {
+    py.detach(|| layout::is_current_copy(&src, &dest))
+}
+
+/// Is `dest` an intact dataset whose manifest options hold every item of `options` (a JSON
+/// object, as text)?
+#[pyfunction]
+pub fn is_intact_with_options(py: Python<'_>, dest: PathBuf, options: &str) -> PyResult<bool> {
+    let want: serde_json::Value = serde_json::from_str(options).map_err(|e| PyValueError::new_err(format!("options is not JSON: {e}")))?;
+    Ok(py.detach(|| layout::is_intact_with_options(&dest, &want)))
+}
+
+/// Removes an earlier staged copy of a dataset at `path` (nothing there is fine); raises
+/// UsageError when `path` holds anything packds did not write.
+#[pyfunction]
+pub fn remove_stale_copy(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    py.detach(|| layout::remove_stale_copy(&path)).map_err(to_py)
+}
+
+/// Fingerprint of a loose tree (regular files, symlinks not followed): a dict of files, bytes,
+/// mtime_ns_max and packed_estimate (the packed size, headers and padding included).
+#[pyfunction]
+pub fn tree_fingerprint(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
+    let fp = py.detach(|| layout::tree_fingerprint(&path));
+    let d = PyDict::new(py);
+    d.set_item("files", fp.files)?;
+    d.set_item("bytes", fp.bytes)?;
+    d.set_item("mtime_ns_max", fp.mtime_ns_max)?;
+    d.set_item("packed_estimate", fp.packed_estimate)?;
+    Ok(d)
 }

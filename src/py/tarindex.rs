@@ -119,17 +119,12 @@ impl PyGroups {
         } else {
             return Err(pyo3::exceptions::PyTypeError::new_err("a key is a str (or bytes)"));
         };
-        let r = self.reader.get();
-        let (mut lo, mut hi) = (0usize, self.groups.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.key_bytes_of(r, mid)?.cmp(&want[..]) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Ok(Some(mid)),
-            }
-        }
-        Ok(None)
+        let r = &self.reader.get().inner;
+        let sample_key = |g: usize| {
+            let (start, _, klen) = self.groups[g];
+            r.key(start as usize).map(|k| k.get(..klen as usize).unwrap_or(k))
+        };
+        crate::index::find_sorted(self.groups.len(), sample_key, &want).map_err(to_py)
     }
 
     /// Sample `i` as a dict: `{"__key__": key, field: bytes, ...}` (field = the member name

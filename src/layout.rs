@@ -1,0 +1,581 @@
+//! The dataset directory contract: what a packds dataset directory holds and what packds may
+//! do to one. Every other module (and, through `_core`, `python/packds/stage.py`) asks here.
+//!
+//! ```text
+//! DATASET/manifest.json            written last: its presence marks the dataset complete
+//! DATASET/index.pdsi               the binary index
+//! DATASET/shard-NNNNN.tar | .h5    the shards (NNNNN: five or more digits)
+//! DATASET/.pack-state/             an interrupted pack (per-shard indexes, options, dictionary)
+//! DATASET/part-I/ + part.json      one part of a partitioned pack, not merged yet
+//! DATASET/.NAME.tmp                a file being written (renamed into place when complete)
+//! ```
+//!
+//! The manifest itself (its type, its one constructor, loading) is [`crate::manifest`]; the names
+//! it lists are checked here ([`check_manifest_names`]).
+
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::Manifest;
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const INDEX_FILE: &str = "index.pdsi";
+/// The state of a pack in progress (removed when the pack completes).
+pub const STATE_DIR: &str = ".pack-state";
+/// Written last into a finished part's directory.
+pub const PART_FILE: &str = "part.json";
+const SHARD_PREFIX: &str = "shard-";
+const PART_PREFIX: &str = "part-";
+/// The extension of a per-shard index in [`STATE_DIR`].
+const STATE_INDEX_EXT: &str = "pdsi";
+
+/// How shards are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardFormat {
+    /// POSIX pax tar.
+    #[default]
+    Tar,
+    /// HDF5, written through an [`crate::pack::H5Writer`] (h5py on the Python side).
+    H5,
+}
+
+impl ShardFormat {
+    const ALL: [ShardFormat; 2] = [ShardFormat::Tar, ShardFormat::H5];
+
+    /// The shard file extension, also the manifest's `shard_format`.
+    pub fn ext(self) -> &'static str {
+        match self {
+            ShardFormat::Tar => "tar",
+            ShardFormat::H5 => "h5",
+        }
+    }
+
+    /// The format whose extension (or manifest `shard_format`) is `ext`.
+    pub fn from_ext(ext: &str) -> Option<ShardFormat> {
+        Self::ALL.into_iter().find(|f| f.ext() == ext)
+    }
+}
+
+/// `shard-NNNNN.EXT`, the name of shard `k`.
+pub fn shard_name(k: usize, format: ShardFormat) -> String {
+    format!("{SHARD_PREFIX}{k:05}.{}", format.ext())
+}
+
+/// `DIGITS` of `PREFIX DIGITS . EXT` (five digits or more), or None.
+fn numbered<'a>(name: &'a str, prefix: &str, ext: &str) -> Option<&'a str> {
+    let digits = name.strip_prefix(prefix)?.strip_suffix(ext)?.strip_suffix('.')?;
+    (digits.len() >= 5 && digits.bytes().all(|b| b.is_ascii_digit())).then_some(digits)
+}
+
+/// The number and format of a shard named like [`shard_name`] makes them, or None.
+pub fn parse_shard_name(name: &str) -> Option<(usize, ShardFormat)> {
+    ShardFormat::ALL.into_iter().find_map(|f| Some((numbered(name, SHARD_PREFIX, f.ext())?.parse().ok()?, f)))
+}
+
+/// The per-shard index of shard `k` in [`STATE_DIR`].
+pub fn state_index_name(k: usize) -> String {
+    format!("{SHARD_PREFIX}{k:05}.{STATE_INDEX_EXT}")
+}
+
+/// The shard number of a per-shard index name ([`state_index_name`]), or None.
+pub fn parse_state_index_name(name: &str) -> Option<usize> {
+    numbered(name, SHARD_PREFIX, STATE_INDEX_EXT)?.parse().ok()
+}
+
+/// `part-I`: the directory part `p` of a partitioned pack writes into.
+pub fn part_dir_name(p: u32) -> String {
+    format!("{PART_PREFIX}{p}")
+}
+
+/// The directory of part `p` under `out`.
+pub fn part_dir(out: &Path, p: u32) -> PathBuf {
+    out.join(part_dir_name(p))
+}
+
+/// The part number of a [`part_dir_name`], or None.
+pub fn parse_part_dir_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix(PART_PREFIX)?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
+/// `.NAME.tmp`: where `NAME` is written before it is renamed into place.
+pub fn tmp_file_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
+fn is_tmp_name(name: &str) -> bool {
+    name.len() > ".tmp".len() && name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Is `name` (an entry of a dataset directory) something packds writes there? Part
+/// directories count by name; [`only_owned`] also looks inside them.
+pub fn is_owned(name: &str) -> bool {
+    name == MANIFEST_FILE
+        || name == INDEX_FILE
+        || name == STATE_DIR
+        || name == PART_FILE
+        || parse_shard_name(name).is_some()
+        || parse_part_dir_name(name).is_some()
+        || is_tmp_name(name)
+}
+
+/// Is every entry of `dir` something packds writes (part directories included, looked into)?
+/// Only then may packds clear or remove it.
+pub fn only_owned(dir: &Path) -> Result<bool> {
+    for e in fs::read_dir(dir).ctx("list directory", dir)? {
+        let e = e.ctx("list directory", dir)?;
+        let name = e.file_name();
+        let Some(name) = name.to_str().filter(|n| is_owned(n)) else { return Ok(false) };
+        if parse_part_dir_name(name).is_some() {
+            let md = fs::symlink_metadata(e.path()).ctx("stat", e.path())?;
+            if !md.is_dir() || !only_owned(&e.path())? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// A plain file name: not empty, no `/`, no NUL, not `.` or `..`.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// Is `name` a shard file name a manifest may list (`shard-NNNNN.tar|.h5`, a plain name)?
+pub fn valid_shard_file_name(name: &str) -> bool {
+    is_plain_file_name(name) && parse_shard_name(name).is_some()
+}
+
+/// Checks every file name `m` lists: the index is [`INDEX_FILE`], every shard a
+/// [`valid_shard_file_name`]. Everything that opens a file a manifest names relies on this.
+pub fn check_manifest_names(m: &Manifest, manifest_path: &Path) -> Result<()> {
+    let bad = |n: &str| Error::format(manifest_path, format!("bad file name {n:?} in {MANIFEST_FILE}"));
+    if m.index.file != INDEX_FILE {
+        return Err(bad(&m.index.file));
+    }
+    match m.shards.iter().find(|s| !valid_shard_file_name(&s.file)) {
+        Some(s) => Err(bad(&s.file)),
+        None => Ok(()),
+    }
+}
+
+/// What a directory is, as far as packds is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirKind {
+    /// A complete dataset (it has its manifest).
+    Dataset,
+    /// A partitioned pack whose parts are not merged yet.
+    UnmergedParts,
+    /// A pack that was interrupted (its state directory is there, no manifest).
+    InterruptedPack,
+    /// A directory that is none of these.
+    NotDataset,
+    /// Nothing (or no directory) at that path.
+    Missing,
+}
+
+impl DirKind {
+    /// What is at `dir`.
+    pub fn of(dir: &Path) -> DirKind {
+        if !dir.is_dir() {
+            DirKind::Missing
+        } else if dir.join(MANIFEST_FILE).exists() {
+            DirKind::Dataset
+        } else if part_dir(dir, 0).is_dir() || part_dir(dir, 1).is_dir() {
+            DirKind::UnmergedParts
+        } else if dir.join(STATE_DIR).is_dir() {
+            DirKind::InterruptedPack
+        } else {
+            DirKind::NotDataset
+        }
+    }
+
+    /// A short name for it (what `_core.dataset_kind` returns).
+    pub fn name(self) -> &'static str {
+        match self {
+            DirKind::Dataset => "dataset",
+            DirKind::UnmergedParts => "parts",
+            DirKind::InterruptedPack => "interrupted",
+            DirKind::NotDataset => "none",
+            DirKind::Missing => "missing",
+        }
+    }
+}
+
+/// Holds an exclusive flock on a dataset directory: one packds process writes it at a time.
+pub struct DirLock {
+    _file: File,
+}
+
+/// Locks `dir` (an existing directory) for writing, or says another process is writing it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock> {
+    let f = File::open(dir).ctx("open", dir)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::usage(format!("another packds process is writing {}", dir.display()), "wait for it to finish, or write to another directory"));
+    }
+    Ok(DirLock { _file: f })
+}
+
+/// Removes everything in `dir`, the manifest first (so it stops being a dataset at once).
+pub fn clear_dir(dir: &Path) -> Result<()> {
+    let m = dir.join(MANIFEST_FILE);
+    match fs::remove_file(&m) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io("remove", &m, e)),
+        _ => crate::fsx::sync_dir(dir)?,
+    }
+    for e in fs::read_dir(dir).ctx("list directory", dir)? {
+        let p = e.ctx("list directory", dir)?.path();
+        let md = fs::symlink_metadata(&p).ctx("stat", &p)?;
+        if md.is_dir() {
+            fs::remove_dir_all(&p).ctx("remove", &p)?;
+        } else {
+            fs::remove_file(&p).ctx("remove", &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// How an output directory may be taken over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// `--force`: replace what is there (only files packds wrote).
+    pub force: bool,
+    /// `--resume`: finish the interrupted pack that is there.
+    pub resume: bool,
+    /// Whether the command has a `--resume` (its hint offers it).
+    offers_resume: bool,
+}
+
+impl Mode {
+    /// `packds pack` (and each part of a partitioned pack).
+    pub fn pack(force: bool, resume: bool) -> Mode {
+        Mode { force, resume, offers_resume: true }
+    }
+
+    /// `packds index` (no `--resume`).
+    pub fn index(force: bool) -> Mode {
+        Mode { force, resume: false, offers_resume: false }
+    }
+}
+
+/// What [`OutputDir::prepare`] found.
+pub enum Prepared {
+    /// Ready to write (locked; cleared under `--force`).
+    Open(OutputDir),
+    /// `--resume` of a pack that had already completed: its manifest (leftover state removed).
+    Complete(Box<Manifest>),
+}
+
+/// A locked output directory, ready to be written.
+pub struct OutputDir {
+    path: PathBuf,
+    created: bool,
+    _lock: DirLock,
+}
+
+impl OutputDir {
+    /// The output preflight: creates `path` (its parent must exist) or checks what is there
+    /// against `mode` (an existing directory must be empty, or `--force` over files packds
+    /// wrote, or `--resume` of an interrupted pack), locks it, and clears it under `--force`
+    /// without `--resume`.
+    pub fn prepare(path: &Path, mode: Mode) -> Result<Prepared> {
+        let created = match fs::symlink_metadata(path) {
+            Ok(md) if md.is_dir() => {
+                if mode.resume && !mode.force && path.join(MANIFEST_FILE).exists() {
+                    return complete_dataset(path).map(|m| Prepared::Complete(Box::new(m)));
+                }
+                check_existing(path, mode)?;
+                false
+            }
+            Ok(_) => return Err(Error::usage(format!("output {} exists and is not a directory", path.display()), "choose another -o")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_output_dir(path)?;
+                true
+            }
+            Err(e) => return Err(Error::io("stat", path, e)),
+        };
+        let dir = OutputDir { path: path.to_path_buf(), created, _lock: lock_dir(path)? };
+        if mode.force && !mode.resume {
+            clear_dir(path)?;
+        }
+        Ok(Prepared::Open(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Did [`OutputDir::prepare`] create the directory?
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Has a pack into it completed a shard (worth a `--resume`)?
+    pub fn has_completed_shard(&self) -> bool {
+        let state = self.path.join(STATE_DIR);
+        fs::read_dir(state).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_str().and_then(parse_state_index_name).is_some()))).unwrap_or(false)
+    }
+
+    /// Removes the directory and everything in it (best effort: after a failure).
+    pub fn remove(self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+
+    /// Removes everything in the directory, the manifest first.
+    pub fn clear(&self) -> Result<()> {
+        clear_dir(&self.path)
+    }
+}
+
+/// `--resume` of a completed pack: a pack killed while it removed its state after writing the
+/// manifest is complete; tidy up what it left.
+fn complete_dataset(path: &Path) -> Result<Manifest> {
+    let m = Manifest::load(path)?;
+    let state = path.join(STATE_DIR);
+    if state.exists() {
+        let _lock = lock_dir(path)?;
+        fs::remove_dir_all(&state).ctx("remove", &state)?;
+    }
+    Ok(m)
+}
+
+/// An existing output directory may be written when it is empty, under `--force` (if packds
+/// wrote everything in it) or under `--resume` of an interrupted pack.
+fn check_existing(path: &Path, mode: Mode) -> Result<()> {
+    let empty = fs::read_dir(path).ctx("list directory", path)?.next().is_none();
+    if !(empty || mode.force || mode.resume && path.join(STATE_DIR).is_dir()) {
+        let hint = if mode.offers_resume {
+            "pass --force to replace it, --resume to finish an interrupted pack, or choose another -o"
+        } else {
+            "pass --force to replace it, or choose another -o"
+        };
+        return Err(Error::usage(format!("output {} already exists", path.display()), hint));
+    }
+    if mode.force && !empty && !only_owned(path)? {
+        return Err(Error::usage(
+            format!("output {} holds files that packds did not write; refusing to delete them", path.display()),
+            "choose another -o, or remove that directory yourself",
+        ));
+    }
+    Ok(())
+}
+
+/// Creates a new output directory; a missing parent is a usage error with a hint.
+fn create_output_dir(out: &Path) -> Result<()> {
+    fs::create_dir(out).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::usage(format!("cannot create {}: its parent directory does not exist", out.display()), "create the parent directory first")
+        } else {
+            Error::io("create directory", out, e)
+        }
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Staging: what a copy holds, whether a copy is current, removing a stale one.
+
+/// One file a copy of the dataset holds, as its manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataFile {
+    pub name: String,
+    pub size: u64,
+    /// XXH3-128 of the whole file (hex).
+    pub xxh3_128: String,
+}
+
+/// What a stager copies: the index and every shard (sizes and hashes from the manifest), then
+/// the manifest's exact bytes (last).
+#[derive(Debug, Clone)]
+pub struct CopyList {
+    pub manifest: Vec<u8>,
+    pub files: Vec<DataFile>,
+}
+
+impl CopyList {
+    /// Reads the manifest of the dataset `dir` once (checked like [`Manifest::load`]).
+    pub fn load(dir: &Path) -> Result<CopyList> {
+        let manifest = Manifest::read_bytes(dir)?;
+        let m = Manifest::parse(&manifest, &dir.join(MANIFEST_FILE))?;
+        let mut files = vec![DataFile { name: m.index.file, size: m.index.size, xxh3_128: m.index.xxh3_128 }];
+        files.extend(m.shards.into_iter().map(|s| DataFile { name: s.file, size: s.size, xxh3_128: s.xxh3_128 }));
+        Ok(CopyList { manifest, files })
+    }
+
+    /// The bytes a copy takes: every file plus the manifest.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum::<u64>() + self.manifest.len() as u64
+    }
+
+    /// Does every listed file exist under `dir` with its recorded size?
+    fn sizes_match(&self, dir: &Path) -> bool {
+        self.files.iter().all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|md| md.is_file() && md.len() == f.size))
+    }
+}
+
+/// Is `dest` an intact copy of the dataset `src`? Cheap: the manifests' bytes (which hold every
+/// file's XXH3-128) and the files' sizes, not the data. Any error reads as "no".
+pub fn is_current_copy(src: &Path, dest: &Path) -> bool {
+    let (Ok(want), Ok(have)) = (Manifest::read_bytes(src), CopyList::load(dest)) else { return false };
+    want == have.manifest && have.sizes_match(dest)
+}
+
+/// Is `dest` an intact dataset (every file its manifest lists, with its recorded size) whose
+/// manifest `options` hold every item of `options` (a JSON object)?
+pub fn is_intact_with_options(dest: &Path, options: &serde_json::Value) -> bool {
+    let Ok(have) = CopyList::load(dest) else { return false };
+    let Ok(m) = Manifest::parse(&have.manifest, &dest.join(MANIFEST_FILE)) else { return false };
+    let Some(want) = options.as_object() else { return false };
+    want.iter().all(|(k, v)| m.options.get(k) == Some(v)) && have.sizes_match(dest)
+}
+
+/// Removes the earlier (stale) copy of a dataset at `path`, refusing anything that is not a
+/// directory of files packds wrote. Nothing at `path` is fine.
+pub fn remove_stale_copy(path: &Path) -> Result<()> {
+    let refuse = || {
+        Error::usage(
+            format!("{} already exists and is not a staged copy packds can replace", path.display()),
+            "remove it, or stage into another directory with --to DIR",
+        )
+    };
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("stat", path, e)),
+        Ok(md) if !md.is_dir() => Err(refuse()),
+        Ok(_) if !only_owned(path)? => Err(refuse()),
+        Ok(_) => fs::remove_dir_all(path).ctx("remove", path),
+    }
+}
+
+/// What decides whether a dataset packed from a loose tree is still current: its regular files
+/// (not following symlinks), their bytes and newest mtime, plus an estimate of the packed size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeFingerprint {
+    pub files: u64,
+    pub bytes: u64,
+    pub mtime_ns_max: i64,
+    /// Tar headers and padding included, plus 1 MiB for the index and manifest.
+    pub packed_estimate: u64,
+}
+
+/// Walks the tree `dir` (unreadable entries are passed over) and fingerprints it.
+pub fn tree_fingerprint(dir: &Path) -> TreeFingerprint {
+    let mut fp = TreeFingerprint::default();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = fs::symlink_metadata(e.path()) else { continue };
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if md.is_file() {
+                fp.files += 1;
+                fp.bytes += md.len();
+                fp.packed_estimate += 1536 + md.len().div_ceil(512) * 512; // pax + ustar header, padding
+                fp.mtime_ns_max = fp.mtime_ns_max.max(md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec()));
+            }
+        }
+    }
+    fp.packed_estimate += 1 << 20;
+    fp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_names_cover_both_shard_formats() {
+        for n in ["manifest.json", "index.pdsi", ".pack-state", "part.json", "part-0", "part-12", ".shard-00001.tar.tmp", ".index.pdsi.tmp"] {
+            assert!(is_owned(n), "{n}");
+        }
+        for f in [ShardFormat::Tar, ShardFormat::H5] {
+            let n = shard_name(3, f);
+            assert!(is_owned(&n) && valid_shard_file_name(&n), "{n}");
+            assert_eq!(parse_shard_name(&n), Some((3, f)));
+            assert_eq!(ShardFormat::from_ext(f.ext()), Some(f));
+        }
+        assert!(is_owned("shard-123456.h5"));
+        for n in [
+            "shard-0001.tar",
+            "shard-00001.zip",
+            "shard-00001.tar.gz",
+            "shard-abcde.tar",
+            "part-",
+            "part-x",
+            ".tmp",
+            "data.h5",
+            "notes.txt",
+            "shard-00001.pdsi",
+        ] {
+            assert!(!is_owned(n), "{n}");
+        }
+        assert_eq!(parse_state_index_name(&state_index_name(7)), Some(7));
+        assert_eq!(parse_part_dir_name(&part_dir_name(4)), Some(4));
+        assert_eq!(tmp_file_name("index.pdsi"), ".index.pdsi.tmp");
+    }
+
+    #[test]
+    fn manifest_names_must_be_plain_shard_names() {
+        for n in ["../x", "a/b", "/etc/passwd", "", "shard-00001.tar\0", "..", ".", "../shard-00001.tar", "sub/shard-00001.h5", "manifest.json", "index.pdsi"] {
+            assert!(!valid_shard_file_name(n), "{n:?}");
+        }
+        assert!(valid_shard_file_name("shard-00000.tar") && valid_shard_file_name("shard-00042.h5"));
+    }
+
+    #[test]
+    fn only_owned_looks_into_part_dirs_and_stale_copies_are_removed_only_then() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("ds");
+        fs::create_dir_all(d.join("part-1").join(STATE_DIR)).unwrap();
+        for n in ["manifest.json", "index.pdsi", "shard-00000.tar", "shard-00001.h5", ".x.tmp", "part-1/part.json"] {
+            fs::write(d.join(n), b"x").unwrap();
+        }
+        assert!(only_owned(&d).unwrap());
+        fs::write(d.join("part-1/mine.txt"), b"x").unwrap();
+        assert!(!only_owned(&d).unwrap());
+        let e = remove_stale_copy(&d).unwrap_err().to_string();
+        assert!(e.contains("is not a staged copy packds can replace"), "{e}");
+        fs::remove_file(d.join("part-1/mine.txt")).unwrap();
+        remove_stale_copy(&d).unwrap();
+        assert!(!d.exists());
+        remove_stale_copy(&d).unwrap();
+    }
+
+    #[test]
+    fn dir_kinds() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        assert_eq!(DirKind::of(&d.join("nope")), DirKind::Missing);
+        assert_eq!(DirKind::of(d), DirKind::NotDataset);
+        fs::create_dir(d.join(STATE_DIR)).unwrap();
+        assert_eq!(DirKind::of(d), DirKind::InterruptedPack);
+        fs::create_dir(d.join("part-0")).unwrap();
+        assert_eq!(DirKind::of(d), DirKind::UnmergedParts);
+        fs::write(d.join(MANIFEST_FILE), b"{}").unwrap();
+        assert_eq!(DirKind::of(d), DirKind::Dataset);
+    }
+
+    #[test]
+    fn preflight_refuses_foreign_files_and_creates_only_under_an_existing_parent() {
+        let t = tempfile::tempdir().unwrap();
+        let e = OutputDir::prepare(&t.path().join("a/b"), Mode::pack(false, false)).err().unwrap().to_string();
+        assert!(e.contains("its parent directory does not exist"), "{e}");
+        let d = t.path().join("out");
+        fs::create_dir(&d).unwrap();
+        fs::write(d.join("mine.txt"), b"x").unwrap();
+        let e = OutputDir::prepare(&d, Mode::index(false)).err().unwrap().to_string();
+        assert!(e.contains("already exists"), "{e}");
+        let e = OutputDir::prepare(&d, Mode::pack(true, false)).err().unwrap().to_string();
+        assert!(e.contains("holds files that packds did not write"), "{e}");
+        fs::remove_file(d.join("mine.txt")).unwrap();
+        fs::write(d.join("shard-00000.h5"), b"x").unwrap();
+        let Prepared::Open(o) = OutputDir::prepare(&d, Mode::pack(true, false)).unwrap() else { panic!("not open") };
+        assert!(!o.created() && fs::read_dir(&d).unwrap().next().is_none());
+        let e = lock_dir(&d).err().unwrap().to_string();
+        assert!(e.contains("another packds process is writing"), "{e}");
+    }
+}
