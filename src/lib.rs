@@ -9,6 +9,7 @@
 //! - [`index`]   the binary index: builder, validation at open, O(1)/O(log n) lookups (mapped)
 //! - [`manifest`] the human-readable `manifest.json`
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
+//! - [`job`]     a long operation on its own thread: progress, cancel (pack, plan, index)
 //! - [`plan`]    partitioned packing (job arrays): plan, pack --part I/N, merge
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
 //! - [`sigbus`]  a SIGBUS guard for shards truncated under a reader's mappings
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod error;
 pub mod fsx;
 pub mod index;
+pub mod job;
 pub mod manifest;
 pub mod pack;
 pub mod plan;

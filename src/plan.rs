@@ -42,7 +42,8 @@ pub const PART_FILE: &str = "part.json";
 pub struct PlanOptions {
     pub shard_size: u64,
     pub format: ShardFormat,
-    pub compress: String,
+    /// Serialized as its command-line form (`none`, `zstd:3`, ...), as before it was typed.
+    pub compress: crate::codec::Compress,
     pub dict_size: usize,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
@@ -54,7 +55,7 @@ impl PlanOptions {
         PlanOptions {
             shard_size: o.shard_size,
             format: o.format,
-            compress: o.compress.name(),
+            compress: o.compress,
             dict_size: o.dict_size,
             include: o.include.clone(),
             exclude: o.exclude.clone(),
@@ -65,8 +66,7 @@ impl PlanOptions {
     fn apply(&self, o: &mut PackOptions) -> Result<()> {
         o.shard_size = self.shard_size;
         o.format = self.format;
-        o.compress = crate::codec::Compress::parse(&self.compress)
-            .ok_or_else(|| Error::usage(format!("the plan names an unknown --compress {:?}", self.compress), "make the plan again with this packds"))?;
+        o.compress = self.compress;
         o.dict_size = self.dict_size;
         o.include = self.include.clone();
         o.exclude = self.exclude.clone();
