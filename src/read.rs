@@ -442,6 +442,20 @@ impl Reader {
         Ok((start, lo))
     }
 
+    /// Positions of the keys matching a glob pattern (the syntax of `pack --include`).
+    pub fn glob(&self, pattern: &str) -> Result<Vec<usize>> {
+        let g = globset::Glob::new(pattern)
+            .map_err(|e| Error::usage(format!("bad pattern {pattern:?}: {e}"), "see the glob syntax: * ? [abc] {a,b} **"))?
+            .compile_matcher();
+        let mut out = Vec::new();
+        for i in 0..self.len() {
+            if g.is_match(std::ffi::OsStr::from_bytes(self.key(i)?)) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
     /// The index entry of sample `i` (bounds-checked).
     pub fn entry(&self, i: usize) -> Result<Entry> {
         self.index.entry(i)
