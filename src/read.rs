@@ -874,6 +874,20 @@ mod tests {
     }
 
     #[test]
+    fn read_range_through_pread_where_shards_are_not_mapped() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut r, want) = packed(d.path(), 300, codec::Compress::None);
+        // As on a filesystem that cannot map files (FUSE with direct I/O).
+        for (s, info) in r.index.shards().to_vec().iter().enumerate() {
+            r.maps[s] = ShardData::Unmapped(File::open(d.path().join("out.pds").join(&info.name)).unwrap());
+        }
+        for (a, b) in r.blocks(8192).unwrap().into_iter().chain([(0, 300), (7, 8)]) {
+            assert_eq!(r.read_range(a, b, false).unwrap().0, want[a..b].concat(), "{a}..{b}");
+        }
+        assert_eq!(r.get_many(&[3, 2, 1], true).unwrap(), vec![want[3].clone(), want[2].clone(), want[1].clone()]);
+    }
+
+    #[test]
     fn blocks_cover_every_sample_once_within_shards() {
         let d = tempfile::tempdir().unwrap();
         let (r, _) = packed(d.path(), 300, codec::Compress::None);
