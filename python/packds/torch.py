@@ -4,9 +4,9 @@
   ``ds[i]`` is ``transform(bytes)`` or ``(transform(bytes), label)``; ``__getitems__`` reads a
   whole batch with one ``get_many`` call (torch >= 2.1 DataLoaders use it).
 * :class:`StreamingDataset` — iterable, for data left on shared storage: reads contiguous
-  blocks of samples (MiB-sized reads, ``Dataset.read_range``), shuffles block order per epoch plus a sample
-  buffer, splits the epoch over distributed ranks and DataLoader workers with no duplicate and
-  no gap, and resumes mid-epoch from ``state_dict()``.
+  blocks of samples (one MiB-sized ``Dataset.read_range`` each), shuffles block order per
+  epoch plus a sample buffer, splits the epoch over distributed ranks and DataLoader workers
+  with no duplicate and no gap, and resumes mid-epoch from ``state_dict()``.
 * :class:`StreamingLoader` — a ``torch.utils.data.DataLoader`` that counts the batches it hands
   out, so ``loader.state_dict()`` works with any number of workers.
 
