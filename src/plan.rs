@@ -591,6 +591,25 @@ mod tests {
     use super::*;
     use crate::read::Reader;
 
+    #[test]
+    fn plan_options_are_written_as_before_the_options_were_typed() {
+        let o = PlanOptions {
+            shard_size: 1024,
+            format: ShardFormat::H5,
+            compress: crate::codec::Compress::Auto(5),
+            dict_size: 0,
+            include: vec!["*.jpg".into()],
+            exclude: vec![],
+            follow_symlinks: true,
+        };
+        let j = r#"{"shard_size":1024,"format":"h5","compress":"auto:5","dict_size":0,"include":["*.jpg"],"exclude":[],"follow_symlinks":true}"#;
+        assert_eq!(serde_json::to_string(&o).unwrap(), j);
+        assert_eq!(serde_json::from_str::<PlanOptions>(j).unwrap(), o);
+        let none = j.replace("auto:5", "none");
+        assert_eq!(serde_json::from_str::<PlanOptions>(&none).unwrap().compress, crate::codec::Compress::None);
+        assert!(serde_json::from_str::<PlanOptions>(&j.replace("auto:5", "gzip")).is_err());
+    }
+
     fn tree(dir: &Path, n: usize) {
         for i in 0..n {
             let p = dir.join(format!("d{:02}/f{i:05}", i % 13));
