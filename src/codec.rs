@@ -20,7 +20,8 @@ pub const MAX_EXPANSION: u64 = 1 << 15;
 /// Default compression level (zstd's own default).
 pub const DEFAULT_LEVEL: i32 = 3;
 
-/// The `--compress` choice.
+/// The `--compress` choice. Parsed from (`FromStr`) and written as (`Display`, serde) its
+/// command-line form: `none`, `zstd:LEVEL`, `auto:LEVEL` (plan files and manifests record it so).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compress {
     /// Everything stored as it is (the default; the index stays format version 1).
@@ -34,6 +35,8 @@ pub enum Compress {
 }
 
 impl Compress {
+    pub const ACCEPTED: &'static str = "none, zstd, zstd:LEVEL (1..22, negative for faster), auto, auto:LEVEL";
+
     /// Parses `none`, `zstd`, `zstd:LEVEL`, `auto`, `auto:LEVEL`.
     pub fn parse(s: &str) -> Option<Compress> {
         let (name, level) = match s.split_once(':') {
@@ -70,6 +73,33 @@ impl Compress {
             Compress::Zstd(l) => format!("zstd:{l}"),
             Compress::Auto(l) => format!("auto:{l}"),
         }
+    }
+}
+
+impl std::str::FromStr for Compress {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Compress> {
+        Compress::parse(s).ok_or_else(|| crate::Error::bad_choice("--compress", s, "understood", Self::ACCEPTED))
+    }
+}
+
+impl std::fmt::Display for Compress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl serde::Serialize for Compress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Compress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Compress, D::Error> {
+        let s = String::deserialize(d)?;
+        Compress::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown --compress {s:?} (accepted: {})", Compress::ACCEPTED)))
     }
 }
 
@@ -273,6 +303,39 @@ pub fn train_dict(samples: &[Vec<u8>], size: usize) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_enums_parse_and_name_the_accepted_values() {
+        use crate::pack::ShardFormat;
+        use crate::tarindex::Link;
+        use crate::walk::OnError;
+        assert_eq!("zstd".parse::<Compress>().unwrap(), Compress::Zstd(DEFAULT_LEVEL));
+        assert_eq!("auto:-5".parse::<Compress>().unwrap(), Compress::Auto(-5));
+        assert_eq!("tar".parse::<ShardFormat>().unwrap(), ShardFormat::Tar);
+        assert_eq!("hdf5".parse::<ShardFormat>().unwrap(), ShardFormat::H5);
+        assert_eq!("skip".parse::<OnError>().unwrap(), OnError::Skip);
+        assert_eq!("hard".parse::<Link>().unwrap(), Link::Hard);
+        for (err, option, accepted) in [
+            ("gzip".parse::<Compress>().unwrap_err(), "--compress", Compress::ACCEPTED),
+            ("zstd:99".parse::<Compress>().unwrap_err(), "--compress", Compress::ACCEPTED),
+            ("zip".parse::<ShardFormat>().unwrap_err(), "--format", ShardFormat::ACCEPTED),
+            ("warn".parse::<OnError>().unwrap_err(), "--on-error", OnError::ACCEPTED),
+            ("soft".parse::<Link>().unwrap_err(), "--link", Link::ACCEPTED),
+        ] {
+            let msg = err.to_string();
+            assert!(matches!(err, crate::Error::Usage { .. }) && msg.starts_with(option) && msg.contains(accepted), "{msg}");
+        }
+        // Written (plan files, manifests) exactly as given on the command line.
+        for c in [Compress::None, Compress::Zstd(3), Compress::Auto(-2)] {
+            let j = serde_json::to_string(&c).unwrap();
+            assert_eq!(j, format!("\"{}\"", c.name()));
+            assert_eq!(serde_json::from_str::<Compress>(&j).unwrap(), c);
+        }
+        assert!(serde_json::from_str::<Compress>("\"gzip\"").is_err());
+        assert_eq!(serde_json::to_string(&OnError::Skip).unwrap(), "\"skip\"");
+        assert_eq!(serde_json::to_string(&Link::Symlink).unwrap(), "\"symlink\"");
+        assert_eq!(serde_json::to_string(&ShardFormat::H5).unwrap(), "\"h5\"");
+    }
 
     #[test]
     fn parse_modes() {

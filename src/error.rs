@@ -68,6 +68,12 @@ impl Error {
         Error::Usage { msg: msg.into(), hint: Some(hint.into()) }
     }
 
+    /// An option value that is not one of the accepted ones (`--format zip`): names the option,
+    /// the value and every accepted value.
+    pub fn bad_choice(option: &str, value: &str, verb: &str, accepted: &str) -> Error {
+        Error::usage(format!("{option} {value:?} is not {verb}; accepted values: {accepted}"), format!("use {accepted}"))
+    }
+
     /// What to do about it, when there is something to say.
     pub fn hint(&self) -> Option<String> {
         match self {

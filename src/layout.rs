@@ -59,6 +59,29 @@ impl ShardFormat {
     }
 }
 
+impl ShardFormat {
+    pub const ACCEPTED: &'static str = "tar, h5";
+}
+
+impl std::str::FromStr for ShardFormat {
+    type Err = Error;
+
+    /// `tar`, `h5` (or `hdf5`).
+    fn from_str(s: &str) -> Result<ShardFormat> {
+        match s {
+            "tar" => Ok(ShardFormat::Tar),
+            "h5" | "hdf5" => Ok(ShardFormat::H5),
+            _ => Err(Error::bad_choice("--format", s, "known", Self::ACCEPTED)),
+        }
+    }
+}
+
+impl std::fmt::Display for ShardFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.ext())
+    }
+}
+
 /// `shard-NNNNN.EXT`, the name of shard `k`.
 pub fn shard_name(k: usize, format: ShardFormat) -> String {
     format!("{SHARD_PREFIX}{k:05}.{}", format.ext())

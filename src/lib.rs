@@ -10,6 +10,7 @@
 //! - [`layout`]  the dataset directory contract: file names, owned files, output preflight, staging checks
 //! - [`manifest`] the human-readable `manifest.json`: its one constructor, loading and checks
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
+//! - [`job`]     a long operation on its own thread: progress, cancel (pack, plan, index)
 //! - [`plan`]    partitioned packing (job arrays): plan, pack --part I/N, merge
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
 //! - [`sigbus`]  a SIGBUS guard for shards truncated under a reader's mappings
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod error;
 pub mod fsx;
 pub mod index;
+pub mod job;
 pub mod layout;
 pub mod manifest;
 pub mod pack;

@@ -42,7 +42,8 @@ pub use crate::layout::{part_dir, PART_FILE};
 pub struct PlanOptions {
     pub shard_size: u64,
     pub format: ShardFormat,
-    pub compress: String,
+    /// Serialized as its command-line form (`none`, `zstd:3`, ...), as before it was typed.
+    pub compress: crate::codec::Compress,
     pub dict_size: usize,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
@@ -54,7 +55,7 @@ impl PlanOptions {
         PlanOptions {
             shard_size: o.shard_size,
             format: o.format,
-            compress: o.compress.name(),
+            compress: o.compress,
             dict_size: o.dict_size,
             include: o.include.clone(),
             exclude: o.exclude.clone(),
@@ -65,8 +66,7 @@ impl PlanOptions {
     fn apply(&self, o: &mut PackOptions) -> Result<()> {
         o.shard_size = self.shard_size;
         o.format = self.format;
-        o.compress = crate::codec::Compress::parse(&self.compress)
-            .ok_or_else(|| Error::usage(format!("the plan names an unknown --compress {:?}", self.compress), "make the plan again with this packds"))?;
+        o.compress = self.compress;
         o.dict_size = self.dict_size;
         o.include = self.include.clone();
         o.exclude = self.exclude.clone();
@@ -589,6 +589,25 @@ fn list_parts(out: &Path) -> Result<Vec<(u32, PathBuf)>> {
 mod tests {
     use super::*;
     use crate::read::Reader;
+
+    #[test]
+    fn plan_options_are_written_as_before_the_options_were_typed() {
+        let o = PlanOptions {
+            shard_size: 1024,
+            format: ShardFormat::H5,
+            compress: crate::codec::Compress::Auto(5),
+            dict_size: 0,
+            include: vec!["*.jpg".into()],
+            exclude: vec![],
+            follow_symlinks: true,
+        };
+        let j = r#"{"shard_size":1024,"format":"h5","compress":"auto:5","dict_size":0,"include":["*.jpg"],"exclude":[],"follow_symlinks":true}"#;
+        assert_eq!(serde_json::to_string(&o).unwrap(), j);
+        assert_eq!(serde_json::from_str::<PlanOptions>(j).unwrap(), o);
+        let none = j.replace("auto:5", "none");
+        assert_eq!(serde_json::from_str::<PlanOptions>(&none).unwrap().compress, crate::codec::Compress::None);
+        assert!(serde_json::from_str::<PlanOptions>(&j.replace("auto:5", "gzip")).is_err());
+    }
 
     fn tree(dir: &Path, n: usize) {
         for i in 0..n {

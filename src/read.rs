@@ -41,6 +41,17 @@ enum ShardData {
     Unmapped(File),
 }
 
+/// Decoding at least this many bytes is worth releasing the interpreter lock for (a binding
+/// asks [`Reader::is_long_read`]); below it, releasing and retaking the lock costs more.
+pub const LONG_READ_BYTES: u64 = 64 << 10;
+/// A batch with at least this many bytes to decode is decoded by several threads.
+const PARALLEL_DECODE_BYTES: u64 = 16 * LONG_READ_BYTES;
+/// Most threads one batch is decoded with (scoped: none outlives the call, none survives a fork).
+const MAX_DECODE_THREADS: usize = 8;
+/// `read_range` reads the whole byte span of a range in one go only if the gaps between its
+/// samples (tar headers, padding) add at most this much to it, plus as much as the samples.
+const SPAN_SLACK: u64 = 1 << 20;
+
 /// (sample, offset, stored size, CRC32C, codec) of one sample, in a per-shard verify list.
 type ShardSample = (usize, u64, u64, u32, u8);
 /// A shard's verify outcome: problems found, compressed samples decoded.
@@ -196,6 +207,253 @@ impl Reader {
             return Err(self.checksum_error(i, e.shard));
         }
         Ok(())
+    }
+
+    /// Checks that sample `i` can be read, before the caller allocates its output, and returns
+    /// its original size. With `verify` (a dataset opened with `verify=True`), a sample whose
+    /// stored frame is damaged is reported as a checksum mismatch naming its key
+    /// ([`Error::Checksum`]), as a verified read of it would.
+    pub fn prepare(&self, i: usize, verify: bool) -> Result<u64> {
+        let e = self.index.entry(i)?;
+        match self.precheck(i) {
+            Ok(()) => Ok(e.raw),
+            Err(err) if verify => Err(self.get_checked(i).err().unwrap_or(err)),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Whether reading `len` original bytes of a sample takes long enough to be worth
+    /// releasing an interpreter lock around it.
+    pub fn is_long_read(len: u64) -> bool {
+        len >= LONG_READ_BYTES
+    }
+
+    /// Fills `dst`, which must have exactly sample `i`'s original size, with its bytes: copied
+    /// when stored raw, decoded otherwise; with `verify` checked against its CRC32C.
+    pub fn read_sample_into(&self, i: usize, dst: &mut [u8], verify: bool) -> Result<()> {
+        if verify {
+            self.read_into_checked(i, dst)
+        } else {
+            self.read_into(i, dst)
+        }
+    }
+
+    /// Fills `out[k]` with sample `indices[k]` (each buffer of exactly that sample's original
+    /// size, see [`Reader::prepare`]). A batch with much to decode is decoded by up to 8 scoped
+    /// threads; the first error found is returned.
+    pub fn get_many_into(&self, indices: &[usize], out: &mut [&mut [u8]], verify: bool) -> Result<()> {
+        if indices.len() != out.len() {
+            return Err(Error::usage(format!("{} samples but {} buffers", indices.len(), out.len()), "give one buffer per sample"));
+        }
+        let mut work = 0u64;
+        for &i in indices {
+            let e = self.index.entry(i)?;
+            if e.codec != codec::RAW {
+                work = work.saturating_add(e.raw);
+            }
+        }
+        let threads = if work >= PARALLEL_DECODE_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DECODE_THREADS) } else { 1 };
+        if threads <= 1 || indices.len() < 2 {
+            return indices.iter().zip(out.iter_mut()).try_for_each(|(&i, b)| self.read_sample_into(i, b, verify));
+        }
+        let jobs = std::sync::Mutex::new(indices.iter().zip(out.iter_mut()));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let first_err: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+        let run = || loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let Some((&i, buf)) = next else { return };
+            if let Err(e) = self.read_sample_into(i, buf, verify) {
+                first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        std::thread::scope(|sc| {
+            for _ in 1..threads {
+                let _ = std::thread::Builder::new().name("packds-decode".into()).spawn_scoped(sc, run);
+            }
+            run(); // this thread helps too (and does it all if none could be started)
+        });
+        match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The original bytes of many samples (see [`Reader::get_many_into`]).
+    pub fn get_many(&self, indices: &[usize], verify: bool) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(indices.len());
+        for &i in indices {
+            out.push(vec![0u8; self.prepare(i, verify)? as usize]);
+        }
+        let mut bufs: Vec<&mut [u8]> = out.iter_mut().map(|v| v.as_mut_slice()).collect();
+        self.get_many_into(indices, &mut bufs, verify)?;
+        Ok(out)
+    }
+
+    fn check_range(&self, start: usize, stop: usize) -> Result<()> {
+        if start > stop || stop > self.len() {
+            return Err(Error::usage(format!("sample range {start}..{stop} is not within 0..{}", self.len()), "give 0 <= start <= stop <= len(ds)"));
+        }
+        Ok(())
+    }
+
+    /// Where each of samples `[start, stop)` lies in the output of [`Reader::read_range_into`]:
+    /// `stop - start + 1` offsets from 0 (sample `start + k` is `offsets[k]..offsets[k + 1]`),
+    /// after the checks of [`Reader::prepare`].
+    pub fn range_offsets(&self, start: usize, stop: usize, verify: bool) -> Result<Vec<u64>> {
+        self.check_range(start, stop)?;
+        let mut out = Vec::with_capacity(stop - start + 1);
+        let mut at = 0u64;
+        out.push(0);
+        for i in start..stop {
+            at = at
+                .checked_add(self.prepare(i, verify)?)
+                .ok_or_else(|| Error::format(&self.dir, format!("samples {start}..{stop} add up to more than 2^64 bytes")))?;
+            out.push(at);
+        }
+        Ok(out)
+    }
+
+    /// Reads samples `[start, stop)` back to back into `dst` (laid out as
+    /// [`Reader::range_offsets`] says; `dst` may be longer). Samples stored raw and in order in
+    /// one shard (the usual case: a block of a packed dataset) are read as one byte span: with
+    /// one `pread` from a shard that cannot be mapped, or copied from the mapping after asking
+    /// the kernel to read the span ahead (SIGBUS-guarded either way). Others are decoded (and
+    /// checked with `verify`) one by one, by several threads for a large compressed range.
+    pub fn read_range_into(&self, start: usize, stop: usize, dst: &mut [u8], verify: bool) -> Result<()> {
+        self.check_range(start, stop)?;
+        if start == stop {
+            return Ok(());
+        }
+        let mut entries = Vec::with_capacity(stop - start);
+        let mut total = 0u64;
+        for i in start..stop {
+            let e = self.index.entry(i)?;
+            total = total.saturating_add(e.raw);
+            entries.push(e);
+        }
+        if (dst.len() as u64) < total {
+            return Err(Error::usage(format!("the buffer holds {} bytes, samples {start}..{stop} need {total}", dst.len()), "give a larger buffer"));
+        }
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(entries.len());
+        let mut rest = &mut dst[..total as usize];
+        for e in &entries {
+            let (a, b) = rest.split_at_mut(e.raw as usize);
+            bufs.push(a);
+            rest = b;
+        }
+        let first = entries[0];
+        let contiguous = !verify
+            && entries.iter().all(|e| e.codec == codec::RAW && e.raw == e.size && e.shard == first.shard)
+            && entries.windows(2).all(|w| w[1].offset >= w[0].offset + w[0].size);
+        let last = entries[entries.len() - 1];
+        let span = (last.offset + last.size).saturating_sub(first.offset);
+        if contiguous && span <= total.saturating_mul(2).saturating_add(SPAN_SLACK) {
+            match &self.maps[first.shard as usize] {
+                ShardData::Unmapped(_) => {
+                    // One read of the whole span (headers between samples included), then
+                    // each sample copied out of it.
+                    let all = self.bytes(first.shard, first.offset, span)?;
+                    for (e, b) in entries.iter().zip(bufs.iter_mut()) {
+                        let a = (e.offset - first.offset) as usize;
+                        b.copy_from_slice(&all[a..a + e.size as usize]);
+                    }
+                    return Ok(());
+                }
+                ShardData::Mapped(m) => {
+                    // Advisory: the kernel starts reading the span in large requests.
+                    let _ = m.map.advise_range(memmap2::Advice::WillNeed, first.offset as usize, span as usize);
+                }
+                ShardData::Empty => {}
+            }
+        }
+        let indices: Vec<usize> = (start..stop).collect();
+        self.get_many_into(&indices, &mut bufs, verify)
+    }
+
+    /// Samples `[start, stop)` back to back, and their offsets (see [`Reader::read_range_into`]).
+    pub fn read_range(&self, start: usize, stop: usize, verify: bool) -> Result<(Vec<u8>, Vec<u64>)> {
+        let offsets = self.range_offsets(start, stop, verify)?;
+        let mut buf = vec![0u8; offsets[offsets.len() - 1] as usize];
+        self.read_range_into(start, stop, &mut buf, verify)?;
+        Ok((buf, offsets))
+    }
+
+    /// The dataset cut into blocks for sequential reading: `(start, stop)` sample ranges, in
+    /// order, covering every sample once. A block lies in one shard (when the index keeps each
+    /// shard's samples together, as packed datasets do) and spans about `target` stored bytes:
+    /// each shard's samples are cut every `max(1, round(target * samples / span))` samples.
+    pub fn blocks(&self, target: u64) -> Result<Vec<(usize, usize)>> {
+        let n = self.len();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let e0 = self.index.entry(i)?;
+            let (mut lo, mut hi) = (i + 1, n); // end of this shard's run of samples
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if self.index.entry(mid)?.shard == e0.shard {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            let end = lo;
+            let el = self.index.entry(end - 1)?;
+            let span = (el.offset + el.size).saturating_sub(e0.offset).max(1);
+            // As f64 and rounded half to even: the same cut points as before this was in Rust.
+            let per = ((target as f64 * (end - i) as f64) / span as f64).round_ties_even().max(1.0) as usize;
+            let mut s = i;
+            while s < end {
+                let t = s.saturating_add(per).min(end);
+                out.push((s, t));
+                s = t;
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
+    /// `(start, stop)`: the samples whose key starts with `prefix` (keys are sorted byte-wise,
+    /// so they are one run; `start == stop` where there is none). O(log n).
+    pub fn key_range(&self, prefix: &[u8]) -> Result<(usize, usize)> {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.key(mid)? < prefix {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let start = lo;
+        hi = self.len();
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.key(mid)?.starts_with(prefix) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok((start, lo))
+    }
+
+    /// Positions of the keys matching a glob pattern (the syntax of `pack --include`).
+    pub fn glob(&self, pattern: &str) -> Result<Vec<usize>> {
+        let g = globset::Glob::new(pattern)
+            .map_err(|e| Error::usage(format!("bad pattern {pattern:?}: {e}"), "see the glob syntax: * ? [abc] {a,b} **"))?
+            .compile_matcher();
+        let mut out = Vec::new();
+        for i in 0..self.len() {
+            if g.is_match(std::ffi::OsStr::from_bytes(self.key(i)?)) {
+                out.push(i);
+            }
+        }
+        Ok(out)
     }
 
     /// The index entry of sample `i` (bounds-checked).
@@ -566,6 +824,98 @@ mod tests {
     fn reader_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Reader>();
+    }
+
+    /// A packed dataset of `n` samples (keys `cXX/fNNNNN.bin`, sizes 0..6000) and its data.
+    fn packed(d: &Path, n: usize, compress: codec::Compress) -> (Reader, Vec<Vec<u8>>) {
+        let src = d.join("src");
+        let mut want = Vec::new();
+        for i in 0..n {
+            let key = format!("c{:02}/f{i:05}.bin", i % 5);
+            let data: Vec<u8> = (0..(i * 53) % 6000).map(|j| ((i * 7 + j / 3) % 251) as u8).collect();
+            fs::create_dir_all(src.join(&key).parent().unwrap()).unwrap();
+            fs::write(src.join(&key), &data).unwrap();
+            want.push((key, data));
+        }
+        want.sort();
+        let mut o = crate::pack::PackOptions::new(vec![src], d.join("out.pds"));
+        o.shard_size = 64 << 10;
+        o.compress = compress;
+        crate::pack::pack(&o, &crate::pack::Progress::default()).unwrap();
+        (Reader::open(&o.output).unwrap(), want.into_iter().map(|x| x.1).collect())
+    }
+
+    #[test]
+    fn get_many_and_read_range_return_the_samples() {
+        for compress in [codec::Compress::None, codec::Compress::Zstd(3)] {
+            let d = tempfile::tempdir().unwrap();
+            let (r, want) = packed(d.path(), 300, compress);
+            // A large batch (several threads decode it when compressed), then a small one.
+            let all: Vec<usize> = (0..300).rev().chain(0..300).collect();
+            for verify in [false, true] {
+                let got = r.get_many(&all, verify).unwrap();
+                assert!(all.iter().zip(&got).all(|(&i, g)| g == &want[i]));
+                assert_eq!(r.get_many(&[5, 5, 0], verify).unwrap(), vec![want[5].clone(), want[5].clone(), want[0].clone()]);
+            }
+            assert!(r.get_many(&[0, 300], false).is_err());
+            for (a, b) in [(0, 0), (0, 1), (10, 40), (0, 300), (299, 300)] {
+                let (buf, offs) = r.read_range(a, b, false).unwrap();
+                assert_eq!(offs.len(), b - a + 1);
+                assert_eq!(buf, want[a..b].concat(), "{a}..{b}");
+                for (k, i) in (a..b).enumerate() {
+                    assert_eq!(&buf[offs[k] as usize..offs[k + 1] as usize], &want[i][..]);
+                }
+            }
+            assert!(r.read_range(3, 2, false).is_err());
+            assert!(r.read_range(0, 301, false).is_err());
+            let mut small = vec![0u8; 1];
+            assert!(r.read_range_into(10, 40, &mut small, false).is_err());
+        }
+    }
+
+    #[test]
+    fn read_range_through_pread_where_shards_are_not_mapped() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut r, want) = packed(d.path(), 300, codec::Compress::None);
+        // As on a filesystem that cannot map files (FUSE with direct I/O).
+        for (s, info) in r.index.shards().to_vec().iter().enumerate() {
+            r.maps[s] = ShardData::Unmapped(File::open(d.path().join("out.pds").join(&info.name)).unwrap());
+        }
+        for (a, b) in r.blocks(8192).unwrap().into_iter().chain([(0, 300), (7, 8)]) {
+            assert_eq!(r.read_range(a, b, false).unwrap().0, want[a..b].concat(), "{a}..{b}");
+        }
+        assert_eq!(r.get_many(&[3, 2, 1], true).unwrap(), vec![want[3].clone(), want[2].clone(), want[1].clone()]);
+    }
+
+    #[test]
+    fn blocks_cover_every_sample_once_within_shards() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, _) = packed(d.path(), 300, codec::Compress::None);
+        for target in [1, 4096, 1 << 20] {
+            let b = r.blocks(target).unwrap();
+            assert_eq!(b.first().unwrap().0, 0);
+            assert_eq!(b.last().unwrap().1, 300);
+            assert!(b.windows(2).all(|w| w[0].1 == w[1].0 && w[0].0 < w[0].1));
+            for &(s, t) in &b {
+                assert_eq!(r.entry(s).unwrap().shard, r.entry(t - 1).unwrap().shard);
+            }
+            if target == 1 {
+                assert_eq!(b.len(), 300);
+            }
+        }
+    }
+
+    #[test]
+    fn key_range_finds_a_prefix_run() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, _) = packed(d.path(), 300, codec::Compress::None);
+        let (a, b) = r.key_range(b"c02/").unwrap();
+        assert_eq!(b - a, 60);
+        assert!((a..b).all(|i| r.key(i).unwrap().starts_with(b"c02/")));
+        assert_eq!(r.key_range(b"").unwrap(), (0, 300));
+        let (a, b) = r.key_range(b"c02/x").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(r.key_range(b"zzz").unwrap(), (300, 300));
     }
 
     #[test]

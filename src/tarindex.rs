@@ -494,13 +494,44 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
     Ok(out)
 }
 
-/// How the dataset refers to the tars.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the dataset refers to the tars (`--link`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Link {
     /// `shard-NNNNN.tar` → the tar's absolute path.
+    #[default]
     Symlink,
     /// A hard link (same filesystem only): the dataset survives moving or deleting the tars.
     Hard,
+}
+
+impl Link {
+    pub const ACCEPTED: &'static str = "symlink, hard";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Symlink => "symlink",
+            Link::Hard => "hard",
+        }
+    }
+}
+
+impl std::str::FromStr for Link {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Link> {
+        match s {
+            "symlink" => Ok(Link::Symlink),
+            "hard" => Ok(Link::Hard),
+            _ => Err(Error::bad_choice("--link", s, "known", Self::ACCEPTED)),
+        }
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -97,10 +97,44 @@ pub struct Skipped {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `--on-error`: what a file that cannot be read does to the pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnError {
+    /// Stop with the error (the default).
+    #[default]
     Fail,
+    /// Leave the file out and list it with the reason.
     Skip,
+}
+
+impl OnError {
+    pub const ACCEPTED: &'static str = "fail, skip";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::Fail => "fail",
+            OnError::Skip => "skip",
+        }
+    }
+}
+
+impl std::str::FromStr for OnError {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<OnError> {
+        match s {
+            "fail" => Ok(OnError::Fail),
+            "skip" => Ok(OnError::Skip),
+            _ => Err(crate::Error::bad_choice("--on-error", s, "known", Self::ACCEPTED)),
+        }
+    }
+}
+
+impl std::fmt::Display for OnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 pub struct WalkOptions {

@@ -370,3 +370,140 @@ def test_exception_in_progress_cancels_the_pack(odd_tree, work):
         s = packds.pack(odd_tree.root, out, shard_size=64 << 10, threads=1, resume=True)
         assert s["files"] == len(odd_tree.keys)
         assert len(packds.open(out)) == len(odd_tree.keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block reads: read_range, blocks, key_range
+
+
+@pytest.fixture(scope="module")
+def text_tree(tmp_path_factory):
+    """Compressible samples (a few larger than 64 KiB, some empty) in a few directories."""
+    import random
+
+    rng = random.Random(7)
+    root = str(tmp_path_factory.mktemp("text-src"))
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"packds", b"shard", b"\n", b"{}", b"0123"]
+    for i in range(240):
+        n = rng.choice([0, 50, 900, 3000, 9000]) if i % 40 else 90_000
+        h.write(root, f"d{i % 4}/s{i:04}.txt", b" ".join(rng.choice(words) for _ in range(n // 5)))
+    return root
+
+
+@pytest.fixture(scope="module", params=["tar", "zstd", "h5"])
+def any_ds(request, text_tree, tmp_path_factory):
+    """One tree packed as raw tar, zstd-compressed tar (with a dictionary), and HDF5."""
+    if request.param == "h5":
+        pytest.importorskip("h5py")
+    out = os.path.join(tmp_path_factory.mktemp("rr"), request.param + ".pds")
+    opts = {"compress": "zstd:3", "zstd_dict": 4096} if request.param == "zstd" else {"format": request.param}
+    packds.pack(text_tree, out, shard_size=64 << 10, **opts)
+    ds = packds.open(out)
+    if request.param == "zstd":
+        assert ds.format_version == 2 and any(ds._codec(i) for i in range(len(ds)))
+    return ds
+
+
+def _reference_blocks(ds, block_size: int) -> list:
+    """The block starts StreamingDataset computed in Python before ``Dataset.blocks`` existed
+    (bisecting over each sample's shard): the Rust version must cut at the same places, so a
+    seed gives the same order as before."""
+    n, out, i = len(ds), [], 0
+    while i < n:
+        shard, off0, _ = ds.locate(i)
+        lo, hi = i + 1, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ds.locate(mid)[0] == shard:
+                lo = mid + 1
+            else:
+                hi = mid
+        end = lo
+        _, off1, size1 = ds.locate(end - 1)
+        per = max(1, round(block_size * (end - i) / max(1, off1 + size1 - off0)))
+        out.extend(range(i, end, per))
+        i = end
+    return out
+
+
+def test_read_range_equals_the_samples(any_ds):
+    ds = any_ds
+    n = len(ds)
+    want = [ds[i] for i in range(n)]
+    buf = bytearray(3)  # too small: grown
+    for a, b in [(0, 0), (0, 1), (5, 37), (n - 1, n), (0, n), (n, n)]:
+        got, offsets = ds.read_range(a, b)
+        assert isinstance(got, bytearray) and len(offsets) == b - a + 1 and offsets[0] == 0
+        assert bytes(got) == b"".join(want[a:b])
+        assert [bytes(got[offsets[k] : offsets[k + 1]]) for k in range(b - a)] == want[a:b]
+        again, offs2 = ds.read_range(a, b, out=buf)
+        assert again is buf and offs2 == offsets
+        assert bytes(buf[: offsets[-1]]) == b"".join(want[a:b])
+    big = len(buf)
+    ds.read_range(0, 1, out=buf)
+    assert len(buf) == big  # never shrunk
+    for a, b in [(-1, 3), (0, n + 1), (n + 1, n + 2)]:
+        with pytest.raises(IndexError):
+            ds.read_range(a, b)
+    with pytest.raises(ValueError):
+        ds.read_range(5, 4)
+    with pytest.raises(TypeError):
+        ds.read_range(0, 1, out=b"immutable")
+
+
+def test_read_range_with_verify(small_ds_pristine):
+    ds, plain = packds.open(small_ds_pristine, verify=True), packds.open(small_ds_pristine)
+    got, offsets = ds.read_range(0, len(ds))
+    assert bytes(got) == b"".join(plain[i] for i in range(len(plain)))
+
+
+def test_read_range_buffer_in_use_is_not_resized(ds):
+    buf = bytearray(1)
+    with memoryview(buf):
+        with pytest.raises(BufferError):
+            ds.read_range(0, 10, out=buf)
+
+
+def test_blocks_cover_every_sample_once(any_ds):
+    ds = any_ds
+    n = len(ds)
+    for target in (1, 4096, 64 << 10, 4 << 20):
+        blocks = ds.blocks(target)
+        assert [i for a, b in blocks for i in range(a, b)] == list(range(n))
+        assert all(a < b for a, b in blocks)
+        for a, b in blocks:
+            assert ds.locate(a)[0] == ds.locate(b - 1)[0]  # one shard each
+        assert [a for a, _ in blocks] == _reference_blocks(ds, target)
+    assert len(ds.blocks(1)) == n
+
+
+def test_key_range(ds, small_tree):
+    keys = small_tree.keys
+    for prefix in (b"c00/", b"sub/", b"", b"zz", b"\xff"):
+        a, b = ds.key_range(prefix)
+        assert list(range(a, b)) == [i for i, k in enumerate(keys) if k.startswith(prefix)]
+    assert ds.key_range("c00/") == ds.key_range(b"c00/")
+    a, b = ds.key_range("no-such-prefix/")
+    assert a == b
+    with pytest.raises(TypeError):
+        ds.key_range(3)
+
+
+@pytest.mark.parametrize(
+    "option, value, accepted",
+    [("on_error", "warn", "fail, skip"), ("format", "zip", "tar, h5"), ("compress", "gzip", "none, zstd")],
+)
+def test_bad_option_strings_name_the_accepted_values(small_tree, work, option, value, accepted):
+    out = os.path.join(work, "x.pds")
+    for call in (packds.pack, packds.plan):
+        with pytest.raises(UsageError, match=f"{value}.*{accepted}") as ei:
+            call(small_tree.root, out, **{option: value})
+        assert isinstance(ei.value, ValueError)
+        assert option.replace("_", "-") in str(ei.value)
+    assert not os.path.exists(out)
+
+
+def test_bad_link_mode_names_the_accepted_values(small_ds_pristine, work):
+    tar = os.path.join(small_ds_pristine, "shard-00000.tar")
+    with pytest.raises(UsageError, match="--link.*soft.*symlink, hard"):
+        packds.index_tars([tar], os.path.join(work, "i.pds"), link="soft")

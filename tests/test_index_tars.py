@@ -322,7 +322,7 @@ def test_unordered_index_format_on_disk(work, wds_shards):
     # Samples of different shards interleave in key order; data offsets are not monotonic.
     ds = packds.open(out)
     assert packds.open(out).manifest["format_version"] == 2
-    assert len({ds._loc(i)[0] for i in range(len(ds))}) == 3
+    assert len({ds.locate(i)[0] for i in range(len(ds))}) == 3
     # Two entries made to overlap pass their access checks but fail verify.
     b = bytearray(ix)
     e0 = h.entry(b, 0)

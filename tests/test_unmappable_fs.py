@@ -76,6 +76,9 @@ def test_reads_through_a_filesystem_that_cannot_map(fuse_mirror, work, compress)
     assert [bytes(ds.view(i)) for i in range(0, len(ds), 7)] == want[::7]
     assert [ds.raw(i) for i in range(len(ds))] == [ref.raw(i) for i in range(len(ref))]
     assert packds.open(ds_path, verify=True)[5] == want[5]
+    buf, offsets = ds.read_range(10, 60, out=bytearray())  # one pread for the block
+    assert [bytes(buf[offsets[k] : offsets[k + 1]]) for k in range(50)] == want[10:60]
+    assert [(a, b) for a, b in ds.blocks(8192)] == [(a, b) for a, b in ref.blocks(8192)]
     assert ds.verify(deep=True)["problems"] == []
     dest = os.path.join(work, "out")
     assert ds.unpack(dest) == len(want)

@@ -89,7 +89,10 @@ class Dataset(_core.Reader):
 
     Methods implemented in Rust (see ``_core.pyi``): ``key(i)``, ``key_bytes(i)``,
     ``index(key)``, ``find_key(key)``, ``size(i)``, ``get_many(indices)``, ``get_checked(i)``,
-    ``locate(i)``, ``glob(pattern)``, ``verify()``, ``unpack(dest)``.
+    ``read_range(start, stop, out=None)`` (samples ``[start, stop)`` back to back in one
+    buffer, with their offsets), ``blocks(target_bytes)`` (shard-contiguous ``(start, stop)``
+    ranges for sequential reading), ``key_range(prefix)``, ``locate(i)``, ``glob(pattern)``,
+    ``verify()``, ``unpack(dest)``.
 
     A Dataset is immutable: share it between threads freely; forked DataLoader workers inherit
     its mappings; pickling it (spawn workers) re-opens it by path.
@@ -97,7 +100,7 @@ class Dataset(_core.Reader):
 
     def __init__(self, path, *, populate: bool = False, verify: bool = False) -> None:
         self._populate = populate
-        self._maps: dict[int, mmap.mmap] = {}
+        self._maps: dict[str, mmap.mmap] = {}
         self._maps_lock = threading.Lock()
 
     def get(self, key, default=None):
@@ -120,20 +123,20 @@ class Dataset(_core.Reader):
         """
         if self.verifies or self._codec(i):
             return memoryview(self[i])
-        shard, offset, size = self._loc(i)
-        m = self._maps.get(shard)
+        path, offset, size = self.locate(i)
+        m = self._maps.get(path)
         if m is None:
             with self._maps_lock:
-                m = self._maps.get(shard)
+                m = self._maps.get(path)
                 if m is None:
                     try:
-                        with builtins.open(self._shard_path(shard), "rb") as f:
+                        with builtins.open(path, "rb") as f:
                             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                     except OSError:
                         # A filesystem that cannot map files (FUSE with direct I/O): the reader
                         # uses pread there, and a view is of a copy.
                         return memoryview(self[i])
-                    self._maps[shard] = m
+                    self._maps[path] = m
         return memoryview(m)[offset : offset + size]
 
     @property
@@ -200,14 +203,31 @@ def pack(sources, output, **options) -> dict:
     ``progress`` (a callable ``(phase, files_done, files_total, bytes_done)``).
     Returns a summary dict (files, bytes, shards, seconds, skipped, ...).
     """
-    if isinstance(sources, (str, bytes, os.PathLike)):
-        sources = [sources]
-    srcs = [os.fsdecode(s) for s in sources]
+    srcs = _sources(sources)
     part = options.get("part")
     if isinstance(part, str):
         options["part"] = _parse_part(part)
     if options.get("plan") is not None:
         options["plan"] = os.fsdecode(options["plan"])
+    _shared_options(options)
+    # HDF5 shards are written through h5py (imported only when a shard is written; a plan may
+    # name the format, so the writer is always at hand).
+    from ._h5 import write_shard
+
+    options.setdefault("h5_writer", write_shard)
+    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer")}
+    options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
+    return _core.pack(srcs, os.fsdecode(output), **options)
+
+
+def _sources(sources) -> list[str]:
+    if isinstance(sources, (str, bytes, os.PathLike)):
+        sources = [sources]
+    return [os.fsdecode(s) for s in sources]
+
+
+def _shared_options(options: dict) -> None:
+    """What `pack` and `plan` do the same to their options (in place)."""
     if options.get("zstd_dict") is True:
         options["zstd_dict"] = DEFAULT_ZSTD_DICT_SIZE
     elif options.get("zstd_dict") in (False, None):
@@ -219,14 +239,6 @@ def pack(sources, output, **options) -> dict:
             e = UsageError("--format h5 writes HDF5 shards through h5py, which is not installed")
             e.hint = "pip install 'packds[h5]' (or pip install h5py)"
             raise e from None
-    # HDF5 shards are written through h5py (imported only when a shard is written; a plan may
-    # name the format, so the writer is always at hand).
-    from ._h5 import write_shard
-
-    options.setdefault("h5_writer", write_shard)
-    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer", "make_plan")}
-    options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
-    return _core.pack(srcs, os.fsdecode(output), **options)
 
 
 def _parse_part(text: str) -> tuple[int, int]:
@@ -244,9 +256,10 @@ def plan(sources, output, **options) -> dict:
     list and the shard boundaries for ``pack(..., plan=output, part=(i, n))`` in each task of a
     job array (options as for :func:`pack`; the plan fixes them for every part). Returns
     {files, shards, bytes, plan_bytes, skipped}."""
-    options.pop("part", None)
-    options["make_plan"] = True
-    return pack(sources, output, **options)
+    for k in ("part", "plan", "force", "resume", "options_json", "h5_writer"):
+        options.pop(k, None)
+    _shared_options(options)
+    return _core.plan(_sources(sources), os.fsdecode(output), **options)
 
 
 def merge(output) -> dict:

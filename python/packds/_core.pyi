@@ -1,11 +1,35 @@
 """Type stubs for the Rust extension `packds._core`."""
 
 from os import PathLike
-from typing import Any, Callable, final
+from typing import Any, Callable, Sequence, final
+
+from typing_extensions import disjoint_base
+
+__all__ = [
+    "merge",
+    "pack",
+    "plan",
+    "preload",
+    "stage_dataset",
+    "stage_file",
+    "StageProgress",
+    "dataset_kind",
+    "dataset_files",
+    "is_staged_at",
+    "is_intact_with_options",
+    "remove_stale_copy",
+    "tree_fingerprint",
+    "index_tars",
+    "Groups",
+    "Reader",
+    "__version__",
+    "INDEX_FORMAT_VERSION",
+]
 
 __version__: str
 INDEX_FORMAT_VERSION: int
 
+@disjoint_base
 class Reader:
     """An opened dataset (use `packds.open`). Immutable; safe across threads and fork."""
 
@@ -19,13 +43,26 @@ class Reader:
     def format_version(self) -> int:
         """Index format version: 1 (all samples raw) or 2 (codec section, compression)."""
     def __len__(self) -> int: ...
-    def __getitem__(self, idx: int | str | bytes) -> bytes:
+    def __getitem__(self, idx: int | str | bytes, /) -> bytes:
         """Sample bytes (decompressed) by position (negative counts from the end) or key. GIL
         held for raw samples (a warm 8 KiB copy is faster than releasing and retaking it) and
         released to decode 64 KiB or more."""
-    def get_many(self, indices: list[int]) -> list[bytes]:
+    def get_many(self, indices: Sequence[int]) -> list[bytes]:
         """Bytes of many samples in one call; GIL released while the bytes are copied and
         decoded (several threads for a large compressed batch)."""
+    def read_range(self, start: int, stop: int, out: bytearray | None = None) -> tuple[bytearray, list[int]]:
+        """Samples ``[start, stop)`` back to back in one buffer: ``(buffer, offsets)``, sample
+        ``start + k`` being ``buffer[offsets[k]:offsets[k + 1]]``. Samples stored raw in one
+        shard are read as one byte span (one ``pread`` where the shard cannot be mapped);
+        compressed ones are decoded. ``out``: a bytearray to fill and return (grown when too
+        small, never shrunk); else a new one. GIL released. IndexError outside ``0..len``,
+        ValueError when ``start > stop``."""
+    def blocks(self, target_bytes: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` ranges covering every sample once, in order, each inside one shard
+        and spanning about ``target_bytes`` stored bytes (for sequential reading)."""
+    def key_range(self, prefix: str | bytes) -> tuple[int, int]:
+        """``(start, stop)``: positions of the keys starting with ``prefix`` (one run; keys are
+        sorted byte-wise). O(log n)."""
     def get_checked(self, i: int) -> bytes:
         """Sample bytes after checking their CRC32C; raises ChecksumError."""
     def raw(self, i: int) -> bytes:
@@ -33,14 +70,13 @@ class Reader:
     def stored_size(self, i: int) -> int: ...
     def zstd_dict(self) -> bytes | None: ...
     def _codec(self, i: int) -> int: ...
-    def _loc(self, i: int) -> tuple[int, int, int]: ...
-    def _shard_path(self, s: int) -> str: ...
     def key(self, i: int) -> str: ...
     def key_bytes(self, i: int) -> bytes: ...
     def index(self, key: str | bytes) -> int: ...
     def find_key(self, key: str | bytes) -> int | None: ...
     def size(self, i: int) -> int: ...
-    def locate(self, i: int) -> tuple[str, int, int]: ...
+    def locate(self, i: int) -> tuple[str, int, int]:
+        """(shard path, byte offset, stored size) of sample ``i``."""
     def glob(self, pattern: str) -> list[int]: ...
     def manifest_json(self) -> str: ...
     def verify(self, threads: int = 4, deep: bool = False) -> dict[str, Any]: ...
@@ -66,8 +102,24 @@ def pack(
     h5_writer: Callable[..., int] | None = None,
     part: tuple[int, int] | None = None,
     plan: str | None = None,
-    make_plan: bool = False,
 ) -> dict[str, Any]: ...
+def plan(
+    sources: list[str],
+    output: str,
+    *,
+    shard_size: int = ...,
+    threads: int = 0,
+    follow_symlinks: bool = False,
+    include: list[str] = ...,
+    exclude: list[str] = ...,
+    on_error: str = "fail",
+    compress: str = "none",
+    zstd_dict: int = 0,
+    format: str = "tar",
+    progress: Callable[[int, int, int, int], object] | None = None,
+) -> dict[str, Any]:
+    """Writes the plan file ``output`` (file list and shard boundaries) for ``pack(..., plan=,
+    part=)``; returns {files, shards, bytes, plan_bytes, skipped}."""
 
 def merge(output: str) -> dict[str, Any]: ...
 def index_tars(
@@ -80,6 +132,7 @@ def index_tars(
     threads: int = 0,
 ) -> dict[str, Any]: ...
 
+@final
 class Groups:
     """WebDataset-style samples of an indexed dataset: runs of members sharing a basename."""
 
@@ -114,7 +167,10 @@ def stage_dataset(
     jobs: int = 4,
     durable: bool = True,
     progress: StageProgress | None = None,
-) -> dict[str, Any]: ...
+) -> dict[str, Any]:
+    """Copies the dataset ``src`` to ``dest`` via ``tmp``, checking every file's XXH3-128
+    against the manifest in the same pass; GIL released. Returns {path, bytes, files, seconds}."""
+
 def stage_file(
     src: str | PathLike[str],
     dest: str | PathLike[str],
@@ -122,8 +178,11 @@ def stage_file(
     *,
     durable: bool = True,
     progress: StageProgress | None = None,
-) -> dict[str, Any]: ...
-def preload(files: list[str], *, jobs: int = 4, progress: StageProgress | None = None) -> int: ...
+) -> dict[str, Any]:
+    """Copies the single file ``src`` to ``dest`` via ``tmp``; GIL released."""
+
+def preload(files: Sequence[str | PathLike[str]], *, jobs: int = 4, progress: StageProgress | None = None) -> int:
+    """Reads ``files`` into the page cache (GIL released); returns the bytes read."""
 def dataset_kind(path: str | PathLike[str]) -> str:
     """"dataset", "parts" (not merged yet), "interrupted" (a pack), "none" or "missing"."""
 def dataset_files(path: str | PathLike[str]) -> tuple[list[tuple[str, int]], int]:

@@ -4,9 +4,9 @@
   ``ds[i]`` is ``transform(bytes)`` or ``(transform(bytes), label)``; ``__getitems__`` reads a
   whole batch with one ``get_many`` call (torch >= 2.1 DataLoaders use it).
 * :class:`StreamingDataset` — iterable, for data left on shared storage: reads contiguous
-  blocks of samples (MiB-sized ``pread`` calls), shuffles block order per epoch plus a sample
-  buffer, splits the epoch over distributed ranks and DataLoader workers with no duplicate and
-  no gap, and resumes mid-epoch from ``state_dict()``.
+  blocks of samples (one MiB-sized ``Dataset.read_range`` each), shuffles block order per
+  epoch plus a sample buffer, splits the epoch over distributed ranks and DataLoader workers
+  with no duplicate and no gap, and resumes mid-epoch from ``state_dict()``.
 * :class:`StreamingLoader` — a ``torch.utils.data.DataLoader`` that counts the batches it hands
   out, so ``loader.state_dict()`` works with any number of workers.
 
@@ -19,7 +19,6 @@ if it is installed, and the classes work as plain Python classes without it.
 from __future__ import annotations
 
 import bisect
-import collections
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.sharedctypes
@@ -58,8 +57,8 @@ class _Labels:
     """Label of sample ``i`` without a per-sample list.
 
     ``"parent"``: ImageFolder-style, the class is the key's first directory component. Keys are
-    sorted byte-wise, so all keys of one class form one contiguous run: the runs are found by
-    binary search (O(classes · log n) key reads) and a label is a bisect over the run starts.
+    sorted byte-wise, so all keys of one class form one contiguous run: the reader finds each
+    run (``ds.key_range(prefix)``, O(log n)) and a label is a bisect over the run starts.
     A callable gets the key (``str``) and returns the label, computed on the fly. Anything else
     with ``__getitem__`` (a numpy array, ...) is indexed by sample position.
     """
@@ -96,17 +95,10 @@ class _Labels:
             cut = k.find(b"/")
             if cut <= 0:
                 raise ValueError(f"target='parent' needs keys like CLASS/NAME; sample {i} has key {os.fsdecode(k)!r}")
-            prefix = k[: cut + 1]
-            lo, hi = i + 1, n  # first position past the run of keys starting with prefix
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if ds.key_bytes(mid).startswith(prefix):
-                    lo = mid + 1
-                else:
-                    hi = mid
+            _, stop = ds.key_range(k[: cut + 1])  # the run of keys in this class
             self.starts.append(i)
             names.append(k[:cut])
-            i = lo
+            i = stop
         decoded = [os.fsdecode(x) for x in names]
         self.classes = sorted(set(decoded))
         self.class_to_idx = {c: j for j, c in enumerate(self.classes)}
@@ -230,17 +222,6 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fills ``view`` from ``fd`` at ``offset``: one ``preadv`` (looped only on a short read).
-    Every data read of the streaming dataset goes through here (tests count them)."""
-    got = os.preadv(fd, [view], offset)
-    while got < len(view):
-        more = os.preadv(fd, [view[got:]], offset + got)
-        if more <= 0:
-            raise OSError(f"short read: {got} of {len(view)} bytes at offset {offset}")
-        got += more
-
-
 class _Reader:
     """Reads blocks for one iteration: one reusable buffer, and a background thread that reads
     up to ``ahead`` blocks ahead while the samples of the current one are handed out."""
@@ -332,7 +313,7 @@ class StreamingDataset(_IterBase):
     The samples of each shard are cut into blocks of about ``block_size`` bytes (contiguous in
     the shard). Each epoch the block order is shuffled (``seed`` + epoch), the resulting sample
     stream is cut into one contiguous piece per rank, each piece into one per DataLoader worker,
-    and each worker reads its blocks with one ``preadv`` each into a reusable buffer (a thread
+    and each worker reads its blocks with one ``read_range`` each into a reusable buffer (a thread
     reads ``read_ahead`` blocks ahead), passing samples through a shuffle buffer of
     ``shuffle_buffer`` samples. Every sample comes out exactly once per epoch.
 
@@ -390,10 +371,6 @@ class StreamingDataset(_IterBase):
         # Shared memory, so persistent DataLoader workers see set_epoch / load_state_dict.
         self._shared = multiprocessing.sharedctypes.RawArray("q", [0, -1, 0, 1, 0, 0])
         self._yielded = 0  # samples handed out by iteration in this process (num_workers=0)
-        self._raw: Optional[bool] = None  # shard bytes slice straight into samples
-        self._raw_checked = False
-        self._fds: collections.OrderedDict = collections.OrderedDict()
-        self._fds_pid = os.getpid()
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -423,7 +400,6 @@ class StreamingDataset(_IterBase):
         st = dict(self.__dict__)
         st["_ds"] = None
         st["_blocks"] = None  # derived from the index: recomputed on first use
-        st["_fds"] = collections.OrderedDict()
         st["_rank_world"] = self.rank_world()  # resolved here, where torch.distributed lives
         if multiprocessing.context.get_spawning_popen() is None:
             st["_shared"] = list(self._shared)  # a plain pickle: a snapshot
@@ -432,31 +408,7 @@ class StreamingDataset(_IterBase):
     def __setstate__(self, st: dict) -> None:
         if isinstance(st["_shared"], list):
             st["_shared"] = multiprocessing.sharedctypes.RawArray("q", st["_shared"])
-        st["_fds_pid"] = os.getpid()
         self.__dict__.update(st)
-
-    def _fd(self, shard: int) -> int:
-        if self._fds_pid != os.getpid():  # forked: descriptors are shared with the parent, fine
-            self._fds = collections.OrderedDict()  # for pread, but keep each process its own
-            self._fds_pid = os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = os.open(self.dataset._shard_path(shard), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self._fds[shard] = fd
-            if len(self._fds) > 8:
-                os.close(self._fds.popitem(last=False)[1])
-        else:
-            self._fds.move_to_end(shard)
-        return fd
-
-    def __del__(self) -> None:
-        try:
-            if self._fds_pid == os.getpid():
-                for fd in self._fds.values():
-                    os.close(fd)
-                self._fds.clear()
-        except Exception:  # noqa: BLE001
-            pass
 
     # --- layout ----------------------------------------------------------------------------
 
@@ -467,22 +419,7 @@ class StreamingDataset(_IterBase):
             return self._blocks
         ds = self.dataset
         n = len(ds)
-        out = array("q")
-        i = 0
-        while i < n:
-            shard, off0, _ = ds._loc(i)
-            lo, hi = i + 1, n  # end of this shard's run of samples
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if ds._loc(mid)[0] == shard:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            end = lo
-            _, off1, size1 = ds._loc(end - 1)
-            per = max(1, round(self.block_size * (end - i) / max(1, off1 + size1 - off0)))
-            out.extend(range(i, end, per))
-            i = end
+        out = array("q", (a for a, _ in ds.blocks(self.block_size)))
         out.append(n)
         self._blocks = out
         return out
@@ -536,31 +473,13 @@ class StreamingDataset(_IterBase):
         return out
 
     def _read(self, a: int, b: int, reader: "_Reader") -> list:
-        """Samples a..b-1 (contiguous, one shard) with one read of their byte range into the
-        reader's reusable buffer.
-
-        Stored raw (the usual case), the samples are copied out of that buffer. Compressed (or
-        opened with ``verify=True``), the read only pulls the range into the page cache and
-        ``get_many`` decodes (and checks) from there."""
-        ds = self.dataset
-        shard, off0, _ = ds._loc(a)
-        locs = [ds._loc(i) for i in range(a, b)]
-        n = locs[-1][1] + locs[-1][2] - off0
-        if len(reader.buf) < n:
-            reader.buf = bytearray(max(n, len(reader.buf) * 3 // 2))
-        view = memoryview(reader.buf)
-        _pread_into(self._fd(shard), view[:n], off0)
-        if self._raw is None:
-            self._raw = not self.verify and ds.manifest.get("compression") is None
-        if self._raw:
-            out = [bytes(view[o - off0 : o - off0 + s]) for _, o, s in locs]
-            if not self._raw_checked:  # once per process: the shard bytes are the samples
-                self._raw_checked = True
-                if out[0] != ds[a] or out[-1] != ds[b - 1]:
-                    self._raw = False
-                    return ds.get_many(list(range(a, b)))
-            return out
-        return ds.get_many(list(range(a, b)))
+        """Samples a..b-1 (contiguous, one shard) with one ``read_range`` into the reader's
+        reusable buffer: one read of their byte range (through the mapping, or one ``pread``
+        where the shard cannot be mapped; decoded and checked by the reader as needed)."""
+        buf, offsets = self.dataset.read_range(a, b, out=reader.buf)
+        reader.buf = buf
+        with memoryview(buf) as view:
+            return [bytes(view[offsets[k] : offsets[k + 1]]) for k in range(b - a)]
 
     # --- epochs and state ----------------------------------------------------------------
 

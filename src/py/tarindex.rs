@@ -12,21 +12,17 @@ use std::path::PathBuf;
 /// Indexes existing tar files in place into the dataset directory `output`; returns a summary
 /// dict (output, tars, samples, bytes, groups, skipped [(member, reason)], warnings, seconds).
 #[pyfunction]
-#[pyo3(signature = (tars, output, *, group_by_basename=false, force=false, link="symlink", threads=0))]
+#[pyo3(signature = (tars, output, *, group_by_basename=false, force=false, link=Link::Symlink, threads=0),
+    text_signature = "(tars, output, *, group_by_basename=False, force=False, link='symlink', threads=0)")]
 pub fn index_tars<'py>(
     py: Python<'py>,
     tars: Vec<PathBuf>,
     output: PathBuf,
     group_by_basename: bool,
     force: bool,
-    link: &str,
+    link: Link,
     threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let link = match link {
-        "symlink" => Link::Symlink,
-        "hard" => Link::Hard,
-        other => return Err(to_py(crate::Error::usage(format!("--link {other:?} is not known"), "use symlink or hard"))),
-    };
     let opts = IndexTarsOptions { tars, output, group_by_basename, force, link, threads };
     let s = super::run_cancellable(py, None, move |progress| core::index_tars(&opts, &progress.cancel))?;
     let d = PyDict::new(py);

@@ -1,0 +1,315 @@
+//! `Reader`: the binding of `crate::read::Reader`. Each method converts its arguments, calls
+//! the core (with the GIL released where it touches the disk or decodes much), and converts
+//! the result.
+
+use super::errors::to_py;
+use crate::read::{OpenOptionsPds, Reader};
+use pyo3::exceptions::{PyIndexError, PyKeyError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString};
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// An opened dataset (use `packds.open`). Immutable and safe to share between threads; after a
+/// fork the child keeps using the same mappings.
+#[pyclass(frozen, subclass, name = "Reader", module = "packds._core")]
+pub struct PyReader {
+    pub(crate) inner: Arc<Reader>,
+    pub(crate) path: PathBuf,
+    /// `open(..., verify=True)`: every read checks the sample's CRC32C.
+    check: bool,
+}
+
+/// A key given as str (encoded like os.fsencode) or bytes.
+fn key_arg<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
+    if let Ok(s) = key.cast::<PyString>() {
+        return Ok(match s.to_cow() {
+            Ok(c) => Cow::Owned(c.into_owned().into_bytes()),
+            Err(_) => Cow::Owned(s.call_method1("encode", ("utf-8", "surrogateescape"))?.extract::<Vec<u8>>()?),
+        });
+    }
+    if let Ok(b) = key.cast::<PyBytes>() {
+        return Ok(Cow::Borrowed(b.as_bytes()));
+    }
+    Err(PyTypeError::new_err("a key is a str (or bytes)"))
+}
+
+/// A new bytes object of `len` zero bytes and its buffer, to be filled before Python sees it.
+fn new_bytes<'py>(py: Python<'py>, len: u64) -> PyResult<(Bound<'py, PyBytes>, &'py mut [u8])> {
+    let len = usize::try_from(len).map_err(|_| PyValueError::new_err("sample too large for this platform"))?;
+    // SAFETY: a new bytes object with uninitialised contents; zeroed here, and only written
+    // through the returned slice while the caller holds the only reference (in `objs`).
+    unsafe {
+        let p = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as pyo3::ffi::Py_ssize_t);
+        let obj = Bound::from_owned_ptr_or_err(py, p)?.cast_into_unchecked::<PyBytes>();
+        let buf = pyo3::ffi::PyBytes_AsString(obj.as_ptr()) as *mut u8;
+        std::ptr::write_bytes(buf, 0, len);
+        Ok((obj, std::slice::from_raw_parts_mut(buf, len)))
+    }
+}
+
+impl PyReader {
+    fn norm(&self, i: isize) -> PyResult<usize> {
+        let n = self.inner.len() as isize;
+        let j = if i < 0 { i + n } else { i };
+        if j < 0 || j >= n {
+            return Err(PyIndexError::new_err(format!("sample index {i} out of range ({n} samples)")));
+        }
+        Ok(j as usize)
+    }
+
+    fn key_of<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
+        let k = self.inner.key(i).map_err(to_py)?;
+        match std::str::from_utf8(k) {
+            Ok(s) => Ok(PyString::new(py, s).into_any()),
+            // Like os.fsdecode: undecodable bytes become lone surrogates and round-trip.
+            Err(_) => PyBytes::new(py, k).call_method1("decode", ("utf-8", "surrogateescape")),
+        }
+    }
+
+    fn find(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+        self.inner.find(&key_arg(key)?).map_err(to_py)
+    }
+
+    pub(crate) fn sample<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let r = &*self.inner;
+        let e = r.entry(i).map_err(to_py)?;
+        if e.codec == crate::codec::RAW && !self.check {
+            // One copy straight from the mapping.
+            let b = PyBytes::new(py, &r.stored(&e).map_err(to_py)?);
+            r.check_intact(e.shard).map_err(to_py)?;
+            return Ok(b);
+        }
+        let check = self.check;
+        let len = r.prepare(i, check).map_err(to_py)?;
+        let read = move |buf: &mut [u8]| r.read_sample_into(i, buf, check);
+        PyBytes::new_with(py, len as usize, |buf| if Reader::is_long_read(len) { py.detach(|| read(buf)) } else { read(buf) }.map_err(to_py))
+    }
+}
+
+#[pymethods]
+impl PyReader {
+    /// Opens the dataset directory `path`. O(shards): the index is mapped, not parsed.
+    #[new]
+    #[pyo3(signature = (path, *, populate=false, verify=false))]
+    fn new(py: Python<'_>, path: PathBuf, populate: bool, verify: bool) -> PyResult<Self> {
+        let p = path.clone();
+        let r = py.detach(move || Reader::open_with(&p, OpenOptionsPds { populate })).map_err(to_py)?;
+        Ok(PyReader { inner: Arc::new(r), path, check: verify })
+    }
+
+    /// Whether every read checks the sample's CRC32C (`open(..., verify=True)`).
+    #[getter]
+    fn verifies(&self) -> bool {
+        self.check
+    }
+
+    /// The dataset directory.
+    #[getter]
+    fn path(&self) -> std::ffi::OsString {
+        self.path.clone().into_os_string()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// `ds[i]` (negative counts from the end) or `ds[key]` → the sample's bytes.
+    /// The GIL is held: a warm copy is faster than releasing and retaking it.
+    fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+        if let Ok(i) = idx.extract::<isize>() {
+            return self.sample(py, self.norm(i)?);
+        }
+        match self.find(idx)? {
+            Some(i) => self.sample(py, i),
+            None => Err(PyKeyError::new_err(idx.clone().unbind())),
+        }
+    }
+
+    /// Bytes of many samples in one call, GIL released while the bytes are copied (and
+    /// decompressed: compressed samples of a large batch are decoded by several threads).
+    fn get_many<'py>(&self, py: Python<'py>, indices: Vec<isize>) -> PyResult<Bound<'py, PyList>> {
+        let idx = indices.into_iter().map(|i| self.norm(i)).collect::<PyResult<Vec<usize>>>()?;
+        let r = &*self.inner;
+        let mut objs = Vec::with_capacity(idx.len());
+        let mut bufs = Vec::with_capacity(idx.len());
+        for &j in &idx {
+            let (obj, buf) = new_bytes(py, r.prepare(j, self.check).map_err(to_py)?)?;
+            objs.push(obj);
+            bufs.push(buf);
+        }
+        py.detach(|| r.get_many_into(&idx, &mut bufs, self.check)).map_err(to_py)?;
+        PyList::new(py, objs)
+    }
+
+    /// Samples `[start, stop)` back to back in one buffer: returns `(buffer, offsets)`, sample
+    /// `start + k` being `buffer[offsets[k]:offsets[k + 1]]`. Samples stored raw in one shard
+    /// (a block of a packed dataset) are read as one byte span (one `pread` where the shard
+    /// cannot be mapped); compressed ones are decoded. `out`: a bytearray to fill and return
+    /// (grown when too small, never shrunk: reuse it across calls); else a new bytearray.
+    /// GIL released for the read.
+    #[pyo3(signature = (start, stop, out=None))]
+    fn read_range<'py>(
+        &self,
+        py: Python<'py>,
+        start: isize,
+        stop: isize,
+        out: Option<Bound<'py, PyByteArray>>,
+    ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u64>)> {
+        let n = self.inner.len() as isize;
+        if start > stop {
+            return Err(PyValueError::new_err(format!("read_range({start}, {stop}): start is after stop")));
+        }
+        if start < 0 || stop > n {
+            return Err(PyIndexError::new_err(format!("sample range {start}..{stop} out of range ({n} samples)")));
+        }
+        let (a, b, check, r) = (start as usize, stop as usize, self.check, &*self.inner);
+        let offsets = py.detach(|| r.range_offsets(a, b, check)).map_err(to_py)?;
+        let need = offsets.last().copied().unwrap_or(0) as usize;
+        let buf = match out {
+            Some(o) => {
+                if o.len() < need {
+                    o.resize(need)?;
+                }
+                o
+            }
+            None => PyByteArray::new_with(py, need, |_| Ok(()))?,
+        };
+        // A memoryview exports the bytearray's buffer: while it lives the bytearray cannot be
+        // resized, so its storage stays where it is while the GIL is released.
+        let pin = PyMemoryView::from(buf.as_any())?;
+        let (ptr, len) = (buf.data() as usize, buf.len());
+        py.detach(|| {
+            // SAFETY: `ptr` is the bytearray's buffer of `len` bytes, pinned by `pin` (above)
+            // and kept alive by `buf`; nothing of packds touches it meanwhile.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            r.read_range_into(a, b, dst, check)
+        })
+        .map_err(to_py)?;
+        pin.call_method0("release")?;
+        Ok((buf, offsets))
+    }
+
+    /// The dataset cut into blocks for sequential reading: `(start, stop)` sample ranges in
+    /// order, covering every sample once, each inside one shard and spanning about
+    /// `target_bytes` stored bytes. GIL released.
+    fn blocks(&self, py: Python<'_>, target_bytes: u64) -> PyResult<Vec<(usize, usize)>> {
+        let r = &*self.inner;
+        py.detach(|| r.blocks(target_bytes)).map_err(to_py)
+    }
+
+    /// `(start, stop)`: the positions of the keys that start with `prefix` (str or bytes); they
+    /// form one run, keys being sorted byte-wise (`start == stop` when there is none). O(log n).
+    fn key_range(&self, prefix: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+        self.inner.key_range(&key_arg(prefix)?).map_err(to_py)
+    }
+
+    /// The stored bytes of sample `i` (the zstd frame of a compressed sample; the same as
+    /// `ds[i]` for one stored raw).
+    fn raw<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let j = self.norm(i)?;
+        let e = self.inner.entry(j).map_err(to_py)?;
+        let b = PyBytes::new(py, &self.inner.stored(&e).map_err(to_py)?);
+        self.inner.check_intact(e.shard).map_err(to_py)?;
+        Ok(b)
+    }
+
+    /// Stored size of sample `i` (equal to `size(i)` unless it is compressed).
+    fn stored_size(&self, i: isize) -> PyResult<u64> {
+        let j = self.norm(i)?;
+        self.inner.stored_size(j).map_err(to_py)
+    }
+
+    /// How sample `i` is stored: 0 raw, 1 zstd, 2 zstd with the dataset's dictionary.
+    fn _codec(&self, i: isize) -> PyResult<u8> {
+        let j = self.norm(i)?;
+        Ok(self.inner.entry(j).map_err(to_py)?.codec)
+    }
+
+    /// The dataset's zstd dictionary (bytes), or None.
+    fn zstd_dict<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.index().dict().map(|d| PyBytes::new(py, d))
+    }
+
+    /// Index format version (1: all samples stored raw; 2: with a codec section).
+    #[getter]
+    fn format_version(&self) -> u32 {
+        self.inner.index().version()
+    }
+
+    /// Sample `i`'s bytes after checking its CRC32C (raises ChecksumError).
+    fn get_checked<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let j = self.norm(i)?;
+        let b = self.inner.get_checked(j).map_err(to_py)?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// Key of sample `i` as str (decoded like os.fsdecode).
+    fn key<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyAny>> {
+        let j = self.norm(i)?;
+        self.key_of(py, j)
+    }
+
+    /// Key of sample `i` as raw bytes.
+    fn key_bytes<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let j = self.norm(i)?;
+        Ok(PyBytes::new(py, self.inner.key(j).map_err(to_py)?))
+    }
+
+    /// Position of `key` (str or bytes); KeyError if absent. O(log n).
+    fn index(&self, key: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.find(key)?.ok_or_else(|| PyKeyError::new_err(key.clone().unbind()))
+    }
+
+    /// Position of `key`, or None.
+    fn find_key(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+        self.find(key)
+    }
+
+    /// Size in bytes of sample `i` (its original size: `len(ds[i])`).
+    fn size(&self, i: isize) -> PyResult<u64> {
+        let j = self.norm(i)?;
+        self.inner.size(j).map_err(to_py)
+    }
+
+    /// (shard path, byte offset, stored size) of sample `i`.
+    fn locate(&self, i: isize) -> PyResult<(std::ffi::OsString, u64, u64)> {
+        let j = self.norm(i)?;
+        let (p, o, n) = self.inner.locate(j).map_err(to_py)?;
+        Ok((p.into_os_string(), o, n))
+    }
+
+    /// Positions of the keys matching a glob pattern (same syntax as `pack --include`).
+    fn glob(&self, py: Python<'_>, pattern: &str) -> PyResult<Vec<usize>> {
+        let r = &*self.inner;
+        py.detach(|| r.glob(pattern)).map_err(to_py)
+    }
+
+    /// The manifest, as JSON text.
+    fn manifest_json(&self) -> PyResult<String> {
+        serde_json::to_string(self.inner.manifest()).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Full check (index, shard checksums, every raw sample's CRC32C; with `deep`, every
+    /// compressed sample decoded and checked too); GIL released. Returns a dict with `samples`,
+    /// `shards`, `bytes`, `decoded`, `problems` (a list of messages; empty when all is well).
+    #[pyo3(signature = (threads=4, deep=false))]
+    fn verify<'py>(&self, py: Python<'py>, threads: usize, deep: bool) -> PyResult<Bound<'py, PyDict>> {
+        let r = &*self.inner;
+        let rep = py.detach(|| r.verify_with(threads, deep)).map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("samples", rep.samples)?;
+        d.set_item("decoded", rep.decoded)?;
+        d.set_item("shards", rep.shards)?;
+        d.set_item("bytes", rep.bytes)?;
+        d.set_item("problems", rep.problems)?;
+        Ok(d)
+    }
+
+    /// Extracts every sample under `dest`; GIL released. Returns the number of files.
+    fn unpack(&self, py: Python<'_>, dest: PathBuf) -> PyResult<u64> {
+        let r = &*self.inner;
+        py.detach(|| r.unpack(&dest)).map_err(to_py)
+    }
+}
