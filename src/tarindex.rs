@@ -663,12 +663,7 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
         }
         results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
     };
-    std::thread::scope(|sc| {
-        for _ in 1..threads {
-            let _ = std::thread::Builder::new().name("packds-index".into()).spawn_scoped(sc, work);
-        }
-        work();
-    });
+    crate::pool::run_with_caller(threads, "packds-index", &work);
     if cancel.load(Relaxed) {
         return Err(Error::Cancelled);
     }
