@@ -270,6 +270,8 @@ struct Scanner<'a> {
     fsize: u64,
     out: Scan,
     ext: Extended,
+    /// The last header block read.
+    block: [u8; BLOCK],
 }
 
 /// The extended headers (pax `x`, GNU `L` / `K`) read since the last member.
@@ -289,10 +291,9 @@ impl Extended {
     }
 }
 
-/// A header block with a valid checksum, at offset `at`.
+/// A header block with a valid checksum, at offset `at` (its bytes: [`Scanner::block`]).
 struct Header {
     at: u64,
-    block: [u8; BLOCK],
     /// Its size field.
     size: u64,
     typ: u8,
@@ -390,14 +391,14 @@ impl<'a> Scanner<'a> {
             libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
         let st = Stream { f, path, buf: vec![0u8; BUF.min(fsize as usize + BLOCK).max(BLOCK)], lo: 0, hi: 0, pos: 0, hash: Xxh3::new(), stop };
-        Ok(Scanner { st, path, fsize, out: Scan::default(), ext: Extended::default() })
+        Ok(Scanner { st, path, fsize, out: Scan::default(), ext: Extended::default(), block: [0u8; BLOCK] })
     }
 
     /// Reads the next header block: a header with a valid checksum and size field, or the end.
     fn next_header(&mut self) -> Result<Next> {
         let (path, at) = (self.path, self.st.pos);
-        let mut block = [0u8; BLOCK];
-        let got = self.st.block(&mut block)?;
+        let got = self.st.block(&mut self.block)?;
+        let block = &self.block;
         let pending = self.ext.pending();
         if got == 0 {
             if let Some(p) = pending {
@@ -419,12 +420,12 @@ impl<'a> Scanner<'a> {
             // At offset 0 too: an empty archive (`tar -cf x.tar -T /dev/null`), as GNU tar reads it.
             return Ok(Next::End);
         }
-        if !checksum_ok(&block) {
+        if !checksum_ok(block) {
             return Err(fmt_err(path, format!("bad header checksum at offset {at} (not a tar archive, or damaged)")));
         }
         self.ext.first.get_or_insert(at);
         let size = number(&block[124..136]).ok_or_else(|| fmt_err(path, format!("bad size field in the header at offset {at}")))?;
-        Ok(Next::Header(Header { at, typ: block[156], block, size }))
+        Ok(Next::Header(Header { at, typ: block[156], size }))
     }
 
     /// A pax (`x`, `g`) or GNU long-name (`L`, `K`) header: its records are read and kept for
@@ -485,13 +486,13 @@ impl<'a> Scanner<'a> {
             at: h.at,
             typ: h.typ,
             size: p.size.unwrap_or(h.size),
-            raw_name: p.path.or(ext.long_name.map(|l| l.1)).unwrap_or_else(|| ustar_name(&h.block)),
-            link: p.linkpath.or(ext.long_link.map(|l| l.1)).unwrap_or_else(|| cstr(&h.block[157..257]).to_vec()),
+            raw_name: p.path.or(ext.long_name.map(|l| l.1)).unwrap_or_else(|| ustar_name(&self.block)),
+            link: p.linkpath.or(ext.long_link.map(|l| l.1)).unwrap_or_else(|| cstr(&self.block[157..257]).to_vec()),
             sparse: p.sparse,
         };
         self.check_fits(&e)?;
         // GNU old-style sparse members may carry extension blocks of sparse maps after the header.
-        if e.typ == b'S' && h.block[482] != 0 {
+        if e.typ == b'S' && self.block[482] != 0 {
             self.skip_sparse_map(e.at)?;
             self.check_fits(&e)?;
         }
