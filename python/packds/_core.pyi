@@ -5,6 +5,8 @@ from typing import Any, Callable
 
 __version__: str
 INDEX_FORMAT_VERSION: int
+# Built with the cargo feature `fault-injection` (the test-only PACKDS_FAULT switches work).
+FAULT_INJECTION: bool
 
 class Reader:
     """An opened dataset (use `packds.open`). Immutable; safe across threads and fork."""

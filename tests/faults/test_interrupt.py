@@ -91,6 +91,7 @@ def _leftovers(d):
     return sorted(n for n in os.listdir(d) if ".staging-" in n)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed, sig):
@@ -122,6 +123,7 @@ def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed
     assert _fx.manifest(final) == _fx.manifest(staged_src)
 
 
+@pytest.mark.faults
 def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
     """Regression: a SIGTERM that interrupted the progress loop's Thread.join(0.2) (CPython 3.11,
     bpo-45274) made the next join return while the copier still ran; the partial copy was removed
