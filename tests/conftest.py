@@ -106,7 +106,7 @@ def small_ds(small_ds_pristine, work) -> str:
 # cargo feature `fault-injection`. Without it they are skipped; under CI=true they fail instead
 # (a CI build must have the feature).
 @pytest.hookimpl(specname="pytest_collection_modifyitems")
-def _faults_need_the_feature(config, items):
+def pytest_collection_modifyitems_faults(config, items):
     from packds import _core
 
     if getattr(_core, "FAULT_INJECTION", False):
