@@ -16,10 +16,13 @@
 //! - [`sigbus`]  a SIGBUS guard for shards truncated under a reader's mappings
 //! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
 //! - [`tarindex`] `packds index`: an index over existing tar files (WebDataset shards), in place
+//! - [`pool`]    scoped worker threads (no pool outlives a call)
+//! - `fault`     test-only fault injection (`PACKDS_FAULT`; feature `fault-injection`)
 //! - `py`        the only code that names pyo3 (feature `python`)
 
 pub mod codec;
 pub mod error;
+pub(crate) mod fault;
 pub mod fsx;
 pub mod index;
 pub mod job;
@@ -27,6 +30,7 @@ pub mod layout;
 pub mod manifest;
 pub mod pack;
 pub mod plan;
+pub mod pool;
 pub mod read;
 pub mod sigbus;
 pub mod stage;

@@ -171,12 +171,7 @@ fn stat_all(files: &FileList, roots: &[SourceRoot], opts: &PackOptions, threads:
         progress.files_done.fetch_add((CHUNK).min(n - a) as u64, Relaxed);
         results.lock().unwrap_or_else(|p| p.into_inner()).push((a, r));
     };
-    std::thread::scope(|sc| {
-        for _ in 1..threads.clamp(1, 64) {
-            let _ = std::thread::Builder::new().name("packds-stat".into()).spawn_scoped(sc, work);
-        }
-        work();
-    });
+    crate::pool::run_with_caller(threads.clamp(1, 64), "packds-stat", &work);
     let mut parts = results.into_inner().unwrap_or_else(|p| p.into_inner());
     parts.sort_by_key(|p| p.0);
     let mut lens = Vec::with_capacity(n);
@@ -510,7 +505,7 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
             if src.exists() {
                 fs::rename(&src, &dst).ctx("rename", &dst)?;
                 moved += 1;
-                kill_at("kill-in-merge", moved);
+                crate::fault::kill_in_merge(moved);
             } else if fs::metadata(&dst).map(|md| md.len()).ok() != Some(r.size) {
                 return Err(Error::format(&src, "shard is missing from its part and from the merged dataset"));
             }
@@ -555,19 +550,6 @@ fn merged_manifest(
     let compression =
         m0.compression.as_ref().map(|c| CompressionRecord { mode: c.mode.clone(), stored_bytes: ix.stored_bytes, zstd_dict: c.zstd_dict.clone() });
     Ok(Manifest::new(format, options, ix.into(), records).with_skipped(skipped).with_compression(compression).with_format_version(m0.format_version))
-}
-
-/// Test-only fault injection: `PACKDS_FAULT=kill-in-merge:N` kills the process right after
-/// the N-th shard was moved (to test that a rerun finishes the merge).
-fn kill_at(name: &str, count: u64) {
-    if let Ok(v) = std::env::var("PACKDS_FAULT") {
-        if v.split_once(':').is_some_and(|(w, n)| w == name && n.parse() == Ok(count)) {
-            // SAFETY: raising a signal in our own process.
-            unsafe {
-                libc::raise(libc::SIGKILL);
-            }
-        }
-    }
 }
 
 fn list_parts(out: &Path) -> Result<Vec<(u32, PathBuf)>> {

@@ -593,12 +593,8 @@ impl Reader {
             let r = self.verify_shard(s, &per[s], deep);
             results.lock().unwrap_or_else(|p| p.into_inner()).push((s, r));
         };
-        std::thread::scope(|sc| {
-            for _ in 0..threads.clamp(1, 64).min(per.len().max(1)) {
-                let _ = std::thread::Builder::new().name("packds-verify".into()).spawn_scoped(sc, work);
-            }
-            work(); // this thread helps too (and does it all if none could be started)
-        });
+        // This thread helps too (and does it all if none could be started).
+        crate::pool::run_with_caller(threads.clamp(1, 64).min(per.len().max(1)) + 1, "packds-verify", &work);
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_by_key(|r| r.0);
         for (s, r) in results {

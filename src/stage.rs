@@ -42,19 +42,6 @@ pub struct StageSummary {
     pub seconds: f64,
 }
 
-/// Test-only fault injection: `PACKDS_FAULT=stage-kill-after-bytes:N` makes the process kill
-/// itself with SIGKILL once N bytes were copied (as a node failure would);
-/// `PACKDS_FAULT=stage-slow-ms:N` sleeps N ms after each buffer (to signal a copy mid-way).
-fn fault(name: &str) -> Option<u64> {
-    let v = std::env::var("PACKDS_FAULT").ok()?;
-    let (what, n) = v.split_once(':')?;
-    (what == name).then(|| n.parse().ok()).flatten()
-}
-
-fn fault_kill_after() -> Option<u64> {
-    fault("stage-kill-after-bytes")
-}
-
 /// Copies the packds dataset `src` to `dest` through the temporary directory `tmp` (same
 /// filesystem as `dest`; removed first if it exists). `dest` must not exist. Up to `jobs`
 /// files are copied at once. On any error `tmp` is removed and nothing appears at `dest`.
@@ -101,9 +88,8 @@ pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, durable: bool, progress: 
     progress.bytes_total.store(md.len(), Relaxed);
     progress.files_total.store(1, Relaxed);
     let _ = fs::remove_file(tmp);
-    let kill_after = fault_kill_after();
     let stop = AtomicBool::new(false);
-    let r = copy_one(src, tmp, None, durable, progress, &stop, kill_after).and_then(|_| {
+    let r = copy_one(src, tmp, None, durable, progress, &stop).and_then(|_| {
         let f = File::open(tmp).ctx("open", tmp)?;
         f.set_permissions(md.permissions()).ctx("chmod", tmp)?;
         use std::os::unix::fs::MetadataExt;
@@ -179,17 +165,10 @@ pub fn preload(files: &[PathBuf], jobs: usize, progress: &StageProgress) -> Resu
     Ok(total.load(Relaxed))
 }
 
-/// Runs `work` on up to `jobs` threads (the calling thread is one of them, so the work is done
-/// even when no thread can be started). Scoped threads: no pool outlives the call (the process
-/// may fork later).
+/// Runs `work` on up to `jobs` threads (at most 64, no more than there are items), the calling
+/// thread one of them.
 fn run_workers<F: Fn() + Sync>(jobs: usize, items: usize, name: &str, work: &F) {
-    let n = jobs.clamp(1, 64).min(items.max(1));
-    std::thread::scope(|sc| {
-        for _ in 1..n {
-            let _ = std::thread::Builder::new().name(name.into()).spawn_scoped(sc, work);
-        }
-        work();
-    });
+    crate::pool::run_with_caller(jobs.clamp(1, 64).min(items.max(1)), name, work);
 }
 
 fn prepare_tmp_dir(tmp: &Path) -> Result<()> {
@@ -205,7 +184,6 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
-    let kill_after = fault_kill_after();
     let work = || loop {
         let i = next.fetch_add(1, Relaxed);
         if i >= list.len() || stop.load(Relaxed) {
@@ -213,7 +191,7 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
         }
         let j = &list[i];
         let (s, d) = (src.join(&j.name), tmp.join(&j.name));
-        match copy_one(&s, &d, Some(j), durable, progress, &stop, kill_after) {
+        match copy_one(&s, &d, Some(j), durable, progress, &stop) {
             Ok(_) => {
                 progress.files_done.fetch_add(1, Relaxed);
             }
@@ -233,15 +211,7 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
 
 /// Copies `src` to the new file `dst` with large reads and writes, hashing in the same pass;
 /// fsyncs `dst`. With `expect`, checks the size and XXH3-128 (ChecksumError names the shard).
-fn copy_one(
-    src: &Path,
-    dst: &Path,
-    expect: Option<&DataFile>,
-    durable: bool,
-    progress: &StageProgress,
-    stop: &AtomicBool,
-    kill_after: Option<u64>,
-) -> Result<u128> {
+fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, durable: bool, progress: &StageProgress, stop: &AtomicBool) -> Result<u128> {
     let mut f = File::open(src).map_err(|e| {
         if e.kind() == ErrorKind::NotFound && expect.is_some() {
             Error::format(src, "file listed in manifest.json is missing")
@@ -289,15 +259,7 @@ fn copy_one(
         }
         n += got as u64;
         let done = progress.bytes_done.fetch_add(got as u64, Relaxed) + got as u64;
-        if let Some(ms) = fault("stage-slow-ms") {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-        }
-        if let Some(k) = kill_after {
-            if done >= k {
-                // SAFETY: raising a signal in our own process (test-only fault injection).
-                unsafe { libc::raise(libc::SIGKILL) };
-            }
-        }
+        crate::fault::stage_copied(done);
         if got < buf.len() {
             break;
         }

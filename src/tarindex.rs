@@ -250,28 +250,157 @@ pub fn scan(path: &Path, cancel: &AtomicBool) -> Result<Scan> {
 }
 
 fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
-    let f = File::open(path).ctx("open", path)?;
-    let md = f.metadata().ctx("stat", path)?;
-    if !md.is_file() {
-        return Err(Error::usage(format!("{} is not a regular file", path.display()), "give tar files (symlinks to them are followed)"));
+    let mut sc = Scanner::open(path, stop)?;
+    let ended = loop {
+        match sc.next_header()? {
+            Next::Header(h) if matches!(h.typ, b'x' | b'g' | b'L' | b'K') => sc.extension(&h)?,
+            Next::Header(h) => sc.member(&h)?,
+            Next::End => break true,
+            Next::EndOfFile => break false,
+        }
+    };
+    sc.finish(ended)
+}
+
+/// One tar being scanned: the stream, what was found so far, and the extended headers read for
+/// the member that comes next.
+struct Scanner<'a> {
+    st: Stream<'a>,
+    path: &'a Path,
+    /// The file's size at open.
+    fsize: u64,
+    out: Scan,
+    ext: Extended,
+    /// The last header block read.
+    block: [u8; BLOCK],
+}
+
+/// The extended headers (pax `x`, GNU `L` / `K`) read since the last member.
+#[derive(Default)]
+struct Extended {
+    pax: Option<Pax>,
+    long_name: Option<(u64, Vec<u8>)>,
+    long_link: Option<(u64, Vec<u8>)>,
+    /// Offset of the member's first header.
+    first: Option<u64>,
+}
+
+impl Extended {
+    /// Offset of an extended header still waiting for its member.
+    fn pending(&self) -> Option<u64> {
+        self.pax.as_ref().map(|p| p.at).or(self.long_name.as_ref().map(|l| l.0)).or(self.long_link.as_ref().map(|l| l.0))
     }
-    let fsize = md.len();
-    // SAFETY: advisory call on a descriptor we own.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+}
+
+/// A header block with a valid checksum, at offset `at` (its bytes: [`Scanner::block`]).
+struct Header {
+    at: u64,
+    /// Its size field.
+    size: u64,
+    typ: u8,
+}
+
+enum Next {
+    Header(Header),
+    /// A zero block: the end-of-archive marker.
+    End,
+    /// End of file at a header boundary, without the end-of-archive marker.
+    EndOfFile,
+}
+
+/// A member header with what its extended headers say.
+struct Entry {
+    at: u64,
+    typ: u8,
+    size: u64,
+    /// As the archive has it (before `./` is removed).
+    raw_name: Vec<u8>,
+    link: Vec<u8>,
+    sparse: bool,
+}
+
+fn ambiguous(path: &Path, at: u64, what: &str) -> Error {
+    fmt_err(path, format!("ambiguous archive: {what} (header at offset {at}); tar readers disagree about such members, so packds refuses them"))
+}
+
+/// The name in the ustar header itself (with the POSIX `prefix`).
+fn ustar_name(h: &[u8; BLOCK]) -> Vec<u8> {
+    let name = cstr(&h[..100]);
+    let prefix = cstr(&h[345..500]);
+    if &h[257..263] == b"ustar\0" && !prefix.is_empty() {
+        [prefix, b"/", name].concat()
+    } else {
+        name.to_vec()
     }
-    let mut st = Stream { f, path, buf: vec![0u8; BUF.min(fsize as usize + BLOCK).max(BLOCK)], lo: 0, hi: 0, pos: 0, hash: Xxh3::new(), stop };
-    let mut out = Scan::default();
-    let mut h = [0u8; BLOCK];
-    let mut pax: Option<Pax> = None;
-    let mut long_name: Option<(u64, Vec<u8>)> = None;
-    let mut long_link: Option<(u64, Vec<u8>)> = None;
-    let mut first: Option<u64> = None; // offset of the member's first header
-    let mut ended = false;
-    loop {
-        let at = st.pos;
-        let got = st.block(&mut h)?;
-        let pending = pax.as_ref().map(|p| p.at).or(long_name.as_ref().map(|l| l.0)).or(long_link.as_ref().map(|l| l.0));
+}
+
+/// Why a member is not a sample: `None` it is one, `Some("")` it is left out silently
+/// (directories), else the reason reported. Links, devices and directories with data are errors.
+fn skip_reason(path: &Path, e: &Entry) -> Result<Option<String>> {
+    let (typ, size) = (e.typ, e.size);
+    Ok(match typ {
+        b'0' | 0 | b'7' if typ == 0 && e.raw_name.ends_with(b"/") => Some(String::new()), // old-style directory
+        b'0' | 0 | b'7' if e.sparse => Some("sparse file: pax GNU.sparse records, not supported; extract it and pack it instead".into()),
+        b'0' | 0 | b'7' => None,
+        b'5' | b'D' | b'1' | b'2' | b'3' | b'4' | b'6' if size != 0 && typ != b'D' => {
+            return Err(ambiguous(path, e.at, &format!("member {:?} of type '{}' has {size} bytes of data", show(&e.raw_name), typ as char)));
+        }
+        b'5' | b'D' => Some(String::new()),
+        b'1' => Some(format!("hard link: to {:?}, not indexed (its target is, if it is a regular member)", show(&e.link))),
+        b'2' => Some(format!("symlink: to {:?}, not indexed", show(&e.link))),
+        b'3' | b'4' => Some("device file: not indexed".into()),
+        b'6' => Some("FIFO: not indexed".into()),
+        b'S' => Some("GNU sparse file: not supported; extract it and pack it instead".into()),
+        b'M' => Some("GNU multi-volume continuation: not supported".into()),
+        b'V' => Some("GNU volume label: not a file".into()),
+        t => Some(format!("unsupported member type {:?}: not indexed", t as char)),
+    })
+}
+
+/// The records of a pax `x` header that matter for the member after it.
+fn pax_of(data: &[u8], at: u64, path: &Path) -> Result<Pax> {
+    let mut p = Pax { at, ..Pax::default() };
+    for (k, v) in parse_pax(data, at, path)? {
+        match &k[..] {
+            b"path" => p.path = (!v.is_empty()).then_some(v),
+            b"linkpath" => p.linkpath = Some(v),
+            b"size" => {
+                let s = std::str::from_utf8(&v).ok().filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).and_then(|s| s.parse().ok());
+                p.size = Some(s.ok_or_else(|| fmt_err(path, format!("malformed pax record in the header at offset {at}: bad size {:?}", show(&v))))?);
+            }
+            b"GNU.sparse.name" => {
+                p.sparse = true;
+                p.path = Some(v); // the real name (the ustar one is a placeholder)
+            }
+            k if k.starts_with(b"GNU.sparse.") => p.sparse = true,
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+impl<'a> Scanner<'a> {
+    fn open(path: &'a Path, stop: [&'a AtomicBool; 2]) -> Result<Self> {
+        let f = File::open(path).ctx("open", path)?;
+        let md = f.metadata().ctx("stat", path)?;
+        if !md.is_file() {
+            return Err(Error::usage(format!("{} is not a regular file", path.display()), "give tar files (symlinks to them are followed)"));
+        }
+        let fsize = md.len();
+        // SAFETY: advisory call on a descriptor we own.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+        let st = Stream { f, path, buf: vec![0u8; BUF.min(fsize as usize + BLOCK).max(BLOCK)], lo: 0, hi: 0, pos: 0, hash: Xxh3::new(), stop };
+        Ok(Scanner { st, path, fsize, out: Scan::default(), ext: Extended::default(), block: [0u8; BLOCK] })
+    }
+
+    /// Reads the next header block: a header with a valid checksum and size field, or the end.
+    fn next_header(&mut self) -> Result<Next> {
+        let (path, at) = (self.path, self.st.pos);
+        let got = self.st.block(&mut self.block)?;
+        let block = &self.block;
+        let pending = self.ext.pending();
         if got == 0 {
             if let Some(p) = pending {
                 return Err(fmt_err(path, format!("truncated archive: it ends after the extended header at offset {p}, before the member it describes")));
@@ -279,219 +408,177 @@ fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
             if at == 0 {
                 return Err(fmt_err(path, "empty file: not a tar archive".into()));
             }
-            out.warnings.push(format!("{}: no end-of-archive blocks (the archive may have been cut at a member boundary)", path.display()));
-            break;
+            self.out.warnings.push(format!("{}: no end-of-archive blocks (the archive may have been cut at a member boundary)", path.display()));
+            return Ok(Next::EndOfFile);
         }
         if got < BLOCK {
             return Err(fmt_err(path, format!("truncated archive: it ends inside the header at offset {at} ({got} of 512 bytes)")));
         }
-        if h.iter().all(|&b| b == 0) {
+        if block.iter().all(|&b| b == 0) {
             if let Some(p) = pending {
                 return Err(fmt_err(path, format!("the extended header at offset {p} is followed by the end-of-archive marker at offset {at}")));
             }
             // At offset 0 too: an empty archive (`tar -cf x.tar -T /dev/null`), as GNU tar reads it.
-            ended = true;
-            break;
+            return Ok(Next::End);
         }
-        if !checksum_ok(&h) {
+        if !checksum_ok(block) {
             return Err(fmt_err(path, format!("bad header checksum at offset {at} (not a tar archive, or damaged)")));
         }
-        first.get_or_insert(at);
-        let size = number(&h[124..136]).ok_or_else(|| fmt_err(path, format!("bad size field in the header at offset {at}")))?;
-        let typ = h[156];
-        let data_at = st.pos;
-        let ambiguous = |what: &str| {
-            fmt_err(path, format!("ambiguous archive: {what} (header at offset {at}); tar readers disagree about such members, so packds refuses them"))
-        };
-        match typ {
-            b'x' | b'g' | b'L' | b'K' => {
-                let kind = if matches!(typ, b'x' | b'g') { "pax" } else { "GNU long-name" };
-                if size > MAX_EXTENSION {
-                    return Err(fmt_err(path, format!("{kind} header at offset {at} claims {size} bytes of records (limit {MAX_EXTENSION})")));
-                }
-                if data_at + size > fsize {
-                    return Err(fmt_err(
-                        path,
-                        format!("truncated archive: the {kind} header at offset {at} claims {size} bytes, past the end of the file ({fsize} bytes)"),
-                    ));
-                }
-                let mut data = Vec::with_capacity(size as usize);
-                let n = st.take(size + crate::tar::padding(size), |b| data.extend_from_slice(b))?;
-                if n < size + crate::tar::padding(size) {
-                    return Err(fmt_err(path, format!("truncated archive: it ends inside the {kind} header at offset {at}")));
-                }
-                data.truncate(size as usize);
-                match typ {
-                    b'x' => {
-                        if pax.is_some() {
-                            return Err(ambiguous("two pax headers for one member"));
-                        }
-                        if long_name.is_some() || long_link.is_some() {
-                            return Err(ambiguous("a pax header after a GNU long-name header for the same member"));
-                        }
-                        let mut p = Pax { at, ..Pax::default() };
-                        for (k, v) in parse_pax(&data, at, path)? {
-                            match &k[..] {
-                                b"path" => p.path = (!v.is_empty()).then_some(v),
-                                b"linkpath" => p.linkpath = Some(v),
-                                b"size" => {
-                                    let s = std::str::from_utf8(&v)
-                                        .ok()
-                                        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                                        .and_then(|s| s.parse().ok());
-                                    p.size =
-                                        Some(s.ok_or_else(|| {
-                                            fmt_err(path, format!("malformed pax record in the header at offset {at}: bad size {:?}", show(&v)))
-                                        })?);
-                                }
-                                b"GNU.sparse.name" => {
-                                    p.sparse = true;
-                                    p.path = Some(v); // the real name (the ustar one is a placeholder)
-                                }
-                                k if k.starts_with(b"GNU.sparse.") => p.sparse = true,
-                                _ => {}
-                            }
-                        }
-                        pax = Some(p);
-                    }
-                    b'g' => {
-                        if pending.is_some() {
-                            return Err(ambiguous("a global pax header between a member's extended headers and the member"));
-                        }
-                        for (k, _) in parse_pax(&data, at, path)? {
-                            if matches!(&k[..], b"path" | b"size" | b"linkpath") {
-                                return Err(ambiguous(&format!("a global pax header sets {:?} for every member", show(&k))));
-                            }
-                        }
-                        first = None;
-                    }
-                    _ => {
-                        if pax.is_some() {
-                            return Err(ambiguous("a GNU long-name header after a pax header for the same member"));
-                        }
-                        let slot = if typ == b'L' { &mut long_name } else { &mut long_link };
-                        if slot.is_some() {
-                            return Err(ambiguous("two GNU long-name headers of the same kind for one member"));
-                        }
-                        *slot = Some((at, cstr(&data).to_vec()));
-                    }
-                }
-                continue;
-            }
-            _ => {}
+        self.ext.first.get_or_insert(at);
+        let size = number(&block[124..136]).ok_or_else(|| fmt_err(path, format!("bad size field in the header at offset {at}")))?;
+        Ok(Next::Header(Header { at, typ: block[156], size }))
+    }
+
+    /// A pax (`x`, `g`) or GNU long-name (`L`, `K`) header: its records are read and kept for
+    /// the member that follows (a global header's are checked and dropped).
+    fn extension(&mut self, h: &Header) -> Result<()> {
+        let (path, at, size, fsize) = (self.path, h.at, h.size, self.fsize);
+        let kind = if matches!(h.typ, b'x' | b'g') { "pax" } else { "GNU long-name" };
+        if size > MAX_EXTENSION {
+            return Err(fmt_err(path, format!("{kind} header at offset {at} claims {size} bytes of records (limit {MAX_EXTENSION})")));
         }
-        // A member header: name, size, then what to do with it.
-        let p = pax.take().unwrap_or_default();
-        let ln = long_name.take();
-        let ll = long_link.take();
-        let header = first.take().unwrap_or(at);
-        let size = p.size.unwrap_or(size);
-        let raw_name: Vec<u8> = if let Some(n) = p.path {
-            n
-        } else if let Some((_, n)) = ln {
-            n
-        } else {
-            let name = cstr(&h[..100]);
-            let prefix = cstr(&h[345..500]);
-            if &h[257..263] == b"ustar\0" && !prefix.is_empty() {
-                [prefix, b"/", name].concat()
-            } else {
-                name.to_vec()
-            }
-        };
-        let link = p.linkpath.or(ll.map(|l| l.1)).unwrap_or_else(|| cstr(&h[157..257]).to_vec());
-        let shown = show(&raw_name);
-        if data_at.checked_add(size).map_or(true, |end| end > fsize) {
+        if self.st.pos + size > fsize {
             return Err(fmt_err(
                 path,
-                format!("member {shown:?} (header at offset {at}) claims {size} bytes of data, past the end of the file ({fsize} bytes)"),
+                format!("truncated archive: the {kind} header at offset {at} claims {size} bytes, past the end of the file ({fsize} bytes)"),
             ));
         }
+        let mut data = Vec::with_capacity(size as usize);
+        let n = self.st.take(size + crate::tar::padding(size), |b| data.extend_from_slice(b))?;
+        if n < size + crate::tar::padding(size) {
+            return Err(fmt_err(path, format!("truncated archive: it ends inside the {kind} header at offset {at}")));
+        }
+        data.truncate(size as usize);
+        let ext = &mut self.ext;
+        match h.typ {
+            b'x' if ext.pax.is_some() => return Err(ambiguous(path, at, "two pax headers for one member")),
+            b'x' if ext.long_name.is_some() || ext.long_link.is_some() => {
+                return Err(ambiguous(path, at, "a pax header after a GNU long-name header for the same member"));
+            }
+            b'x' => ext.pax = Some(pax_of(&data, at, path)?),
+            b'g' if ext.pending().is_some() => return Err(ambiguous(path, at, "a global pax header between a member's extended headers and the member")),
+            b'g' => {
+                for (k, _) in parse_pax(&data, at, path)? {
+                    if matches!(&k[..], b"path" | b"size" | b"linkpath") {
+                        return Err(ambiguous(path, at, &format!("a global pax header sets {:?} for every member", show(&k))));
+                    }
+                }
+                ext.first = None;
+            }
+            _ if ext.pax.is_some() => return Err(ambiguous(path, at, "a GNU long-name header after a pax header for the same member")),
+            typ => {
+                let slot = if typ == b'L' { &mut ext.long_name } else { &mut ext.long_link };
+                if slot.is_some() {
+                    return Err(ambiguous(path, at, "two GNU long-name headers of the same kind for one member"));
+                }
+                *slot = Some((at, cstr(&data).to_vec()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A member header: resolves it with its extended headers, then reads its data (a sample,
+    /// with its CRC32C) or passes over it (left out), and its padding.
+    fn member(&mut self, h: &Header) -> Result<()> {
+        let ext = std::mem::take(&mut self.ext);
+        let header = ext.first.unwrap_or(h.at);
+        let p = ext.pax.unwrap_or_default();
+        let e = Entry {
+            at: h.at,
+            typ: h.typ,
+            size: p.size.unwrap_or(h.size),
+            raw_name: p.path.or(ext.long_name.map(|l| l.1)).unwrap_or_else(|| ustar_name(&self.block)),
+            link: p.linkpath.or(ext.long_link.map(|l| l.1)).unwrap_or_else(|| cstr(&self.block[157..257]).to_vec()),
+            sparse: p.sparse,
+        };
+        self.check_fits(&e)?;
         // GNU old-style sparse members may carry extension blocks of sparse maps after the header.
-        if typ == b'S' && h[482] != 0 {
-            let mut ext = [0u8; BLOCK];
-            loop {
-                let eat = st.pos;
-                if st.block(&mut ext)? < BLOCK {
-                    return Err(fmt_err(path, format!("truncated archive: it ends inside the sparse map of the member at offset {at} (at {eat})")));
-                }
-                if ext[504] == 0 {
-                    break;
-                }
-            }
+        if e.typ == b'S' && self.block[482] != 0 {
+            self.skip_sparse_map(e.at)?;
+            self.check_fits(&e)?;
         }
-        let data_at = st.pos;
-        if data_at + size > fsize {
-            return Err(fmt_err(
-                path,
-                format!("member {shown:?} (header at offset {at}) claims {size} bytes of data, past the end of the file ({fsize} bytes)"),
-            ));
-        }
-        let skip: Option<String> = match typ {
-            b'0' | 0 | b'7' if typ == 0 && raw_name.ends_with(b"/") => Some(String::new()), // old-style directory
-            b'0' | 0 | b'7' if p.sparse => Some("sparse file: pax GNU.sparse records, not supported; extract it and pack it instead".into()),
-            b'0' | 0 | b'7' => None,
-            b'5' | b'D' | b'1' | b'2' | b'3' | b'4' | b'6' if size != 0 && typ != b'D' => {
-                return Err(ambiguous(&format!("member {shown:?} of type '{}' has {size} bytes of data", typ as char)));
-            }
-            b'5' | b'D' => Some(String::new()),
-            b'1' => Some(format!("hard link: to {:?}, not indexed (its target is, if it is a regular member)", show(&link))),
-            b'2' => Some(format!("symlink: to {:?}, not indexed", show(&link))),
-            b'3' | b'4' => Some("device file: not indexed".into()),
-            b'6' => Some("FIFO: not indexed".into()),
-            b'S' => Some("GNU sparse file: not supported; extract it and pack it instead".into()),
-            b'M' => Some("GNU multi-volume continuation: not supported".into()),
-            b'V' => Some("GNU volume label: not a file".into()),
-            t => Some(format!("unsupported member type {:?}: not indexed", t as char)),
-        };
-        let name = strip_dot_slash(&raw_name);
-        let skip = skip.or_else(|| unsafe_name(name).map(|why| format!("unsafe name: {why}, not indexed")));
+        let data_at = self.st.pos;
+        let name = strip_dot_slash(&e.raw_name);
+        let skip = skip_reason(self.path, &e)?.or_else(|| unsafe_name(name).map(|why| format!("unsafe name: {why}, not indexed")));
+        let (path, at, size) = (self.path, e.at, e.size);
+        let truncated = || fmt_err(path, format!("truncated archive: it ends inside member {:?} (header at offset {at})", show(&e.raw_name)));
         match skip {
             Some(why) => {
                 if !why.is_empty() {
-                    out.skipped.push((shown, format!("{why} (header at offset {at})")));
+                    self.out.skipped.push((show(&e.raw_name), format!("{why} (header at offset {at})")));
                 }
-                if st.take(size, |_| {})? < size {
-                    return Err(fmt_err(path, format!("truncated archive: it ends inside member {:?} (header at offset {at})", show(&raw_name))));
+                if self.st.take(size, |_| {})? < size {
+                    return Err(truncated());
                 }
             }
             None => {
                 let mut crc = 0u32;
-                if st.take(size, |b| crc = crc32c::crc32c_append(crc, b))? < size {
-                    return Err(fmt_err(path, format!("truncated archive: it ends inside member {:?} (header at offset {at})", show(&raw_name))));
+                if self.st.take(size, |b| crc = crc32c::crc32c_append(crc, b))? < size {
+                    return Err(truncated());
                 }
-                out.members.push(Member { name: name.to_vec(), header, offset: data_at, size, crc });
+                self.out.members.push(Member { name: name.to_vec(), header, offset: data_at, size, crc });
             }
         }
         let pad = crate::tar::padding(size);
-        if st.take(pad, |_| {})? < pad {
-            return Err(fmt_err(path, format!("truncated archive: it ends inside the padding of member {:?} (header at offset {at})", show(&raw_name))));
+        if self.st.take(pad, |_| {})? < pad {
+            return Err(fmt_err(path, format!("truncated archive: it ends inside the padding of member {:?} (header at offset {at})", show(&e.raw_name))));
         }
+        Ok(())
     }
-    if ended {
-        // The rest of the file (the second end block, blocking padding) is read for the hash;
-        // anything but zeros there is ignored by tar readers: a warning.
-        let end_at = st.pos;
-        let mut junk: Option<u64> = None;
-        let mut off = end_at;
-        st.take(u64::MAX, |b| {
-            if junk.is_none() {
-                if let Some(i) = b.iter().position(|&x| x != 0) {
-                    junk = Some(off + i as u64);
-                }
+
+    /// The member's data, starting here, must end within the file.
+    fn check_fits(&self, e: &Entry) -> Result<()> {
+        let (size, fsize) = (e.size, self.fsize);
+        if self.st.pos.checked_add(size).map_or(true, |end| end > fsize) {
+            return Err(fmt_err(
+                self.path,
+                format!("member {:?} (header at offset {}) claims {size} bytes of data, past the end of the file ({fsize} bytes)", show(&e.raw_name), e.at),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Passes over the extension blocks of a GNU old-style sparse member's map.
+    fn skip_sparse_map(&mut self, at: u64) -> Result<()> {
+        let mut ext = [0u8; BLOCK];
+        loop {
+            let eat = self.st.pos;
+            if self.st.block(&mut ext)? < BLOCK {
+                return Err(fmt_err(self.path, format!("truncated archive: it ends inside the sparse map of the member at offset {at} (at {eat})")));
             }
-            off += b.len() as u64;
-        })?;
-        if let Some(j) = junk {
-            out.warnings.push(format!("{}: ignored non-zero bytes after the end-of-archive marker (from offset {j})", path.display()));
+            if ext[504] == 0 {
+                return Ok(());
+            }
         }
     }
-    if st.pos != fsize {
-        return Err(Error::Changed { path: path.to_path_buf(), what: format!("it was {fsize} bytes at open, {} bytes were read", st.pos) });
+
+    /// After the end-of-archive marker (`ended`) the rest of the file (the second end block,
+    /// blocking padding) is read for the hash; anything but zeros there is ignored by tar
+    /// readers: a warning. The whole file must have been read.
+    fn finish(mut self, ended: bool) -> Result<Scan> {
+        let path = self.path;
+        if ended {
+            let mut junk: Option<u64> = None;
+            let mut off = self.st.pos;
+            self.st.take(u64::MAX, |b| {
+                if junk.is_none() {
+                    if let Some(i) = b.iter().position(|&x| x != 0) {
+                        junk = Some(off + i as u64);
+                    }
+                }
+                off += b.len() as u64;
+            })?;
+            if let Some(j) = junk {
+                self.out.warnings.push(format!("{}: ignored non-zero bytes after the end-of-archive marker (from offset {j})", path.display()));
+            }
+        }
+        if self.st.pos != self.fsize {
+            return Err(Error::Changed { path: path.to_path_buf(), what: format!("it was {} bytes at open, {} bytes were read", self.fsize, self.st.pos) });
+        }
+        self.out.size = self.st.pos;
+        self.out.hash = self.st.hash.digest128();
+        Ok(self.out)
     }
-    out.size = st.pos;
-    out.hash = st.hash.digest128();
-    Ok(out)
 }
 
 /// How the dataset refers to the tars (`--link`).
@@ -651,12 +738,7 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
         }
         results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
     };
-    std::thread::scope(|sc| {
-        for _ in 1..threads {
-            let _ = std::thread::Builder::new().name("packds-index".into()).spawn_scoped(sc, work);
-        }
-        work();
-    });
+    crate::pool::run_with_caller(threads, "packds-index", &work);
     if cancel.load(Relaxed) {
         return Err(Error::Cancelled);
     }

@@ -227,12 +227,9 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
         out: Mutex::new((FileList::default(), Vec::new(), None)),
     };
     let nthreads = opts.threads.clamp(1, 256);
-    std::thread::scope(|s| {
-        let started = (0..nthreads).filter(|_| std::thread::Builder::new().name("packds-walk".into()).spawn_scoped(s, || worker(&shared)).is_ok()).count();
-        if started == 0 {
-            worker(&shared); // no thread could be started (ulimit -u): walk on this one
-        }
-    });
+    if crate::pool::scoped_workers(nthreads, "packds-walk", &|| worker(&shared)) == 0 {
+        worker(&shared); // no thread could be started (ulimit -u): walk on this one
+    }
     let (f, mut sk, err) = shared.out.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = err {
         return Err(e);

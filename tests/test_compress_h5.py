@@ -299,6 +299,7 @@ def test_get_many_decodes_a_large_batch_in_parallel(packed, mixed_tree):
     assert ds.get_many(idx) == [vals[i] for i in idx]
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("fmt", ["tar", "h5"])
 def test_deterministic_and_resumable(mixed_tree, work, fmt):
     root, _ = mixed_tree

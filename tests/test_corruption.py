@@ -444,6 +444,7 @@ def test_dataset_without_manifest(small_ds):
     open_fails(small_ds, names=small_ds)
 
 
+@pytest.mark.faults
 def test_interrupted_pack_does_not_open(small_tree, work):
     out = os.path.join(work, "cut.pds")
     r = h.cli("pack", small_tree.root, "-o", out, "--shard-size", "64K", "-q", env={"PACKDS_FAULT": "kill-after-shards:2"})

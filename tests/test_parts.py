@@ -84,6 +84,7 @@ def test_more_parts_than_shards(tree, work):
     h.assert_same_dataset_bytes(single, out)
 
 
+@pytest.mark.faults
 def test_missing_and_unfinished_parts_are_named_and_a_failed_part_reruns_alone(tree, work):
     plan = os.path.join(work, "plan")
     packds.plan(tree, plan, shard_size=32 << 10)
@@ -163,6 +164,7 @@ def test_bad_arguments_and_a_damaged_plan(tree, work):
     shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("kill_after", [1, 3, 5])
 def test_merge_killed_after_moving_n_shards_finishes_on_rerun(tree, work, kill_after):
     plan = os.path.join(work, "plan")

@@ -71,6 +71,7 @@ def resume(tree, out, *extra, env=None):
     return r
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("n", [1, 3, 7])
 def test_kill_after_shards_then_resume(tree, reference, work, n):
     out = os.path.join(work, "out.pds")
@@ -92,6 +93,7 @@ def test_kill_after_shards_then_resume(tree, reference, work, n):
     assert_complete_and_identical(out, reference)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("n", [1, 100, 333, "all"])
 def test_kill_after_files_mid_shard_then_resume(tree, reference, work, n):
     n = len(tree.keys) if n == "all" else n
@@ -104,6 +106,7 @@ def test_kill_after_files_mid_shard_then_resume(tree, reference, work, n):
     assert_complete_and_identical(out, reference)
 
 
+@pytest.mark.faults
 def test_killed_again_while_resuming(tree, reference, work):
     out = os.path.join(work, "out.pds")
     r = h.cli("pack", tree.root, "-o", out, *ARGS, env={"PACKDS_FAULT": "kill-after-shards:2"})
@@ -120,6 +123,7 @@ def test_killed_again_while_resuming(tree, reference, work):
     assert_complete_and_identical(out, reference)
 
 
+@pytest.mark.faults
 def test_resume_through_the_python_api(tree, reference, work):
     out = os.path.join(work, "out.pds")
     r = h.cli("pack", tree.root, "-o", out, *ARGS, env={"PACKDS_FAULT": "kill-after-shards:4"})
@@ -129,6 +133,7 @@ def test_resume_through_the_python_api(tree, reference, work):
     h.assert_same_dataset_bytes(reference, out)
 
 
+@pytest.mark.faults
 def test_resume_refuses_other_shard_size(tree, work):
     out = os.path.join(work, "out.pds")
     r = h.cli("pack", tree.root, "-o", out, *ARGS, env={"PACKDS_FAULT": "kill-after-shards:2"})
@@ -138,6 +143,7 @@ def test_resume_refuses_other_shard_size(tree, work):
     assert_interrupted(out)  # left as it was
 
 
+@pytest.mark.faults
 def test_resume_refuses_a_changed_tree(tree, work):
     src = os.path.join(work, "src")
     shutil.copytree(tree.root, src)
@@ -171,6 +177,7 @@ def test_resume_with_nothing_there_is_a_plain_pack(tree, reference, work):
     assert_complete_and_identical(out, reference)
 
 
+@pytest.mark.faults
 def test_force_over_an_interrupted_pack(tree, reference, work):
     out = os.path.join(work, "out.pds")
     r = h.cli("pack", tree.root, "-o", out, *ARGS, env={"PACKDS_FAULT": "kill-after-files:200"})

@@ -215,6 +215,7 @@ def test_simultaneous_stagers_copy_once(big, dest):
     assert ds.verify()["problems"] == []
 
 
+@pytest.mark.faults
 def test_sigkill_mid_copy_then_stage_again(big, dest):
     r = cli("stage", big, "--to", dest, "-q", env={"PACKDS_FAULT": f"stage-kill-after-bytes:{12 * MiB}"})
     assert r.returncode == -signal.SIGKILL
@@ -232,6 +233,7 @@ def test_sigkill_mid_copy_then_stage_again(big, dest):
     assert packds.open(final).verify()["problems"] == []
 
 
+@pytest.mark.faults
 def test_sigterm_mid_copy_leaves_nothing_accepted(big, dest):
     p = subprocess.Popen([sys.executable, "-m", "packds", "stage", big, "--to", dest, "--jobs", "1"], env={**os.environ, "PACKDS_FAULT": "stage-slow-ms:50"}, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30

@@ -28,6 +28,8 @@ __all__ = [
 
 __version__: str
 INDEX_FORMAT_VERSION: int
+# Built with the cargo feature `fault-injection` (the test-only PACKDS_FAULT switches work).
+FAULT_INJECTION: bool
 
 @disjoint_base
 class Reader:

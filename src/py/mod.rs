@@ -33,6 +33,7 @@ mod core_module {
         use pyo3::types::PyModuleMethods;
         m.add("__version__", crate::VERSION)?;
         m.add("INDEX_FORMAT_VERSION", crate::index::VERSION)?;
+        m.add("FAULT_INJECTION", crate::fault::ENABLED)?;
         Ok(())
     }
 }

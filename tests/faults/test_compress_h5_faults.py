@@ -189,6 +189,7 @@ def test_e10_h5_dataset_on_a_read_only_mount(zds, work):
         assert packds.open(staged).verify()["problems"] == []
 
 
+@pytest.mark.faults
 def test_e11_writer_killed_inside_an_hdf5_shard(text_tree, work):
     out = os.path.join(work, "crash.pds")
     args = ["pack", text_tree, "-o", out, "--format", "h5", "--shard-size", "16K", "-q"]

@@ -37,6 +37,7 @@ def test_d3_eight_stagers_at_once_copy_once(src_ds, work):
     h.assert_same_dataset_bytes(src_ds, final)
 
 
+@pytest.mark.faults
 def test_d4_lock_holder_sigkilled_while_others_wait(src_ds, work):
     """The copier is SIGKILLed mid-copy while three stagers wait on the lock: the kernel drops
     its flock, one waiter removes the dead copy and copies again, all return the same intact
@@ -60,6 +61,7 @@ def test_d4_lock_holder_sigkilled_while_others_wait(src_ds, work):
     assert packds.open(final).verify()["problems"] == []
 
 
+@pytest.mark.faults
 def test_d11_source_shard_damaged_during_the_copy(src_ds, work, fast_base):
     """A source shard is overwritten in place (same size) while a slowed stage runs: the hash
     computed while copying catches it (ChecksumError naming the shard), nothing is published."""

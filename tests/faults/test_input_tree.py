@@ -6,6 +6,8 @@ symlink to /dev/zero, and (slow) 100k files in one directory."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -70,16 +72,24 @@ def _mutate_once(root):
     return cb, state
 
 
-def test_a1_a2_a3_files_changed_or_removed_between_walk_and_read(moving_tree, work, monkeypatch):
+@pytest.mark.faults
+def test_a1_a2_a3_files_changed_or_removed_between_walk_and_read(moving_tree, work):
     """A3 (removed after the walk): default -> SourceChangedError `it was deleted`, nothing
     published; --on-error skip -> listed as `deleted while packing`. A1/A2 between walk and
     open: what is stored is the file as it was opened (fstat at open), whole and consistent:
     never the walk's size padded or cut."""
     # Test-only switch: 100 µs more per file read, so the pack (3k files, one thread) is still
-    # running when the first progress call comes (after 0.1 s).
-    monkeypatch.setenv("PACKDS_FAULT", "pack-slow-us:100")
+    # running when the first progress call comes (after 0.1 s). packds reads PACKDS_FAULT once
+    # per process, so the packs run in a child process that has it from the start.
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path[:0] = [{tests!r}]; from faults.test_input_tree import _packs_while_the_tree_moves as f; f(*sys.argv[1:])"
+    r = subprocess.run([sys.executable, "-c", code, moving_tree, os.path.join(work, "o.pds")], capture_output=True, timeout=120,
+                       env={**os.environ, "PACKDS_FAULT": "pack-slow-us:100"})
+    assert r.returncode == 0, h.show(r)
+
+
+def _packs_while_the_tree_moves(moving_tree, out):
     cb, st = _mutate_once(moving_tree)
-    out = os.path.join(work, "o.pds")
     with pytest.raises(SourceChangedError) as ei:
         packds.pack(moving_tree, out, threads=1, progress=cb)
     assert st["done"] is not None, "the pack finished before the first progress call"

@@ -87,6 +87,7 @@ def staged_src(reference):
 
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed, sig):
@@ -118,6 +119,7 @@ def test_d1_d2_signal_stage_at_a_random_time_then_restage(staged_src, work, seed
     assert h.manifest(final) == h.manifest(staged_src)
 
 
+@pytest.mark.faults
 def test_d2_sigterm_during_copy_never_leaves_a_partial_copy(staged_src, work):
     """Regression: a SIGTERM that interrupted the progress loop's Thread.join(0.2) (CPython 3.11,
     bpo-45274) made the next join return while the copier still ran; the partial copy was removed

@@ -15,6 +15,7 @@ import _helpers as h
 import packds
 
 
+@pytest.mark.faults
 def test_d12_stage_of_an_interrupted_pack_fails_before_copying(work):
     """The source is a pack killed after 2 shards (no manifest): stage refuses it naming the
     source, exit 1, and writes nothing at the destination (not even a partial copy)."""

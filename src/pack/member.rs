@@ -1,0 +1,174 @@
+//! What an I/O thread does for one file: open it (no symlink unless followed), stat it, and for
+//! a small file read, checksum, compress and lay out the whole member, off the writer's path.
+
+use super::{planned_len, PackOptions, ShardFormat};
+use crate::codec::{self, Encoder};
+use crate::error::{Error, IoContext, Result};
+use crate::tar::{self, Meta};
+use crate::walk::Skipped;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// What an I/O thread hands the writer for one file.
+pub(super) enum Item {
+    Small(Small),
+    /// Larger than the window's per-file limit: the writer streams it.
+    Large(Large),
+    Skip(Skipped),
+    Fail(Error),
+}
+
+/// A whole member (tar: header, stored data, padding; h5: the stored data); the data starts at
+/// `hlen` and has `stored` bytes, encoded with `codec`; `crc` is of the original bytes.
+/// `planned` is its [`planned_len`], computed here in parallel, off the writer's path.
+pub(super) struct Small {
+    pub meta: Meta,
+    pub member: Vec<u8>,
+    pub hlen: usize,
+    pub crc: u32,
+    pub stored: u64,
+    pub codec: u8,
+    pub planned: u64,
+}
+
+/// An open large file, as it was at open (`meta`).
+pub(super) struct Large {
+    pub meta: Meta,
+    pub file: File,
+    pub path: PathBuf,
+}
+
+/// Each I/O thread's own compression state and scratch buffers.
+pub(super) struct WorkerState {
+    enc: Option<Encoder>,
+    data: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+impl WorkerState {
+    pub fn new(opts: &PackOptions, dict: &[u8]) -> Self {
+        WorkerState { enc: (!opts.compress.is_none()).then(|| Encoder::new(opts.compress, Some(dict))), data: Vec::new(), frame: Vec::new() }
+    }
+}
+
+fn meta_of(md: &fs::Metadata) -> Meta {
+    Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() }
+}
+
+/// The tar member name of a sample: its key, plus `.zst` when it is stored compressed, so that
+/// a plain `tar -x` followed by `zstd -d` on the `.zst` members restores the tree.
+pub(super) fn member_name(key: &[u8], codec: u8) -> std::borrow::Cow<'_, [u8]> {
+    if codec == codec::RAW {
+        std::borrow::Cow::Borrowed(key)
+    } else {
+        std::borrow::Cow::Owned([key, b".zst"].concat())
+    }
+}
+
+/// With compression on, a tar member ending in `.zst` always is a packds frame: a key that
+/// ends so is compressed even when that does not pay.
+pub(super) fn force_compress(format: ShardFormat, key: &[u8]) -> bool {
+    format == ShardFormat::Tar && key.ends_with(b".zst")
+}
+
+/// Reads exactly `want` bytes from `f` onto the end of `buf`; an extra byte (the file grew) or
+/// a short read (it shrank) is a `Changed` error.
+fn read_exact_file(f: &File, path: &Path, buf: &mut Vec<u8>, want: usize) -> Result<()> {
+    buf.reserve(want + 1);
+    let mut got = 0;
+    loop {
+        // Each read asks for everything left plus one byte: getting less means end of file.
+        // Straight into the spare capacity: no zero-filling of a buffer about to be overwritten.
+        let spare = &mut buf.spare_capacity_mut()[..want + 1 - got];
+        // SAFETY: reads at most spare.len() bytes into memory the Vec owns (uninitialised is
+        // fine for read(2)); only the bytes the kernel reports written are then marked as set.
+        let k = unsafe { libc::read(f.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+        if k < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io("read", path, e));
+        }
+        if k == 0 {
+            break;
+        }
+        // SAFETY: the kernel initialised exactly k bytes after the current length.
+        unsafe { buf.set_len(buf.len() + k as usize) };
+        got += k as usize;
+        if got >= want {
+            break;
+        }
+    }
+    if got != want {
+        let what = if got > want { format!("it grew past {want} bytes") } else { format!("size was {want} bytes at open, {got} bytes were read") };
+        return Err(Error::Changed { path: path.to_path_buf(), what });
+    }
+    Ok(())
+}
+
+/// Opens `path` as a regular file (not through a symlink unless `--follow-symlinks`).
+fn open_regular(path: &Path, follow: bool) -> Result<(File, Meta)> {
+    let mut oo = OpenOptions::new();
+    oo.read(true);
+    let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    oo.custom_flags(flags);
+    let f = oo.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            Error::Changed { path: path.to_path_buf(), what: "it became a symlink".into() }
+        } else {
+            Error::io("open", path, e)
+        }
+    })?;
+    let md = f.metadata().ctx("stat", path)?;
+    if !md.is_file() {
+        return Err(Error::Changed { path: path.to_path_buf(), what: "it is no longer a regular file".into() });
+    }
+    Ok((f, meta_of(&md)))
+}
+
+/// Reads the file of `key` at `path`: a [`Large`] one is left open for the writer, a small one
+/// becomes its whole member, built in `buf` (a recycled buffer).
+pub(super) fn read_one(opts: &PackOptions, path: &Path, key: &[u8], small_max: u64, buf: Vec<u8>, ws: &mut WorkerState) -> Result<Item> {
+    let (f, meta) = open_regular(path, opts.follow_symlinks)?;
+    if meta.size > small_max {
+        return Ok(Item::Large(Large { meta, file: f, path: path.to_path_buf() }));
+    }
+    let want = meta.size as usize;
+    let format = opts.format;
+    let tar = format == ShardFormat::Tar;
+    let mut member = buf;
+    member.clear();
+    if let Some(enc) = ws.enc.as_mut() {
+        // Compressing: read, checksum and encode here (in parallel), then lay out the member.
+        ws.data.clear();
+        read_exact_file(&f, path, &mut ws.data, want)?;
+        let crc = crc32c::crc32c(&ws.data);
+        let codec = enc.encode(&ws.data, &mut ws.frame, force_compress(format, key));
+        let stored: &[u8] = if codec == codec::RAW { &ws.data } else { &ws.frame };
+        let hlen = if tar { tar::write_header(&mut member, &member_name(key, codec), &Meta { size: stored.len() as u64, ..meta }) } else { 0 };
+        member.extend_from_slice(stored);
+        if tar {
+            member.resize(member.len() + tar::padding(stored.len() as u64) as usize, 0);
+        }
+        let planned = planned_len(format, key, &meta);
+        return Ok(Item::Small(Small { meta, member, hlen, crc, stored: stored.len() as u64, codec, planned }));
+    }
+    // The whole member is built here, in parallel: header, data, padding. The writer then only
+    // appends it.
+    let hlen = if tar { tar::write_header(&mut member, key, &meta) } else { 0 };
+    member.reserve(want + tar::padding(meta.size) as usize + 1);
+    read_exact_file(&f, path, &mut member, want)?;
+    let crc = crc32c::crc32c(&member[hlen..]);
+    if tar {
+        member.resize(hlen + want + tar::padding(meta.size) as usize, 0);
+    }
+    // Uncompressed, the member is exactly what the shard-size rule counts.
+    let planned = if tar { member.len() as u64 } else { meta.size };
+    Ok(Item::Small(Small { meta, member, hlen, crc, stored: meta.size, codec: codec::RAW, planned }))
+}

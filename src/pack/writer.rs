@@ -1,0 +1,198 @@
+//! The shard writer: appends members to the open shard in key order, cuts shards (by
+//! `--shard-size`, or where the pipeline says: a plan's boundaries), and completes each shard:
+//! tar end blocks (or the HDF5 file), fsync, rename, then its per-shard index in the state
+//! directory (what `--resume` trusts).
+
+use super::h5::finish_h5;
+use super::large::{write_large_coded, write_large_raw};
+use super::member::{Large, Small};
+use super::{planned_len, shard_name, shard_state_name, PackOptions, ShardFormat, SHARD_END, STATE_DIR, WRITEBACK_EVERY};
+use crate::codec;
+use crate::error::{Error, IoContext, Result};
+use crate::fault;
+use crate::fsx;
+use crate::index::{Index, IndexBuilder, ShardInfo};
+use crate::layout;
+use crate::manifest::{hex128, ShardRecord};
+use crate::tar;
+use crate::walk::{OnError, Skipped};
+use std::fs::{self, File};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
+
+/// The shard being written: `.shard-NNNNN.tar.tmp` (for HDF5: the stored samples back to back,
+/// turned into the HDF5 file when it is complete), hashed as it is written.
+pub(super) struct ShardOut {
+    pub k: usize,
+    pub tmp: PathBuf,
+    pub w: File,
+    pub pos: u64,
+    /// Sum of the planned (uncompressed) lengths of the members so far.
+    pub raw: u64,
+    pub hash: Xxh3,
+    pub index: IndexBuilder,
+    flushed_at: u64,
+}
+
+impl ShardOut {
+    fn create(opts: &PackOptions, k: usize, dict: &[u8]) -> Result<ShardOut> {
+        let tmp = opts.output.join(layout::tmp_file_name(&shard_name(k, opts.format)));
+        let w = File::create(&tmp).ctx("create", &tmp)?;
+        let index = if opts.compress.is_none() { IndexBuilder::new() } else { IndexBuilder::new_coded(dict) };
+        Ok(ShardOut { k, tmp, w, pos: 0, raw: 0, hash: Xxh3::new(), index, flushed_at: 0 })
+    }
+
+    pub fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.w.write_all(b).ctx("write", &self.tmp)?;
+        self.hash.update(b);
+        self.pos += b.len() as u64;
+        if self.pos - self.flushed_at >= WRITEBACK_EVERY {
+            // Start writeback of what is written so far (asynchronously), so the fsync at the
+            // end of the shard has little left to wait for and the disk works while we read.
+            // SAFETY: a hint on a descriptor we own; no memory is involved.
+            unsafe { libc::sync_file_range(self.w.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+            self.flushed_at = self.pos;
+        }
+        Ok(())
+    }
+
+    /// Rolls the shard back to `pos` (where a member that failed began), with the hash then.
+    fn rewind(&mut self, pos: u64, hash: Xxh3) -> Result<()> {
+        self.w.set_len(pos).ctx("truncate", &self.tmp)?;
+        self.w.seek(SeekFrom::Start(pos)).ctx("seek", &self.tmp)?;
+        self.pos = pos;
+        self.hash = hash;
+        Ok(())
+    }
+
+    /// Publishes the complete shard as `dst`; returns what the index records of it.
+    fn finish(&mut self, opts: &PackOptions, dst: &Path, dict: &[u8]) -> Result<ShardInfo> {
+        match opts.format {
+            ShardFormat::Tar => {
+                self.put(&tar::END)?;
+                self.w.sync_all().ctx("fsync", &self.tmp)?;
+                fs::rename(&self.tmp, dst).ctx("rename", dst)?;
+                Ok(ShardInfo { name: shard_name(self.k, opts.format), size: self.pos, hash: self.hash.digest128() })
+            }
+            ShardFormat::H5 => finish_h5(opts, self, dst, dict),
+        }
+    }
+}
+
+/// Writes shards numbered from `first`; completed ones go to `parts` (their per-shard indexes)
+/// and `records` (for the manifest). A shard left open when the writer is dropped (an error)
+/// is removed.
+pub(super) struct ShardWriter<'a> {
+    opts: &'a PackOptions,
+    dict: &'a [u8],
+    /// Cut shards by `--shard-size` (else the caller cuts them at a plan's boundaries).
+    by_size: bool,
+    cur: Option<ShardOut>,
+    /// Number of the open shard, or of the next one.
+    k: usize,
+    first: usize,
+    hdr: Vec<u8>,
+    parts: &'a mut Vec<Index>,
+    records: &'a mut Vec<ShardRecord>,
+}
+
+impl<'a> ShardWriter<'a> {
+    pub fn new(opts: &'a PackOptions, dict: &'a [u8], by_size: bool, first: usize, parts: &'a mut Vec<Index>, records: &'a mut Vec<ShardRecord>) -> Self {
+        ShardWriter { opts, dict, by_size, cur: None, k: first, first, hdr: Vec::with_capacity(2048), parts, records }
+    }
+
+    /// Appends a member read whole by an I/O thread (its buffer stays with the caller).
+    pub fn accept_small(&mut self, key: &[u8], m: &Small) -> Result<()> {
+        let s = self.room_for(m.planned)?;
+        let at = s.pos;
+        s.put(&m.member)?;
+        s.index.push_coded(key, 0, at + m.hlen as u64, m.stored, m.meta.size, m.codec, m.crc);
+        s.raw += m.planned;
+        Ok(())
+    }
+
+    /// Streams a large file in. A file that changes while it is copied fails the pack, or with
+    /// `--on-error skip` is rolled back out of the shard and returned as skipped.
+    pub fn accept_large(&mut self, key: &[u8], l: Large) -> Result<Option<Skipped>> {
+        let Large { meta, mut file, path } = l;
+        let planned = planned_len(self.opts.format, key, &meta);
+        let (opts, dict) = (self.opts, self.dict);
+        self.room_for(planned)?;
+        let (s, hdr) = (self.cur.as_mut().expect("opened by room_for"), &mut self.hdr);
+        let (at, hash_before) = (s.pos, s.hash.clone());
+        let r = if opts.compress.is_none() {
+            write_large_raw(s, opts.format == ShardFormat::Tar, &mut file, &path, key, &meta, hdr).map(|(off, crc)| (off, meta.size, codec::RAW, crc))
+        } else {
+            write_large_coded(opts, s, &mut file, &path, key, &meta, dict, hdr)
+        };
+        match r {
+            Ok((off, stored, codec, crc)) => {
+                s.index.push_coded(key, 0, off, stored, meta.size, codec, crc);
+                s.raw += planned;
+                Ok(None)
+            }
+            Err(e @ Error::Changed { .. }) if opts.on_error == OnError::Skip => {
+                s.rewind(at, hash_before)?;
+                Ok(Some(Skipped { path: path.display().to_string(), reason: e.to_string() }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The open shard, after cutting it when a member of `planned` bytes would overflow it
+    /// (a shard always takes at least one member); a new one is opened as needed.
+    fn room_for(&mut self, planned: u64) -> Result<&mut ShardOut> {
+        let full = |s: &ShardOut| s.raw + planned + SHARD_END > self.opts.shard_size && !s.index.is_empty();
+        if self.by_size && self.cur.as_ref().is_some_and(full) {
+            self.cut()?;
+        }
+        if self.cur.is_none() {
+            self.cur = Some(ShardOut::create(self.opts, self.k, self.dict)?);
+        }
+        Ok(self.cur.as_mut().expect("opened above"))
+    }
+
+    /// Completes the open shard, if any; the next member starts a new one.
+    pub fn cut(&mut self) -> Result<()> {
+        if let Some(s) = self.cur.take() {
+            self.close_shard(s)?;
+            self.k += 1;
+            fault::kill_after_shards((self.k - self.first) as u64);
+        }
+        Ok(())
+    }
+
+    /// Completes the last shard.
+    pub fn close(mut self) -> Result<()> {
+        match self.cur.take() {
+            Some(s) => self.close_shard(s),
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes shard `s`, then its per-shard index (fsynced): from then on `--resume` keeps it.
+    fn close_shard(&mut self, mut s: ShardOut) -> Result<()> {
+        let opts = self.opts;
+        let name = shard_name(s.k, opts.format);
+        let info = s.finish(opts, &opts.output.join(&name), self.dict)?;
+        s.index.push_shard(info.clone());
+        let ip = opts.output.join(STATE_DIR).join(shard_state_name(s.k));
+        s.index.write_atomic(&ip)?; // also fsyncs the state dir
+        drop(s.index);
+        fsx::sync_dir(&opts.output)?;
+        let ix = Index::open(&ip)?;
+        self.records.push(ShardRecord { file: name, size: info.size, samples: ix.len() as u64, xxh3_128: hex128(info.hash) });
+        self.parts.push(ix);
+        Ok(())
+    }
+}
+
+impl Drop for ShardWriter<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.cur.take() {
+            let _ = fs::remove_file(&s.tmp);
+        }
+    }
+}
