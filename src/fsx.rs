@@ -37,3 +37,18 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).ctx("open", dir)?;
     d.sync_all().ctx("fsync", dir)
 }
+
+/// XXH3-128 of a whole file, read in large sequential chunks.
+pub fn hash_file(path: &Path) -> Result<u128> {
+    use std::io::Read;
+    let mut f = File::open(path).ctx("open", path)?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).ctx("read", path)?;
+        if n == 0 {
+            return Ok(h.digest128());
+        }
+        h.update(&buf[..n]);
+    }
+}

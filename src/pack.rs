@@ -293,6 +293,17 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
     res
 }
 
+/// What a pack covers: the walk's roots and files (or a plan's), the range of files this pack
+/// writes, the plan's shard cuts and the first shard's number.
+struct Scope<'a> {
+    roots: &'a [SourceRoot],
+    files: &'a FileList,
+    skipped: Vec<Skipped>,
+    range: std::ops::Range<usize>,
+    cuts: Option<&'a [u64]>,
+    first_shard: usize,
+}
+
 fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option<&Selection>) -> Result<PackSummary> {
     let out = &opts.output;
     let mut resolved;
@@ -303,137 +314,50 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
     } else {
         opts
     };
-    let out_md = fs::metadata(out).ctx("stat", out)?;
-    let wopts = WalkOptions {
-        follow_symlinks: opts.follow_symlinks,
-        include: globset(&opts.include, "include")?,
-        exclude: globset(&opts.exclude, "exclude")?,
-        threads: opts.threads.min(64),
-        on_error: opts.on_error,
-        prune: vec![(out_md.dev(), out_md.ino())],
-    };
     progress.phase.store(0, Relaxed);
-    let walked_own;
-    let (roots, files, walk_skipped, range, cuts, first_shard) = match sel {
-        Some(sel) => (sel.roots, sel.files, sel.skipped.clone(), sel.range.clone(), Some(sel.cuts), sel.first_shard),
+    let walked;
+    let scope = match sel {
+        Some(sel) => Scope {
+            roots: sel.roots,
+            files: sel.files,
+            skipped: sel.skipped.clone(),
+            range: sel.range.clone(),
+            cuts: Some(sel.cuts),
+            first_shard: sel.first_shard,
+        },
         None => {
-            walked_own = walk::walk(&opts.sources, &wopts)?;
-            let n = walked_own.files.len();
-            (&walked_own.roots[..], &walked_own.files, walked_own.skipped.clone(), 0..n, None, 0)
+            walked = walk::walk(&opts.sources, &walk_options(opts)?)?;
+            let n = walked.files.len();
+            Scope { roots: &walked.roots, files: &walked.files, skipped: walked.skipped.clone(), range: 0..n, cuts: None, first_shard: 0 }
         }
     };
-    if files.is_empty() {
+    if scope.files.is_empty() {
         let srcs: Vec<String> = opts.sources.iter().map(|s| s.display().to_string()).collect();
         return Err(Error::usage(
-            format!("no files to pack in {} ({} entries skipped)", srcs.join(", "), walk_skipped.len()),
+            format!("no files to pack in {} ({} entries skipped)", srcs.join(", "), scope.skipped.len()),
             "check the source path and the --include/--exclude patterns",
         ));
     }
-    progress.files_total.store(range.len() as u64, Relaxed);
+    progress.files_total.store(scope.range.len() as u64, Relaxed);
     progress.phase.store(1, Relaxed);
 
-    let state = out.join(STATE_DIR);
-    let state_opts = StateOptions {
-        shard_size: opts.shard_size,
-        sources: opts.sources.iter().map(|s| s.display().to_string()).collect(),
-        format: opts.format,
-        compress: opts.compress.name(),
-        dict_size: opts.dict_size,
+    let mut done =
+        if opts.resume && out.join(STATE_DIR).join(STATE_OPTIONS).is_file() { resume_state(opts, &scope, progress)? } else { new_state(opts, &scope)? };
+    let dict = dictionary(opts, &scope)?;
+    let mut skipped = scope.skipped.clone();
+    let resumed = done.records.len() as u64;
+    let range = PipeRange {
+        start: done.next_file,
+        end: scope.range.end,
+        first_file: scope.range.start,
+        first_shard: scope.first_shard + done.records.len(),
+        cuts: scope.cuts,
     };
-    // Resume: take every completed shard whose keys match the walk, in order.
-    // Per-shard indexes of completed shards (mapped files in .pack-state/); the final index is
-    // streamed from them, so the pack never holds the whole index in memory.
-    let mut parts: Vec<Index> = Vec::new();
-    let mut shard_records = Vec::new();
-    let mut start = range.start;
-    let mut resumed = 0u64;
-    // The state is usable once its options file exists (written before any shard).
-    if opts.resume && state.join(STATE_OPTIONS).is_file() {
-        let prev: StateOptions = manifest::read_json(&state.join(STATE_OPTIONS))?;
-        if prev.shard_size != opts.shard_size {
-            return Err(Error::usage(
-                format!("the interrupted pack in {} used --shard-size {}, not {}", out.display(), prev.shard_size, opts.shard_size),
-                "resume with the same options, or start over with --force",
-            ));
-        }
-        if (prev.format, &prev.compress, prev.dict_size) != (opts.format, &state_opts.compress, opts.dict_size) {
-            return Err(Error::usage(
-                format!(
-                    "the interrupted pack in {} used --format {} --compress {}{}",
-                    out.display(),
-                    prev.format.ext(),
-                    prev.compress,
-                    if prev.dict_size > 0 { format!(" --zstd-dict {}", prev.dict_size) } else { String::new() }
-                ),
-                "resume with the same options, or start over with --force",
-            ));
-        }
-        let mut k = first_shard;
-        loop {
-            let ip = state.join(shard_state_name(k));
-            let sp = out.join(shard_name(k, opts.format));
-            if !ip.exists() {
-                break;
-            }
-            let ix = Index::open(&ip)?;
-            let info = ix.shards().first().cloned().ok_or_else(|| Error::format(&ip, "per-shard index without a shard"))?;
-            let actual = fs::metadata(&sp).map(|m| m.len()).unwrap_or(u64::MAX);
-            if actual != info.size {
-                break; // shard missing or damaged: write it again from here
-            }
-            let n = ix.len();
-            let matches = start + n <= range.end && (0..n).all(|i| ix.key(i).ok() == Some(files.key(start + i)));
-            if !matches {
-                return Err(Error::usage(format!("the source tree changed since the pack into {} was interrupted", out.display()), "start over with --force"));
-            }
-            shard_records.push(ShardRecord { file: shard_name(k, opts.format), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
-            start += n;
-            parts.push(ix);
-            k += 1;
-            resumed += 1;
-            progress.files_done.store((start - range.start) as u64, Relaxed);
-        }
-        // Anything after the first gap is rewritten.
-        for e in fs::read_dir(&state).ctx("list directory", &state)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(num) = layout::parse_state_index_name(&name) {
-                if num >= k {
-                    fs::remove_file(e.path()).ctx("remove", e.path())?;
-                }
-            }
-        }
-    } else {
-        if state.exists() {
-            fs::remove_dir_all(&state).ctx("remove", &state)?;
-        }
-        fs::create_dir(&state).ctx("create directory", &state)?;
-        let options_path = state.join(STATE_OPTIONS);
-        fsx::write_atomic(&options_path, &manifest::json_bytes(&state_opts, false, &options_path)?)?;
-        fsx::sync_dir(out)?;
-    }
-
-    // The dictionary: trained once, before any shard, and kept for --resume.
-    let dict = if opts.dict_size > 0 {
-        let dp = state.join(STATE_DICT);
-        match fs::read(&dp) {
-            Ok(d) if opts.resume => d,
-            _ => {
-                let d = train_dict(opts, roots, files)?;
-                fsx::write_atomic(&dp, &d)?;
-                d
-            }
-        }
-    } else {
-        Vec::new()
-    };
-
-    let mut skipped = walk_skipped;
-    let sel = PipeRange { start, end: range.end, first_file: range.start, first_shard: first_shard + shard_records.len(), cuts };
-    Pipeline { opts, progress, roots, files, dict: &dict, range: sel }.run(&mut parts, &mut shard_records, &mut skipped)?;
+    Pipeline { opts, progress, roots: scope.roots, files: scope.files, dict: &dict, range }.run(&mut done.parts, &mut done.records, &mut skipped)?;
 
     progress.phase.store(2, Relaxed);
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let m = finish(opts, parts, &dict, shard_records, skipped)?;
+    let m = finish(opts, done.parts, &dict, done.records, skipped)?;
     progress.phase.store(3, Relaxed);
     Ok(PackSummary {
         output: out.clone(),
@@ -445,6 +369,133 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
         seconds: t0.elapsed().as_secs_f64(),
         already_complete: false,
     })
+}
+
+/// The walk's options: filters, threads, and the output directory pruned from the walk.
+fn walk_options(opts: &PackOptions) -> Result<WalkOptions> {
+    let out_md = fs::metadata(&opts.output).ctx("stat", &opts.output)?;
+    Ok(WalkOptions {
+        follow_symlinks: opts.follow_symlinks,
+        include: globset(&opts.include, "include")?,
+        exclude: globset(&opts.exclude, "exclude")?,
+        threads: opts.threads.min(64),
+        on_error: opts.on_error,
+        prune: vec![(out_md.dev(), out_md.ino())],
+    })
+}
+
+/// The completed shards a pack starts from: their per-shard indexes (mapped files in
+/// `.pack-state/`; the final index is streamed from them, so the pack never holds the whole
+/// index in memory), their manifest records, and the first file still to pack.
+struct Done {
+    parts: Vec<Index>,
+    records: Vec<ShardRecord>,
+    next_file: usize,
+}
+
+fn state_options(opts: &PackOptions) -> StateOptions {
+    StateOptions {
+        shard_size: opts.shard_size,
+        sources: opts.sources.iter().map(|s| s.display().to_string()).collect(),
+        format: opts.format,
+        compress: opts.compress.name(),
+        dict_size: opts.dict_size,
+    }
+}
+
+/// A fresh state directory (any earlier one is removed); its options file is written before
+/// any shard, which makes the state usable by `--resume`.
+fn new_state(opts: &PackOptions, scope: &Scope) -> Result<Done> {
+    let state = opts.output.join(STATE_DIR);
+    if state.exists() {
+        fs::remove_dir_all(&state).ctx("remove", &state)?;
+    }
+    fs::create_dir(&state).ctx("create directory", &state)?;
+    let options_path = state.join(STATE_OPTIONS);
+    fsx::write_atomic(&options_path, &manifest::json_bytes(&state_options(opts), false, &options_path)?)?;
+    fsx::sync_dir(&opts.output)?;
+    Ok(Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start })
+}
+
+/// `--resume`: checks the interrupted pack used the same options, then takes every completed
+/// shard, in order, whose keys match this pack's files; anything after the first gap is
+/// written again.
+fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Result<Done> {
+    let (out, state) = (&opts.output, opts.output.join(STATE_DIR));
+    check_same_options(opts, &manifest::read_json(&state.join(STATE_OPTIONS))?)?;
+    let mut done = Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start };
+    let mut k = scope.first_shard;
+    while let Some(ix) = completed_shard(opts, k)? {
+        let (start, n) = (done.next_file, ix.len());
+        let matches = start + n <= scope.range.end && (0..n).all(|i| ix.key(i).ok() == Some(scope.files.key(start + i)));
+        if !matches {
+            return Err(Error::usage(format!("the source tree changed since the pack into {} was interrupted", out.display()), "start over with --force"));
+        }
+        let info = &ix.shards()[0];
+        done.records.push(ShardRecord { file: shard_name(k, opts.format), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
+        done.next_file += n;
+        done.parts.push(ix);
+        k += 1;
+        progress.files_done.store((done.next_file - scope.range.start) as u64, Relaxed);
+    }
+    for e in fs::read_dir(&state).ctx("list directory", &state)?.flatten() {
+        if layout::parse_state_index_name(&e.file_name().to_string_lossy()).is_some_and(|num| num >= k) {
+            fs::remove_file(e.path()).ctx("remove", e.path())?;
+        }
+    }
+    Ok(done)
+}
+
+/// Shard `k`'s per-shard index when the shard is complete (its file has the recorded size).
+fn completed_shard(opts: &PackOptions, k: usize) -> Result<Option<Index>> {
+    let ip = opts.output.join(STATE_DIR).join(shard_state_name(k));
+    if !ip.exists() {
+        return Ok(None);
+    }
+    let ix = Index::open(&ip)?;
+    let info = ix.shards().first().cloned().ok_or_else(|| Error::format(&ip, "per-shard index without a shard"))?;
+    let actual = fs::metadata(opts.output.join(shard_name(k, opts.format))).map(|m| m.len()).unwrap_or(u64::MAX);
+    // A shard missing or damaged is written again from there.
+    Ok((actual == info.size).then_some(ix))
+}
+
+fn check_same_options(opts: &PackOptions, prev: &StateOptions) -> Result<()> {
+    let out = &opts.output;
+    if prev.shard_size != opts.shard_size {
+        return Err(Error::usage(
+            format!("the interrupted pack in {} used --shard-size {}, not {}", out.display(), prev.shard_size, opts.shard_size),
+            "resume with the same options, or start over with --force",
+        ));
+    }
+    if (prev.format, prev.compress.as_str(), prev.dict_size) != (opts.format, opts.compress.name().as_str(), opts.dict_size) {
+        return Err(Error::usage(
+            format!(
+                "the interrupted pack in {} used --format {} --compress {}{}",
+                out.display(),
+                prev.format.ext(),
+                prev.compress,
+                if prev.dict_size > 0 { format!(" --zstd-dict {}", prev.dict_size) } else { String::new() }
+            ),
+            "resume with the same options, or start over with --force",
+        ));
+    }
+    Ok(())
+}
+
+/// The `--zstd-dict` dictionary: trained once, before any shard, and kept for `--resume`.
+fn dictionary(opts: &PackOptions, scope: &Scope) -> Result<Vec<u8>> {
+    if opts.dict_size == 0 {
+        return Ok(Vec::new());
+    }
+    let dp = opts.output.join(STATE_DIR).join(STATE_DICT);
+    match fs::read(&dp) {
+        Ok(d) if opts.resume => Ok(d),
+        _ => {
+            let d = train_dict(opts, scope.roots, scope.files)?;
+            fsx::write_atomic(&dp, &d)?;
+            Ok(d)
+        }
+    }
 }
 
 /// The final index (streamed from the per-shard `parts`), then the manifest (last: its presence

@@ -396,7 +396,9 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
     let sel = Selection {
         roots: &plan.roots,
         files: &plan.files,
-        skipped: if p == 0 { plan.skipped.clone() } else { Vec::new() },
+        // The walk's skipped files go with the part that packs the first shard (part 0 may be
+        // empty when there are more parts than shards), so the merged manifest lists them once.
+        skipped: if a == 0 { plan.skipped.clone() } else { Vec::new() },
         range: first_file as usize..end_file as usize,
         cuts: &plan.cuts[a as usize..b as usize],
         first_shard: a as usize,
@@ -432,11 +434,13 @@ pub struct MergeSummary {
     pub already_merged: bool,
 }
 
-/// Joins the finished parts under `out` into one dataset in `out`: shards are renamed into
-/// place (no copy), the index is streamed from the parts' indexes, the manifest is written
-/// last, then the part directories are removed. Refuses missing or unfinished parts, naming
-/// them. Idempotent: a merge that was interrupted is finished by running it again.
-pub fn merge(out: &Path) -> Result<MergeSummary> {
+/// Joins the finished parts under `out` into one dataset in `out`: every part is checked first
+/// (its manifest against its index, every shard's name and size, and with `verify` every
+/// shard's XXH3-128), and only then are the shards renamed into place (no copy); the index is
+/// streamed from the parts' indexes, the manifest is written last, then the part directories
+/// are removed. A part that fails a check is named with how to redo it, and nothing is moved.
+/// Idempotent: a merge that was interrupted is finished by running it again.
+pub fn merge(out: &Path, verify: bool) -> Result<MergeSummary> {
     let _lock = layout::lock_dir(out)?;
     let parts = list_parts(out)?;
     if layout::DirKind::of(out) == layout::DirKind::Dataset {
@@ -446,12 +450,55 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
         }
         return Ok(MergeSummary { parts: parts.len() as u32, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: true });
     }
+    let (infos, nparts) = finished_parts(out, &parts)?;
+    let loaded: Vec<LoadedPart> = infos.iter().filter(|(i, _)| i.shards > 0).map(|(i, d)| load_part(out, i, d, verify)).collect::<Result<_>>()?;
+    let first = loaded.first().ok_or_else(|| Error::usage("every part is empty", "nothing to merge"))?;
+    let dict_hash = |m: &Manifest| m.compression.as_ref().and_then(|c| c.zstd_dict.as_ref().map(|d| d.xxh3_128.clone()));
+    if loaded.iter().any(|l| dict_hash(&l.manifest) != dict_hash(&first.manifest)) {
+        return Err(Error::usage(
+            "the parts trained different zstd dictionaries (the tree changed during the array job?)",
+            "pack the parts again from one plan",
+        ));
+    }
+    // Everything checked: move the shards into place (an interrupted merge moved some already).
+    let mut records = Vec::new();
+    let mut moved = 0u64;
+    for l in &loaded {
+        for r in &l.manifest.shards {
+            let (src, dst) = (l.dir.join(&r.file), out.join(&r.file));
+            if fs::symlink_metadata(&src).is_ok() {
+                fs::rename(&src, &dst).ctx("rename", &dst)?;
+                moved += 1;
+                crate::fault::kill_in_merge(moved);
+            }
+            records.push(r.clone());
+        }
+    }
+    fsx::sync_dir(out)?;
+    let coded = first.manifest.compression.is_some();
+    let dict = first.index.dict().map(|d| d.to_vec()).unwrap_or_default();
+    let (indexes, manifests): (Vec<Index>, Vec<Manifest>) = loaded.into_iter().map(|l| (l.index, l.manifest)).unzip();
+    let ix = crate::index::concat(&indexes, &out.join(layout::INDEX_FILE), coded.then_some(&dict[..]))?;
+    drop(indexes);
+    let m = merged_manifest(out, nparts, &manifests, ix, records)?;
+    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
+    fsx::sync_dir(out)?;
+    for (_, d) in &parts {
+        fs::remove_dir_all(d).ctx("remove", d)?;
+    }
+    fsx::sync_dir(out)?;
+    Ok(MergeSummary { parts: nparts, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: false })
+}
+
+/// The finished parts, in order, and their count; refuses missing or unfinished parts (naming
+/// them) and parts of different plans.
+fn finished_parts(out: &Path, parts: &[(u32, PathBuf)]) -> Result<(Vec<(PartInfo, PathBuf)>, u32)> {
     if parts.is_empty() {
         return Err(Error::usage(format!("no parts in {}", out.display()), "pack the parts first: packds pack --plan PLAN --part I/N -o OUT"));
     }
     let mut infos = Vec::new();
     let mut unfinished = Vec::new();
-    for (p, d) in &parts {
+    for (p, d) in parts {
         match manifest::read_json::<PartInfo>(&d.join(PART_FILE)) {
             Ok(i) if i.part == *p => infos.push((i, d.clone())),
             _ => unfinished.push(*p),
@@ -476,55 +523,58 @@ pub fn merge(out: &Path) -> Result<MergeSummary> {
         ));
     }
     infos.sort_by_key(|i| i.0.part);
-    // Each non-empty part is a dataset of its own.
-    let mut indexes = Vec::new();
-    let mut manifests = Vec::new();
-    for (info, d) in &infos {
-        if info.shards == 0 {
-            continue;
+    Ok((infos, nparts))
+}
+
+/// A finished, checked part: its directory, manifest and index.
+struct LoadedPart {
+    dir: PathBuf,
+    manifest: Manifest,
+    index: Index,
+}
+
+/// Loads part `info` from `dir` and checks it before anything is moved: the manifest (its
+/// file names included), the index against the manifest's record and shard list, the shard
+/// count against `part.json`, and every shard (in the part, or already moved to `out` by an
+/// interrupted merge) is a regular file of the recorded size; with `verify`, of the recorded
+/// XXH3-128 too.
+fn load_part(out: &Path, info: &PartInfo, dir: &Path, verify: bool) -> Result<LoadedPart> {
+    let bad = |what: String| {
+        Error::usage(
+            format!("part {} of {} ({}) is damaged: {what}", info.part, info.parts, dir.display()),
+            format!(
+                "nothing was merged; remove {} and rerun array task {} (packds pack --plan PLAN --part {}/{} -o OUT), then merge again",
+                dir.display(),
+                info.part,
+                info.part,
+                info.parts
+            ),
+        )
+    };
+    let manifest = Manifest::load(dir).map_err(|e| bad(e.to_string()))?;
+    let ipath = dir.join(layout::INDEX_FILE);
+    let ibytes = fs::read(&ipath).map_err(|e| bad(format!("cannot read {}: {e}", layout::INDEX_FILE)))?;
+    if ibytes.len() as u64 != manifest.index.size || hex128(xxhash_rust::xxh3::xxh3_128(&ibytes)) != manifest.index.xxh3_128 {
+        return Err(bad(format!("{} does not match its manifest", layout::INDEX_FILE)));
+    }
+    let index = Index::open(&ipath).map_err(|e| bad(e.to_string()))?;
+    let listed: Vec<(&str, u64)> = manifest.shards.iter().map(|r| (r.file.as_str(), r.size)).collect();
+    let indexed: Vec<(&str, u64)> = index.shards().iter().map(|s| (s.name.as_str(), s.size)).collect();
+    if listed != indexed || index.len() as u64 != manifest.samples || manifest.shards.len() as u64 != info.shards {
+        return Err(bad("its manifest, index and part.json disagree on its shards".into()));
+    }
+    for r in &manifest.shards {
+        let path = [dir.join(&r.file), out.join(&r.file)].into_iter().find(|p| fs::symlink_metadata(p).is_ok());
+        let path = path.ok_or_else(|| bad(format!("{} is missing", r.file)))?;
+        let md = fs::symlink_metadata(&path).ctx("stat", &path)?;
+        if !md.is_file() || md.len() != r.size {
+            return Err(bad(format!("{} is {} bytes (not a regular file of the {} its manifest records)", path.display(), md.len(), r.size)));
         }
-        manifests.push(Manifest::load(d)?);
-        indexes.push(Index::open(&d.join(layout::INDEX_FILE))?);
-    }
-    let m0 = manifests.first().cloned().ok_or_else(|| Error::usage("every part is empty", "nothing to merge"))?;
-    let dict_hashes: Vec<Option<String>> =
-        manifests.iter().map(|m| m.compression.as_ref().and_then(|c| c.zstd_dict.as_ref().map(|d| d.xxh3_128.clone()))).collect();
-    if dict_hashes.iter().any(|h| *h != dict_hashes[0]) {
-        return Err(Error::usage(
-            "the parts trained different zstd dictionaries (the tree changed during the array job?)",
-            "pack the parts again from one plan",
-        ));
-    }
-    // Move the shards into place (already moved ones are found there).
-    let mut records = Vec::new();
-    let mut moved = 0u64;
-    for ((info, d), m) in infos.iter().filter(|i| i.0.shards > 0).zip(&manifests) {
-        let _ = info;
-        for r in &m.shards {
-            let (src, dst) = (d.join(&r.file), out.join(&r.file));
-            if src.exists() {
-                fs::rename(&src, &dst).ctx("rename", &dst)?;
-                moved += 1;
-                crate::fault::kill_in_merge(moved);
-            } else if fs::metadata(&dst).map(|md| md.len()).ok() != Some(r.size) {
-                return Err(Error::format(&src, "shard is missing from its part and from the merged dataset"));
-            }
-            records.push(r.clone());
+        if verify && hex128(fsx::hash_file(&path)?) != r.xxh3_128 {
+            return Err(bad(format!("{} does not match its checksum", path.display())));
         }
     }
-    fsx::sync_dir(out)?;
-    let coded = m0.compression.is_some();
-    let dict = indexes[0].dict().map(|d| d.to_vec()).unwrap_or_default();
-    let ix = crate::index::concat(&indexes, &out.join(layout::INDEX_FILE), coded.then_some(&dict[..]))?;
-    let m = merged_manifest(out, nparts, &manifests, ix, records)?;
-    drop(indexes);
-    fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
-    fsx::sync_dir(out)?;
-    for (_, d) in &parts {
-        fs::remove_dir_all(d).ctx("remove", d)?;
-    }
-    fsx::sync_dir(out)?;
-    Ok(MergeSummary { parts: nparts, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: false })
+    Ok(LoadedPart { dir: dir.to_path_buf(), manifest, index })
 }
 
 /// The merged dataset's manifest: the first part's format, options (less the part's own) and
@@ -622,7 +672,7 @@ mod tests {
             po.part = Some((p, 4));
             pack::pack(&po, &Progress::default()).unwrap();
         }
-        let s = merge(&out).unwrap();
+        let s = merge(&out, false).unwrap();
         assert_eq!(s.samples, 700);
         let single = Reader::open(&o.output).unwrap();
         let merged = Reader::open(&out).unwrap();
@@ -631,7 +681,7 @@ mod tests {
             assert_eq!(fs::read(o.output.join(&sh.name)).unwrap(), fs::read(out.join(&sh.name)).unwrap(), "{}", sh.name);
         }
         merged.verify().unwrap();
-        assert!(merge(&out).unwrap().already_merged);
+        assert!(merge(&out, false).unwrap().already_merged);
     }
 
     #[test]
@@ -643,7 +693,7 @@ mod tests {
         o.shard_size = 16 << 10;
         o.part = Some((1, 3));
         pack::pack(&o, &Progress::default()).unwrap();
-        let e = merge(&o.output).unwrap_err().to_string();
+        let e = merge(&o.output, false).unwrap_err().to_string();
         assert!(e.contains("part(s) 0, 2 of 3"), "{e}");
         let plan = make_plan(&o, &Progress::default(), None).unwrap();
         let pp = d.path().join("plan");

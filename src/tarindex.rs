@@ -722,68 +722,9 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
 
 fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0: Instant) -> Result<IndexTarsSummary> {
     let out = &opts.output;
-    // Scan: a few tars at once (each read sequentially); the first error stops the others.
-    let threads = if opts.threads == 0 { 4 } else { opts.threads }.clamp(1, 64).min(tars.len());
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let results: Mutex<Vec<Option<Result<Scan>>>> = Mutex::new((0..tars.len()).map(|_| None).collect());
-    let work = || loop {
-        let i = next.fetch_add(1, Relaxed);
-        if i >= tars.len() || stop.load(Relaxed) {
-            return;
-        }
-        let r = scan_until(&tars[i], [cancel, &stop]);
-        if r.is_err() {
-            stop.store(true, Relaxed);
-        }
-        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-    };
-    crate::pool::run_with_caller(threads, "packds-index", &work);
-    if cancel.load(Relaxed) {
-        return Err(Error::Cancelled);
-    }
-    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-    // The error that stopped the others (theirs read "cancelled").
-    if let Some(e) = results.iter().position(|r| matches!(r, Some(Err(e)) if !matches!(e, Error::Cancelled))) {
-        return Err(results.into_iter().nth(e).flatten().expect("an error").expect_err("an error"));
-    }
-    let mut scans = Vec::with_capacity(tars.len());
-    for r in results {
-        match r {
-            Some(Ok(s)) => scans.push(s),
-            Some(Err(e)) => return Err(e),
-            None => {}
-        }
-    }
-    if scans.len() != tars.len() {
-        return Err(Error::format(out, "a tar was not scanned (internal error)"));
-    }
-    // Keys: every regular member, sorted byte-wise, unique.
-    let mut order: Vec<(u32, u32)> = Vec::new();
-    for (t, s) in scans.iter().enumerate() {
-        order.extend((0..s.members.len() as u32).map(|m| (t as u32, m)));
-    }
+    let scans = scan_all(opts, tars, cancel)?;
+    let order = sorted_members(&scans, tars)?;
     let member = |&(t, m): &(u32, u32)| &scans[t as usize].members[m as usize];
-    order.sort_unstable_by(|a, b| member(a).name.cmp(&member(b).name));
-    for w in order.windows(2) {
-        let (a, b) = (member(&w[0]), member(&w[1]));
-        if a.name == b.name {
-            let (ta, tb) = (&tars[w[0].0 as usize], &tars[w[1].0 as usize]);
-            let (first, second) = if (w[0].0, a.header) < (w[1].0, b.header) { ((ta, a), (tb, b)) } else { ((tb, b), (ta, a)) };
-            return Err(Error::format_hint(
-                second.0,
-                format!(
-                    "duplicate key {:?}: the member at offset {} of {} and the member at offset {} of {}",
-                    show(&a.name),
-                    first.1.header,
-                    first.0.display(),
-                    second.1.header,
-                    second.0.display()
-                ),
-                "keys must be unique: index the tars into separate datasets, or rename the members",
-            ));
-        }
-    }
     let skipped: Vec<Skipped> = scans
         .iter()
         .zip(tars)
@@ -813,22 +754,7 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
     }
     let mut shards = Vec::with_capacity(tars.len());
     for (i, (t, s)) in tars.iter().zip(&scans).enumerate() {
-        let name = layout::shard_name(i, ShardFormat::Tar);
-        let lp = out.join(&name);
-        let _ = fs::remove_file(&lp);
-        match opts.link {
-            Link::Symlink => std::os::unix::fs::symlink(t, &lp).ctx("create", &lp)?,
-            Link::Hard => fs::hard_link(t, &lp).map_err(|e| {
-                if e.raw_os_error() == Some(libc::EXDEV) {
-                    Error::usage(
-                        format!("cannot hard-link {} into {}: another filesystem", t.display(), out.display()),
-                        "use --link symlink, or put DATASET on the same filesystem as the tars",
-                    )
-                } else {
-                    Error::io("create", &lp, e)
-                }
-            })?,
-        }
+        let name = link_shard(opts, i, t)?;
         b.push_shard(ShardInfo { name: name.clone(), size: s.size, hash: s.hash });
         shards.push(ShardRecord { file: name, size: s.size, samples: per_shard[i], xxh3_128: hex128(s.hash) });
     }
@@ -853,6 +779,91 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
         warnings: scans.into_iter().flat_map(|s| s.warnings).collect(),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Scans the tars, a few at once (each read sequentially); the first error stops the others
+/// and is the one returned.
+fn scan_all(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool) -> Result<Vec<Scan>> {
+    let threads = if opts.threads == 0 { 4 } else { opts.threads }.clamp(1, 64).min(tars.len());
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let results: Mutex<Vec<Option<Result<Scan>>>> = Mutex::new((0..tars.len()).map(|_| None).collect());
+    let work = || loop {
+        let i = next.fetch_add(1, Relaxed);
+        if i >= tars.len() || stop.load(Relaxed) {
+            return;
+        }
+        let r = scan_until(&tars[i], [cancel, &stop]);
+        if r.is_err() {
+            stop.store(true, Relaxed);
+        }
+        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+    };
+    crate::pool::run_with_caller(threads, "packds-index", &work);
+    if cancel.load(Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    // The error that stopped the others (theirs read "cancelled").
+    if let Some(e) = results.iter().position(|r| matches!(r, Some(Err(e)) if !matches!(e, Error::Cancelled))) {
+        return Err(results.into_iter().nth(e).flatten().expect("an error").expect_err("an error"));
+    }
+    let scans: Vec<Scan> =
+        results.into_iter().collect::<Option<Result<Vec<Scan>>>>().ok_or_else(|| Error::format(&opts.output, "a tar was not scanned (internal error)"))??;
+    Ok(scans)
+}
+
+/// Every regular member as (tar, member) sorted by name, byte-wise; a duplicate name is an
+/// error naming both places.
+fn sorted_members(scans: &[Scan], tars: &[PathBuf]) -> Result<Vec<(u32, u32)>> {
+    let mut order: Vec<(u32, u32)> = Vec::new();
+    for (t, s) in scans.iter().enumerate() {
+        order.extend((0..s.members.len() as u32).map(|m| (t as u32, m)));
+    }
+    let member = |&(t, m): &(u32, u32)| &scans[t as usize].members[m as usize];
+    order.sort_unstable_by(|a, b| member(a).name.cmp(&member(b).name));
+    for w in order.windows(2) {
+        let (a, b) = (member(&w[0]), member(&w[1]));
+        if a.name == b.name {
+            let (ta, tb) = (&tars[w[0].0 as usize], &tars[w[1].0 as usize]);
+            let (first, second) = if (w[0].0, a.header) < (w[1].0, b.header) { ((ta, a), (tb, b)) } else { ((tb, b), (ta, a)) };
+            return Err(Error::format_hint(
+                second.0,
+                format!(
+                    "duplicate key {:?}: the member at offset {} of {} and the member at offset {} of {}",
+                    show(&a.name),
+                    first.1.header,
+                    first.0.display(),
+                    second.1.header,
+                    second.0.display()
+                ),
+                "keys must be unique: index the tars into separate datasets, or rename the members",
+            ));
+        }
+    }
+    Ok(order)
+}
+
+/// Links tar `i` into the dataset as its shard (a symlink, or a hard link with `--link hard`);
+/// returns the shard's name.
+fn link_shard(opts: &IndexTarsOptions, i: usize, tar: &Path) -> Result<String> {
+    let (out, name) = (&opts.output, layout::shard_name(i, ShardFormat::Tar));
+    let lp = out.join(&name);
+    let _ = fs::remove_file(&lp);
+    match opts.link {
+        Link::Symlink => std::os::unix::fs::symlink(tar, &lp).ctx("create", &lp)?,
+        Link::Hard => fs::hard_link(tar, &lp).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EXDEV) {
+                Error::usage(
+                    format!("cannot hard-link {} into {}: another filesystem", tar.display(), out.display()),
+                    "use --link symlink, or put DATASET on the same filesystem as the tars",
+                )
+            } else {
+                Error::io("create", &lp, e)
+            }
+        })?,
+    }
+    Ok(name)
 }
 
 /// The manifest of an index over `tars`: format version 2 (the index is unordered).

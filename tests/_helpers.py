@@ -416,3 +416,43 @@ def popen_cli(*args, env: dict | None = None, **kw) -> subprocess.Popen:
     e.update(env or {})
     return subprocess.Popen([sys.executable, "-m", "packds", *[os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, **kw)
+
+
+def unprivileged():
+    """(command prefix, uid that will own the tree) to run packds without the power to read
+    a mode-000 file. As root: drop to user 65534 when it can run this interpreter, else stay
+    uid 0 but drop every capability (so permission bits apply to root too)."""
+    probe = [sys.executable, "-c", "import packds"]
+    if os.geteuid() != 0:
+        return [], None
+    p = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if subprocess.run(p + probe, capture_output=True).returncode == 0:
+        return p, 65534
+    p = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    assert subprocess.run(p + probe, capture_output=True).returncode == 0, "cannot drop privileges with setpriv"
+    return p, None
+
+
+@contextlib.contextmanager
+def reachable_dir(prefix: str = "packds-shared-"):
+    """A fresh directory (mode 755) that another user can reach: pytest's and the session's
+    scratch directories are private (700). Removed afterwards."""
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix=prefix, dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        for dp, _dn, _fn in os.walk(base):
+            os.chmod(dp, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def chown_tree(root, uid: int | None) -> None:
+    """Gives everything under ``root`` (and ``root``) to ``uid`` (no-op for None)."""
+    if uid is None:
+        return
+    for dp, dn, fn in os.walk(root):
+        for n in [*dn, *fn, ""]:
+            os.lchown(os.path.join(dp, n) if n else dp, uid, uid)

@@ -368,3 +368,28 @@ def test_debug_shows_traceback(work):
 def test_demo_runs(work):
     r = h.cli("demo", "--files", "300", "--dir", os.path.join(work, "demo"), timeout=300)
     assert r.returncode == 0, h.show(r)
+
+
+def test_hints_name_only_options_the_command_has(small_ds_pristine):
+    """An unreadable shard: `verify` and `stage` say what to do without suggesting
+    `--on-error skip` (a `pack` option they do not have); `pack` of an unreadable file still
+    suggests it."""
+    prefix, uid = h.unprivileged()
+    with h.reachable_dir() as base:
+        ds = h.copy_dataset(small_ds_pristine, os.path.join(base, "d.pds"))
+        shard = sorted(n for n in os.listdir(ds) if n.startswith("shard-"))[0]
+        dest = os.path.join(base, "dest")
+        os.mkdir(dest)
+        src = os.path.join(base, "src")
+        h.write(src, "a.txt", b"a")
+        h.chown_tree(base, uid)
+        os.chmod(os.path.join(ds, shard), 0)
+        os.chmod(os.path.join(src, "a.txt"), 0)
+        for args in (["verify", ds], ["stage", ds, "--to", dest, "--policy", "local"]):
+            r = h.cli(*args, prefix=prefix)
+            assert r.returncode == 1, h.show(r)
+            err = r.stderr.decode()
+            assert shard in err and "hint:" in err, err
+            assert "--on-error" not in err, err
+        r = h.cli("pack", src, "-o", os.path.join(base, "out.pds"), prefix=prefix)
+        assert r.returncode == 1 and "--on-error skip" in r.stderr.decode(), h.show(r)

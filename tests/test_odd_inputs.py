@@ -193,26 +193,11 @@ def test_fifo_as_source_is_refused_without_hang(work):
 # ---------------------------------------------------------------------- unreadable files
 
 
-def _unprivileged():
-    """(command prefix, uid that will own the tree) to run packds without the power to read
-    a mode-000 file. As root: drop to user 65534 when it can run this interpreter, else stay
-    uid 0 but drop every capability (so permission bits apply to root too)."""
-    probe = [sys.executable, "-c", "import packds"]
-    if os.geteuid() != 0:
-        return [], None
-    p = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    if subprocess.run(p + probe, capture_output=True).returncode == 0:
-        return p, 65534
-    p = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
-    assert subprocess.run(p + probe, capture_output=True).returncode == 0, "cannot drop privileges with setpriv"
-    return p, None
-
-
 @pytest.fixture
 def locked_tree():
     """A tree with one mode-000 file and one mode-000 directory, in a place the unprivileged
     user can reach. Yields (prefix, src, outdir_parent, locked_file, locked_dir)."""
-    prefix, uid = _unprivileged()
+    prefix, uid = h.unprivileged()
     base = tempfile.mkdtemp(prefix="packds-perm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     os.chmod(base, 0o755)
     src = os.path.join(base, "src")

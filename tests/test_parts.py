@@ -181,3 +181,100 @@ def test_merge_killed_after_moving_n_shards_finishes_on_rerun(tree, work, kill_a
     single = os.path.join(work, "single.pds")
     packds.pack(tree, single, shard_size=32 << 10)
     h.assert_same_dataset_bytes(single, out)
+
+
+def _parts(tree, work, n=3, **opts):
+    plan = os.path.join(work, "plan")
+    packds.plan(tree, plan, shard_size=96 << 10, **opts)
+    out = os.path.join(work, "out.pds")
+    for p in range(n):
+        packds.pack([], out, plan=plan, part=f"{p}/{n}")
+    return out
+
+
+def _part_shards(out, p):
+    d = os.path.join(out, f"part-{p}")
+    return d, sorted(n for n in os.listdir(d) if n.startswith("shard-"))
+
+
+def _snapshot(out):
+    return sorted((dp, sorted(fn)) for dp, _, fn in os.walk(out))
+
+
+def test_merge_checks_every_part_before_moving_anything(tree, work):
+    """A truncated part shard: merge refuses, names the part and how to redo it, moves nothing
+    and leaves every part in place (it used to publish a dataset that does not open and delete
+    the parts)."""
+    out = _parts(tree, work)
+    d, shards = _part_shards(out, 1)
+    with open(os.path.join(d, shards[-1]), "r+b") as f:
+        f.truncate(1000)
+    before = _snapshot(out)
+    r = h.cli("merge", out)
+    err = h.assert_cli_error(r, "part 1 of 3", shards[-1], "damaged")
+    assert "rerun array task 1" in err and "part-1" in err
+    assert _snapshot(out) == before
+    with pytest.raises(FormatError, match="not merged yet"):
+        packds.open(out)
+
+
+def test_merge_verify_catches_a_flipped_byte_that_plain_merge_cannot_see(tree, work):
+    out = _parts(tree, work)
+    d, shards = _part_shards(out, 2)
+    p = os.path.join(d, shards[0])
+    with open(p, "r+b") as f:
+        f.seek(700)
+        c = f.read(1)
+        f.seek(700)
+        f.write(bytes([c[0] ^ 1]))
+    before = _snapshot(out)
+    r = h.cli("merge", out, "--verify")
+    h.assert_cli_error(r, "part 2 of 3", "checksum")
+    assert _snapshot(out) == before
+    # Repair by redoing the part, as the hint says; then merge (with --verify) works.
+    shutil.rmtree(d)
+    packds.pack([], out, plan=os.path.join(work, "plan"), part="2/3")
+    r = h.cli("merge", out, "--verify")
+    assert r.returncode == 0, h.show(r)
+    assert packds.open(out).verify(deep=True)["problems"] == []
+
+
+@pytest.mark.parametrize("name", ["../../outside.tar", "shard-00000.tar/../../x", "/etc/passwd"])
+def test_merge_refuses_a_part_manifest_naming_files_outside_it(tree, work, name):
+    out = _parts(tree, work)
+    outside = os.path.join(work, "outside.tar")
+    h.write(work, "outside.tar", b"x" * 4096)
+    d, _ = _part_shards(out, 0)
+    mp = os.path.join(d, "manifest.json")
+    m = h.manifest(d)
+    m["shards"][0]["file"] = name
+    with open(mp, "w") as f:
+        __import__("json").dump(m, f)
+    before = _snapshot(out)
+    r = h.cli("merge", out)
+    h.assert_cli_error(r, "part 0 of 3")
+    assert _snapshot(out) == before
+    assert os.path.exists(outside)
+
+
+def test_merged_dataset_lists_the_files_the_walk_skipped(tree, work):
+    """Symlinks and special files skipped by the walk are listed in the merged manifest as in a
+    single pack, whichever part holds them, even when part 0 is empty."""
+    src = os.path.join(work, "src")
+    shutil.copytree(tree, src)
+    os.symlink("c01", os.path.join(src, "link-dir"))
+    os.symlink("nowhere", os.path.join(src, "zz-broken"))
+    os.mkfifo(os.path.join(src, "fifo"))
+    single = os.path.join(work, "single.pds")
+    packds.pack(src, single, shard_size=96 << 10)
+    want = sorted((s["path"], s["reason"]) for s in packds.open(single).manifest["skipped"])
+    assert len(want) == 3
+    for n in (3, 80):  # 80 parts: more parts than shards, some empty
+        plan = os.path.join(work, f"plan{n}")
+        packds.plan(src, plan, shard_size=96 << 10)
+        out = os.path.join(work, f"out{n}.pds")
+        for p in range(n):
+            packds.pack([], out, plan=plan, part=f"{p}/{n}")
+        packds.merge(out)
+        got = sorted((s["path"], s["reason"]) for s in packds.open(out).manifest["skipped"])
+        assert got == want, n

@@ -313,7 +313,7 @@ def test_restage_after_the_source_changed_replaces_the_old_copy(base, dest, fmt)
     ds = packds.open(again["path"])
     assert ds[7] == b"NEW 7 " * 2000
     assert sorted(os.listdir(again["path"])) == sorted(os.listdir(src))
-    assert leftovers(out) == []
+    assert h.staging_leftovers(out) == []
     assert stage_record(src, out)["copied"] is False
 
 

@@ -262,11 +262,13 @@ def plan(sources, output, **options) -> dict:
     return _core.plan(_sources(sources), os.fsdecode(output), **options)
 
 
-def merge(output) -> dict:
+def merge(output, *, verify: bool = False) -> dict:
     """Joins the finished parts in ``output`` (from ``pack(..., part=...)``) into one dataset
     there: shards are renamed into place, the index is streamed from the parts' indexes.
-    Refuses missing or unfinished parts, naming them; running it again is harmless."""
-    return _core.merge(os.fsdecode(output))
+    Every part is checked first (manifest against index, shard names and sizes; with
+    ``verify=True`` every shard's checksum too) and nothing is moved unless all pass.
+    Refuses missing, unfinished or damaged parts, naming them; running it again is harmless."""
+    return _core.merge(os.fsdecode(output), verify=verify)
 
 
 def index_tars(tars, output, *, group_by_basename: bool = False, force: bool = False, link: str = "symlink") -> dict:

@@ -123,7 +123,7 @@ def plan(
     """Writes the plan file ``output`` (file list and shard boundaries) for ``pack(..., plan=,
     part=)``; returns {files, shards, bytes, plan_bytes, skipped}."""
 
-def merge(output: str) -> dict[str, Any]: ...
+def merge(output: str, *, verify: bool = False) -> dict[str, Any]: ...
 def index_tars(
     tars: list[str],
     output: str,

@@ -125,7 +125,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from . import merge
 
     t = time.perf_counter()
-    s = merge(a.dataset)
+    s = merge(a.dataset, verify=a.verify)
     if a.json:
         print(json.dumps(s))
     if not a.quiet:
@@ -359,9 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("merge", help="join the parts of a partitioned pack (no data copied)",
                        description="Join DATASET/part-0 ... part-(N-1) into the dataset DATASET: shards are renamed into place, the "
-                       "index is rebuilt from the parts' indexes, manifest.json is written last. Refuses missing or unfinished parts; "
-                       "running it again is harmless.")
+                       "index is rebuilt from the parts' indexes, manifest.json is written last. Every part is checked before anything "
+                       "moves (manifest against index, shard names and sizes); a missing, unfinished or damaged part is named with how "
+                       "to redo it, and nothing is merged. Running it again is harmless.")
     s.add_argument("dataset")
+    s.add_argument("--verify", action="store_true", help="also check every part shard's XXH3-128 before merging (reads all the data)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_merge)
@@ -442,6 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _hint_for_command(hint: str | None, parser: argparse.ArgumentParser, cmd: str) -> str | None:
+    """The hint without the alternatives that name an option this command does not have (the
+    core's hints are written for every command: "fix the permissions, or pass --on-error skip"
+    helps `pack`, not `verify`)."""
+    if not hint:
+        return hint
+    sub = next((a.choices.get(cmd) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return hint
+    known = {o for a in sub._actions for o in a.option_strings}
+    clauses = re.split(r"(, or |; )", hint)
+    kept: list[str] = []
+    for i in range(0, len(clauses), 2):
+        if all(o in known for o in re.findall(r"(?<![\w-])--[a-z][a-z-]*", clauses[i])):
+            kept += ([clauses[i - 1]] if kept else []) + [clauses[i]]
+    return "".join(kept) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -469,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             if e.filename is not None and os.fsdecode(e.filename) not in msg:
                 msg = f"{msg}: {os.fsdecode(e.filename)}"
         print(f"packds: error: {msg}", file=sys.stderr)
-        hint = getattr(e, "hint", None)
+        hint = _hint_for_command(getattr(e, "hint", None), parser, args.cmd)
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
         return 1

@@ -174,8 +174,9 @@ pub fn plan<'py>(
 
 /// Joins the finished parts of a partitioned pack in `output` into one dataset (GIL released).
 #[pyfunction]
-pub fn merge<'py>(py: Python<'py>, output: PathBuf) -> PyResult<Bound<'py, PyDict>> {
-    let s = py.detach(|| crate::plan::merge(&output)).map_err(to_py)?;
+#[pyo3(signature = (output, *, verify = false))]
+pub fn merge<'py>(py: Python<'py>, output: PathBuf, verify: bool) -> PyResult<Bound<'py, PyDict>> {
+    let s = py.detach(|| crate::plan::merge(&output, verify)).map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("parts", s.parts)?;
     d.set_item("samples", s.samples)?;
