@@ -24,6 +24,7 @@ __all__ = [
     "Reader",
     "__version__",
     "INDEX_FORMAT_VERSION",
+    "FAULT_INJECTION",
 ]
 
 __version__: str

@@ -445,9 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hint_for_command(hint: str | None, parser: argparse.ArgumentParser, cmd: str) -> str | None:
-    """The hint without the alternatives that name an option this command does not have (the
+    """The hint without the alternatives that ask for an option this command does not have (the
     core's hints are written for every command: "fix the permissions, or pass --on-error skip"
-    helps `pack`, not `verify`)."""
+    helps `pack`, not `verify`). A clause that names another command ("finish it with the same
+    `packds pack ...` command plus --resume") is kept."""
     if not hint:
         return hint
     sub = next((a.choices.get(cmd) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -457,7 +458,8 @@ def _hint_for_command(hint: str | None, parser: argparse.ArgumentParser, cmd: st
     clauses = re.split(r"(, or |; )", hint)
     kept: list[str] = []
     for i in range(0, len(clauses), 2):
-        if all(o in known for o in re.findall(r"(?<![\w-])--[a-z][a-z-]*", clauses[i])):
+        other_command = re.search(r"\bpack(ed|s)?\b|`packds ", clauses[i]) and cmd != "pack"
+        if other_command or all(o in known for o in re.findall(r"(?<![\w-])--[a-z][a-z-]*", clauses[i])):
             kept += ([clauses[i - 1]] if kept else []) + [clauses[i]]
     return "".join(kept) or None
 
