@@ -77,6 +77,22 @@ pub struct Columns {
     pub key_offsets: Vec<u8>,
 }
 
+/// One entry of the table, as [`decode_entry`] reads it back.
+fn encode_entry(offset: u64, size: u64, key_off: u64, shard: u32, crc: u32) -> [u8; ENTRY_SIZE] {
+    let mut b = [0u8; ENTRY_SIZE];
+    b[0..8].copy_from_slice(&offset.to_le_bytes());
+    b[8..16].copy_from_slice(&size.to_le_bytes());
+    b[16..24].copy_from_slice(&key_off.to_le_bytes());
+    b[24..28].copy_from_slice(&shard.to_le_bytes());
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A sample's word in the codec section: its original size, and its codec in the top byte.
+fn codec_word(raw: u64, codec: u8) -> u64 {
+    raw & RAW_MASK | u64::from(codec) << 56
+}
+
 /// The entry at byte `at` of an entry table ([`ENTRY_SIZE`] bytes: offset u64, stored size u64,
 /// key offset u64, shard u32, CRC32C u32), with its codec word (original size | codec << 56)
 /// when there is a codec section.
@@ -143,15 +159,10 @@ impl IndexBuilder {
     #[allow(clippy::too_many_arguments)]
     pub fn push_coded(&mut self, key: &[u8], shard: u32, offset: u64, size: u64, raw: u64, codec: u8, crc: u32) {
         self.total_bytes += raw;
-        let e = &mut self.entries;
-        e.extend_from_slice(&offset.to_le_bytes());
-        e.extend_from_slice(&size.to_le_bytes());
-        e.extend_from_slice(&(self.keys.len() as u64).to_le_bytes());
-        e.extend_from_slice(&shard.to_le_bytes());
-        e.extend_from_slice(&crc.to_le_bytes());
+        self.entries.extend_from_slice(&encode_entry(offset, size, self.keys.len() as u64, shard, crc));
         self.keys.extend_from_slice(key);
         match &mut self.codecs {
-            Some(c) => c.extend_from_slice(&(raw & RAW_MASK | u64::from(codec) << 56).to_le_bytes()),
+            Some(c) => c.extend_from_slice(&codec_word(raw, codec).to_le_bytes()),
             None => assert!(codec == codec::RAW && raw == size, "a compressed sample needs IndexBuilder::new_coded"),
         }
     }
@@ -350,6 +361,43 @@ pub struct ConcatSummary {
     pub xxh3_128: u128,
 }
 
+/// The entry table of `parts` one after another (key offsets and shard numbers renumbered),
+/// their keys, then `pad` zero bytes; returns the sums of the original and stored sizes.
+fn concat_body(parts: &[Index], pad: usize, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<(u64, u64)> {
+    let (mut raw_total, mut stored_total) = (0u64, 0u64);
+    let (mut key_base, mut shard_base) = (0u64, 0u32);
+    for p in parts {
+        for i in 0..p.len() {
+            let e = p.entry(i)?;
+            raw_total += e.raw;
+            stored_total += e.size;
+            sink(&encode_entry(e.offset, e.size, e.key_off + key_base, e.shard + shard_base, e.crc))?;
+        }
+        key_base += p.keys_len as u64;
+        shard_base += p.shards().len() as u32;
+    }
+    for p in parts {
+        sink(&p.bytes()[p.keys_off..p.keys_off + p.keys_len])?;
+    }
+    sink(&[0u8; 8][..pad])?;
+    Ok((raw_total, stored_total))
+}
+
+/// The codec section of `parts` one after another (a word per sample), then `dict`; nothing
+/// without a dictionary (`None`: the index has no codec section).
+fn concat_codecs(parts: &[Index], dict: Option<&[u8]>, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    if let Some(d) = dict {
+        for p in parts {
+            for i in 0..p.len() {
+                let e = p.entry(i)?;
+                sink(&codec_word(e.raw, e.codec).to_le_bytes())?;
+            }
+        }
+        sink(d)?;
+    }
+    Ok(())
+}
+
 /// Writes to `out` (atomically) the index made of `parts` one after another (each part's
 /// shards are renumbered after the previous parts'; keys must be increasing across parts).
 /// With `dict` (Some, possibly empty) the result has a codec section holding that dictionary;
@@ -364,43 +412,9 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
     let names_off = shards_off + table.len();
     let names_end = names_off + names.len();
     // Pass 1 computes the checksums and totals; pass 2 writes (the header comes first).
-    let body = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<(u64, u64)> {
-        let (mut raw_total, mut stored_total) = (0u64, 0u64);
-        let (mut key_base, mut shard_base) = (0u64, 0u32);
-        for p in parts {
-            for i in 0..p.len() {
-                let e = p.entry(i)?;
-                raw_total += e.raw;
-                stored_total += e.size;
-                let mut b = [0u8; ENTRY_SIZE];
-                b[0..8].copy_from_slice(&e.offset.to_le_bytes());
-                b[8..16].copy_from_slice(&e.size.to_le_bytes());
-                b[16..24].copy_from_slice(&(e.key_off + key_base).to_le_bytes());
-                b[24..28].copy_from_slice(&(e.shard + shard_base).to_le_bytes());
-                b[28..32].copy_from_slice(&e.crc.to_le_bytes());
-                sink(&b)?;
-            }
-            key_base += p.keys_len as u64;
-            shard_base += p.shards().len() as u32;
-        }
-        for p in parts {
-            sink(&p.bytes()[p.keys_off..p.keys_off + p.keys_len])?;
-        }
-        sink(&[0u8; 8][..shards_off - (keys_off + keys_len)])?;
-        Ok((raw_total, stored_total))
-    };
-    let codec_section = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<()> {
-        if let Some(d) = dict {
-            for p in parts {
-                for i in 0..p.len() {
-                    let e = p.entry(i)?;
-                    sink(&(e.raw & RAW_MASK | u64::from(e.codec) << 56).to_le_bytes())?;
-                }
-            }
-            sink(d)?;
-        }
-        Ok(())
-    };
+    let pad = shards_off - (keys_off + keys_len);
+    let body = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| concat_body(parts, pad, sink);
+    let codec_section = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| concat_codecs(parts, dict, sink);
     let mut crc = 0u32;
     let (raw_total, stored_total) = body(&mut |b| {
         crc = crc32c::crc32c_append(crc, b);

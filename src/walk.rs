@@ -310,6 +310,37 @@ fn matches(set: &Option<GlobSet>, key: &[u8]) -> bool {
     set.as_ref().is_some_and(|s| s.is_match_candidate(&Candidate::new(OsStr::from_bytes(key))))
 }
 
+/// What a directory entry is to the walk, after following a symlink when asked to.
+enum Kind {
+    Dir,
+    File,
+    /// Left out, with the reason listed in the manifest.
+    Skip(String),
+}
+
+fn kind_of(opts: &WalkOptions, job: &DirJob, abs: &Path, ft: fs::FileType) -> Kind {
+    if !ft.is_symlink() {
+        return if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_file() {
+            Kind::File
+        } else {
+            let kind = if ft.is_fifo() { "FIFO" } else { "special file (socket or device)" };
+            Kind::Skip(format!("{kind}, not a regular file"))
+        };
+    }
+    if !opts.follow_symlinks {
+        return Kind::Skip("symlink (use --follow-symlinks to follow)".into());
+    }
+    match fs::metadata(abs) {
+        Ok(md) if md.is_dir() && job.ancestors.contains((md.dev(), md.ino())) => Kind::Skip("symlink loop".into()),
+        Ok(md) if md.is_dir() => Kind::Dir,
+        Ok(md) if md.is_file() => Kind::File,
+        Ok(_) => Kind::Skip("symlink to a special file".into()),
+        Err(e) => Kind::Skip(format!("broken symlink: {e}")),
+    }
+}
+
 fn list_dir(opts: &WalkOptions, job: &DirJob, files: &mut FileList, skipped: &mut Vec<Skipped>, subdirs: &mut Vec<DirJob>) -> Result<()> {
     let skip_or_fail = |skipped: &mut Vec<Skipped>, path: &Path, err: std::io::Error, op: &'static str| -> Result<()> {
         match opts.on_error {
@@ -329,8 +360,7 @@ fn list_dir(opts: &WalkOptions, job: &DirJob, files: &mut FileList, skipped: &mu
             Ok(e) => e,
             Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory"),
         };
-        let name = ent.file_name();
-        let key = child_key(&job.rel, name.as_bytes());
+        let key = child_key(&job.rel, ent.file_name().as_bytes());
         let abs = ent.path();
         let ft = match ent.file_type() {
             Ok(t) => t,
@@ -340,61 +370,30 @@ fn list_dir(opts: &WalkOptions, job: &DirJob, files: &mut FileList, skipped: &mu
                 continue;
             }
         };
-        let (is_dir, is_file) = if ft.is_symlink() {
-            if !opts.follow_symlinks {
-                skipped.push(Skipped { path: lossy(&abs), reason: "symlink (use --follow-symlinks to follow)".into() });
-                continue;
-            }
-            match fs::metadata(&abs) {
-                Ok(md) if md.is_dir() => {
-                    if job.ancestors.contains((md.dev(), md.ino())) {
-                        skipped.push(Skipped { path: lossy(&abs), reason: "symlink loop".into() });
+        match kind_of(opts, job, &abs, ft) {
+            Kind::Skip(reason) => skipped.push(Skipped { path: lossy(&abs), reason }),
+            Kind::Dir if matches(&opts.exclude, &key) => {}
+            Kind::Dir => {
+                let md = match fs::metadata(&abs) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        skip_or_fail(skipped, &abs, e, "stat")?;
                         continue;
                     }
-                    (true, false)
-                }
-                Ok(md) if md.is_file() => (false, true),
-                Ok(_) => {
-                    skipped.push(Skipped { path: lossy(&abs), reason: "symlink to a special file".into() });
+                };
+                let id = (md.dev(), md.ino());
+                if opts.prune.contains(&id) {
+                    skipped.push(Skipped { path: lossy(&abs), reason: "the output directory (never packed into itself)".into() });
                     continue;
                 }
-                Err(e) => {
-                    skipped.push(Skipped { path: lossy(&abs), reason: format!("broken symlink: {e}") });
-                    continue;
+                subdirs.push(DirJob { root: job.root, rel: key, abs, ancestors: Arc::new(Ancestors { dev_ino: id, parent: Some(job.ancestors.clone()) }) });
+            }
+            Kind::File => {
+                if !matches(&opts.exclude, &key) && (opts.include.is_none() || matches(&opts.include, &key)) {
+                    files.push(&key, job.root);
                 }
             }
-        } else {
-            (ft.is_dir(), ft.is_file())
-        };
-        if is_dir {
-            if matches(&opts.exclude, &key) {
-                continue;
-            }
-            let md = match fs::metadata(&abs) {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    skip_or_fail(skipped, &abs, e, "stat")?;
-                    continue;
-                }
-            };
-            let id = (md.dev(), md.ino());
-            if opts.prune.contains(&id) {
-                skipped.push(Skipped { path: lossy(&abs), reason: "the output directory (never packed into itself)".into() });
-                continue;
-            }
-            subdirs.push(DirJob { root: job.root, rel: key, abs, ancestors: Arc::new(Ancestors { dev_ino: id, parent: Some(job.ancestors.clone()) }) });
-        } else if is_file {
-            if matches(&opts.exclude, &key) {
-                continue;
-            }
-            if opts.include.is_some() && !matches(&opts.include, &key) {
-                continue;
-            }
-            files.push(&key, job.root);
-        } else {
-            let kind = if ft.is_fifo() { "FIFO" } else { "special file (socket or device)" };
-            skipped.push(Skipped { path: lossy(&abs), reason: format!("{kind}, not a regular file") });
         }
     }
     Ok(())
