@@ -528,9 +528,101 @@ pub fn find_sorted<'k>(n: usize, key: impl Fn(usize) -> Result<&'k [u8]>, want: 
     Ok(None)
 }
 
-/// A shard name must be a plain file name inside the dataset directory.
-pub fn valid_shard_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+/// Checks the fixed header (magic, version, its CRC, size, flags); returns (version, flags).
+fn check_header(b: &[u8]) -> std::result::Result<(u32, u64), String> {
+    if b.len() < HEADER_SIZE {
+        return Err(format!("not a packds index (file is {} bytes, shorter than the header)", b.len()));
+    }
+    if &b[0..8] != MAGIC {
+        return Err("not a packds index (bad magic)".into());
+    }
+    let version = rd_u32(b, 8);
+    if version != 1 && version != VERSION {
+        return Err(format!("index format version {version} is not supported by packds {} (which reads version {VERSION}); upgrade packds", crate::VERSION));
+    }
+    if rd_u32(b, 124) != crc32c::crc32c(&b[..124]) {
+        return Err("index header is corrupt (checksum mismatch)".into());
+    }
+    let flags = rd_u64(b, 88);
+    let coded = flags & FLAG_CODEC != 0;
+    let flags_ok = match version {
+        1 => flags == 0 && b[96..124].iter().all(|&x| x == 0),
+        _ => flags != 0 && flags & !(FLAG_CODEC | FLAG_UNORDERED) == 0 && (coded || b[96..124].iter().all(|&x| x == 0)),
+    };
+    if rd_u32(b, 12) as usize != HEADER_SIZE || !flags_ok {
+        return Err("index header has unknown fields or flags".into());
+    }
+    Ok((version, flags))
+}
+
+/// The section table of a header that [`check_header`] accepted, checked against the file's
+/// length with overflow-checked arithmetic (nothing is allocated from a count).
+struct Sections {
+    n: usize,
+    nshards: usize,
+    keys_off: usize,
+    keys_len: usize,
+    shards_off: usize,
+    names_off: usize,
+    names_len: usize,
+}
+
+impl Sections {
+    fn read(b: &[u8], coded: bool) -> std::result::Result<Sections, String> {
+        let len = b.len() as u64;
+        let (n, nshards, entries_off, keys_off) = (rd_u64(b, 16), rd_u64(b, 24), rd_u64(b, 32), rd_u64(b, 40));
+        let (keys_len, shards_off, names_off, names_len) = (rd_u64(b, 48), rd_u64(b, 56), rd_u64(b, 64), rd_u64(b, 72));
+        let layout_ok = (|| {
+            let entries_end = n.checked_mul(ENTRY_SIZE as u64)?.checked_add(entries_off)?;
+            let keys_end = keys_off.checked_add(keys_len)?;
+            let table_end = nshards.checked_mul(SHARD_SIZE as u64)?.checked_add(shards_off)?;
+            let names_end = names_off.checked_add(names_len)?;
+            let file_end = if !coded {
+                names_end
+            } else {
+                let codec_off = rd_u64(b, 96);
+                let dict_len = rd_u64(b, 104);
+                if codec_off != names_end.checked_add(7)? & !7 {
+                    return Some(false);
+                }
+                n.checked_mul(8)?.checked_add(codec_off)?.checked_add(dict_len)?
+            };
+            Some(
+                entries_off == HEADER_SIZE as u64
+                    && keys_off == entries_end
+                    && shards_off >= keys_end
+                    && shards_off % 8 == 0
+                    && names_off == table_end
+                    && file_end == len
+                    && nshards <= MAX_SHARDS,
+            )
+        })();
+        if layout_ok != Some(true) {
+            return Err(format!("index is truncated or its section table is corrupt ({n} samples, {nshards} shards claimed, file is {len} bytes)"));
+        }
+        // Every offset and length is within the file now, so they fit in usize.
+        let u = |v: u64| v as usize;
+        Ok(Sections {
+            n: u(n),
+            nshards: u(nshards),
+            keys_off: u(keys_off),
+            keys_len: u(keys_len),
+            shards_off: u(shards_off),
+            names_off: u(names_off),
+            names_len: u(names_len),
+        })
+    }
+}
+
+/// Entry `s` of the shard table, or None when its name is out of bounds or not a valid shard
+/// file name ([`crate::layout::valid_shard_file_name`]).
+fn shard_entry(b: &[u8], sec: &Sections, s: usize) -> Option<ShardInfo> {
+    let at = sec.shards_off + s * SHARD_SIZE;
+    let (noff, nlen) = (rd_u32(b, at + 24) as usize, rd_u32(b, at + 28) as usize);
+    let end = noff.checked_add(nlen).filter(|&end| end <= sec.names_len)?;
+    let name = std::str::from_utf8(&b[sec.names_off + noff..sec.names_off + end]).ok().filter(|n| crate::layout::valid_shard_file_name(n))?;
+    let hash = u128::from(rd_u64(b, at + 8)) | (u128::from(rd_u64(b, at + 16)) << 64);
+    Some(ShardInfo { name: name.to_string(), size: rd_u64(b, at), hash })
 }
 
 impl Index {
@@ -560,97 +652,26 @@ impl Index {
     fn from_map(path: &Path, map: Option<IndexBytes>) -> Result<Index> {
         let bad = |what: String| Error::format(path, what);
         let b: &[u8] = map.as_deref().unwrap_or(&[]);
-        if b.len() < HEADER_SIZE {
-            return Err(bad(format!("not a packds index (file is {} bytes, shorter than the header)", b.len())));
-        }
-        if &b[0..8] != MAGIC {
-            return Err(bad("not a packds index (bad magic)".into()));
-        }
-        let version = rd_u32(b, 8);
-        if version != 1 && version != VERSION {
-            return Err(bad(format!(
-                "index format version {version} is not supported by packds {} (which reads version {VERSION}); upgrade packds",
-                crate::VERSION
-            )));
-        }
-        if rd_u32(b, 124) != crc32c::crc32c(&b[..124]) {
-            return Err(bad("index header is corrupt (checksum mismatch)".into()));
-        }
-        let flags = rd_u64(b, 88);
+        let (version, flags) = check_header(b).map_err(bad)?;
         let coded = flags & FLAG_CODEC != 0;
-        let flags_ok = match version {
-            1 => flags == 0 && b[96..124].iter().all(|&x| x == 0),
-            _ => flags != 0 && flags & !(FLAG_CODEC | FLAG_UNORDERED) == 0 && (coded || b[96..124].iter().all(|&x| x == 0)),
-        };
-        if rd_u32(b, 12) as usize != HEADER_SIZE || !flags_ok {
-            return Err(bad("index header has unknown fields or flags".into()));
-        }
-        let len = b.len() as u64;
-        let n = rd_u64(b, 16);
-        let nshards = rd_u64(b, 24);
-        let entries_off = rd_u64(b, 32);
-        let keys_off = rd_u64(b, 40);
-        let keys_len = rd_u64(b, 48);
-        let shards_off = rd_u64(b, 56);
-        let names_off = rd_u64(b, 64);
-        let names_len = rd_u64(b, 72);
-        let layout_ok = (|| {
-            let entries_end = n.checked_mul(ENTRY_SIZE as u64)?.checked_add(entries_off)?;
-            let keys_end = keys_off.checked_add(keys_len)?;
-            let table_end = nshards.checked_mul(SHARD_SIZE as u64)?.checked_add(shards_off)?;
-            let names_end = names_off.checked_add(names_len)?;
-            let file_end = if !coded {
-                names_end
-            } else {
-                let codec_off = rd_u64(b, 96);
-                let dict_len = rd_u64(b, 104);
-                if codec_off != names_end.checked_add(7)? & !7 {
-                    return Some(false);
-                }
-                n.checked_mul(8)?.checked_add(codec_off)?.checked_add(dict_len)?
-            };
-            Some(
-                entries_off == HEADER_SIZE as u64
-                    && keys_off == entries_end
-                    && shards_off >= keys_end
-                    && shards_off % 8 == 0
-                    && names_off == table_end
-                    && file_end == len
-                    && nshards <= MAX_SHARDS,
-            )
-        })();
-        if layout_ok != Some(true) {
-            return Err(bad(format!("index is truncated or its section table is corrupt ({n} samples, {nshards} shards claimed, file is {len} bytes)")));
-        }
-        let (shards_off, names_off) = (shards_off as usize, names_off as usize);
-        let names_end = names_off + names_len as usize;
-        if rd_u32(b, 84) != crc32c::crc32c(&b[shards_off..names_end]) || b[names_end..align8(names_end).min(b.len())].iter().any(|&x| x != 0) {
+        let sec = Sections::read(b, coded).map_err(bad)?;
+        let names_end = sec.names_off + sec.names_len;
+        if rd_u32(b, 84) != crc32c::crc32c(&b[sec.shards_off..names_end]) || b[names_end..align8(names_end).min(b.len())].iter().any(|&x| x != 0) {
             return Err(bad("index shard table is corrupt (checksum mismatch)".into()));
         }
-        let mut shards = Vec::with_capacity(nshards as usize);
-        for s in 0..nshards as usize {
-            let at = shards_off + s * SHARD_SIZE;
-            let noff = rd_u32(b, at + 24) as usize;
-            let nlen = rd_u32(b, at + 28) as usize;
-            let name = noff
-                .checked_add(nlen)
-                .filter(|&end| end as u64 <= names_len)
-                .and_then(|end| std::str::from_utf8(&b[names_off + noff..names_off + end]).ok())
-                .filter(|n| valid_shard_name(n))
-                .ok_or_else(|| bad(format!("index shard table entry {s} has an invalid name")))?;
-            let hash = u128::from(rd_u64(b, at + 8)) | (u128::from(rd_u64(b, at + 16)) << 64);
-            shards.push(ShardInfo { name: name.to_string(), size: rd_u64(b, at), hash });
-        }
+        let shards = (0..sec.nshards)
+            .map(|s| shard_entry(b, &sec, s).ok_or_else(|| bad(format!("index shard table entry {s} has an invalid name"))))
+            .collect::<Result<_>>()?;
         let codec = coded.then(|| (rd_u64(b, 96) as usize, rd_u64(b, 104) as usize, rd_u32(b, 120), rd_u64(b, 112)));
         Ok(Index {
             path: path.to_path_buf(),
             body_crc: rd_u32(b, 80),
             map,
-            n: n as usize,
-            entries_off: entries_off as usize,
-            keys_off: keys_off as usize,
-            keys_len: keys_len as usize,
-            shards_off,
+            n: sec.n,
+            entries_off: HEADER_SIZE,
+            keys_off: sec.keys_off,
+            keys_len: sec.keys_len,
+            shards_off: sec.shards_off,
             shards,
             codec,
             version,
@@ -866,7 +887,7 @@ mod tests {
         b.push_coded(b"b", 0, 1, 10, 100, codec::ZSTD_DICT, 0); // no dictionary stored
         b.push_coded(b"c", 0, 11, 10, 100, 7, 0); // unknown codec
         b.push_coded(b"d", 0, 21, 10, 100, codec::RAW, 0); // raw but sizes differ
-        b.push_shard(ShardInfo { name: "s.tar".into(), size: 4096, hash: 0 });
+        b.push_shard(ShardInfo { name: "shard-00000.tar".into(), size: 4096, hash: 0 });
         let ix = open_bytes(&b.to_bytes()).unwrap();
         for i in 0..4 {
             assert!(ix.entry(i).is_err(), "entry {i}");
@@ -949,7 +970,7 @@ mod tests {
             let mut b = IndexBuilder::new_unordered();
             b.push(b"a", 0, 2048, 10, 1); // data after "b"'s: fine in an unordered index
             b.push(b"b", 0, second_off, 10, 2);
-            b.push_shard(ShardInfo { name: "x.tar".into(), size: 4096, hash: 0 });
+            b.push_shard(ShardInfo { name: "shard-00000.tar".into(), size: 4096, hash: 0 });
             b.to_bytes()
         };
         let bytes = mk(512);
@@ -981,7 +1002,7 @@ mod tests {
         for flags in [0u64, 4, FLAG_UNORDERED | 8] {
             let mut b = IndexBuilder::new_unordered();
             b.push(b"a", 0, 0, 1, 0);
-            b.push_shard(ShardInfo { name: "x.tar".into(), size: 10, hash: 0 });
+            b.push_shard(ShardInfo { name: "shard-00000.tar".into(), size: 10, hash: 0 });
             let mut bytes = b.to_bytes();
             bytes[88..96].copy_from_slice(&flags.to_le_bytes());
             let c = crc32c::crc32c(&bytes[..124]);
@@ -995,7 +1016,7 @@ mod tests {
         let mut b = IndexBuilder::new();
         b.push(b"a", 0, u64::MAX - 2, 10, 0); // offset + size overflows
         b.push(b"b", 0, 0, 100, 0);
-        b.push_shard(ShardInfo { name: "s.tar".into(), size: 50, hash: 0 });
+        b.push_shard(ShardInfo { name: "shard-00000.tar".into(), size: 50, hash: 0 });
         let ix = open_bytes(&b.to_bytes()).unwrap();
         assert!(ix.entry(0).is_err());
         assert!(ix.entry(1).is_err());
