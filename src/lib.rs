@@ -2,7 +2,7 @@
 //!
 //! Modules in pipeline order:
 //! - [`error`]   one error type; every variant names the path or key a user can act on
-//! - [`fsx`]     filesystem helpers: atomic write (temp + fsync + rename), directory fsync
+//! - [`fsx`]     filesystem helpers: atomic write (temp + fsync + rename), directory fsync, file hash
 //! - [`walk`]    parallel discovery of the input tree, odd files, deterministic order
 //! - [`tar`]     pax/ustar header writer and header reader for the shard format
 //! - [`codec`]   per-sample zstd compression, bounded decompression, dictionaries
