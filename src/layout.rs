@@ -370,7 +370,14 @@ fn complete_dataset(path: &Path) -> Result<Manifest> {
 /// wrote everything in it) or under `--resume` of an interrupted pack.
 fn check_existing(path: &Path, mode: Mode) -> Result<()> {
     let empty = fs::read_dir(path).ctx("list directory", path)?.next().is_none();
-    if !(empty || mode.force || mode.resume && path.join(STATE_DIR).is_dir()) {
+    let interrupted = path.join(STATE_DIR).is_dir() && !path.join(MANIFEST_FILE).exists();
+    if interrupted && mode.offers_resume && !mode.force && !mode.resume {
+        return Err(Error::usage(
+            format!("output {} holds an interrupted pack", path.display()),
+            "add --resume to the same command to finish it (its completed shards are kept), or --force to start over",
+        ));
+    }
+    if !(empty || mode.force || mode.resume && interrupted) {
         let hint = if mode.offers_resume {
             "pass --force to replace it, --resume to finish an interrupted pack, or choose another -o"
         } else {

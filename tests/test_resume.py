@@ -85,7 +85,7 @@ def test_kill_after_shards_then_resume(tree, reference, work, n):
     # Without --resume (or --force) the directory is left alone, with a hint naming --resume.
     again = h.cli("pack", tree.root, "-o", out, *ARGS)
     line = h.assert_cli_error(again, out)
-    assert "already exists" in line and b"--resume" in again.stderr
+    assert "holds an interrupted pack" in line and b"--resume" in again.stderr
     r = resume(tree, out)
     assert r.returncode == 0, h.show(r)
     s = json.loads(r.stdout)

@@ -28,9 +28,42 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _progress_bar(quiet: bool):
-    if quiet or not sys.stderr.isatty():
+class _PackLog:
+    """Pack progress as plain log lines (stderr is a file, e.g. a Slurm job's output): one line at
+    once, then one every ``every`` seconds, with the phase, files and bytes done, rate and ETA.
+    No carriage returns: readable with ``less`` and ``grep``."""
+
+    PHASES = ("scanning", "packing", "finishing", "done")
+
+    def __init__(self, every: float) -> None:
+        self.every, self.t0, self.last = every, time.monotonic(), None
+        self.state = (0, 0, 0, 0)
+
+    def __call__(self, phase: int, done: int, total: int, nbytes: int) -> None:
+        self.state = (phase, done, total, nbytes)
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every:
+            return
+        self.last = now
+        secs = max(now - self.t0, 1e-9)
+        what = self.PHASES[min(phase, 3)]
+        if phase == 0:
+            line = f"packds: pack: {what} the source tree ({secs:.0f} s)"
+        else:
+            pct = f" ({100.0 * done / total:.1f}%)" if total else ""
+            eta = ""
+            if 0 < done < total:
+                left = (total - done) * secs / done
+                eta = f", ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+            line = f"packds: pack: {what} {done:,} / {total:,} files{pct}, {human(nbytes)}, {done / secs:,.0f} files/s, {nbytes / secs / 1e6:,.1f} MB/s{eta}"
+        print(line, file=sys.stderr, flush=True)
+
+
+def _progress_bar(quiet: bool, every: float = 10.0, log: _PackLog | None = None):
+    if quiet:
         return None, lambda: None
+    if not sys.stderr.isatty():
+        return (log or _PackLog(every)), lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=0, unit="file", unit_scale=True, file=sys.stderr, dynamic_ncols=True, desc="scanning")
@@ -73,7 +106,14 @@ def cmd_pack(a: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    update, close = _progress_bar(a.quiet)
+    log = _PackLog(a.progress_interval)
+    bar, close = _progress_bar(a.quiet, log=log)
+
+    def update(*st) -> None:
+        log.state = st  # what an interrupt reports
+        if bar is not None:
+            bar(*st)
+
     options = _pack_options(a)
     if a.part is not None:
         options["part"] = a.part
@@ -81,6 +121,14 @@ def cmd_pack(a: argparse.Namespace) -> int:
         options["plan"] = a.plan
     try:
         s = pack(a.sources, a.output, force=a.force, resume=a.resume, progress=update, **options)
+    except KeyboardInterrupt:
+        close()
+        _, done, total, _ = log.state
+        if a.part is None and os.path.isdir(a.output):
+            seen = f" after {done:,} of {total:,} files" if total else ""
+            print(f"packds: pack interrupted{seen}; the completed shards in {a.output} are kept: "
+                  "rerun the same command with --resume to finish", file=sys.stderr)
+        raise
     finally:
         close()
     if a.json:
@@ -326,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="unreadable or changing files: fail (default) or skip and list them")
     s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
     s.add_argument("--resume", action="store_true", help="finish an interrupted pack, keeping its completed shards")
+    s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.add_argument("--format", choices=["tar", "h5"], default="tar", help="shard format: tar (default; GNU tar and Python's tarfile read it) or h5 (HDF5; plain h5py reads it)")
     s.add_argument("--compress", default="none", metavar="MODE",
                    help="none (default); zstd or zstd:LEVEL: compress each sample on its own, keep it raw where that does not shrink it; "
