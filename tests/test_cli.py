@@ -393,3 +393,34 @@ def test_hints_name_only_options_the_command_has(small_ds_pristine):
             assert "--on-error" not in err, err
         r = h.cli("pack", src, "-o", os.path.join(base, "out.pds"), prefix=prefix)
         assert r.returncode == 1 and "--on-error skip" in r.stderr.decode(), h.show(r)
+
+
+def test_ls_null_and_json_keep_keys_with_newlines_and_non_utf8_bytes(work):
+    src = os.path.join(work, "src")
+    keys = [b"a\nb.txt", b"plain.txt", b"\xff\xfe.bin"]
+    for k in keys:
+        h.write(src, k, b"x" * len(k))
+    out = os.path.join(work, "o.pds")
+    assert h.cli("pack", src, "-o", out, "-q").returncode == 0
+    r = h.cli("ls", out, "-0")
+    assert r.returncode == 0 and r.stdout.split(b"\0")[:-1] == sorted(keys) and r.stdout.endswith(b"\0")
+    r = h.cli("ls", out, "--json")
+    rows = json.loads(r.stdout)
+    assert [bytes.fromhex(x["key_hex"]) if "key_hex" in x else x["key"].encode() for x in rows] == sorted(keys)
+    assert [x["size"] for x in rows] == [len(k) for k in sorted(keys)]
+    assert [x["index"] for x in rows] == [0, 1, 2]
+
+
+def test_pack_plan_and_info_count_input_and_dataset_files(work):
+    src = os.path.join(work, "src")
+    for i in range(300):
+        h.write(src, f"d/{i:04}", b"y" * 500)
+    out = os.path.join(work, "o.pds")
+    r = h.cli("pack", src, "-o", out, "--shard-size", "64K")
+    assert r.returncode == 0, h.show(r)
+    shards = len([n for n in os.listdir(out) if n.startswith("shard-")])
+    want = f"300 input files -> {shards + 2} dataset files"
+    assert want in r.stderr.decode()
+    assert want in h.cli("info", out).stdout.decode()
+    r = h.cli("plan", src, "-o", os.path.join(work, "plan"), "--shard-size", "64K")
+    assert want in r.stderr.decode(), h.show(r)

@@ -146,10 +146,15 @@ def cmd_pack(a: argparse.Namespace) -> int:
             print(
                 f"packds: packed {s['files']} file{'s' if s['files'] != 1 else ''}, {human(s['bytes'])} into {s['shards']} shard(s){resumed} "
                 f"in {secs:.2f} s ({s['files'] / secs:,.0f} files/s, {s['bytes'] / secs / 1e6:,.1f} MB/s), "
-                f"{len(s['skipped'])} skipped -> {a.output}",
+                f"{len(s['skipped'])} skipped -> {a.output}; {_file_count(s['files'], s['shards'])}",
                 file=sys.stderr,
             )
     return 0
+
+
+def _file_count(inputs: int, shards: int) -> str:
+    """What a file-count quota sees: N input files become the shards + the index + the manifest."""
+    return f"{inputs:,} input file{'s' if inputs != 1 else ''} -> {shards + 2:,} dataset files (file-count quotas count these)"
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -163,7 +168,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if not a.quiet:
         print(
             f"packds: planned {s['files']:,} files, {human(s['bytes'])} in {s['shards']} shard(s) in {time.perf_counter() - t:.2f} s, "
-            f"{len(s['skipped'])} skipped -> {a.output}; pack with --plan {a.output} --part I/N",
+            f"{len(s['skipped'])} skipped -> {a.output}; pack with --plan {a.output} --part I/N; "
+            f"{_file_count(s['files'], s['shards'])} once merged",
             file=sys.stderr,
         )
     return 0
@@ -244,6 +250,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"shards:   {len(m['shards'])} ({human(sum(s['size'] for s in m['shards']))} on disk)")
     for s in m["shards"]:
         print(f"  {s['file']}  {human(s['size']):>10}  {s['samples']:>10,} samples  xxh3-128 {s['xxh3_128']}")
+    print(f"files:    {_file_count(m['samples'], len(m['shards']))}")
     print(f"skipped:  {len(m['skipped'])}")
     print(f"options:  {json.dumps(m['options'])}")
     return 0
@@ -254,10 +261,24 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
     ds = pds_open(a.dataset)
     idx = ds.glob(a.pattern) if a.pattern else range(len(ds))
+    if a.json:
+        rows = []
+        for i in idx:
+            k = ds.key_bytes(i)
+            row = {"index": i, "key": os.fsdecode(k), "size": ds.size(i)}
+            try:
+                k.decode("utf-8")
+            except UnicodeDecodeError:
+                row["key"] = k.decode("utf-8", "replace")
+                row["key_hex"] = k.hex()  # the exact bytes of a key that is not UTF-8
+            rows.append(row)
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
     out = sys.stdout.buffer  # keys are written as their raw bytes, like ls and find do
+    end = b"\0" if a.null else b"\n"
     for i in idx:
         k = ds.key_bytes(i)
-        out.write((f"{ds.size(i):>12} ".encode() + k if a.long else k) + b"\n")
+        out.write((f"{ds.size(i):>12} ".encode() + k if a.long else k) + end)
     out.flush()
     return 0
 
@@ -446,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("pattern", nargs="?", help="glob over keys (as for --include)")
     s.add_argument("-l", "--long", action="store_true", help="show sizes")
+    s.add_argument("-0", "--null", action="store_true", help="end each key with a NUL byte, not a newline (keys may contain newlines; for xargs -0)")
+    s.add_argument("--json", action="store_true", help="a JSON array of {index, key, size} (key_hex too for a key that is not UTF-8)")
     s.set_defaults(func=cmd_ls)
 
     s = sub.add_parser("get", help="write one sample's bytes to stdout")
