@@ -89,10 +89,13 @@ pub struct PackOptions {
     pub format: ShardFormat,
     /// Needed for `ShardFormat::H5`.
     pub h5_writer: Option<H5Writer>,
-    /// `--part I/N`: pack only part I of N of the plan into `output/part-I/` (see [`crate::plan`]).
-    pub part: Option<(u32, u32)>,
+    /// `--part I/N`: pack only part I of N of the plan into `output/part-I/` (see [`crate::plan`]);
+    /// `--part I` (N None): N is the number of parts the plan was made for (`plan --parts N`).
+    pub part: Option<(u32, Option<u32>)>,
     /// `--plan FILE`: the file list and shard boundaries, made once by `packds plan`.
     pub plan: Option<PathBuf>,
+    /// `packds plan --parts N`: the number of parts (array tasks) the plan is made for.
+    pub plan_parts: Option<u32>,
 }
 
 /// What a pack covers when it is one part of a plan: files `range` of the plan's list, shards
@@ -153,6 +156,7 @@ impl PackOptions {
             format: ShardFormat::Tar,
             h5_writer: None,
             part: None,
+            plan_parts: None,
             plan: None,
         }
     }

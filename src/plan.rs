@@ -84,6 +84,9 @@ struct Header {
     /// Sum of the planned (uncompressed) member lengths.
     bytes: u64,
     skipped: Vec<Skipped>,
+    /// `plan --parts N`: the number of parts (array tasks) the plan is made for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parts: Option<u32>,
 }
 
 /// The file list and shard boundaries of a pack, fixed once.
@@ -97,6 +100,8 @@ pub struct Plan {
     pub bytes: u64,
     /// XXH3-128 of the serialized plan: every part records it; merge checks they agree.
     pub hash: u128,
+    /// `plan --parts N`: the number of parts the plan is made for (`pack --part I` takes it).
+    pub parts: Option<u32>,
 }
 
 /// Walks `opts.sources`, stats every file (in parallel) and computes the shard boundaries.
@@ -132,7 +137,19 @@ pub fn make_plan(opts: &PackOptions, progress: &Progress, prune: Option<&Path>) 
     let lens = stat_all(&walked.files, &walked.roots, opts, threads, progress)?;
     let cuts = pack::plan_cuts(lens.iter().copied(), opts.shard_size);
     let bytes = lens.iter().sum();
-    let mut plan = Plan { options: PlanOptions::of(opts), roots: walked.roots, files: walked.files, skipped: walked.skipped, cuts, bytes, hash: 0 };
+    if opts.plan_parts == Some(0) {
+        return Err(Error::usage("--parts 0: a plan needs at least one part", "give the number of array tasks, e.g. --parts 4"));
+    }
+    let mut plan = Plan {
+        options: PlanOptions::of(opts),
+        roots: walked.roots,
+        files: walked.files,
+        skipped: walked.skipped,
+        cuts,
+        bytes,
+        hash: 0,
+        parts: opts.plan_parts,
+    };
     plan.hash = xxhash_rust::xxh3::xxh3_128(&to_bytes(&plan)?);
     Ok(plan)
 }
@@ -189,6 +206,7 @@ fn to_bytes(plan: &Plan) -> Result<Vec<u8>> {
         shards: plan.cuts.len() as u64,
         bytes: plan.bytes,
         skipped: plan.skipped.clone(),
+        parts: plan.parts,
     };
     let json = manifest::json_bytes(&header, false, Path::new("plan"))?;
     let mut b = Vec::with_capacity(64 + json.len() + plan.files.len() * 40);
@@ -318,7 +336,16 @@ pub fn read_plan(path: &Path) -> Result<Plan> {
     if r.at != body.len() {
         return Err(bad("trailing bytes"));
     }
-    Ok(Plan { options: header.options, roots, files, skipped: header.skipped, cuts, bytes: header.bytes, hash: xxhash_rust::xxh3::xxh3_128(&b) })
+    Ok(Plan {
+        options: header.options,
+        roots,
+        files,
+        skipped: header.skipped,
+        cuts,
+        bytes: header.bytes,
+        hash: xxhash_rust::xxh3::xxh3_128(&b),
+        parts: header.parts,
+    })
 }
 
 /// What a finished part records (`part.json`, written last).
@@ -339,12 +366,9 @@ pub struct PartInfo {
 /// finished part does nothing; an interrupted one resumes.
 pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
     let t0 = Instant::now();
-    let (p, nparts) = opts.part.ok_or_else(|| Error::usage("no part given", "pass --part I/N"))?;
-    if nparts == 0 || p >= nparts {
-        return Err(Error::usage(
-            format!("--part {p}/{nparts} is out of range"),
-            "I runs from 0 to N-1 (e.g. --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)",
-        ));
+    let (p, given_n) = opts.part.ok_or_else(|| Error::usage("no part given", "pass --part I/N"))?;
+    if given_n.is_none() && opts.plan.is_none() {
+        return Err(Error::usage(format!("--part {p} without /N needs --plan"), "give --part I/N, or --plan PLAN made with --parts N"));
     }
     fs::create_dir_all(&opts.output).ctx("create directory", &opts.output)?;
     if layout::DirKind::of(&opts.output) == layout::DirKind::Dataset {
@@ -354,6 +378,7 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
         Some(pp) => read_plan(pp)?,
         None => make_plan(opts, progress, Some(&opts.output))?,
     };
+    let nparts = parts_of(p, given_n, plan.parts)?;
     let k = plan.cuts.len() as u64;
     let (a, b) = (u64::from(p) * k / u64::from(nparts), (u64::from(p) + 1) * k / u64::from(nparts));
     let n = plan.files.len() as u64;
@@ -408,6 +433,33 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
     fsx::sync_dir(&opts.output)?;
     s.seconds = t0.elapsed().as_secs_f64();
     Ok(s)
+}
+
+/// The number of parts: `--part I/N`'s N, or the plan's (`plan --parts N`) for `--part I`;
+/// both given must agree. I must be below it.
+fn parts_of(p: u32, given: Option<u32>, planned: Option<u32>) -> Result<u32> {
+    let n = match (given, planned) {
+        (Some(n), Some(m)) if n != m => {
+            return Err(Error::usage(
+                format!("--part {p}/{n}, but the plan was made for {m} parts (plan --parts {m})"),
+                format!("use --part {p} (the plan's {m} parts), or make a new plan"),
+            ))
+        }
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => {
+            return Err(Error::usage(
+                format!("--part {p}: the plan does not say how many parts it is for"),
+                "give --part I/N, or make the plan with --parts N (then --part $SLURM_ARRAY_TASK_ID is enough)",
+            ))
+        }
+    };
+    if n == 0 || p >= n {
+        return Err(Error::usage(
+            format!("--part {p}/{n} is out of range"),
+            format!("I runs from 0 to {} (e.g. --part $SLURM_ARRAY_TASK_ID)", n.saturating_sub(1)),
+        ));
+    }
+    Ok(n)
 }
 
 fn summary_of(dir: &Path, t0: Instant, already: bool) -> PackSummary {
@@ -669,7 +721,7 @@ mod tests {
             let mut po = o.clone();
             po.output = out.clone();
             po.plan = Some(pp.clone());
-            po.part = Some((p, 4));
+            po.part = Some((p, Some(4)));
             pack::pack(&po, &Progress::default()).unwrap();
         }
         let s = merge(&out, false).unwrap();
@@ -691,7 +743,7 @@ mod tests {
         tree(&src, 200);
         let mut o = PackOptions::new(vec![src], d.path().join("out"));
         o.shard_size = 16 << 10;
-        o.part = Some((1, 3));
+        o.part = Some((1, Some(3)));
         pack::pack(&o, &Progress::default()).unwrap();
         let e = merge(&o.output, false).unwrap_err().to_string();
         assert!(e.contains("part(s) 0, 2 of 3"), "{e}");

@@ -150,7 +150,7 @@ def test_bad_arguments_and_a_damaged_plan(tree, work):
     packds.plan(tree, plan)
     out = os.path.join(work, "out.pds")
     h.assert_cli_error(h.cli("pack", "--plan", plan, "--part", "4/4", "-o", out), "--part 4/4 is out of range")
-    h.assert_cli_error(h.cli("pack", "--plan", plan, "--part", "x", "-o", out), "is not I/N")
+    h.assert_cli_error(h.cli("pack", "--plan", plan, "--part", "x", "-o", out), "is not I or I/N")
     r = h.cli("pack", "-o", out)
     assert r.returncode == 2 and b"pack needs SRC" in r.stderr, h.show(r)
     r = h.cli("pack", "--plan", plan, "-o", out)
@@ -278,3 +278,36 @@ def test_merged_dataset_lists_the_files_the_walk_skipped(tree, work):
         packds.merge(out)
         got = sorted((s["path"], s["reason"]) for s in packds.open(out).manifest["skipped"])
         assert got == want, n
+
+
+def test_a_plan_for_n_parts_lets_each_task_give_only_its_number(tree, work):
+    plan = os.path.join(work, "plan")
+    s = packds.plan(tree, plan, shard_size=96 << 10, parts=3)
+    assert s["parts"] == 3
+    out = os.path.join(work, "out.pds")
+    for p in (2, 0, 1):  # `--part $SLURM_ARRAY_TASK_ID`, also for a task rerun alone
+        r = h.cli("pack", "--plan", plan, "--part", str(p), "-o", out, "-q")
+        assert r.returncode == 0, h.show(r)
+    assert packds.merge(out)["parts"] == 3
+    single = os.path.join(work, "single.pds")
+    packds.pack(tree, single, shard_size=96 << 10)
+    h.assert_same_dataset_bytes(single, out)
+    # A task that names another N, or a part out of range, is refused with the plan's count.
+    out2 = os.path.join(work, "out2.pds")
+    h.assert_cli_error(h.cli("pack", "--plan", plan, "--part", "1/4", "-o", out2), "made for 3 parts")
+    h.assert_cli_error(h.cli("pack", "--plan", plan, "--part", "3", "-o", out2), "--part 3/3 is out of range")
+    # Without --parts, --part I alone cannot know N.
+    plain = os.path.join(work, "plain.plan")
+    packds.plan(tree, plain, shard_size=96 << 10)
+    h.assert_cli_error(h.cli("pack", "--plan", plain, "--part", "1", "-o", out2), "does not say how many parts")
+
+
+def test_plan_warns_when_parts_outnumber_shards_and_names_a_shard_size(tree, work):
+    r = h.cli("plan", tree, "-o", os.path.join(work, "plan"), "--parts", "8")
+    assert r.returncode == 0, h.show(r)
+    err = r.stderr.decode()
+    m = __import__("re").search(r"the plan has 1 shard\(s\) for 8 parts: 7 array task\(s\) would have nothing to pack; plan again with --shard-size (\S+)", err)
+    assert m, err
+    r = h.cli("plan", tree, "-o", os.path.join(work, "plan2"), "--parts", "8", "--shard-size", m.group(1))
+    assert r.returncode == 0 and "warning" not in r.stderr.decode(), h.show(r)
+    assert packds.plan(tree, os.path.join(work, "plan3"), parts=8, shard_size=__import__("packds.cli").cli.parse_size(m.group(1)))["shards"] >= 8

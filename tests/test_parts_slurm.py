@@ -1,7 +1,9 @@
-"""A partitioned pack on a real Slurm cluster (minislurm): `packds plan` on the "login node",
-an array of 4 tasks packs the parts (`--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`), a
-job with `--dependency=afterok` merges them; the result equals a single-process pack byte for
-byte. This is the README's sbatch example, run as written (with paths filled in).
+"""A partitioned pack on a real Slurm cluster (minislurm): `packds plan --parts 4` on the "login
+node", an array of 4 tasks packs the parts (`--part $SLURM_ARRAY_TASK_ID`), a job with
+`--dependency=afterany` merges them. One task fails: the merge job refuses and names it; the
+README's rerun lines (that task alone, then the merge again) finish the dataset, which equals a
+single-process pack byte for byte. These are the README's sbatch examples, run as written (with
+paths filled in).
 
 Needs a running cluster (`../shared/tools/minislurm.sh up`, which .ci/run does); skipped
 without one unless PACKDS_REQUIRE_SLURM=1, where that is a failure."""
@@ -26,7 +28,7 @@ def _readme_block(name: str) -> str:
     return re.search(rf"<!-- snippet: {name} -->\n```bash\n(.*?)```", text, re.S).group(1)
 
 
-def test_array_pack_then_dependent_merge_equals_a_single_pack():
+def test_array_with_a_failed_task_rerun_alone_then_merge_equals_a_single_pack():
     env = _cluster_env()
     work = tempfile.mkdtemp(prefix="packds-slurm-array-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     try:
@@ -46,15 +48,33 @@ def test_array_pack_then_dependent_merge_equals_a_single_pack():
         with open(os.path.join(work, "pack-array.sh"), "w") as f:
             f.write(fill(_readme_block("array-pack")))
         bindir = os.path.dirname(sys.executable)
-        submit = fill(_readme_block("array-submit"))
-        r = subprocess.run(["bash", "-euo", "pipefail", "-c", submit + "\necho MERGE=$merge\n"], cwd=work, capture_output=True, text=True,
-                           env={**env, "PATH": f"{bindir}:{env['PATH']}"}, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-        merge_job = re.search(r"MERGE=(\d+)", r.stdout).group(1)
-        w = subprocess.run(["bash", MINISLURM, "wait", merge_job], capture_output=True, text=True, env=env, timeout=300)
+        out = os.path.join(work, "train.pds")
+        # Task 2 fails: a file stands where its part directory goes.
+        os.makedirs(out)
+        h.write(out, "part-2", b"in the way")
+
+        def submit(block: str) -> str:
+            r = subprocess.run(["bash", "-euo", "pipefail", "-c", fill(_readme_block(block)) + "\necho MERGE=$merge\n"], cwd=work,
+                               capture_output=True, text=True, env={**env, "PATH": f"{bindir}:{env['PATH']}"}, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            return re.search(r"MERGE=(\d+)", r.stdout).group(1)
+
+        def wait(job: str):
+            return subprocess.run(["bash", MINISLURM, "wait", job], capture_output=True, text=True, env=env, timeout=300)
+
+        def log(job: str) -> str:
+            return open(os.path.join(work, f"merge-{job}.out")).read()
+
+        merge_job = submit("array-submit")
+        w = wait(merge_job)
+        assert w.returncode != 0, "the merge job must fail while part 2 is missing"
+        assert "part(s) 2 of 4" in log(merge_job) and "rerun those array tasks" in log(merge_job), log(merge_job)
+        assert [n for n in os.listdir(out) if n.startswith("part-")] != []  # nothing was merged away
+        os.remove(os.path.join(out, "part-2"))
+        merge_job = submit("array-rerun")
+        w = wait(merge_job)
         logs = "".join(open(os.path.join(work, n)).read() for n in sorted(os.listdir(work)) if n.endswith(".out"))
         assert w.returncode == 0, f"merge job {merge_job}: {w.stdout} {w.stderr}\n{logs}"
-        out = os.path.join(work, "train.pds")
         h.assert_same_dataset_bytes(single, out)
         ds = packds.open(out)
         assert len(ds) == 2000 and ds.verify()["problems"] == []

@@ -241,21 +241,24 @@ def _shared_options(options: dict) -> None:
             raise e from None
 
 
-def _parse_part(text: str) -> tuple[int, int]:
+def _parse_part(text: str) -> tuple[int, int | None]:
+    """``"I/N"`` → (I, N); ``"I"`` → (I, None): N is then the plan's (``plan(..., parts=N)``)."""
     try:
-        i, n = (int(x) for x in text.split("/"))
+        i, _, n = text.partition("/")
+        return int(i), (int(n) if n else None)
     except ValueError:
-        e = UsageError(f"--part {text!r} is not I/N")
-        e.hint = "e.g. --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (I from 0 to N-1)"
+        e = UsageError(f"--part {text!r} is not I or I/N")
+        e.hint = "e.g. --part $SLURM_ARRAY_TASK_ID with a plan made with --parts N, or --part I/N (I from 0 to N-1)"
         raise e from None
-    return i, n
 
 
 def plan(sources, output, **options) -> dict:
     """Walks ``sources`` once, stats every file and writes the plan file ``output``: the file
     list and the shard boundaries for ``pack(..., plan=output, part=(i, n))`` in each task of a
-    job array (options as for :func:`pack`; the plan fixes them for every part). Returns
-    {files, shards, bytes, plan_bytes, skipped}."""
+    job array (options as for :func:`pack`; the plan fixes them for every part). ``parts=N``
+    records the number of array tasks, so that each task needs only ``part=i`` (or
+    ``--part $SLURM_ARRAY_TASK_ID``), which also works when one task is rerun alone. Returns
+    {files, shards, bytes, plan_bytes, parts, skipped}."""
     for k in ("part", "plan", "force", "resume", "options_json", "h5_writer"):
         options.pop(k, None)
     _shared_options(options)

@@ -103,7 +103,7 @@ def pack(
     zstd_dict: int = 0,
     format: str = "tar",
     h5_writer: Callable[..., int] | None = None,
-    part: tuple[int, int] | None = None,
+    part: tuple[int, int | None] | None = None,
     plan: str | None = None,
 ) -> dict[str, Any]: ...
 def plan(
@@ -120,6 +120,7 @@ def plan(
     zstd_dict: int = 0,
     format: str = "tar",
     progress: Callable[[int, int, int, int], object] | None = None,
+    parts: int | None = None,
 ) -> dict[str, Any]:
     """Writes the plan file ``output`` (file list and shard boundaries) for ``pack(..., plan=,
     part=)``; returns {files, shards, bytes, plan_bytes, skipped}."""

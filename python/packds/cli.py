@@ -162,13 +162,20 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     options = _pack_options(a)
     t = time.perf_counter()
-    s = plan(a.sources, a.output, **options)
+    s = plan(a.sources, a.output, parts=a.parts, **options)
+    if a.parts and s["shards"] < a.parts:
+        size = -(-s["bytes"] // a.parts)
+        print(
+            f"packds: warning: the plan has {s['shards']} shard(s) for {a.parts} parts: {a.parts - s['shards']} array task(s) would have "
+            f"nothing to pack; plan again with --shard-size {human(size).replace(' ', '').replace('iB', '')} (or less) to give every task work",
+            file=sys.stderr,
+        )
     if a.json:
         print(json.dumps(s, default=str))
     if not a.quiet:
         print(
             f"packds: planned {s['files']:,} files, {human(s['bytes'])} in {s['shards']} shard(s) in {time.perf_counter() - t:.2f} s, "
-            f"{len(s['skipped'])} skipped -> {a.output}; pack with --plan {a.output} --part I/N; "
+            f"{len(s['skipped'])} skipped -> {a.output}; pack with --plan {a.output} --part {'I' if a.parts else 'I/N'}; "
             f"{_file_count(s['files'], s['shards'])} once merged",
             file=sys.stderr,
         )
@@ -383,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pack", help="pack directories/files into a dataset", description="Pack SRC trees into DATASET: tar shards + index + manifest.json.")
     s.add_argument("sources", nargs="*", metavar="SRC")
     s.add_argument("-o", "--output", required=True, metavar="DATASET")
-    s.add_argument("--part", metavar="I/N", help="pack only part I of N (0 <= I < N) into DATASET/part-I/, for a Slurm job array "
-                   "(--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); then `packds merge DATASET`. A rerun task resumes")
+    s.add_argument("--part", metavar="I[/N]", help="pack only part I of N (0 <= I < N) into DATASET/part-I/, for a Slurm job array "
+                   "(--part $SLURM_ARRAY_TASK_ID with a plan made with --parts N; or --part I/N); then `packds merge DATASET`. "
+                   "A rerun task resumes")
     s.add_argument("--plan", metavar="PLAN", help="with --part: the file list and shard boundaries made once by `packds plan` "
                    "(its options are used; SRC may be left out). Without it every task walks and stats the whole tree")
     s.add_argument("--shard-size", type=parse_size, default=1 << 30, metavar="SIZE", help="target shard size (default 1G); a larger file gets a shard of its own")
@@ -424,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["tar", "h5"], default="tar")
     s.add_argument("--compress", default="none", metavar="MODE")
     s.add_argument("--zstd-dict", nargs="?", type=parse_size, const=112 << 10, default=0, metavar="SIZE")
+    s.add_argument("--parts", type=int, metavar="N", help="the number of array tasks that will pack the plan: each then needs only "
+                   "--part $SLURM_ARRAY_TASK_ID (a task rerun alone too); warns when there are fewer shards than parts")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
@@ -528,10 +538,13 @@ def _hint_for_command(hint: str | None, parser: argparse.ArgumentParser, cmd: st
     if sub is None:
         return hint
     known = {o for a in sub._actions for o in a.option_strings}
+    subcommands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    # A clause about another command ("finish it with the same `packds pack ...` command").
+    others = r"\b(" + "|".join(re.escape(c) for c in subcommands if c != cmd) + r")(ed|s)?\b|`packds "
     clauses = re.split(r"(, or |; )", hint)
     kept: list[str] = []
     for i in range(0, len(clauses), 2):
-        other_command = re.search(r"\bpack(ed|s)?\b|`packds ", clauses[i]) and cmd != "pack"
+        other_command = re.search(others, clauses[i])
         if other_command or all(o in known for o in re.findall(r"(?<![\w-])--[a-z][a-z-]*", clauses[i])):
             kept += ([clauses[i - 1]] if kept else []) + [clauses[i]]
     return "".join(kept) or None

@@ -106,7 +106,7 @@ pub fn pack<'py>(
     zstd_dict: usize,
     format: ShardFormat,
     h5_writer: Option<Bound<'py, PyAny>>,
-    part: Option<(u32, u32)>,
+    part: Option<(u32, Option<u32>)>,
     plan: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut opts = options(sources, output, shard_size, threads, follow_symlinks, include, exclude, on_error, compress, zstd_dict, format);
@@ -138,9 +138,9 @@ pub fn pack<'py>(
 #[pyfunction]
 #[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=0, follow_symlinks=false,
     include=vec![], exclude=vec![], on_error=OnError::Fail, compress=Compress::None, zstd_dict=0, format=ShardFormat::Tar,
-    progress=None),
+    progress=None, parts=None),
     text_signature = "(sources, output, *, shard_size=..., threads=0, follow_symlinks=False, include=..., exclude=..., on_error='fail', \
-    compress='none', zstd_dict=0, format='tar', progress=None)")]
+    compress='none', zstd_dict=0, format='tar', progress=None, parts=None)")]
 #[allow(clippy::too_many_arguments)]
 pub fn plan<'py>(
     py: Python<'py>,
@@ -156,8 +156,10 @@ pub fn plan<'py>(
     zstd_dict: usize,
     format: ShardFormat,
     progress: Option<Bound<'py, PyAny>>,
+    parts: Option<u32>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(sources, output, shard_size, threads, follow_symlinks, include, exclude, on_error, compress, zstd_dict, format);
+    let mut opts = options(sources, output, shard_size, threads, follow_symlinks, include, exclude, on_error, compress, zstd_dict, format);
+    opts.plan_parts = parts;
     let (plan, size) = run_cancellable(py, progress.as_ref(), move |st| {
         let plan = crate::plan::make_plan(&opts, st, None)?;
         let size = crate::plan::write_plan(&plan, &opts.output)?;
@@ -168,6 +170,7 @@ pub fn plan<'py>(
     d.set_item("shards", plan.cuts.len())?;
     d.set_item("bytes", plan.bytes)?;
     d.set_item("plan_bytes", size)?;
+    d.set_item("parts", plan.parts)?;
     d.set_item("skipped", skipped_list(py, &plan.skipped)?)?;
     Ok(d)
 }
