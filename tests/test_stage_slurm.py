@@ -129,3 +129,71 @@ def test_four_tasks_of_one_job_stage_once_into_slurm_tmpdir():
         assert all(t["samples"] == len(ds) and t["verify"] == [] for t in tasks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+TRAIN = textwrap.dedent(
+    """
+    import argparse, hashlib, json, os, sys
+    import packds
+    p = argparse.ArgumentParser()
+    p.add_argument("--data")
+    a = p.parse_args()
+    ds = packds.open(a.data)
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        h.update(ds.key(i).encode() + b"\\0" + ds[i])
+    rec = {"path": a.data, "digest": h.hexdigest(), "tmpdir": os.environ.get("SLURM_TMPDIR"), "proc": os.environ.get("SLURM_PROCID")}
+    with open(os.path.join(os.environ["OUT"], f"task-{rec['proc']}.json"), "w") as f:
+        json.dump(rec, f)
+    """
+)
+
+
+def test_multinode_stage_recipe_from_the_readme_runs_as_written():
+    """The README's several-nodes recipe (one stager per node, then every task trains on the path
+    its node's stage printed), run as written on the one-node cluster: the resource line is
+    adapted to one node, `python train.py` is a script that reads every sample."""
+    env = _cluster_env()
+    work = tempfile.mkdtemp(prefix="packds-slurm-multi-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    try:
+        os.chmod(work, 0o755)
+        tree = os.path.join(work, "tree")
+        for i in range(200):
+            p = os.path.join(tree, f"c{i % 4}", f"{i:04d}.bin")
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "wb") as f:
+                f.write(os.urandom(5_000 + i))
+        src = os.path.join(work, "imagenet.pds")
+        packds.pack(tree, src, shard_size=256 << 10)
+        ds = packds.open(src)
+        h = hashlib.sha256()
+        for i in range(len(ds)):
+            h.update(ds.key(i).encode() + b"\0" + ds[i])
+        want = h.hexdigest()
+        with open(os.path.join(work, "train.py"), "w") as f:
+            f.write(TRAIN)
+        text = open(README_PATH, encoding="utf-8").read()
+        block = re.search(r"<!-- snippet: multinode-stage -->\n```bash\n(.*?)```", text, re.S).group(1)
+        assert block.startswith("#!/bin/bash\n")
+        block = block.replace("/project/def-me/imagenet.pds", src).replace("python train.py", f"{sys.executable} {work}/train.py")
+        block = re.sub(r"#SBATCH --nodes=\d+ --ntasks-per-node=\d+ --time=\S+", f"#SBATCH --nodes=1 -n 4 -O --time=5\n#SBATCH -o {work}/slurm-%j.out", block)
+        out = os.path.join(work, "out")
+        os.mkdir(out)
+        with open(os.path.join(work, "job.sh"), "w") as f:
+            f.write(block)
+        bindir = os.path.dirname(sys.executable)
+        jenv = {**env, "PATH": f"{bindir}:{env['PATH']}", "OUT": out}
+        r = subprocess.run(["sbatch", "--parsable", "--chdir", work, os.path.join(work, "job.sh")], capture_output=True, text=True, env=jenv, timeout=60)
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.strip().split(";")[0]
+        w = subprocess.run(["bash", MINISLURM, "wait", job], capture_output=True, text=True, env=env, timeout=300)
+        log = open(os.path.join(work, f"slurm-{job}.out")).read()
+        assert w.returncode == 0, f"{w.stdout}{w.stderr}\n{log}"
+        assert "can't honor" not in log and "Traceback" not in log, log
+        recs = [json.load(open(os.path.join(out, n))) for n in sorted(os.listdir(out))]
+        assert len(recs) == 4, (recs, log)
+        for rec in recs:
+            assert rec["digest"] == want
+            assert rec["path"] == os.path.join(rec["tmpdir"], "imagenet.pds"), rec
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
