@@ -237,7 +237,7 @@ def _shared_options(options: dict) -> None:
             import h5py  # noqa: F401
         except ImportError:
             e = UsageError("--format h5 writes HDF5 shards through h5py, which is not installed")
-            e.hint = "pip install 'packds[h5]' (or pip install h5py)"
+            e.hint = "pip install h5py (into the environment packds is installed in; from a packds checkout: pip install '.[h5]')"
             raise e from None
 
 

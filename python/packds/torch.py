@@ -1,4 +1,4 @@
-"""PyTorch datasets over a packds dataset (``pip install packds[torch]``; see docs/TORCH.md).
+"""PyTorch datasets over a packds dataset (needs torch: ``pip install torch``; see docs/TORCH.md).
 
 * :class:`PackedDataset` — map-style (random access), for staged or in-memory data.
   ``ds[i]`` is ``transform(bytes)`` or ``(transform(bytes), label)``; ``__getitems__`` reads a
@@ -708,4 +708,4 @@ else:  # pragma: no cover
 
     class StreamingLoader:  # type: ignore[no-redef]
         def __init__(self, *a, **k) -> None:
-            raise ImportError("packds.torch.StreamingLoader needs torch: pip install 'packds[torch]'")
+            raise ImportError("packds.torch.StreamingLoader needs torch: pip install torch (or, from a packds checkout, pip install '.[torch]')")
