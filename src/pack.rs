@@ -330,7 +330,7 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
             first_shard: sel.first_shard,
         },
         None => {
-            walked = walk::walk(&opts.sources, &walk_options(opts)?)?;
+            walked = walk::walk(&opts.sources, &walk_options(opts)?, &progress.cancel)?;
             let n = walked.files.len();
             Scope { roots: &walked.roots, files: &walked.files, skipped: walked.skipped.clone(), range: 0..n, cuts: None, first_shard: 0 }
         }

@@ -125,7 +125,7 @@ pub fn make_plan(opts: &PackOptions, progress: &Progress, prune: Option<&Path>) 
     };
     // Absolute roots: array tasks may start elsewhere.
     let sources: Vec<PathBuf> = opts.sources.iter().map(|s| std::path::absolute(s).unwrap_or_else(|_| s.clone())).collect();
-    let walked = walk::walk(&sources, &wopts)?;
+    let walked = walk::walk(&sources, &wopts, &progress.cancel)?;
     let n = walked.files.len();
     if n == 0 {
         return Err(Error::usage(

@@ -14,6 +14,7 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// The files to pack: keys (paths relative to their source root, `/`-separated, raw bytes) in
@@ -186,6 +187,9 @@ struct Queue {
 
 struct Shared<'a> {
     opts: &'a WalkOptions,
+    /// Set by the caller to stop the walk (Ctrl-C, SIGTERM): checked before every directory
+    /// entry, so a walk over a slow filesystem stops within one metadata round-trip.
+    cancel: &'a AtomicBool,
     queue: Mutex<Queue>,
     cv: Condvar,
     out: Mutex<(FileList, Vec<Skipped>, Option<Error>)>,
@@ -195,8 +199,9 @@ fn lossy(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// Walks every source and returns the files sorted by key.
-pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
+/// Walks every source and returns the files sorted by key; `cancel` stops it
+/// ([`Error::Cancelled`]).
+pub fn walk(sources: &[PathBuf], opts: &WalkOptions, cancel: &AtomicBool) -> Result<WalkResult> {
     let mut roots = Vec::new();
     let mut files = FileList::default();
     let mut skipped = Vec::new();
@@ -222,6 +227,7 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions) -> Result<WalkResult> {
     }
     let shared = Shared {
         opts,
+        cancel,
         queue: Mutex::new(Queue { jobs, active: 0, failed: false }),
         cv: Condvar::new(),
         out: Mutex::new((FileList::default(), Vec::new(), None)),
@@ -273,7 +279,7 @@ fn worker(sh: &Shared) {
         let mut files = FileList::default();
         let mut skipped = Vec::new();
         let mut subdirs = Vec::new();
-        let res = list_dir(sh.opts, &job, &mut files, &mut skipped, &mut subdirs);
+        let res = list_dir(sh.opts, sh.cancel, &job, &mut files, &mut skipped, &mut subdirs);
         {
             let mut out = sh.out.lock().unwrap_or_else(|p| p.into_inner());
             out.0.append(files);
@@ -341,7 +347,7 @@ fn kind_of(opts: &WalkOptions, job: &DirJob, abs: &Path, ft: fs::FileType) -> Ki
     }
 }
 
-fn list_dir(opts: &WalkOptions, job: &DirJob, files: &mut FileList, skipped: &mut Vec<Skipped>, subdirs: &mut Vec<DirJob>) -> Result<()> {
+fn list_dir(opts: &WalkOptions, cancel: &AtomicBool, job: &DirJob, files: &mut FileList, skipped: &mut Vec<Skipped>, subdirs: &mut Vec<DirJob>) -> Result<()> {
     let skip_or_fail = |skipped: &mut Vec<Skipped>, path: &Path, err: std::io::Error, op: &'static str| -> Result<()> {
         match opts.on_error {
             OnError::Fail => Err(Error::io(op, path, err)),
@@ -356,6 +362,9 @@ fn list_dir(opts: &WalkOptions, job: &DirJob, files: &mut FileList, skipped: &mu
         Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory"),
     };
     for ent in rd {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
         let ent = match ent {
             Ok(e) => e,
             Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory"),
@@ -416,7 +425,7 @@ mod tests {
         fs::write(r.join("a/b/x"), b"2").unwrap();
         fs::write(r.join(".hidden"), b"3").unwrap();
         std::os::unix::fs::symlink("a-c", r.join("link")).unwrap();
-        let res = walk(&[r.to_path_buf()], &opts()).unwrap();
+        let res = walk(&[r.to_path_buf()], &opts(), &AtomicBool::new(false)).unwrap();
         let keys: Vec<_> = (0..res.files.len()).map(|i| String::from_utf8_lossy(res.files.key(i)).into_owned()).collect();
         assert_eq!(keys, vec![".hidden", "a-c", "a/b/x"]);
         assert_eq!(res.skipped.len(), 1);
@@ -433,9 +442,20 @@ mod tests {
         std::os::unix::fs::symlink("f", r.join("d/g")).unwrap();
         let mut o = opts();
         o.follow_symlinks = true;
-        let res = walk(&[r.to_path_buf()], &o).unwrap();
+        let res = walk(&[r.to_path_buf()], &o, &AtomicBool::new(false)).unwrap();
         let keys: Vec<_> = (0..res.files.len()).map(|i| String::from_utf8_lossy(res.files.key(i)).into_owned()).collect();
         assert_eq!(keys, vec!["d/f", "d/g"]);
         assert!(res.skipped.iter().any(|s| s.reason == "symlink loop"));
+    }
+
+    #[test]
+    fn a_cancelled_walk_stops_with_cancelled() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            std::fs::create_dir_all(d.path().join(format!("d{i}"))).unwrap();
+            std::fs::write(d.path().join(format!("d{i}/f")), b"x").unwrap();
+        }
+        let e = walk(&[d.path().to_path_buf()], &opts(), &AtomicBool::new(true)).err().unwrap();
+        assert!(matches!(e, Error::Cancelled), "{e}");
     }
 }

@@ -456,3 +456,41 @@ def chown_tree(root, uid: int | None) -> None:
     for dp, dn, fn in os.walk(root):
         for n in [*dn, *fn, ""]:
             os.lchown(os.path.join(dp, n) if n else dp, uid, uid)
+
+
+SLOWFS_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "slowfs.c")
+
+
+def build_slowfs(workdir: str) -> str:
+    """Builds ../shared/tools/slowfs.c (a FUSE mirror that adds latency to every metadata call
+    and read) into ``workdir``; skips, saying what is missing, when it cannot (a failure under
+    CI=true, where .ci/run installs FUSE 3)."""
+    if not os.path.exists(SLOWFS_C):
+        pytest.skip("../shared/tools/slowfs.c is not there")
+    if shutil.which("fusermount3") is None or shutil.which("pkg-config") is None or not os.path.exists("/dev/fuse"):
+        pytest.skip("FUSE 3 is not installed (apt-get install fuse3 libfuse3-dev pkg-config)")
+    flags = subprocess.run(["pkg-config", "fuse3", "--cflags", "--libs"], capture_output=True, text=True)
+    if flags.returncode != 0:
+        pytest.skip("libfuse3-dev is not installed")
+    exe = os.path.join(workdir, "slowfs")
+    r = subprocess.run(["cc", "-O2", "-o", exe, SLOWFS_C, *flags.stdout.split()], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"slowfs does not build: {r.stderr.strip()[:200]}")
+    return exe
+
+
+@contextlib.contextmanager
+def slowfs(exe: str, src: str, mnt: str, meta_us: int = 0, read_us: int = 0):
+    """Mounts a slowfs mirror of ``src`` at ``mnt`` (unmounted afterwards)."""
+    os.makedirs(mnt, exist_ok=True)
+    env = {**os.environ, "SLOWFS_META_US": str(meta_us), "SLOWFS_READ_US": str(read_us)}
+    r = subprocess.run([exe, src, mnt], capture_output=True, text=True, env=env, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount slowfs: {r.stderr.strip()[:200]}")
+    try:
+        yield mnt
+    finally:
+        for _ in range(50):
+            if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
