@@ -5,7 +5,7 @@
 //! DATASET/manifest.json            written last: its presence marks the dataset complete
 //! DATASET/index.pdsi               the binary index
 //! DATASET/shard-NNNNN.tar | .h5    the shards (NNNNN: five or more digits)
-//! DATASET/.pack-state/             an interrupted pack (per-shard indexes, options, dictionary)
+//! DATASET/.pack-state/             an interrupted pack (per-shard indexes and source stamps, options, dictionary)
 //! DATASET/part-I/ + part.json      one part of a partitioned pack, not merged yet
 //! DATASET/.NAME.tmp                a file being written (renamed into place when complete)
 //! ```
@@ -106,6 +106,19 @@ pub fn state_index_name(k: usize) -> String {
 /// The shard number of a per-shard index name ([`state_index_name`]), or None.
 pub fn parse_state_index_name(name: &str) -> Option<usize> {
     numbered(name, SHARD_PREFIX, STATE_INDEX_EXT)?.parse().ok()
+}
+
+/// The extension of a per-shard record of the source files (size, mtime) in [`STATE_DIR`].
+const STATE_STAMPS_EXT: &str = "stamps";
+
+/// The record of the source files of shard `k` (as they were read) in [`STATE_DIR`].
+pub fn state_stamps_name(k: usize) -> String {
+    format!("{SHARD_PREFIX}{k:05}.{STATE_STAMPS_EXT}")
+}
+
+/// The shard number of a [`state_stamps_name`], or None.
+pub fn parse_state_stamps_name(name: &str) -> Option<usize> {
+    numbered(name, SHARD_PREFIX, STATE_STAMPS_EXT)?.parse().ok()
 }
 
 /// `part-I`: the directory part `p` of a partitioned pack writes into.

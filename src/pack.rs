@@ -236,10 +236,15 @@ pub(crate) fn globset(pats: &[String], what: &str) -> Result<Option<GlobSet>> {
     b.build().map(Some).map_err(|e| Error::usage(format!("bad --{what} patterns: {e}"), "check the patterns"))
 }
 
-/// What the stored state says about completed shards (for `--resume`).
+/// What the stored state says about completed shards (for `--resume`): the sources and every
+/// option that shapes the output. A resume with other ones is refused.
 #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
 struct StateOptions {
+    /// [`STATE_VERSION`]; 0 (absent) in a state written before the source files were recorded.
+    #[serde(default)]
+    version: u32,
     shard_size: u64,
+    /// Canonical absolute paths of the source roots.
     sources: Vec<String>,
     #[serde(default)]
     format: ShardFormat,
@@ -247,7 +252,16 @@ struct StateOptions {
     compress: String,
     #[serde(default)]
     dict_size: usize,
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    follow_symlinks: bool,
 }
+
+/// The state's version: 2 records the source files of every completed shard (their stamps).
+const STATE_VERSION: u32 = 2;
 
 /// Packs `opts.sources` into `opts.output` (or one part of a plan: see [`crate::plan`]).
 pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
@@ -397,14 +411,24 @@ struct Done {
     next_file: usize,
 }
 
-fn state_options(opts: &PackOptions) -> StateOptions {
+fn state_options(opts: &PackOptions, scope: &Scope) -> StateOptions {
     StateOptions {
+        version: STATE_VERSION,
         shard_size: opts.shard_size,
-        sources: opts.sources.iter().map(|s| s.display().to_string()).collect(),
+        sources: scope.roots.iter().map(|r| canonical(&r.path)).collect(),
         format: opts.format,
         compress: opts.compress.name(),
         dict_size: opts.dict_size,
+        include: opts.include.clone(),
+        exclude: opts.exclude.clone(),
+        follow_symlinks: opts.follow_symlinks,
     }
+}
+
+/// A source root as the state records it: its canonical absolute path (as given when that
+/// cannot be resolved).
+fn canonical(p: &Path) -> String {
+    fs::canonicalize(p).or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
 }
 
 /// A fresh state directory (any earlier one is removed); its options file is written before
@@ -416,38 +440,77 @@ fn new_state(opts: &PackOptions, scope: &Scope) -> Result<Done> {
     }
     fs::create_dir(&state).ctx("create directory", &state)?;
     let options_path = state.join(STATE_OPTIONS);
-    fsx::write_atomic(&options_path, &manifest::json_bytes(&state_options(opts), false, &options_path)?)?;
+    fsx::write_atomic(&options_path, &manifest::json_bytes(&state_options(opts, scope), false, &options_path)?)?;
     fsx::sync_dir(&opts.output)?;
     Ok(Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start })
 }
 
-/// `--resume`: checks the interrupted pack used the same options, then takes every completed
-/// shard, in order, whose keys match this pack's files; anything after the first gap is
-/// written again.
+/// `--resume`: checks the interrupted pack used the same sources and options, then takes every
+/// completed shard, in order, whose keys match this pack's files (anything after the first gap
+/// is written again), and checks that the files of those shards are still as they were read
+/// (size and mtime, stat'ed again in parallel).
 fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Result<Done> {
     let (out, state) = (&opts.output, opts.output.join(STATE_DIR));
-    check_same_options(opts, &manifest::read_json(&state.join(STATE_OPTIONS))?)?;
+    check_same_options(opts, &manifest::read_json(&state.join(STATE_OPTIONS))?, &state_options(opts, scope))?;
     let mut done = Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start };
+    let mut stamps = Vec::new();
     let mut k = scope.first_shard;
     while let Some(ix) = completed_shard(opts, k)? {
         let (start, n) = (done.next_file, ix.len());
         let matches = start + n <= scope.range.end && (0..n).all(|i| ix.key(i).ok() == Some(scope.files.key(start + i)));
         if !matches {
-            return Err(Error::usage(format!("the source tree changed since the pack into {} was interrupted", out.display()), "start over with --force"));
+            return Err(Error::usage(format!("the source tree changed since the pack into {} was interrupted", out.display()), START_OVER));
         }
+        let sp = state.join(layout::state_stamps_name(k));
+        let Some(st) = stamp::read_records(&sp, n)? else {
+            return Err(old_state(out, &format!("{} has no record of the files of {}", STATE_DIR, shard_name(k, opts.format))));
+        };
+        stamps.extend(st);
         let info = &ix.shards()[0];
         done.records.push(ShardRecord { file: shard_name(k, opts.format), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
         done.next_file += n;
         done.parts.push(ix);
         k += 1;
-        progress.files_done.store((done.next_file - scope.range.start) as u64, Relaxed);
     }
+    let moved = stamp::restat(scope.files, scope.roots, scope.range.start, &stamps, opts.follow_symlinks, opts.threads);
+    if moved.count > 0 {
+        let named: Vec<String> = moved.first.iter().map(|(p, w)| format!("{} ({w})", p.display())).collect();
+        let more = if moved.count > named.len() { format!(", and {} more", moved.count - named.len()) } else { String::new() };
+        return Err(Error::usage(
+            format!(
+                "the source tree changed since the pack into {} was interrupted: {} already packed file{} changed: {}{more}",
+                out.display(),
+                moved.count,
+                if moved.count == 1 { "" } else { "s" },
+                named.join(", ")
+            ),
+            START_OVER,
+        ));
+    }
+    progress.files_done.store((done.next_file - scope.range.start) as u64, Relaxed);
     for e in fs::read_dir(&state).ctx("list directory", &state)?.flatten() {
-        if layout::parse_state_index_name(&e.file_name().to_string_lossy()).is_some_and(|num| num >= k) {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if layout::parse_state_index_name(&name).or_else(|| layout::parse_state_stamps_name(&name)).is_some_and(|num| num >= k) {
             fs::remove_file(e.path()).ctx("remove", e.path())?;
         }
     }
     Ok(done)
+}
+
+/// The hint of a refused `--resume`.
+const START_OVER: &str = "start over with --force (a job-array part: remove its part directory and run the task again)";
+
+/// The refusal to resume from a state written by an older packds (or damaged): it does not
+/// record the source files, so it cannot prove the pack continues the same tree.
+fn old_state(out: &Path, why: &str) -> Error {
+    Error::usage(
+        format!(
+            "cannot resume the pack into {}: {why} (an older packds wrote it, or it is damaged), so an unchanged source tree cannot be told from a changed one",
+            out.display()
+        ),
+        START_OVER,
+    )
 }
 
 /// Shard `k`'s per-shard index when the shard is complete (its file has the recorded size).
@@ -463,13 +526,22 @@ fn completed_shard(opts: &PackOptions, k: usize) -> Result<Option<Index>> {
     Ok((actual == info.size).then_some(ix))
 }
 
-fn check_same_options(opts: &PackOptions, prev: &StateOptions) -> Result<()> {
+/// Refuses a resume whose sources or output-shaping options differ from the interrupted pack's
+/// (`prev`, as stored; `now`, this pack's), naming both values.
+fn check_same_options(opts: &PackOptions, prev: &StateOptions, now: &StateOptions) -> Result<()> {
     let out = &opts.output;
-    if prev.shard_size != opts.shard_size {
+    const SAME: &str = "resume with the same options, or start over with --force";
+    if prev.version < STATE_VERSION {
+        return Err(old_state(out, "its state does not record the source files"));
+    }
+    if prev.sources != now.sources {
         return Err(Error::usage(
-            format!("the interrupted pack in {} used --shard-size {}, not {}", out.display(), prev.shard_size, opts.shard_size),
-            "resume with the same options, or start over with --force",
+            format!("the interrupted pack in {} packed {}, not {}", out.display(), prev.sources.join(" "), now.sources.join(" ")),
+            "resume with the same sources, or start over with --force",
         ));
+    }
+    if prev.shard_size != opts.shard_size {
+        return Err(Error::usage(format!("the interrupted pack in {} used --shard-size {}, not {}", out.display(), prev.shard_size, opts.shard_size), SAME));
     }
     if (prev.format, prev.compress.as_str(), prev.dict_size) != (opts.format, opts.compress.name().as_str(), opts.dict_size) {
         return Err(Error::usage(
@@ -480,8 +552,22 @@ fn check_same_options(opts: &PackOptions, prev: &StateOptions) -> Result<()> {
                 prev.compress,
                 if prev.dict_size > 0 { format!(" --zstd-dict {}", prev.dict_size) } else { String::new() }
             ),
-            "resume with the same options, or start over with --force",
+            SAME,
         ));
+    }
+    let filters = |s: &StateOptions| {
+        let mut v: Vec<String> = s.include.iter().map(|p| format!("--include {p:?}")).chain(s.exclude.iter().map(|p| format!("--exclude {p:?}"))).collect();
+        if s.follow_symlinks {
+            v.push("--follow-symlinks".into());
+        }
+        if v.is_empty() {
+            "no --include, --exclude or --follow-symlinks".to_string()
+        } else {
+            v.join(" ")
+        }
+    };
+    if (&prev.include, &prev.exclude, prev.follow_symlinks) != (&now.include, &now.exclude, now.follow_symlinks) {
+        return Err(Error::usage(format!("the interrupted pack in {} used {}, not {}", out.display(), filters(prev), filters(now)), SAME));
     }
     Ok(())
 }
@@ -527,6 +613,7 @@ mod h5;
 mod large;
 mod member;
 mod pipeline;
+mod stamp;
 mod window;
 mod writer;
 

@@ -1,6 +1,8 @@
 //! What an I/O thread does for one file: open it (no symlink unless followed), stat it, and for
-//! a small file read, checksum, compress and lay out the whole member, off the writer's path.
+//! a small file read, checksum, compress and lay out the whole member, off the writer's path;
+//! a file that changes while it is read is read again, then is a `Changed` error.
 
+use super::stamp::{self, Stamp, READ_TRIES};
 use super::{planned_len, PackOptions, ShardFormat};
 use crate::codec::{self, Encoder};
 use crate::error::{Error, IoContext, Result};
@@ -25,6 +27,8 @@ pub(super) enum Item {
 /// `planned` is its [`planned_len`], computed here in parallel, off the writer's path.
 pub(super) struct Small {
     pub meta: Meta,
+    /// The file as it was read (for `--resume`).
+    pub stamp: Stamp,
     pub member: Vec<u8>,
     pub hlen: usize,
     pub crc: u32,
@@ -45,15 +49,17 @@ pub(super) struct WorkerState {
     enc: Option<Encoder>,
     data: Vec<u8>,
     frame: Vec<u8>,
+    /// Scratch for the second read of a recently changed file.
+    check: Vec<u8>,
 }
 
 impl WorkerState {
     pub fn new(opts: &PackOptions, dict: &[u8]) -> Self {
-        WorkerState { enc: (!opts.compress.is_none()).then(|| Encoder::new(opts.compress, Some(dict))), data: Vec::new(), frame: Vec::new() }
+        WorkerState { enc: (!opts.compress.is_none()).then(|| Encoder::new(opts.compress, Some(dict))), data: Vec::new(), frame: Vec::new(), check: Vec::new() }
     }
 }
 
-fn meta_of(md: &fs::Metadata) -> Meta {
+pub(super) fn meta_of(md: &fs::Metadata) -> Meta {
     Meta { size: md.len(), mode: md.mode(), mtime: md.mtime(), uid: md.uid(), gid: md.gid() }
 }
 
@@ -110,7 +116,7 @@ fn read_exact_file(f: &File, path: &Path, buf: &mut Vec<u8>, want: usize) -> Res
 }
 
 /// Opens `path` as a regular file (not through a symlink unless `--follow-symlinks`).
-fn open_regular(path: &Path, follow: bool) -> Result<(File, Meta)> {
+fn open_regular(path: &Path, follow: bool) -> Result<(File, Meta, Stamp)> {
     let mut oo = OpenOptions::new();
     oo.read(true);
     let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
@@ -129,46 +135,70 @@ fn open_regular(path: &Path, follow: bool) -> Result<(File, Meta)> {
     if !md.is_file() {
         return Err(Error::Changed { path: path.to_path_buf(), what: "it is no longer a regular file".into() });
     }
-    Ok((f, meta_of(&md)))
+    Ok((f, meta_of(&md), Stamp::of(&md)))
 }
 
 /// Reads the file of `key` at `path`: a [`Large`] one is left open for the writer, a small one
-/// becomes its whole member, built in `buf` (a recycled buffer).
+/// becomes its whole member, built in `buf` (a recycled buffer). A small file that changes
+/// while it is read is read again (see [`super::stamp`]).
 pub(super) fn read_one(opts: &PackOptions, path: &Path, key: &[u8], small_max: u64, buf: Vec<u8>, ws: &mut WorkerState) -> Result<Item> {
-    let (f, meta) = open_regular(path, opts.follow_symlinks)?;
-    if meta.size > small_max {
-        return Ok(Item::Large(Large { meta, file: f, path: path.to_path_buf() }));
+    let mut member = buf;
+    let mut attempt = 0;
+    loop {
+        let (f, meta, stamp) = open_regular(path, opts.follow_symlinks)?;
+        if meta.size > small_max {
+            return Ok(Item::Large(Large { meta, file: f, path: path.to_path_buf() }));
+        }
+        match read_small(opts, &f, path, key, meta, &stamp, &mut member, ws) {
+            Ok(m) => return Ok(Item::Small(Small { member, ..m })),
+            Err(Error::Changed { .. }) if attempt + 1 < READ_TRIES => {
+                attempt += 1;
+                stamp::backoff(attempt);
+            }
+            Err(e) => return Err(e),
+        }
     }
+}
+
+/// One read of a small file (open as `f`, `meta` and `stamp` from its `fstat`) into `member`;
+/// the returned [`Small`]'s own `member` is empty.
+#[allow(clippy::too_many_arguments)]
+fn read_small(opts: &PackOptions, f: &File, path: &Path, key: &[u8], meta: Meta, stamp: &Stamp, member: &mut Vec<u8>, ws: &mut WorkerState) -> Result<Small> {
     let want = meta.size as usize;
     let format = opts.format;
     let tar = format == ShardFormat::Tar;
-    let mut member = buf;
     member.clear();
-    if let Some(enc) = ws.enc.as_mut() {
+    let m = if let Some(enc) = ws.enc.as_mut() {
         // Compressing: read, checksum and encode here (in parallel), then lay out the member.
         ws.data.clear();
-        read_exact_file(&f, path, &mut ws.data, want)?;
+        read_exact_file(f, path, &mut ws.data, want)?;
         let crc = crc32c::crc32c(&ws.data);
         let codec = enc.encode(&ws.data, &mut ws.frame, force_compress(format, key));
         let stored: &[u8] = if codec == codec::RAW { &ws.data } else { &ws.frame };
-        let hlen = if tar { tar::write_header(&mut member, &member_name(key, codec), &Meta { size: stored.len() as u64, ..meta }) } else { 0 };
+        let hlen = if tar { tar::write_header(member, &member_name(key, codec), &Meta { size: stored.len() as u64, ..meta }) } else { 0 };
         member.extend_from_slice(stored);
         if tar {
             member.resize(member.len() + tar::padding(stored.len() as u64) as usize, 0);
         }
         let planned = planned_len(format, key, &meta);
-        return Ok(Item::Small(Small { meta, member, hlen, crc, stored: stored.len() as u64, codec, planned }));
+        Small { meta, stamp: *stamp, member: Vec::new(), hlen, crc, stored: stored.len() as u64, codec, planned }
+    } else {
+        // The whole member is built here, in parallel: header, data, padding. The writer then
+        // only appends it.
+        let hlen = if tar { tar::write_header(member, key, &meta) } else { 0 };
+        member.reserve(want + tar::padding(meta.size) as usize + 1);
+        read_exact_file(f, path, member, want)?;
+        let crc = crc32c::crc32c(&member[hlen..]);
+        if tar {
+            member.resize(hlen + want + tar::padding(meta.size) as usize, 0);
+        }
+        // Uncompressed, the member is exactly what the shard-size rule counts.
+        let planned = if tar { member.len() as u64 } else { meta.size };
+        Small { meta, stamp: *stamp, member: Vec::new(), hlen, crc, stored: meta.size, codec: codec::RAW, planned }
+    };
+    stamp.check(&Stamp::now(f, path)?, path)?;
+    if stamp.recent() {
+        stamp::confirm(f, path, stamp, m.crc, &mut ws.check)?;
     }
-    // The whole member is built here, in parallel: header, data, padding. The writer then only
-    // appends it.
-    let hlen = if tar { tar::write_header(&mut member, key, &meta) } else { 0 };
-    member.reserve(want + tar::padding(meta.size) as usize + 1);
-    read_exact_file(&f, path, &mut member, want)?;
-    let crc = crc32c::crc32c(&member[hlen..]);
-    if tar {
-        member.resize(hlen + want + tar::padding(meta.size) as usize, 0);
-    }
-    // Uncompressed, the member is exactly what the shard-size rule counts.
-    let planned = if tar { member.len() as u64 } else { meta.size };
-    Ok(Item::Small(Small { meta, member, hlen, crc, stored: meta.size, codec: codec::RAW, planned }))
+    Ok(m)
 }

@@ -5,7 +5,8 @@
 
 use super::h5::finish_h5;
 use super::large::{write_large_coded, write_large_raw};
-use super::member::{Large, Small};
+use super::member::{meta_of, Large, Small};
+use super::stamp::{self, Stamp, READ_TRIES};
 use super::{planned_len, shard_name, shard_state_name, PackOptions, ShardFormat, SHARD_END, STATE_DIR, WRITEBACK_EVERY};
 use crate::codec;
 use crate::error::{Error, IoContext, Result};
@@ -33,6 +34,8 @@ pub(super) struct ShardOut {
     pub raw: u64,
     pub hash: Xxh3,
     pub index: IndexBuilder,
+    /// The members' source files as they were read ([`stamp::STAMP_LEN`] bytes each).
+    stamps: Vec<u8>,
     flushed_at: u64,
 }
 
@@ -41,7 +44,7 @@ impl ShardOut {
         let tmp = opts.output.join(layout::tmp_file_name(&shard_name(k, opts.format)));
         let w = File::create(&tmp).ctx("create", &tmp)?;
         let index = if opts.compress.is_none() { IndexBuilder::new() } else { IndexBuilder::new_coded(dict) };
-        Ok(ShardOut { k, tmp, w, pos: 0, raw: 0, hash: Xxh3::new(), index, flushed_at: 0 })
+        Ok(ShardOut { k, tmp, w, pos: 0, raw: 0, hash: Xxh3::new(), index, stamps: Vec::new(), flushed_at: 0 })
     }
 
     pub fn put(&mut self, b: &[u8]) -> Result<()> {
@@ -94,13 +97,15 @@ pub(super) struct ShardWriter<'a> {
     k: usize,
     first: usize,
     hdr: Vec<u8>,
+    /// Scratch for the second read of a recently changed large file.
+    check: Vec<u8>,
     parts: &'a mut Vec<Index>,
     records: &'a mut Vec<ShardRecord>,
 }
 
 impl<'a> ShardWriter<'a> {
     pub fn new(opts: &'a PackOptions, dict: &'a [u8], by_size: bool, first: usize, parts: &'a mut Vec<Index>, records: &'a mut Vec<ShardRecord>) -> Self {
-        ShardWriter { opts, dict, by_size, cur: None, k: first, first, hdr: Vec::with_capacity(2048), parts, records }
+        ShardWriter { opts, dict, by_size, cur: None, k: first, first, hdr: Vec::with_capacity(2048), check: Vec::new(), parts, records }
     }
 
     /// Appends a member read whole by an I/O thread (its buffer stays with the caller).
@@ -109,27 +114,37 @@ impl<'a> ShardWriter<'a> {
         let at = s.pos;
         s.put(&m.member)?;
         s.index.push_coded(key, 0, at + m.hlen as u64, m.stored, m.meta.size, m.codec, m.crc);
+        stamp::push_record(&mut s.stamps, &m.stamp);
         s.raw += m.planned;
         Ok(())
     }
 
-    /// Streams a large file in. A file that changes while it is copied fails the pack, or with
-    /// `--on-error skip` is rolled back out of the shard and returned as skipped.
+    /// Streams a large file in. A file that changes while it is copied is rolled back out of
+    /// the shard and copied again (see [`stamp`]); if it keeps changing it fails the pack, or
+    /// with `--on-error skip` is returned as skipped.
     pub fn accept_large(&mut self, key: &[u8], l: Large) -> Result<Option<Skipped>> {
-        let Large { meta, mut file, path } = l;
+        let Large { mut meta, mut file, path } = l;
         let planned = planned_len(self.opts.format, key, &meta);
         let (opts, dict) = (self.opts, self.dict);
         self.room_for(planned)?;
-        let (s, hdr) = (self.cur.as_mut().expect("opened by room_for"), &mut self.hdr);
+        let (s, hdr, check) = (self.cur.as_mut().expect("opened by room_for"), &mut self.hdr, &mut self.check);
         let (at, hash_before) = (s.pos, s.hash.clone());
-        let r = if opts.compress.is_none() {
-            write_large_raw(s, opts.format == ShardFormat::Tar, &mut file, &path, key, &meta, hdr).map(|(off, crc)| (off, meta.size, codec::RAW, crc))
-        } else {
-            write_large_coded(opts, s, &mut file, &path, key, &meta, dict, hdr)
+        let mut attempt = 0;
+        let r = loop {
+            let r = copy_large(opts, dict, s, hdr, check, key, &mut meta, planned, &mut file, &path);
+            match r {
+                Err(Error::Changed { .. }) if attempt + 1 < READ_TRIES => {
+                    s.rewind(at, hash_before.clone())?;
+                    attempt += 1;
+                    stamp::backoff(attempt);
+                }
+                r => break r,
+            }
         };
         match r {
-            Ok((off, stored, codec, crc)) => {
+            Ok((off, stored, codec, crc, st)) => {
                 s.index.push_coded(key, 0, off, stored, meta.size, codec, crc);
+                stamp::push_record(&mut s.stamps, &st);
                 s.raw += planned;
                 Ok(None)
             }
@@ -178,6 +193,8 @@ impl<'a> ShardWriter<'a> {
         let name = shard_name(s.k, opts.format);
         let info = s.finish(opts, &opts.output.join(&name), self.dict)?;
         s.index.push_shard(info.clone());
+        // The record of the source files first: a per-shard index is never without it.
+        stamp::write_records(&opts.output.join(STATE_DIR).join(layout::state_stamps_name(s.k)), &s.stamps)?;
         let ip = opts.output.join(STATE_DIR).join(shard_state_name(s.k));
         s.index.write_atomic(&ip)?; // also fsyncs the state dir
         drop(s.index);
@@ -187,6 +204,47 @@ impl<'a> ShardWriter<'a> {
         self.parts.push(ix);
         Ok(())
     }
+}
+
+/// One copy of a large file into the shard at its position: the file's stamp is taken before
+/// (`meta` follows it; a file whose planned length moved is a `Changed` error, the shard was cut
+/// for the old one) and compared after; a recently changed file is read a second time.
+/// Returns (data offset, stored size, codec, CRC32C, the stamp).
+#[allow(clippy::too_many_arguments)]
+fn copy_large(
+    opts: &PackOptions,
+    dict: &[u8],
+    s: &mut ShardOut,
+    hdr: &mut Vec<u8>,
+    check: &mut Vec<u8>,
+    key: &[u8],
+    meta: &mut tar::Meta,
+    planned: u64,
+    file: &mut File,
+    path: &Path,
+) -> Result<(u64, u64, u8, u32, Stamp)> {
+    file.seek(SeekFrom::Start(0)).ctx("seek", path)?;
+    let md = file.metadata().ctx("stat", path)?;
+    let before = Stamp::of(&md);
+    let now = meta_of(&md);
+    if planned_len(opts.format, key, &now) != planned {
+        return Err(if now.size != meta.size {
+            stamp::changed(path, &format!("size {} -> {}", meta.size, now.size))
+        } else {
+            stamp::changed(path, "mtime moved")
+        });
+    }
+    *meta = now;
+    let (off, stored, codec, crc) = if opts.compress.is_none() {
+        write_large_raw(s, opts.format == ShardFormat::Tar, file, path, key, meta, hdr).map(|(off, crc)| (off, meta.size, codec::RAW, crc))?
+    } else {
+        write_large_coded(opts, s, file, path, key, meta, dict, hdr)?
+    };
+    before.check(&Stamp::now(file, path)?, path)?;
+    if before.recent() {
+        stamp::confirm(file, path, &before, crc, check)?;
+    }
+    Ok((off, stored, codec, crc, before))
 }
 
 impl Drop for ShardWriter<'_> {
