@@ -469,12 +469,37 @@ pub fn remove_stale_copy(path: &Path) -> Result<()> {
         Err(e) => Err(Error::io("stat", path, e)),
         Ok(md) if !md.is_dir() => Err(refuse()),
         Ok(_) if !only_owned(path)? => Err(refuse()),
-        Ok(_) if matches!(staged_copy_trust(path), Trust::Foreign(_)) => Err(Error::usage(
-            format!("{} is not a staged copy of yours ({}); packds leaves it alone", path.display(), staged_copy_trust(path).parts().1),
-            "stage into a directory only you can write (e.g. $SLURM_TMPDIR), or ask its owner to remove it",
-        )),
-        Ok(_) => fs::remove_dir_all(path).ctx("remove", path),
+        Ok(_) => match not_all_mine(path) {
+            Some(why) => Err(Error::usage(
+                format!("{} is not a staged copy of yours ({why}); packds leaves it alone", path.display()),
+                "stage into a directory only you can write (e.g. $SLURM_TMPDIR), or ask its owner to remove it",
+            )),
+            None => fs::remove_dir_all(path).ctx("remove", path),
+        },
     }
+}
+
+/// Why not everything under `dir` (itself included, symlinks not followed) is owned by the
+/// effective user, or None.
+fn not_all_mine(dir: &Path) -> Option<String> {
+    let me = euid();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let md = match fs::symlink_metadata(&d) {
+            Ok(md) => md,
+            Err(e) => return Some(format!("cannot stat {}: {e}", d.display())),
+        };
+        if md.uid() != me {
+            return Some(format!("{} is owned by {}", d.display(), describe_uid(md.uid())));
+        }
+        if md.is_dir() {
+            match fs::read_dir(&d) {
+                Ok(rd) => todo.extend(rd.flatten().map(|e| e.path())),
+                Err(e) => return Some(format!("cannot list {}: {e}", d.display())),
+            }
+        }
+    }
+    None
 }
 
 /// May a staged copy at some path be trusted as ours? (See [`staged_copy_trust`].)
@@ -819,5 +844,37 @@ mod tests {
         assert!(!o.created() && fs::read_dir(&d).unwrap().next().is_none());
         let e = lock_dir(&d).err().unwrap().to_string();
         assert!(e.contains("another packds process is writing"), "{e}");
+    }
+
+    #[test]
+    fn staged_copy_trust_and_disambiguated_names() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let d = t.path().join("ds.pds");
+        assert_eq!(staged_copy_trust(&d), Trust::Missing);
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(d.join("manifest.json"), b"{}").unwrap();
+        fs::set_permissions(d.join("manifest.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(staged_copy_trust(&d), Trust::Private);
+        fs::set_permissions(d.join("manifest.json"), fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(staged_copy_trust(&d), Trust::Shared(w) if w.contains("writable by other users")));
+        fs::set_permissions(d.join("manifest.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(staged_copy_trust(&d), Trust::Shared(w) if w.contains("not sticky")));
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(staged_copy_trust(&d), Trust::Private);
+        std::os::unix::fs::symlink(&d, t.path().join("link.pds")).unwrap();
+        assert!(matches!(staged_copy_trust(&t.path().join("link.pds")), Trust::Foreign(w) if w.contains("symbolic link")));
+        std::os::unix::fs::symlink("/etc/passwd", d.join("index.pdsi")).unwrap();
+        assert!(matches!(staged_copy_trust(&d), Trust::Foreign(_)));
+        let src = Path::new("/project/a/train.pds");
+        let n = disambiguated_name("train.pds", src);
+        assert!(n.starts_with("train-") && n.ends_with(".pds") && n.len() == "train-12345678.pds".len(), "{n}");
+        assert_ne!(n, disambiguated_name("train.pds", Path::new("/project/b/train.pds")));
+        assert_eq!(n, disambiguated_name("train.pds", src));
+        assert!(disambiguated_name("data", src).starts_with("data-"));
+        assert!(disambiguated_name(".hidden", src).starts_with(".hidden-"));
     }
 }
