@@ -21,7 +21,6 @@ __all__ = [
     "staged_copy_trust",
     "verify_copy",
     "disambiguated_name",
-    "others_can_replace_in",
     "tree_fingerprint",
     "index_tars",
     "Groups",
@@ -202,5 +201,4 @@ def staged_copy_trust(path: str | PathLike[str]) -> tuple[str, str]:
 def verify_copy(src: str | PathLike[str] | None, dest: str | PathLike[str], *, file: bool = False) -> None:
     """Reads the whole copy and checks it against ``src``'s manifest (or its own; or, ``file=True``, the file ``src``)."""
 def disambiguated_name(name: str, source: str | PathLike[str]) -> str: ...
-def others_can_replace_in(dir: str | PathLike[str]) -> str | None: ...
 def tree_fingerprint(path: str | PathLike[str]) -> dict[str, int]: ...

@@ -244,9 +244,16 @@ def _reclaimable(dest_dir: str, name: str) -> int:
         entries = os.listdir(dest_dir)
     except OSError:
         return 0
+    me = os.geteuid()
     for n in entries:
         if n == name or n.startswith(f".{name}.staging-"):
-            total += _du(os.path.join(dest_dir, n))
+            p = os.path.join(dest_dir, n)
+            try:
+                if os.lstat(p).st_uid != me:  # another user's: never removed
+                    continue
+            except OSError:
+                continue
+            total += _du(p)
     return total
 
 

@@ -178,12 +178,6 @@ pub fn disambiguated_name(name: &str, source: PathBuf) -> String {
     layout::disambiguated_name(name, &source)
 }
 
-/// Can another user rename, replace or remove entries of the directory `dir`? The reason, or None.
-#[pyfunction]
-pub fn others_can_replace_in(py: Python<'_>, dir: PathBuf) -> PyResult<Option<String>> {
-    py.detach(|| layout::others_can_replace_in(&dir)).map_err(to_py)
-}
-
 /// Fingerprint of a loose tree (regular files, symlinks not followed): a dict of files, bytes,
 /// mtime_ns_max and packed_estimate (the packed size, headers and padding included).
 #[pyfunction]
