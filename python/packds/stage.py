@@ -305,8 +305,15 @@ class _Lock:
         try:
             fd = os.open(path, flags, 0o600)
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK):
-                raise _foreign_lock_error(path, None) from None
+            # A symlink (ELOOP), another user's file in a sticky directory (EACCES under
+            # fs.protected_regular), a directory or FIFO: say whose it is. Anything else (a
+            # destination we cannot write at all) is the plain OSError.
+            try:
+                st = os.lstat(path)
+            except OSError:
+                raise e from None
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise _foreign_lock_error(path, st) from None
             raise
         try:
             st = os.fstat(fd)
@@ -364,15 +371,8 @@ def _owner(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _foreign_lock_error(path: str, st) -> UsageError:
-    if st is None:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            st = None
-    if st is None:
-        what = "cannot be opened safely"
-    elif stat.S_ISLNK(st.st_mode):
+def _foreign_lock_error(path: str, st: os.stat_result) -> UsageError:
+    if stat.S_ISLNK(st.st_mode):
         what = f"is a symbolic link owned by {_owner(st.st_uid)}"
     elif not stat.S_ISREG(st.st_mode):
         what = f"is not a plain file (owned by {_owner(st.st_uid)})"
