@@ -476,7 +476,7 @@ pub fn is_intact_with_options(dest: &Path, options: &serde_json::Value) -> bool 
 }
 
 /// Removes the earlier (stale) copy of a dataset at `path`, refusing anything that is not a
-/// directory of files packds wrote. Nothing at `path` is fine.
+/// directory of files packds wrote, or not all ours ([`staged_copy_trust`]). Nothing at `path` is fine.
 pub fn remove_stale_copy(path: &Path) -> Result<()> {
     let refuse = || {
         Error::usage(
@@ -489,7 +489,251 @@ pub fn remove_stale_copy(path: &Path) -> Result<()> {
         Err(e) => Err(Error::io("stat", path, e)),
         Ok(md) if !md.is_dir() => Err(refuse()),
         Ok(_) if !only_owned(path)? => Err(refuse()),
-        Ok(_) => fs::remove_dir_all(path).ctx("remove", path),
+        Ok(_) => match not_all_mine(path) {
+            Some(why) => Err(Error::usage(
+                format!("{} is not a staged copy of yours ({why}); packds leaves it alone", path.display()),
+                "stage into a directory only you can write (e.g. $SLURM_TMPDIR), or ask its owner to remove it",
+            )),
+            None => fs::remove_dir_all(path).ctx("remove", path),
+        },
+    }
+}
+
+/// Why not everything under `dir` (itself included, symlinks not followed) is owned by the
+/// effective user, or None.
+fn not_all_mine(dir: &Path) -> Option<String> {
+    let me = euid();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let md = match fs::symlink_metadata(&d) {
+            Ok(md) => md,
+            Err(e) => return Some(format!("cannot stat {}: {e}", d.display())),
+        };
+        if md.uid() != me {
+            return Some(format!("{} is owned by {}", d.display(), describe_uid(md.uid())));
+        }
+        if md.is_dir() {
+            match fs::read_dir(&d) {
+                Ok(rd) => todo.extend(rd.flatten().map(|e| e.path())),
+                Err(e) => return Some(format!("cannot list {}: {e}", d.display())),
+            }
+        }
+    }
+    None
+}
+
+/// May a staged copy at some path be trusted as ours? (See [`staged_copy_trust`].)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Nothing there.
+    Missing,
+    /// Not ours (owned by another user, a symlink, not a plain file or directory of plain
+    /// files): never reused, replaced or removed. The text says why.
+    Foreign(String),
+    /// Ours, but in a place another user could have changed (a directory they can write into
+    /// that is not sticky, or a file they can write): reused only after a full re-verification.
+    Shared(String),
+    /// Ours, in a directory no other user can change: the cheap check (sizes and manifest) is enough.
+    Private,
+}
+
+impl Trust {
+    /// A short name (what `_core.staged_copy_trust` returns) and the reason.
+    pub fn parts(&self) -> (&'static str, &str) {
+        match self {
+            Trust::Missing => ("missing", ""),
+            Trust::Foreign(w) => ("foreign", w),
+            Trust::Shared(w) => ("shared", w),
+            Trust::Private => ("private", ""),
+        }
+    }
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// "uid N (name)" for messages.
+pub fn describe_uid(uid: u32) -> String {
+    // SAFETY: getpwuid returns NULL or a pointer to a static record, read at once.
+    let name = unsafe {
+        let pw = libc::getpwuid(uid);
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            None
+        } else {
+            Some(std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned())
+        }
+    };
+    match name {
+        Some(n) => format!("uid {uid} ({n})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+const OTHERS_WRITE: u32 = 0o022;
+const STICKY: u32 = 0o1000;
+
+/// Can another user than us change the entries of the directory `dir` (rename, replace, remove
+/// them)? The reason, or None: `dir` must be owned by us or root, and either not group/world
+/// writable or sticky.
+pub fn others_can_replace_in(dir: &Path) -> Result<Option<String>> {
+    let md = fs::metadata(dir).ctx("stat", dir)?;
+    let me = euid();
+    if md.uid() != me && md.uid() != 0 {
+        return Ok(Some(format!("{} is owned by {}", dir.display(), describe_uid(md.uid()))));
+    }
+    if md.mode() & OTHERS_WRITE != 0 && md.mode() & STICKY == 0 {
+        return Ok(Some(format!("{} is writable by other users (mode {:o}, not sticky)", dir.display(), md.mode() & 0o7777)));
+    }
+    Ok(None)
+}
+
+/// Whether the staged copy at `path` (a dataset directory or one staged file) is provably ours:
+/// `path` and every entry in it (plain files only) owned by the effective user and writable by
+/// nobody else, not a symlink; and whether its directory lets other users replace it
+/// ([`others_can_replace_in`]). Errors reading it count as [`Trust::Foreign`].
+pub fn staged_copy_trust(path: &Path) -> Trust {
+    let me = euid();
+    let md = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Trust::Missing,
+        Err(e) => return Trust::Foreign(format!("cannot stat {}: {e}", path.display())),
+        Ok(md) => md,
+    };
+    let foreign_why = |p: &Path, md: &fs::Metadata| -> Option<String> {
+        if md.file_type().is_symlink() {
+            Some(format!("{} is a symbolic link", p.display()))
+        } else if md.uid() != me {
+            Some(format!("{} is owned by {}", p.display(), describe_uid(md.uid())))
+        } else {
+            None
+        }
+    };
+    if let Some(w) = foreign_why(path, &md) {
+        return Trust::Foreign(w);
+    }
+    let mut writable = None;
+    let mut note_writable = |p: &Path, md: &fs::Metadata| {
+        if md.mode() & OTHERS_WRITE != 0 && writable.is_none() {
+            writable = Some(format!("{} is writable by other users (mode {:o})", p.display(), md.mode() & 0o7777));
+        }
+    };
+    note_writable(path, &md);
+    if md.is_dir() {
+        let rd = match fs::read_dir(path) {
+            Ok(rd) => rd,
+            Err(e) => return Trust::Foreign(format!("cannot list {}: {e}", path.display())),
+        };
+        for e in rd {
+            let Ok(e) = e else { return Trust::Foreign(format!("cannot list {}", path.display())) };
+            let p = e.path();
+            let Ok(emd) = fs::symlink_metadata(&p) else { return Trust::Foreign(format!("cannot stat {}", p.display())) };
+            if let Some(w) = foreign_why(&p, &emd) {
+                return Trust::Foreign(w);
+            }
+            if !emd.is_file() {
+                return Trust::Foreign(format!("{} is not a plain file", p.display()));
+            }
+            note_writable(&p, &emd);
+        }
+    } else if !md.is_file() {
+        return Trust::Foreign(format!("{} is neither a directory nor a plain file", path.display()));
+    }
+    if let Some(w) = writable {
+        return Trust::Shared(w);
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match others_can_replace_in(parent) {
+        Ok(None) => Trust::Private,
+        Ok(Some(w)) => Trust::Shared(w),
+        Err(e) => Trust::Shared(e.to_string()),
+    }
+}
+
+/// Opens `path` for reading without following a symlink, and checks it is a plain file owned by
+/// the effective user.
+fn open_own_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path).ctx("open", path)?;
+    let md = f.metadata().ctx("stat", path)?;
+    if !md.is_file() || md.uid() != euid() {
+        return Err(Error::format(path, format!("is not a plain file of {}", describe_uid(euid()))));
+    }
+    Ok(f)
+}
+
+/// The size and XXH3-128 of the file `f` (read whole).
+fn hash_file(mut f: File, path: &Path) -> Result<(u64, u128)> {
+    use std::io::Read;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0u64;
+    loop {
+        let got = match f.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.ctx("read", path)?,
+        };
+        if got == 0 {
+            return Ok((n, h.digest128()));
+        }
+        h.update(&buf[..got]);
+        n += got as u64;
+    }
+}
+
+/// Reads every byte of the staged copy `dest` and checks it: with `src` (a dataset) against
+/// the source's manifest (its exact bytes, then every file's size and XXH3-128); without,
+/// against the copy's own manifest (a dataset packed on the fly from a loose tree). Every file
+/// must be a plain file of ours (opened without following symlinks). The first difference is
+/// the error.
+pub fn verify_copy(src: Option<&Path>, dest: &Path) -> Result<()> {
+    let mp = dest.join(MANIFEST_FILE);
+    open_own_file(&mp)?;
+    let have = CopyList::load(dest)?;
+    let want = match src {
+        Some(src) => {
+            let want = CopyList::load(src)?;
+            if want.manifest != have.manifest {
+                return Err(Error::format(&mp, format!("differs from {}", src.join(MANIFEST_FILE).display())));
+            }
+            want
+        }
+        None => have,
+    };
+    for f in &want.files {
+        let p = dest.join(&f.name);
+        let (n, h) = hash_file(open_own_file(&p)?, &p)?;
+        if n != f.size {
+            return Err(Error::format(&p, format!("is {n} bytes, manifest.json says {}", f.size)));
+        }
+        if crate::manifest::hex128(h) != f.xxh3_128 {
+            return Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from manifest.json)", f.name), shard: p });
+        }
+    }
+    Ok(())
+}
+
+/// Reads both files whole and checks that the staged file `dest` (a plain file of ours) holds
+/// the bytes of `src`.
+pub fn verify_file_copy(src: &Path, dest: &Path) -> Result<()> {
+    let a = hash_file(File::open(src).ctx("open", src)?, src)?;
+    let b = hash_file(open_own_file(dest)?, dest)?;
+    if a != b {
+        return Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from the source)", dest.display()), shard: src.to_path_buf() });
+    }
+    Ok(())
+}
+
+/// A name for the staged copy of `source` (its canonical path) when `name` is taken by another
+/// source or by another user: `NAME-XXXXXXXX.EXT` (8 hex digits of the XXH3-64 of the source
+/// path, before the last extension), e.g. `train.pds` -> `train-1a2b3c4d.pds`.
+pub fn disambiguated_name(name: &str, source: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let tag = format!("{:08x}", xxhash_rust::xxh3::xxh3_64(source.as_os_str().as_bytes()) as u32);
+    match name.rfind('.') {
+        Some(i) if i > 0 => format!("{}-{tag}{}", &name[..i], &name[i..]),
+        _ => format!("{name}-{tag}"),
     }
 }
 
@@ -620,5 +864,37 @@ mod tests {
         assert!(!o.created() && fs::read_dir(&d).unwrap().next().is_none());
         let e = lock_dir(&d).err().unwrap().to_string();
         assert!(e.contains("another packds process is writing"), "{e}");
+    }
+
+    #[test]
+    fn staged_copy_trust_and_disambiguated_names() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let d = t.path().join("ds.pds");
+        assert_eq!(staged_copy_trust(&d), Trust::Missing);
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(d.join("manifest.json"), b"{}").unwrap();
+        fs::set_permissions(d.join("manifest.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(staged_copy_trust(&d), Trust::Private);
+        fs::set_permissions(d.join("manifest.json"), fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(staged_copy_trust(&d), Trust::Shared(w) if w.contains("writable by other users")));
+        fs::set_permissions(d.join("manifest.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(staged_copy_trust(&d), Trust::Shared(w) if w.contains("not sticky")));
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(staged_copy_trust(&d), Trust::Private);
+        std::os::unix::fs::symlink(&d, t.path().join("link.pds")).unwrap();
+        assert!(matches!(staged_copy_trust(&t.path().join("link.pds")), Trust::Foreign(w) if w.contains("symbolic link")));
+        std::os::unix::fs::symlink("/etc/passwd", d.join("index.pdsi")).unwrap();
+        assert!(matches!(staged_copy_trust(&d), Trust::Foreign(_)));
+        let src = Path::new("/project/a/train.pds");
+        let n = disambiguated_name("train.pds", src);
+        assert!(n.starts_with("train-") && n.ends_with(".pds") && n.len() == "train-12345678.pds".len(), "{n}");
+        assert_ne!(n, disambiguated_name("train.pds", Path::new("/project/b/train.pds")));
+        assert_eq!(n, disambiguated_name("train.pds", src));
+        assert!(disambiguated_name("data", src).starts_with("data-"));
+        assert!(disambiguated_name(".hidden", src).starts_with(".hidden-"));
     }
 }

@@ -87,11 +87,13 @@ pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, durable: bool, progress: 
     }
     progress.bytes_total.store(md.len(), Relaxed);
     progress.files_total.store(1, Relaxed);
-    let _ = fs::remove_file(tmp);
+    remove_own_leftover(tmp)?;
     let stop = AtomicBool::new(false);
     let r = copy_one(src, tmp, None, durable, progress, &stop).and_then(|_| {
         let f = File::open(tmp).ctx("open", tmp)?;
-        f.set_permissions(md.permissions()).ctx("chmod", tmp)?;
+        // The source's mode, less group/world write: no other user may change a staged copy.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(md.permissions().mode() & 0o7755)).ctx("chmod", tmp)?;
         use std::os::unix::fs::MetadataExt;
         let ts = [libc::timespec { tv_sec: md.mtime() as libc::time_t, tv_nsec: md.mtime_nsec() as _ }; 2];
         // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
@@ -171,13 +173,28 @@ fn run_workers<F: Fn() + Sync>(jobs: usize, items: usize, name: &str, work: &F) 
     crate::pool::run_with_caller(jobs.clamp(1, 64).min(items.max(1)), name, work);
 }
 
-fn prepare_tmp_dir(tmp: &Path) -> Result<()> {
+/// Removes what is at `tmp` (a leftover of ours), refusing anything another user owns.
+fn remove_own_leftover(tmp: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     match fs::symlink_metadata(tmp) {
-        Ok(_) => fs::remove_dir_all(tmp).ctx("remove", tmp)?,
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("stat", tmp, e)),
+        Ok(md) if md.uid() != crate::layout::euid() => Err(Error::usage(
+            format!("{} exists and is owned by {}; packds leaves it alone", tmp.display(), crate::layout::describe_uid(md.uid())),
+            "stage into a directory only you can write (e.g. $SLURM_TMPDIR), or ask its owner to remove it",
+        )),
+        Ok(md) if md.is_dir() => fs::remove_dir_all(tmp).ctx("remove", tmp),
+        Ok(_) => fs::remove_file(tmp).ctx("remove", tmp),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("stat", tmp, e)),
     }
-    fs::create_dir(tmp).ctx("create directory", tmp)
+}
+
+/// A fresh temporary directory of ours, mode 755 whatever the umask (no other user may write
+/// into a staged copy: that is what lets a later stage trust it).
+fn prepare_tmp_dir(tmp: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    remove_own_leftover(tmp)?;
+    fs::create_dir(tmp).ctx("create directory", tmp)?;
+    fs::set_permissions(tmp, fs::Permissions::from_mode(0o755)).ctx("chmod", tmp)
 }
 
 fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: bool, progress: &StageProgress) -> Result<()> {

@@ -18,6 +18,9 @@ __all__ = [
     "is_staged_at",
     "is_intact_with_options",
     "remove_stale_copy",
+    "staged_copy_trust",
+    "verify_copy",
+    "disambiguated_name",
     "tree_fingerprint",
     "index_tars",
     "Groups",
@@ -194,4 +197,9 @@ def dataset_files(path: str | PathLike[str]) -> tuple[list[tuple[str, int]], int
 def is_staged_at(src: str | PathLike[str], dest: str | PathLike[str]) -> bool: ...
 def is_intact_with_options(dest: str | PathLike[str], options: str) -> bool: ...
 def remove_stale_copy(path: str | PathLike[str]) -> None: ...
+def staged_copy_trust(path: str | PathLike[str]) -> tuple[str, str]:
+    """("missing" | "foreign" | "shared" | "private", why): is the staged copy provably ours?"""
+def verify_copy(src: str | PathLike[str] | None, dest: str | PathLike[str], *, file: bool = False) -> None:
+    """Reads the whole copy and checks it against ``src``'s manifest (or its own; or, ``file=True``, the file ``src``)."""
+def disambiguated_name(name: str, source: str | PathLike[str]) -> str: ...
 def tree_fingerprint(path: str | PathLike[str]) -> dict[str, int]: ...

@@ -360,7 +360,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    rec = stage_record(a.source, a.to, jobs=a.jobs, quiet=a.quiet, **opts)
+    rec = stage_record(a.source, a.to, jobs=a.jobs, quiet=a.quiet, lock_timeout=a.lock_timeout, **opts)
     if a.json:
         keys = ("policy", "path", "bytes", "seconds", "mb_per_s", "copied", "reason")
         print(json.dumps({**{k: rec.get(k) for k in keys}, **{k: v for k, v in rec.items() if k not in keys}}, default=str))
@@ -514,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reserve", type=parse_size, default=None, metavar="SIZE",
                    help="space to leave free on the destination (default: max(5%% of it, 1G))")
     s.add_argument("--jobs", type=int, default=4, metavar="N", help="files copied in parallel (default 4)")
+    s.add_argument("--lock-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="longest wait for another stager of the same dataset (default 3600)")
     s.add_argument("--dry-run", action="store_true", help="print the decision and the numbers behind it; copy nothing")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary (warnings still show)")
     s.add_argument("--json", action="store_true", help="print {policy, path, bytes, seconds, mb_per_s, copied, reason} on stdout")

@@ -11,7 +11,18 @@ Layout in the destination directory ``DEST`` for a source named ``NAME``::
 
     DEST/NAME                   the staged copy (appears by one atomic rename, complete)
     DEST/.NAME.lock             flock'ed by the one process that copies; the others wait on it
+                                (mode 600, ours; it holds the holder's pid and host)
+    DEST/.NAME.source           the canonical path of the source NAME was copied from
     DEST/.NAME.staging-PID      a copy in progress (or left by a dead stager: removed later)
+
+Shared destinations (``/tmp``, ``/dev/shm``, a group directory): a copy is reused only when it
+is provably ours (``_core.staged_copy_trust``: the copy and every file in it owned by us and
+writable by nobody else, not a symlink) and was copied from the same source; in a directory
+other users may change (writable by them and not sticky) it is re-verified byte for byte
+first. Anything another user owns is never reused, replaced or removed; a ``NAME`` that is not
+ours, or that holds a copy of another source with the same basename, makes us stage to
+``NAME-XXXXXXXX`` (8 hex digits of the hash of the source path, before the extension) instead,
+and say so on stderr.
 """
 
 from __future__ import annotations
@@ -21,17 +32,21 @@ import fcntl
 import json
 import os
 import shutil
+import socket
+import stat
 import sys
 import threading
 import time
 
 from . import _core
 from ._fmt import human as _human
-from .errors import FormatError, NoSpaceError, UsageError
+from .errors import FormatError, NoSpaceError, PackdsError, UsageError
 
 __all__ = ["stage", "stage_record", "plan", "preload", "memory_limit_default", "POLICIES"]
 
 POLICIES = ("auto", "local", "memory", "inplace")
+LOCK_TIMEOUT = 3600.0
+LOCK_NOTE_EVERY = 30.0
 GiB = 1 << 30
 MEMORY_LIMIT_CAP = 10 * GiB
 
@@ -177,7 +192,7 @@ def _destination(to) -> str:
     raise e
 
 
-def _plan(source: _Source, to, policy: str, memory_limit, reserve) -> dict:
+def _plan(source: _Source, to, policy: str, memory_limit, reserve, name: str | None = None) -> dict:
     if policy not in POLICIES:
         raise UsageError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
     rec: dict = {"source": source.path, "kind": source.kind, "bytes": source.size, "requested_policy": policy}
@@ -186,13 +201,14 @@ def _plan(source: _Source, to, policy: str, memory_limit, reserve) -> dict:
         return rec
     dest_dir = _destination(to)
     rec["dest"] = dest_dir
-    rec["path"] = os.path.join(dest_dir, source.name)
+    name = name or source.name
+    rec["path"] = os.path.join(dest_dir, name)
     probe = dest_dir
     while not os.path.exists(probe):  # the destination may not exist yet: ask its parent
         probe = os.path.dirname(probe)
     free, fs_size = disk_space(probe)
     # The space an earlier (stale) copy or dead stagers' leftovers take will be freed first.
-    free += _reclaimable(dest_dir, source.name)
+    free += _reclaimable(dest_dir, name)
     if reserve is None:
         reserve = reserve_default(fs_size)
         rec["reserve_rule"] = "max(5% of the filesystem, 1 GiB)"
@@ -228,9 +244,16 @@ def _reclaimable(dest_dir: str, name: str) -> int:
         entries = os.listdir(dest_dir)
     except OSError:
         return 0
+    me = os.geteuid()
     for n in entries:
         if n == name or n.startswith(f".{name}.staging-"):
-            total += _du(os.path.join(dest_dir, n))
+            p = os.path.join(dest_dir, n)
+            try:
+                if os.lstat(p).st_uid != me:  # another user's: never removed
+                    continue
+            except OSError:
+                continue
+            total += _du(p)
     return total
 
 
@@ -247,9 +270,22 @@ def _du(p: str) -> int:
 def plan(src, to=None, *, policy: str = "auto", memory_limit: int | None = None, reserve: int | None = None) -> dict:
     """The decision ``stage`` would take, with the numbers behind it; changes nothing."""
     source = _Source(os.fsdecode(src))
-    rec = _plan(source, to, policy, memory_limit, reserve)
+    name, state, notes = source.name, "free", []
+    if policy != "inplace":
+        dest_dir = _destination(to)
+        for cand in _candidates(source):
+            state, why = _assess(source, dest_dir, cand)
+            if state != "skip":
+                name = cand
+                break
+            notes.append(why)
+    rec = _plan(source, to, policy, memory_limit, reserve, name)
     if rec["policy"] != "inplace":
-        rec["already_staged"] = source.is_staged_at(rec["path"])
+        rec["already_staged"] = state in ("reuse", "verify")
+        if state == "verify":
+            rec["verify_before_reuse"] = True
+        if notes:
+            rec["note"] = "; ".join(notes)
     return rec
 
 
@@ -258,17 +294,59 @@ def plan(src, to=None, *, policy: str = "auto", memory_limit: int | None = None,
 
 
 class _Lock:
-    """flock on ``DEST/.NAME.lock``: one stager per node and dataset; the others wait."""
+    """flock on ``DEST/.NAME.lock``: one stager per node and dataset; the others wait (at most
+    ``timeout`` seconds). The lock file must be a plain file of ours: one planted by another
+    user (a symlink, a file they own and could hold forever) is refused, never followed."""
 
-    def __init__(self, path: str, quiet: bool) -> None:
+    def __init__(self, path: str, quiet: bool, timeout: float = LOCK_TIMEOUT) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = -1
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not quiet:
-                print(f"packds: waiting for another packds stage of the same dataset ({path})", file=sys.stderr, flush=True)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)  # blocks with the GIL released
+            fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            # A symlink (ELOOP), another user's file in a sticky directory (EACCES under
+            # fs.protected_regular), a directory or FIFO: say whose it is. Anything else (a
+            # destination we cannot write at all) is the plain OSError.
+            try:
+                st = os.lstat(path)
+            except OSError:
+                raise e from None
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise _foreign_lock_error(path, st) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise _foreign_lock_error(path, st)
+            self._wait(fd, quiet, timeout)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def _wait(self, fd: int, quiet: bool, timeout: float) -> None:
+        # LOCK_NB in a loop with short sleeps: Ctrl-C and SIGTERM (KeyboardInterrupt) end the wait.
+        t0 = time.monotonic()
+        note_at = t0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if now - t0 >= timeout:
+                e = UsageError(f"timed out after {timeout:g} s waiting for the lock {self.path} (held by {_holder(fd)})")
+                e.hint = "another packds stage of this dataset is still copying (or is stuck): wait longer with --lock-timeout SECONDS, or end that process"
+                raise e
+            if not quiet and now >= note_at:
+                waited = f" (waited {now - t0:.0f} s)" if now > t0 + 1 else ""
+                print(f"packds: waiting for another packds stage of the same dataset ({self.path}, held by {_holder(fd)}){waited}", file=sys.stderr, flush=True)
+                note_at = now + LOCK_NOTE_EVERY
+            time.sleep(min(0.1, max(0.0, timeout - (now - t0))))
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -276,11 +354,49 @@ class _Lock:
             self.fd = -1
 
 
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "an unknown process"
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def _foreign_lock_error(path: str, st: os.stat_result) -> UsageError:
+    if stat.S_ISLNK(st.st_mode):
+        what = f"is a symbolic link owned by {_owner(st.st_uid)}"
+    elif not stat.S_ISREG(st.st_mode):
+        what = f"is not a plain file (owned by {_owner(st.st_uid)})"
+    elif st.st_uid != os.geteuid():
+        what = f"is owned by {_owner(st.st_uid)}, not by you"
+    else:
+        what = "has other hard links"
+    e = UsageError(f"refusing to use the lock file {path}: it {what}")
+    e.hint = "stage into a directory only you can write (e.g. $SLURM_TMPDIR, or --to a private directory), or remove that file"
+    return e
+
+
 def _clean_leftovers(dest_dir: str, name: str) -> None:
-    """Removes copies in progress left by dead stagers (we hold the lock: nobody else is)."""
+    """Removes copies in progress left by our dead stagers (we hold the lock: nobody else of
+    ours is copying); another user's are left alone."""
+    me = os.geteuid()
     for n in os.listdir(dest_dir):
         if n.startswith(f".{name}.staging-"):
             p = os.path.join(dest_dir, n)
+            try:
+                if os.lstat(p).st_uid != me:
+                    continue
+            except FileNotFoundError:
+                continue
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -288,6 +404,91 @@ def _clean_leftovers(dest_dir: str, name: str) -> None:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+
+
+_FOREIGN = object()
+
+
+def _record_path(dest_dir: str, name: str) -> str:
+    return os.path.join(dest_dir, f".{name}.source")
+
+
+def _read_record(dest_dir: str, name: str):
+    """The source path recorded for ``DEST/NAME``: None (no record), the path, or _FOREIGN (a
+    record we did not write)."""
+    p = _record_path(dest_dir, name)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _FOREIGN
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return _FOREIGN
+        return os.read(fd, 1 << 16).decode("utf-8", "surrogateescape").rstrip("\n")
+    finally:
+        os.close(fd)
+
+
+def _write_record(dest_dir: str, name: str, canon: str) -> None:
+    p = _record_path(dest_dir, name)
+    tmp = f"{p}.tmp-{os.getpid()}"
+    _remove_quietly(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, canon.encode("utf-8", "surrogateescape") + b"\n")
+    finally:
+        os.close(fd)
+    os.rename(tmp, p)
+
+
+def _canonical(source: _Source) -> str:
+    return os.path.realpath(source.path)
+
+
+def _candidates(source: _Source) -> list[str]:
+    """Where ``source`` may be staged in a destination, in order: its own name, then one
+    unique to its source path."""
+    return [source.name, _core.disambiguated_name(source.name, _canonical(source))]
+
+
+def _assess(source: _Source, dest_dir: str, name: str) -> tuple[str, str]:
+    """What to do with ``DEST/NAME`` for ``source``: ("free", ""), ("reuse", ""), ("verify",
+    why: ours but others could have changed it), ("replace", ""): ours, from this source,
+    not current) or ("skip", why: not ours, or a copy of another source)."""
+    path = os.path.join(dest_dir, name)
+    trust, why = _core.staged_copy_trust(path)
+    record = _read_record(dest_dir, name)
+    if record is _FOREIGN:
+        return "skip", f"{_record_path(dest_dir, name)} was not written by you"
+    if trust == "missing":
+        return "free", ""
+    if trust == "foreign":
+        return "skip", f"{path} is not a copy of yours ({why})"
+    canon = _canonical(source)
+    if record is not None and record != canon:
+        return "skip", f"{path} holds a copy of another source with the same name ({record})"
+    if source.is_staged_at(path):
+        return ("reuse", "") if trust == "private" else ("verify", why)
+    return "replace", ""
+
+
+def _verify_existing(source: _Source, path: str, why: str, quiet: bool) -> bool:
+    """Reads the whole copy at ``path`` and checks it against the source (the copy is ours,
+    but another user could have changed it)."""
+    if not quiet:
+        print(f"packds: {path}: {why}: checking every byte against the source before using it", file=sys.stderr, flush=True)
+    try:
+        if source.kind == "file":
+            _core.verify_copy(source.path, path, file=True)
+        else:
+            _core.verify_copy(source.path if source.kind == "dataset" else None, path)
+    except (PackdsError, OSError) as e:
+        _warn(f"{path} does not match the source ({e}); staging it again")
+        return False
+    return True
 
 
 def _remove_stale(path: str, source: _Source) -> None:
@@ -396,6 +597,7 @@ def stage_record(
     reserve: int | None = None,
     jobs: int = 4,
     quiet: bool = True,
+    lock_timeout: float = LOCK_TIMEOUT,
 ) -> dict:
     """Stages ``src`` and returns the record ``{policy, path, bytes, seconds, mb_per_s, copied,
     reason, ...}``. See :func:`stage`."""
@@ -414,31 +616,43 @@ def stage_record(
         e = UsageError(f"cannot stage {source.path} onto itself")
         e.hint = "give --to a different, node-local directory"
         raise e
-    lock = _Lock(os.path.join(dest_dir, f".{source.name}.lock"), quiet)
+    lock, name, state, why = _lock_a_name(source, dest_dir, quiet, lock_timeout)
+    final = os.path.join(dest_dir, name)
     try:
-        _clean_leftovers(dest_dir, source.name)
+        _clean_leftovers(dest_dir, name)
         copied = False
         copy_seconds = 0.0
-        if source.is_staged_at(final):
+        if state == "verify" and not _verify_existing(source, final, why, quiet):
+            state = "replace"
+        if state in ("reuse", "verify"):
+            if _read_record(dest_dir, name) is None:
+                _write_record(dest_dir, name, _canonical(source))
             rec = _plan_for_existing(source, to, policy, memory_limit, reserve)
+            if state == "verify":
+                rec["reason"] = "already staged; every byte checked against the source (the directory is shared)"
         else:
-            rec = _plan(source, to, policy, memory_limit, reserve)
+            rec = _plan(source, to, policy, memory_limit, reserve, name)
             if rec["policy"] == "inplace":
                 _warn(f"not staging {source.path}: {rec['reason']}")
                 rec.update(copied=False, seconds=time.monotonic() - t0, mb_per_s=0.0)
                 return rec
             _remove_stale(final, source)
-            tmp = os.path.join(dest_dir, f".{source.name}.staging-{os.getpid()}")
+            # The source is recorded first: a copy under this name is then never taken for
+            # another source's (and the record goes again if the copy fails).
+            _write_record(dest_dir, name, _canonical(source))
+            tmp = os.path.join(dest_dir, f".{name}.staging-{os.getpid()}")
             tc = time.monotonic()
             try:
                 _copy(source, final, tmp, jobs, quiet)
             except NoSpaceError:
                 _remove_quietly(tmp)
+                _remove_quietly(_record_path(dest_dir, name))
                 e = NoSpaceError(f"no space left on {dest_dir} while staging {source.path} (the partial copy was removed)")
                 e.hint = "free space there, stage elsewhere with --to DIR, or use --policy inplace"
                 raise e from None
             except BaseException:
                 _remove_quietly(tmp)
+                _remove_quietly(_record_path(dest_dir, name))
                 raise
             copy_seconds = time.monotonic() - tc
             copied = True
@@ -457,6 +671,24 @@ def stage_record(
     elif not quiet:
         print(f"packds: {final} is already staged and intact ({rec['policy']})", file=sys.stderr)
     return rec
+
+
+def _lock_a_name(source: _Source, dest_dir: str, quiet: bool, lock_timeout: float):
+    """Takes the lock of the first name in the destination that ``source`` may use (see the
+    module docstring): (lock, name, state, why). Says on stderr when it is not the plain name."""
+    skipped = []
+    for name in _candidates(source):
+        lock = _Lock(os.path.join(dest_dir, f".{name}.lock"), quiet, lock_timeout)
+        state, why = _assess(source, dest_dir, name)
+        if state != "skip":
+            if skipped:
+                _warn(f"{skipped[0]}: leaving it alone and staging to {os.path.join(dest_dir, name)} instead")
+            return lock, name, state, why
+        lock.release()
+        skipped.append(why)
+    e = UsageError(f"cannot stage {source.path} into {dest_dir}: {'; '.join(skipped)}")
+    e.hint = "stage into a directory only you can write (e.g. $SLURM_TMPDIR, or --to a private directory), or remove those copies"
+    raise e
 
 
 def _plan_for_existing(source: _Source, to, policy: str, memory_limit, reserve) -> dict:
@@ -507,6 +739,11 @@ def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool) -> None
         rep.close()
         opts = json.dumps(source._options(), sort_keys=True)
         pack([source.path], tmp, options_json=opts)
+        # No other user may write into a staged copy, whatever the umask (see _assess).
+        os.chmod(tmp, 0o755)
+        for n in os.listdir(tmp):
+            p = os.path.join(tmp, n)
+            os.chmod(p, os.lstat(p).st_mode & 0o7755, follow_symlinks=False)
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -529,6 +766,7 @@ def stage(
     reserve: int | None = None,
     jobs: int = 4,
     quiet: bool = True,
+    lock_timeout: float = LOCK_TIMEOUT,
 ) -> str:
     """Copies ``src`` to node-local storage once per node and returns the path to use.
 
@@ -538,8 +776,13 @@ def stage(
     ``memory`` when the dataset is within ``memory_limit`` and fits, else ``local`` when it
     fits, else ``inplace`` with a warning), ``local``, ``memory`` (local, then pulled into the
     page cache) or ``inplace`` (``src`` unchanged). Concurrent calls for the same dataset and
-    destination copy once; the others wait and return the same path. Raises
+    destination copy once; the others wait (at most ``lock_timeout`` seconds, default an hour)
+    and return the same path. In a directory other users can write, only a copy that is provably
+    ours is reused (re-verified byte for byte where others could have changed it); a name taken
+    by another user or by another source with the same basename makes the copy
+    ``to/NAME-XXXXXXXX.EXT`` (8 hex digits of the hash of the source path), said on stderr: use
+    the returned path. Raises
     :class:`NoSpaceError`, :class:`ChecksumError` (a damaged source; nothing is left behind),
     :class:`UsageError`.
     """
-    return stage_record(src, to, policy=policy, memory_limit=memory_limit, reserve=reserve, jobs=jobs, quiet=quiet)["path"]
+    return stage_record(src, to, policy=policy, memory_limit=memory_limit, reserve=reserve, jobs=jobs, quiet=quiet, lock_timeout=lock_timeout)["path"]

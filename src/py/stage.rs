@@ -146,6 +146,38 @@ pub fn remove_stale_copy(py: Python<'_>, path: PathBuf) -> PyResult<()> {
     py.detach(|| layout::remove_stale_copy(&path)).map_err(to_py)
 }
 
+/// Whether the staged copy at `path` is provably ours: ("missing" | "foreign" | "shared" |
+/// "private", why). See `layout::staged_copy_trust`.
+#[pyfunction]
+pub fn staged_copy_trust(py: Python<'_>, path: PathBuf) -> (&'static str, String) {
+    py.detach(|| {
+        let t = layout::staged_copy_trust(&path);
+        let (k, w) = t.parts();
+        (k, w.to_string())
+    })
+}
+
+/// Reads every byte of the staged copy `dest` and checks it against the dataset `src`'s
+/// manifest (`src` None: against the copy's own manifest); `file=True`: `dest` is one staged
+/// file compared with the file `src`. Raises ChecksumError / FormatError at the first
+/// difference; GIL released.
+#[pyfunction]
+#[pyo3(signature = (src, dest, *, file=false))]
+pub fn verify_copy(py: Python<'_>, src: Option<PathBuf>, dest: PathBuf, file: bool) -> PyResult<()> {
+    py.detach(|| match (&src, file) {
+        (Some(s), true) => layout::verify_file_copy(s, &dest),
+        (s, _) => layout::verify_copy(s.as_deref(), &dest),
+    })
+    .map_err(to_py)
+}
+
+/// The name for `source`'s staged copy when `name` is taken by another source or user:
+/// `NAME-XXXXXXXX.EXT` (8 hex digits of the hash of the source path).
+#[pyfunction]
+pub fn disambiguated_name(name: &str, source: PathBuf) -> String {
+    layout::disambiguated_name(name, &source)
+}
+
 /// Fingerprint of a loose tree (regular files, symlinks not followed): a dict of files, bytes,
 /// mtime_ns_max and packed_estimate (the packed size, headers and padding included).
 #[pyfunction]
