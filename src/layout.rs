@@ -185,6 +185,24 @@ pub fn check_manifest_names(m: &Manifest, manifest_path: &Path) -> Result<()> {
     }
 }
 
+/// Opens a file of a dataset (its manifest, index or a shard) for reading and returns it with
+/// its size. It must be a regular file (a symlink to one is fine: `packds index` links its
+/// shards to the tar files): a FIFO, a device, a socket or a directory is refused with a
+/// FormatError naming it, before anything is read from it (a FIFO would block, a device like
+/// `/dev/zero` never ends). The open itself never blocks. `open_err` turns an error of the open
+/// (a missing file, say) into the caller's error.
+pub fn open_data_file(path: &Path, open_err: impl FnOnce(std::io::Error) -> Error) -> Result<(File, u64)> {
+    let (f, md) = crate::fsx::open_read_nonblocking(path).map_err(open_err)?;
+    if !md.is_file() {
+        return Err(Error::format_hint(
+            path,
+            format!("is {}, not a regular file (every file of a dataset must be one)", crate::fsx::file_kind(&md)),
+            "put the file packds wrote back in its place (a symlink to a regular file is fine), or copy or pack the dataset again",
+        ));
+    }
+    Ok((f, md.len()))
+}
+
 /// What a directory is, as far as packds is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirKind {

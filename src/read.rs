@@ -128,6 +128,15 @@ impl Reader {
         &self.index
     }
 
+    /// The sample at position `i` as a sequence index: `0..len` as is, a negative one counting
+    /// from the end (`-1` the last); None when it is out of range. Every API that takes a sample
+    /// index passes it here first (a binding converts an index too large for an `i64` to None).
+    pub fn position(&self, i: i64) -> Option<usize> {
+        let n = i64::try_from(self.len()).ok()?;
+        let j = if i < 0 { i.checked_add(n)? } else { i };
+        (0..n).contains(&j).then_some(j as usize)
+    }
+
     pub fn key(&self, i: usize) -> Result<&[u8]> {
         self.index.key(i)
     }
@@ -611,8 +620,10 @@ impl Reader {
     fn verify_shard(&self, s: usize, samples: &[ShardSample], deep: bool) -> ShardCheck {
         let info = &self.index.shards()[s];
         let path = self.dir.join(&info.name);
-        let mut f = File::open(&path).ctx("open", &path)?;
+        let (f, _) = crate::layout::open_data_file(&path, |e| Error::io("open", &path, e))?;
         advise_sequential(&f);
+        // Never more than the index says, plus one byte to see that it grew.
+        let mut f = f.take(info.size.saturating_add(1));
         let mut buf = vec![0u8; 8 << 20];
         let mut h = Xxh3::new();
         let mut pos = 0u64;
@@ -646,7 +657,9 @@ impl Reader {
             pos = end;
         }
         let mut problems = Vec::new();
-        if pos != info.size {
+        if pos > info.size {
+            problems.push(format!("{}: larger than the {} bytes the index says (replaced or growing)", path.display(), info.size));
+        } else if pos != info.size {
             problems.push(format!("{}: size is {pos} bytes, the index says {}", path.display(), info.size));
         } else if h.digest128() != info.hash {
             problems.push(format!("{}: checksum does not match the index and manifest", path.display()));
@@ -784,14 +797,13 @@ fn advise_sequential(f: &File) {
 
 fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<ShardData> {
     let path = dir.join(&s.name);
-    let f = File::open(&path).map_err(|e| {
+    let (f, len) = crate::layout::open_data_file(&path, |e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::format(&path, "shard is missing")
         } else {
             Error::io("open", &path, e)
         }
     })?;
-    let len = f.metadata().ctx("stat", &path)?.len();
     if len != s.size {
         return Err(Error::format(&path, format!("shard is {len} bytes, the index says {} (truncated or replaced)", s.size)));
     }

@@ -4,7 +4,7 @@
 
 use super::errors::to_py;
 use crate::read::{OpenOptionsPds, Reader};
-use pyo3::exceptions::{PyIndexError, PyKeyError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyKeyError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString};
 use std::borrow::Cow;
@@ -49,14 +49,34 @@ fn new_bytes<'py>(py: Python<'py>, len: u64) -> PyResult<(Bound<'py, PyBytes>, &
     }
 }
 
+/// An integer argument (int, bool, a numpy integer: anything with `__index__`) as an i64; None
+/// when it is an integer too large for one. TypeError when it is not an integer.
+fn int_arg(i: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+    match i.extract::<i64>() {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_instance_of::<PyOverflowError>(i.py()) => Ok(None),
+        Err(_) => Err(PyTypeError::new_err(format!("a sample index is an integer, not {}", i.get_type().name()?))),
+    }
+}
+
+/// A range bound (`read_range`): an integer, clamped to the i64 range (beyond it, out of range
+/// of any dataset either way).
+fn bound_arg(i: &Bound<'_, PyAny>) -> PyResult<i64> {
+    match int_arg(i)? {
+        Some(v) => Ok(v),
+        None if i.lt(0)? => Ok(i64::MIN),
+        None => Ok(i64::MAX),
+    }
+}
+
 impl PyReader {
-    fn norm(&self, i: isize) -> PyResult<usize> {
-        let n = self.inner.len() as isize;
-        let j = if i < 0 { i + n } else { i };
-        if j < 0 || j >= n {
-            return Err(PyIndexError::new_err(format!("sample index {i} out of range ({n} samples)")));
+    /// The sample position of index `i` (negative counts from the end; see
+    /// `Reader::position`): IndexError when out of range, TypeError when not an integer.
+    fn norm(&self, i: &Bound<'_, PyAny>) -> PyResult<usize> {
+        match int_arg(i)?.and_then(|v| self.inner.position(v)) {
+            Some(j) => Ok(j),
+            None => Err(PyIndexError::new_err(format!("sample index {} out of range ({} samples)", i.str()?, self.inner.len()))),
         }
-        Ok(j as usize)
     }
 
     fn key_of<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
@@ -117,20 +137,25 @@ impl PyReader {
 
     /// `ds[i]` (negative counts from the end) or `ds[key]` → the sample's bytes.
     /// The GIL is held: a warm copy is faster than releasing and retaking it.
+    /// Any integer is an index (bool too, as in a list: `ds[True]` is `ds[1]`; numpy integers);
+    /// one out of range, of any size, raises IndexError. A str or bytes is a key (KeyError).
     fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-        if let Ok(i) = idx.extract::<isize>() {
-            return self.sample(py, self.norm(i)?);
+        if idx.is_instance_of::<PyString>() || idx.is_instance_of::<PyBytes>() {
+            return match self.find(idx)? {
+                Some(i) => self.sample(py, i),
+                None => Err(PyKeyError::new_err(idx.clone().unbind())),
+            };
         }
-        match self.find(idx)? {
-            Some(i) => self.sample(py, i),
-            None => Err(PyKeyError::new_err(idx.clone().unbind())),
+        match int_arg(idx) {
+            Err(_) => Err(PyTypeError::new_err(format!("a sample is indexed by an integer or a key (str or bytes), not {}", idx.get_type().name()?))),
+            Ok(_) => self.sample(py, self.norm(idx)?),
         }
     }
 
     /// Bytes of many samples in one call, GIL released while the bytes are copied (and
     /// decompressed: compressed samples of a large batch are decoded by several threads).
-    fn get_many<'py>(&self, py: Python<'py>, indices: Vec<isize>) -> PyResult<Bound<'py, PyList>> {
-        let idx = indices.into_iter().map(|i| self.norm(i)).collect::<PyResult<Vec<usize>>>()?;
+    fn get_many<'py>(&self, py: Python<'py>, indices: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyList>> {
+        let idx = indices.iter().map(|i| self.norm(i)).collect::<PyResult<Vec<usize>>>()?;
         let r = &*self.inner;
         let mut objs = Vec::with_capacity(idx.len());
         let mut bufs = Vec::with_capacity(idx.len());
@@ -153,11 +178,12 @@ impl PyReader {
     fn read_range<'py>(
         &self,
         py: Python<'py>,
-        start: isize,
-        stop: isize,
+        start: &Bound<'py, PyAny>,
+        stop: &Bound<'py, PyAny>,
         out: Option<Bound<'py, PyByteArray>>,
     ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u64>)> {
-        let n = self.inner.len() as isize;
+        let (start, stop) = (bound_arg(start)?, bound_arg(stop)?);
+        let n = self.inner.len() as i64;
         if start > stop {
             return Err(PyValueError::new_err(format!("read_range({start}, {stop}): start is after stop")));
         }
@@ -207,7 +233,7 @@ impl PyReader {
 
     /// The stored bytes of sample `i` (the zstd frame of a compressed sample; the same as
     /// `ds[i]` for one stored raw).
-    fn raw<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+    fn raw<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         let e = self.inner.entry(j).map_err(to_py)?;
         let b = PyBytes::new(py, &self.inner.stored(&e).map_err(to_py)?);
@@ -216,13 +242,13 @@ impl PyReader {
     }
 
     /// Stored size of sample `i` (equal to `size(i)` unless it is compressed).
-    fn stored_size(&self, i: isize) -> PyResult<u64> {
+    fn stored_size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
         let j = self.norm(i)?;
         self.inner.stored_size(j).map_err(to_py)
     }
 
     /// How sample `i` is stored: 0 raw, 1 zstd, 2 zstd with the dataset's dictionary.
-    fn _codec(&self, i: isize) -> PyResult<u8> {
+    fn _codec(&self, i: &Bound<'_, PyAny>) -> PyResult<u8> {
         let j = self.norm(i)?;
         Ok(self.inner.entry(j).map_err(to_py)?.codec)
     }
@@ -239,20 +265,20 @@ impl PyReader {
     }
 
     /// Sample `i`'s bytes after checking its CRC32C (raises ChecksumError).
-    fn get_checked<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+    fn get_checked<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         let b = self.inner.get_checked(j).map_err(to_py)?;
         Ok(PyBytes::new(py, &b))
     }
 
     /// Key of sample `i` as str (decoded like os.fsdecode).
-    fn key<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyAny>> {
+    fn key<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let j = self.norm(i)?;
         self.key_of(py, j)
     }
 
     /// Key of sample `i` as raw bytes.
-    fn key_bytes<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+    fn key_bytes<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         Ok(PyBytes::new(py, self.inner.key(j).map_err(to_py)?))
     }
@@ -268,13 +294,13 @@ impl PyReader {
     }
 
     /// Size in bytes of sample `i` (its original size: `len(ds[i])`).
-    fn size(&self, i: isize) -> PyResult<u64> {
+    fn size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
         let j = self.norm(i)?;
         self.inner.size(j).map_err(to_py)
     }
 
     /// (shard path, byte offset, stored size) of sample `i`.
-    fn locate(&self, i: isize) -> PyResult<(std::ffi::OsString, u64, u64)> {
+    fn locate(&self, i: &Bound<'_, PyAny>) -> PyResult<(std::ffi::OsString, u64, u64)> {
         let j = self.norm(i)?;
         let (p, o, n) = self.inner.locate(j).map_err(to_py)?;
         Ok((p.into_os_string(), o, n))
