@@ -182,15 +182,15 @@ impl PyReader {
         stop: &Bound<'py, PyAny>,
         out: Option<Bound<'py, PyByteArray>>,
     ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u64>)> {
-        let (start, stop) = (bound_arg(start)?, bound_arg(stop)?);
+        let (a, b) = (bound_arg(start)?, bound_arg(stop)?);
         let n = self.inner.len() as i64;
-        if start > stop {
-            return Err(PyValueError::new_err(format!("read_range({start}, {stop}): start is after stop")));
+        if a > b {
+            return Err(PyValueError::new_err(format!("read_range({}, {}): start is after stop", start.str()?, stop.str()?)));
         }
-        if start < 0 || stop > n {
-            return Err(PyIndexError::new_err(format!("sample range {start}..{stop} out of range ({n} samples)")));
+        if a < 0 || b > n {
+            return Err(PyIndexError::new_err(format!("sample range {}..{} out of range ({n} samples)", start.str()?, stop.str()?)));
         }
-        let (a, b, check, r) = (start as usize, stop as usize, self.check, &*self.inner);
+        let (a, b, check, r) = (a as usize, b as usize, self.check, &*self.inner);
         let offsets = py.detach(|| r.range_offsets(a, b, check)).map_err(to_py)?;
         let need = offsets.last().copied().unwrap_or(0) as usize;
         let buf = match out {
