@@ -55,7 +55,7 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: 
     let CopyList { manifest: mbytes, files: mut list } = CopyList::load(src)?;
     // Largest first: the parallel copy then ends with small files and finishes together.
     list.sort_by_key(|j| std::cmp::Reverse(j.size));
-    progress.bytes_total.store(list.iter().map(|j| j.size).sum::<u64>() + mbytes.len() as u64, Relaxed);
+    progress.bytes_total.store(list.iter().fold(mbytes.len() as u64, |n, j| n.saturating_add(j.size)), Relaxed);
     progress.files_total.store(list.len() as u64 + 1, Relaxed);
 
     prepare_tmp_dir(tmp)?;

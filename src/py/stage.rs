@@ -133,10 +133,17 @@ pub fn dataset_kind(py: Python<'_>, path: PathBuf) -> &'static str {
 
 /// The files of the dataset `path` besides its manifest (index and shards) as (path, size),
 /// and the bytes a copy of it takes (manifest included). Raises FormatError for a damaged or
-/// missing manifest.
+/// missing manifest, and for a listed file that is missing, not a regular file or not of its
+/// recorded size (one `stat` each).
 #[pyfunction]
 pub fn dataset_files(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(OsString, u64)>, u64)> {
-    let list = py.detach(|| CopyList::load(&path)).map_err(to_py)?;
+    let list = py
+        .detach(|| {
+            let list = CopyList::load(&path)?;
+            list.check_present(&path)?;
+            Ok(list)
+        })
+        .map_err(to_py)?;
     let files = list.files.iter().map(|f| (path.join(&f.name).into_os_string(), f.size)).collect();
     Ok((files, list.total_bytes()))
 }
