@@ -397,6 +397,41 @@ mod tests {
     }
 
     #[test]
+    fn copies_read_at_most_one_byte_past_the_recorded_size() {
+        // A regular file that holds more than its size says (a /proc file: size 0).
+        let t = tempfile::tempdir().unwrap();
+        let src = Path::new("/proc/self/mountinfo");
+        assert_eq!(fs::metadata(src).unwrap().len(), 0);
+        let j = DataFile { name: "shard-00000.tar".into(), size: 0, xxh3_128: hex128(0) };
+        let dst = t.path().join("x");
+        let e = copy_one(src, &dst, Some(&j), false, &StageProgress::default(), &AtomicBool::new(false)).unwrap_err().to_string();
+        assert!(e.contains("is larger than the 0 bytes manifest.json says"), "{e}");
+        assert_eq!(fs::metadata(&dst).unwrap().len(), 0);
+        let e = stage_file(src, &t.path().join("y"), &t.path().join(".y.tmp"), false, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("grew while it was copied"), "{e}");
+        assert!(!t.path().join("y").exists() && !t.path().join(".y.tmp").exists());
+        let e = preload_sized(&[(src.to_path_buf(), Some(0))], 1, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("is larger than 0 bytes"), "{e}");
+        // A device is refused before anything is read.
+        let e = preload(&[PathBuf::from("/dev/zero")], 1, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("is a character device, not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("shard-00000.tar");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let j = DataFile { name: "shard-00000.tar".into(), size: 10, xxh3_128: hex128(0) };
+        let e = copy_one(&fifo, &t.path().join("x"), Some(&j), false, &StageProgress::default(), &AtomicBool::new(false)).unwrap_err().to_string();
+        assert!(e.contains("is a FIFO (named pipe), not a regular file"), "{e}");
+        let e = preload(&[fifo], 1, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
+    }
+
+    #[test]
     fn stage_file_keeps_bytes_and_mtime() {
         let t = tempfile::tempdir().unwrap();
         let a = t.path().join("a.h5");

@@ -137,9 +137,9 @@ def test_i1_a_fifo_as_dataset_file_fails_fast_naming_it(small_ds, work, target, 
     assert os.path.exists(p)
 
 
-def test_i1_stage_of_a_fifo_shard_still_answers_sigterm(small_ds, work):
-    """Even while a writer holds the FIFO open (reads would then block), stage refuses it at
-    once; SIGTERM is never ignored because nothing blocks."""
+def test_i1_a_fifo_shard_with_a_writer_attached_is_refused_at_once(small_ds, work):
+    """Even while a writer holds the FIFO open (a read would then block until it writes),
+    stage and verify refuse it at once: it is never read."""
     fifo = _make_fifo(small_ds, "shard-00001.tar", "fifo")
     fd = os.open(fifo, os.O_RDWR)  # a writer: a blocking read would now wait for data forever
     try:
