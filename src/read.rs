@@ -128,15 +128,6 @@ impl Reader {
         &self.index
     }
 
-    /// The sample at position `i` as a sequence index: `0..len` as is, a negative one counting
-    /// from the end (`-1` the last); None when it is out of range. Every API that takes a sample
-    /// index passes it here first (a binding converts an index too large for an `i64` to None).
-    pub fn position(&self, i: i64) -> Option<usize> {
-        let n = i64::try_from(self.len()).ok()?;
-        let j = if i < 0 { i.checked_add(n)? } else { i };
-        (0..n).contains(&j).then_some(j as usize)
-    }
-
     pub fn key(&self, i: usize) -> Result<&[u8]> {
         self.index.key(i)
     }
@@ -765,6 +756,15 @@ impl Reader {
     }
 }
 
+/// Position `i` in a sequence of `len` items, as a Python sequence takes it: `0..len` as is, a
+/// negative one counting from the end (`-1` the last); None when out of range. The binding
+/// passes every sample index here (one too large for an `i64` is out of range already).
+pub fn sequence_position(i: i64, len: usize) -> Option<usize> {
+    let n = i64::try_from(len).ok()?;
+    let j = if i < 0 { i.checked_add(n)? } else { i };
+    (0..n).contains(&j).then_some(j as usize)
+}
+
 /// Splits a key into path components, refusing anything that could leave the destination.
 pub fn safe_components(key: &[u8]) -> Result<Vec<&[u8]>> {
     let bad = |why| Err(Error::Escape { member: String::from_utf8_lossy(key).into_owned(), why });
@@ -924,6 +924,18 @@ mod tests {
         let (a, b) = r.key_range(b"c02/x").unwrap();
         assert_eq!(a, b);
         assert_eq!(r.key_range(b"zzz").unwrap(), (300, 300));
+    }
+
+    #[test]
+    fn positions_count_from_the_end_and_never_overflow() {
+        assert_eq!(sequence_position(0, 3), Some(0));
+        assert_eq!(sequence_position(-1, 3), Some(2));
+        assert_eq!(sequence_position(-3, 3), Some(0));
+        for i in [3, -4, i64::MAX, i64::MIN, i64::MIN + 1] {
+            assert_eq!(sequence_position(i, 3), None, "{i}");
+        }
+        assert_eq!(sequence_position(0, 0), None);
+        assert_eq!(sequence_position(-1, usize::MAX), None);
     }
 
     #[test]

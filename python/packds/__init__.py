@@ -94,6 +94,11 @@ class Dataset(_core.Reader):
     ranges for sequential reading), ``key_range(prefix)``, ``locate(i)``, ``glob(pattern)``,
     ``verify()``, ``unpack(dest)``.
 
+    A sample position is any integer: ``int``, numpy integer scalars and 0-d integer arrays
+    (anything with ``__index__``), and ``bool`` as in a list (``ds[True]`` is ``ds[1]``);
+    negative positions count from the end. A position out of range, however large, raises
+    ``IndexError`` in ``ds[i]`` and every method that takes one; a float is a ``TypeError``.
+
     A Dataset is immutable: share it between threads freely; forked DataLoader workers inherit
     its mappings; pickling it (spawn workers) re-opens it by path.
     """

@@ -51,7 +51,7 @@ fn new_bytes<'py>(py: Python<'py>, len: u64) -> PyResult<(Bound<'py, PyBytes>, &
 
 /// An integer argument (int, bool, a numpy integer: anything with `__index__`) as an i64; None
 /// when it is an integer too large for one. TypeError when it is not an integer.
-fn int_arg(i: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+pub(crate) fn int_arg(i: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
     match i.extract::<i64>() {
         Ok(v) => Ok(Some(v)),
         Err(e) if e.is_instance_of::<PyOverflowError>(i.py()) => Ok(None),
@@ -69,14 +69,18 @@ fn bound_arg(i: &Bound<'_, PyAny>) -> PyResult<i64> {
     }
 }
 
+/// The position of index `i` in `len` samples (negative counts from the end; see
+/// `read::sequence_position`): IndexError when out of range, TypeError when not an integer.
+pub(crate) fn position_arg(i: &Bound<'_, PyAny>, len: usize) -> PyResult<usize> {
+    match int_arg(i)?.and_then(|v| crate::read::sequence_position(v, len)) {
+        Some(j) => Ok(j),
+        None => Err(PyIndexError::new_err(format!("sample index {} out of range ({len} samples)", i.str()?))),
+    }
+}
+
 impl PyReader {
-    /// The sample position of index `i` (negative counts from the end; see
-    /// `Reader::position`): IndexError when out of range, TypeError when not an integer.
     fn norm(&self, i: &Bound<'_, PyAny>) -> PyResult<usize> {
-        match int_arg(i)?.and_then(|v| self.inner.position(v)) {
-            Some(j) => Ok(j),
-            None => Err(PyIndexError::new_err(format!("sample index {} out of range ({} samples)", i.str()?, self.inner.len()))),
-        }
+        position_arg(i, self.inner.len())
     }
 
     fn key_of<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
