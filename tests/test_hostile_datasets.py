@@ -151,6 +151,27 @@ def test_i1_a_fifo_shard_with_a_writer_attached_is_refused_at_once(small_ds, wor
         os.close(fd)
 
 
+_VIEW_CHILD = textwrap.dedent(
+    r"""
+    import os, sys, packds
+    ds = packds.open(sys.argv[1])
+    path, _, _ = ds.locate(0)
+    want = ds[0]
+    os.rename(path, path + ".moved")
+    os.mkfifo(path)
+    assert bytes(ds.view(0)) == want  # the reader's own mapping, never the FIFO
+    print("ok")
+    """
+)
+
+
+def test_i1_view_after_a_shard_became_a_fifo_does_not_block(small_ds):
+    """`Dataset.view` maps shards by path on first use: a shard replaced by a FIFO after open
+    is never waited on (opened without blocking, refused, the view is of a copy)."""
+    r = subprocess.run([sys.executable, "-c", _VIEW_CHILD, small_ds], capture_output=True, timeout=HANG)
+    assert r.returncode == 0 and r.stdout.strip() == b"ok", h.show(r)
+
+
 # ------------------------------------------------------------------------- I2: /dev/zero
 
 

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from typing import Iterator
@@ -135,8 +135,7 @@ class Dataset(_core.Reader):
                 m = self._maps.get(path)
                 if m is None:
                     try:
-                        with builtins.open(path, "rb") as f:
-                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                        m = _map_regular(path)
                     except OSError:
                         # A filesystem that cannot map files (FUSE with direct I/O): the reader
                         # uses pread there, and a view is of a copy.
@@ -168,6 +167,18 @@ class Dataset(_core.Reader):
 
     def __repr__(self) -> str:
         return f"<packds.Dataset {os.fspath(self.path)!r}: {len(self)} samples>"
+
+
+def _map_regular(path) -> mmap.mmap:
+    """Maps the shard ``path`` read-only; OSError unless it is a regular file (opened without
+    blocking: a shard replaced by a FIFO since the dataset was opened is never waited on)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{os.fsdecode(path)} is not a regular file")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
 
 
 def _reopen(path: str, populate: bool, verify: bool = False) -> Dataset:
