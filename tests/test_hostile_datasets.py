@@ -309,7 +309,7 @@ def test_i6_indices_of_any_integer_type_and_size(small_ds):
     assert ds[np.int64(5)] == ds[5] == ds[np.int32(5)] == ds[np.uint8(5)] == ds[np.array(5)]
     assert ds[np.int64(-1)] == ds[n - 1]
     assert ds[True] == ds[1] and ds[False] == ds[0]
-    huge = [2**63, -(2**63), 2**63 - 1, -(2**63) - 1, 2**64, 2**70, -(2**70), 10**30, n, -n - 1, np.uint64(2**63), np.int64(2**63 - 1), np.uint64(n)]
+    huge = [2**63, -(2**63), 2**63 - 1, -(2**63) - 1, 2**64, 2**70, -(2**70), 10**30, 10**5000, -(10**5000), n, -n - 1, np.uint64(2**63), np.int64(2**63 - 1), np.uint64(n)]
     for i in huge:
         with pytest.raises(IndexError, match="out of range"):
             ds[i]
@@ -319,7 +319,7 @@ def test_i6_indices_of_any_integer_type_and_size(small_ds):
         with pytest.raises(IndexError):
             ds.get_many([0, i])
         if int(i) != n:  # read_range's stop may be len(ds)
-            with pytest.raises(IndexError, match=f"sample range .*{int(i)}"):
+            with pytest.raises(IndexError, match="sample range .* out of range"):
                 ds.read_range(0, i) if i > 0 else ds.read_range(i, 0)
     assert ds.size(np.int64(3)) == len(ds[3]) and ds.size(-1) == len(ds[n - 1])
     assert ds.key(np.uint64(2)) == ds.key(2)

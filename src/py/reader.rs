@@ -74,8 +74,13 @@ fn bound_arg(i: &Bound<'_, PyAny>) -> PyResult<i64> {
 pub(crate) fn position_arg(i: &Bound<'_, PyAny>, len: usize) -> PyResult<usize> {
     match int_arg(i)?.and_then(|v| crate::read::sequence_position(v, len)) {
         Some(j) => Ok(j),
-        None => Err(PyIndexError::new_err(format!("sample index {} out of range ({len} samples)", i.str()?))),
+        None => Err(PyIndexError::new_err(format!("sample index {} out of range ({len} samples)", shown(i)))),
     }
+}
+
+/// `str(i)`, or a stand-in where Python refuses (an int of more than 4300 digits).
+fn shown(i: &Bound<'_, PyAny>) -> String {
+    i.str().map_or_else(|_| "(an integer too large to print)".into(), |s| s.to_string())
 }
 
 impl PyReader {
@@ -150,9 +155,11 @@ impl PyReader {
                 None => Err(PyKeyError::new_err(idx.clone().unbind())),
             };
         }
-        match int_arg(idx) {
-            Err(_) => Err(PyTypeError::new_err(format!("a sample is indexed by an integer or a key (str or bytes), not {}", idx.get_type().name()?))),
-            Ok(_) => self.sample(py, self.norm(idx)?),
+        match self.norm(idx) {
+            Err(e) if e.is_instance_of::<PyTypeError>(py) => {
+                Err(PyTypeError::new_err(format!("a sample is indexed by an integer or a key (str or bytes), not {}", idx.get_type().name()?)))
+            }
+            j => self.sample(py, j?),
         }
     }
 
@@ -189,10 +196,10 @@ impl PyReader {
         let (a, b) = (bound_arg(start)?, bound_arg(stop)?);
         let n = self.inner.len() as i64;
         if a > b {
-            return Err(PyValueError::new_err(format!("read_range({}, {}): start is after stop", start.str()?, stop.str()?)));
+            return Err(PyValueError::new_err(format!("read_range({}, {}): start is after stop", shown(start), shown(stop))));
         }
         if a < 0 || b > n {
-            return Err(PyIndexError::new_err(format!("sample range {}..{} out of range ({n} samples)", start.str()?, stop.str()?)));
+            return Err(PyIndexError::new_err(format!("sample range {}..{} out of range ({n} samples)", shown(start), shown(stop))));
         }
         let (a, b, check, r) = (a as usize, b as usize, self.check, &*self.inner);
         let offsets = py.detach(|| r.range_offsets(a, b, check)).map_err(to_py)?;
