@@ -1,8 +1,10 @@
-//! Filesystem helpers: atomic writes and directory fsync.
+//! Filesystem helpers: atomic writes, directory fsync, opening a file without blocking.
 
 use crate::error::{IoContext, Result};
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Writes `data` to `path` atomically: a temporary file in the same directory, fsync, rename,
@@ -50,5 +52,44 @@ pub fn hash_file(path: &Path) -> Result<u128> {
             return Ok(h.digest128());
         }
         h.update(&buf[..n]);
+    }
+}
+
+/// Opens `path` for reading without ever blocking in the open (`O_NONBLOCK`: a FIFO with no
+/// writer would block forever; `O_NOCTTY`: a terminal is never made ours) and returns it with
+/// its `fstat`. Symlinks are followed: the metadata is the final target's. `O_NONBLOCK` is
+/// cleared again on a regular file, so reads behave as usual.
+pub fn open_read_nonblocking(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(path)?;
+    let md = f.metadata()?;
+    if md.is_file() {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+            if fl >= 0 {
+                libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+            }
+        }
+    }
+    Ok((f, md))
+}
+
+/// What a file that is not a regular file is, for an error message ("a FIFO (named pipe)").
+pub fn file_kind(md: &fs::Metadata) -> &'static str {
+    let t = md.file_type();
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
     }
 }

@@ -628,8 +628,7 @@ fn shard_entry(b: &[u8], sec: &Sections, s: usize) -> Option<ShardInfo> {
 impl Index {
     /// Maps and validates `path` (header, sections, shard table). O(shards).
     pub fn open(path: &Path) -> Result<Index> {
-        let f = File::open(path).ctx("open", path)?;
-        let len = f.metadata().ctx("stat", path)?.len();
+        let (f, len) = crate::layout::open_data_file(path, |e| Error::io("open", path, e))?;
         let map = if len == 0 {
             None
         } else {

@@ -198,6 +198,29 @@ pub fn check_manifest_names(m: &Manifest, manifest_path: &Path) -> Result<()> {
     }
 }
 
+/// Opens a file of a dataset (its manifest, index or a shard) for reading and returns it with
+/// its size. It must be a regular file (a symlink to one is fine: `packds index` links its
+/// shards to the tar files): a FIFO, a device, a socket or a directory is refused with a
+/// FormatError naming it, before anything is read from it (a FIFO would block, a device like
+/// `/dev/zero` never ends). The open itself never blocks. `open_err` turns an error of the open
+/// (a missing file, say) into the caller's error.
+pub fn open_data_file(path: &Path, open_err: impl FnOnce(std::io::Error) -> Error) -> Result<(File, u64)> {
+    let (f, md) = crate::fsx::open_read_nonblocking(path).map_err(open_err)?;
+    if !md.is_file() {
+        return Err(not_regular(path, &md));
+    }
+    Ok((f, md.len()))
+}
+
+/// The error for a dataset file that is not a regular file.
+fn not_regular(path: &Path, md: &fs::Metadata) -> Error {
+    Error::format_hint(
+        path,
+        format!("is {}, not a regular file (every file of a dataset must be one)", crate::fsx::file_kind(md)),
+        "put the file packds wrote back in its place (a symlink to a regular file is fine), or copy or pack the dataset again",
+    )
+}
+
 /// What a directory is, as far as packds is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirKind {
@@ -448,9 +471,32 @@ impl CopyList {
         Ok(CopyList { manifest, files })
     }
 
-    /// The bytes a copy takes: every file plus the manifest.
+    /// The bytes a copy takes: every file plus the manifest (saturating: a manifest may lie).
     pub fn total_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum::<u64>() + self.manifest.len() as u64
+        self.files.iter().fold(self.manifest.len() as u64, |n, f| n.saturating_add(f.size))
+    }
+
+    /// Checks (with one `stat` each, no reads) that every listed file is under `dir`, a regular
+    /// file (a symlink to one is fine) of its recorded size: a FormatError names the first one
+    /// that is missing, a FIFO or a device, or of another size.
+    pub fn check_present(&self, dir: &Path) -> Result<()> {
+        for f in &self.files {
+            let p = dir.join(&f.name);
+            let md = fs::metadata(&p).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::format(&p, "file listed in manifest.json is missing")
+                } else {
+                    Error::io("stat", &p, e)
+                }
+            })?;
+            if !md.is_file() {
+                return Err(not_regular(&p, &md));
+            }
+            if md.len() != f.size {
+                return Err(Error::format(&p, format!("is {} bytes, manifest.json says {} (truncated or replaced)", md.len(), f.size)));
+            }
+        }
+        Ok(())
     }
 
     /// Does every listed file exist under `dir` with its recorded size?

@@ -134,9 +134,18 @@ impl Manifest {
     }
 
     /// The manifest file's bytes, with [`Manifest::load`]'s errors.
+    /// A regular file only (a FIFO or a device is refused, see [`layout::open_data_file`]),
+    /// read up to its size.
     pub fn read_bytes(dir: &Path) -> Result<Vec<u8>> {
+        use std::io::Read;
         let p = dir.join(FILE);
-        std::fs::read(&p).map_err(|e| if e.kind() == std::io::ErrorKind::NotFound { no_manifest(dir, e) } else { Error::io("read", &p, e) })
+        let (f, len) = layout::open_data_file(&p, |e| if e.kind() == std::io::ErrorKind::NotFound { no_manifest(dir, e) } else { Error::io("open", &p, e) })?;
+        let mut v = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(1 << 30));
+        f.take(len.saturating_add(1)).read_to_end(&mut v).ctx("read", &p)?;
+        if v.len() as u64 > len {
+            return Err(Error::format(&p, "manifest.json grew while it was read (is something writing it?)"));
+        }
+        Ok(v)
     }
 
     /// Parses and checks manifest bytes read from `path`: format, version, file names.

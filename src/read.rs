@@ -611,8 +611,10 @@ impl Reader {
     fn verify_shard(&self, s: usize, samples: &[ShardSample], deep: bool) -> ShardCheck {
         let info = &self.index.shards()[s];
         let path = self.dir.join(&info.name);
-        let mut f = File::open(&path).ctx("open", &path)?;
+        let (f, _) = crate::layout::open_data_file(&path, |e| Error::io("open", &path, e))?;
         advise_sequential(&f);
+        // Never more than the index says, plus one byte to see that it grew.
+        let mut f = f.take(info.size.saturating_add(1));
         let mut buf = vec![0u8; 8 << 20];
         let mut h = Xxh3::new();
         let mut pos = 0u64;
@@ -646,7 +648,9 @@ impl Reader {
             pos = end;
         }
         let mut problems = Vec::new();
-        if pos != info.size {
+        if pos > info.size {
+            problems.push(format!("{}: larger than the {} bytes the index says (replaced or growing)", path.display(), info.size));
+        } else if pos != info.size {
             problems.push(format!("{}: size is {pos} bytes, the index says {}", path.display(), info.size));
         } else if h.digest128() != info.hash {
             problems.push(format!("{}: checksum does not match the index and manifest", path.display()));
@@ -752,6 +756,15 @@ impl Reader {
     }
 }
 
+/// Position `i` in a sequence of `len` items, as a Python sequence takes it: `0..len` as is, a
+/// negative one counting from the end (`-1` the last); None when out of range. The binding
+/// passes every sample index here (one too large for an `i64` is out of range already).
+pub fn sequence_position(i: i64, len: usize) -> Option<usize> {
+    let n = i64::try_from(len).ok()?;
+    let j = if i < 0 { i.checked_add(n)? } else { i };
+    (0..n).contains(&j).then_some(j as usize)
+}
+
 /// Splits a key into path components, refusing anything that could leave the destination.
 pub fn safe_components(key: &[u8]) -> Result<Vec<&[u8]>> {
     let bad = |why| Err(Error::Escape { member: String::from_utf8_lossy(key).into_owned(), why });
@@ -784,14 +797,13 @@ fn advise_sequential(f: &File) {
 
 fn map_shard(dir: &Path, s: &ShardInfo, opts: OpenOptionsPds) -> Result<ShardData> {
     let path = dir.join(&s.name);
-    let f = File::open(&path).map_err(|e| {
+    let (f, len) = crate::layout::open_data_file(&path, |e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::format(&path, "shard is missing")
         } else {
             Error::io("open", &path, e)
         }
     })?;
-    let len = f.metadata().ctx("stat", &path)?.len();
     if len != s.size {
         return Err(Error::format(&path, format!("shard is {len} bytes, the index says {} (truncated or replaced)", s.size)));
     }
@@ -912,6 +924,18 @@ mod tests {
         let (a, b) = r.key_range(b"c02/x").unwrap();
         assert_eq!(a, b);
         assert_eq!(r.key_range(b"zzz").unwrap(), (300, 300));
+    }
+
+    #[test]
+    fn positions_count_from_the_end_and_never_overflow() {
+        assert_eq!(sequence_position(0, 3), Some(0));
+        assert_eq!(sequence_position(-1, 3), Some(2));
+        assert_eq!(sequence_position(-3, 3), Some(0));
+        for i in [3, -4, i64::MAX, i64::MIN, i64::MIN + 1] {
+            assert_eq!(sequence_position(i, 3), None, "{i}");
+        }
+        assert_eq!(sequence_position(0, 0), None);
+        assert_eq!(sequence_position(-1, usize::MAX), None);
     }
 
     #[test]

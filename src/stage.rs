@@ -9,7 +9,7 @@
 //! the up-to-date check live in `python/packds/stage.py`; what a copy holds, in [`crate::layout`].
 
 use crate::error::{Error, IoContext, Result};
-use crate::layout::{CopyList, DataFile, MANIFEST_FILE};
+use crate::layout::{self, CopyList, DataFile, MANIFEST_FILE};
 use crate::manifest::hex128;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -55,7 +55,7 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: 
     let CopyList { manifest: mbytes, files: mut list } = CopyList::load(src)?;
     // Largest first: the parallel copy then ends with small files and finishes together.
     list.sort_by_key(|j| std::cmp::Reverse(j.size));
-    progress.bytes_total.store(list.iter().map(|j| j.size).sum::<u64>() + mbytes.len() as u64, Relaxed);
+    progress.bytes_total.store(list.iter().fold(mbytes.len() as u64, |n, j| n.saturating_add(j.size)), Relaxed);
     progress.files_total.store(list.len() as u64 + 1, Relaxed);
 
     prepare_tmp_dir(tmp)?;
@@ -114,8 +114,16 @@ pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, durable: bool, progress: 
 
 /// Pulls `files` into the page cache: `posix_fadvise(WILLNEED)`, then sequential 8 MiB reads
 /// (the advice alone is asynchronous and may be dropped), up to `jobs` files at once.
+/// Regular files only (a FIFO or a device is refused), each read up to its size.
 /// Returns the number of bytes read.
 pub fn preload(files: &[PathBuf], jobs: usize, progress: &StageProgress) -> Result<u64> {
+    let sized: Vec<(PathBuf, Option<u64>)> = files.iter().map(|p| (p.clone(), None)).collect();
+    preload_sized(&sized, jobs, progress)
+}
+
+/// [`preload`] of files whose size is known (a dataset's files, from its manifest): a file of
+/// another size is refused (FormatError naming it) and never read past that size plus one byte.
+pub fn preload_sized(files: &[(PathBuf, Option<u64>)], jobs: usize, progress: &StageProgress) -> Result<u64> {
     let next = AtomicUsize::new(0);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let total = AtomicU64::new(0);
@@ -126,21 +134,29 @@ pub fn preload(files: &[PathBuf], jobs: usize, progress: &StageProgress) -> Resu
             if i >= files.len() || progress.cancel.load(Relaxed) {
                 return;
             }
-            let p = &files[i];
+            let (p, want) = &files[i];
             let r = (|| -> Result<u64> {
-                let mut f = File::open(p).ctx("open", p)?;
+                let (f, len) = layout::open_data_file(p, |e| Error::io("open", p, e))?;
+                let size = match *want {
+                    Some(w) if w != len => return Err(size_differs(p, len, w)),
+                    _ => len,
+                };
                 // SAFETY: advisory calls on a descriptor we own.
                 unsafe {
                     libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
                     libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
                 }
+                let mut f = f.take(size.saturating_add(1));
                 let mut n = 0u64;
                 loop {
                     let got = read_retry(&mut f, &mut buf).ctx("read", p)?;
                     if got == 0 {
-                        return Ok(n);
+                        return if want.is_some() && n != size { Err(size_differs(p, n, size)) } else { Ok(n) };
                     }
                     n += got as u64;
+                    if n > size {
+                        return Err(Error::format(p, format!("is larger than {size} bytes (replaced or growing)")));
+                    }
                     progress.bytes_done.fetch_add(got as u64, Relaxed);
                     if progress.cancel.load(Relaxed) {
                         return Err(Error::Cancelled);
@@ -229,15 +245,24 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
 /// Copies `src` to the new file `dst` with large reads and writes, hashing in the same pass;
 /// fsyncs `dst`. With `expect`, checks the size and XXH3-128 (ChecksumError names the shard).
 fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, durable: bool, progress: &StageProgress, stop: &AtomicBool) -> Result<u128> {
-    let mut f = File::open(src).map_err(|e| {
+    // A regular file only (a FIFO would block, a device never end), opened without blocking.
+    let (f, len) = layout::open_data_file(src, |e| {
         if e.kind() == ErrorKind::NotFound && expect.is_some() {
             Error::format(src, "file listed in manifest.json is missing")
         } else {
             Error::io("open", src, e)
         }
     })?;
+    // The size to copy: what the manifest records (or the file's size), nothing is read past
+    // it but one byte, to see a file that is larger (or growing).
+    let size = match expect {
+        Some(j) if len != j.size => return Err(size_differs(src, len, j.size)),
+        Some(j) => j.size,
+        None => len,
+    };
     // SAFETY: advisory call on a descriptor we own.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    let mut f = f.take(size.saturating_add(1));
     let mut out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(dst).ctx("create", dst)?;
     let mut buf = vec![0u8; BUF];
     let mut h = Xxh3::new();
@@ -262,10 +287,16 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, durable: bool, pr
         if got == 0 {
             break;
         }
+        if n + got as u64 > size {
+            return Err(match expect {
+                Some(j) => Error::format(src, format!("is larger than the {} bytes manifest.json says (replaced or growing)", j.size)),
+                None => Error::usage(format!("{} grew while it was copied", src.display()), "stage it again once nothing writes it"),
+            });
+        }
         // Ask for the next buffers now, so the disk reads ahead while this one is hashed and
         // written (plain readahead windows are far smaller than a MiB-sized read).
         // SAFETY: advisory call on a descriptor we own.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), (n + got as u64) as libc::off_t, 2 * BUF as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+        unsafe { libc::posix_fadvise(f.get_ref().as_raw_fd(), (n + got as u64) as libc::off_t, 2 * BUF as libc::off_t, libc::POSIX_FADV_WILLNEED) };
         h.update(&buf[..got]);
         out.write_all(&buf[..got]).ctx("write", dst)?;
         // Start writeback of what was just written now, so the fsync at the end finds little
@@ -282,10 +313,13 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, durable: bool, pr
         }
     }
     let digest = h.digest128();
+    if n != size {
+        return Err(match expect {
+            Some(j) => size_differs(src, n, j.size),
+            None => Error::usage(format!("{} shrank while it was copied", src.display()), "stage it again once nothing writes it"),
+        });
+    }
     if let Some(j) = expect {
-        if n != j.size {
-            return Err(Error::format(src, format!("is {n} bytes, manifest.json says {} (truncated or replaced)", j.size)));
-        }
         if hex128(digest) != j.xxh3_128 {
             return Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from manifest.json)", j.name), shard: src.to_path_buf() });
         }
@@ -296,7 +330,11 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, durable: bool, pr
     Ok(digest)
 }
 
-fn read_retry(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn size_differs(src: &Path, n: u64, want: u64) -> Error {
+    Error::format(src, format!("is {n} bytes, manifest.json says {want} (truncated or replaced)"))
+}
+
+fn read_retry(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     loop {
         match f.read(buf) {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -373,6 +411,41 @@ mod tests {
         let e = stage_dataset(&src, &dest, &tmp, 4, false, &StageProgress::default()).unwrap_err();
         assert!(matches!(&e, Error::Checksum { shard, .. } if shard.ends_with("shard-00001.tar")), "{e}");
         assert!(!dest.exists() && !tmp.exists());
+    }
+
+    #[test]
+    fn copies_read_at_most_one_byte_past_the_recorded_size() {
+        // A regular file that holds more than its size says (a /proc file: size 0).
+        let t = tempfile::tempdir().unwrap();
+        let src = Path::new("/proc/self/mountinfo");
+        assert_eq!(fs::metadata(src).unwrap().len(), 0);
+        let j = DataFile { name: "shard-00000.tar".into(), size: 0, xxh3_128: hex128(0) };
+        let dst = t.path().join("x");
+        let e = copy_one(src, &dst, Some(&j), false, &StageProgress::default(), &AtomicBool::new(false)).unwrap_err().to_string();
+        assert!(e.contains("is larger than the 0 bytes manifest.json says"), "{e}");
+        assert_eq!(fs::metadata(&dst).unwrap().len(), 0);
+        let e = stage_file(src, &t.path().join("y"), &t.path().join(".y.tmp"), false, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("grew while it was copied"), "{e}");
+        assert!(!t.path().join("y").exists() && !t.path().join(".y.tmp").exists());
+        let e = preload_sized(&[(src.to_path_buf(), Some(0))], 1, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("is larger than 0 bytes"), "{e}");
+        // A device is refused before anything is read.
+        let e = preload(&[PathBuf::from("/dev/zero")], 1, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("is a character device, not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("shard-00000.tar");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let j = DataFile { name: "shard-00000.tar".into(), size: 10, xxh3_128: hex128(0) };
+        let e = copy_one(&fifo, &t.path().join("x"), Some(&j), false, &StageProgress::default(), &AtomicBool::new(false)).unwrap_err().to_string();
+        assert!(e.contains("is a FIFO (named pipe), not a regular file"), "{e}");
+        let e = preload(&[fifo], 1, &StageProgress::default()).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
     }
 
     #[test]

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from typing import Iterator
@@ -94,6 +94,11 @@ class Dataset(_core.Reader):
     ranges for sequential reading), ``key_range(prefix)``, ``locate(i)``, ``glob(pattern)``,
     ``verify()``, ``unpack(dest)``.
 
+    A sample position is any integer: ``int``, numpy integer scalars and 0-d integer arrays
+    (anything with ``__index__``), and ``bool`` as in a list (``ds[True]`` is ``ds[1]``);
+    negative positions count from the end. A position out of range, however large, raises
+    ``IndexError`` in ``ds[i]`` and every method that takes one; a float is a ``TypeError``.
+
     A Dataset is immutable: share it between threads freely; forked DataLoader workers inherit
     its mappings; pickling it (spawn workers) re-opens it by path.
     """
@@ -130,8 +135,7 @@ class Dataset(_core.Reader):
                 m = self._maps.get(path)
                 if m is None:
                     try:
-                        with builtins.open(path, "rb") as f:
-                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                        m = _map_regular(path)
                     except OSError:
                         # A filesystem that cannot map files (FUSE with direct I/O): the reader
                         # uses pread there, and a view is of a copy.
@@ -163,6 +167,18 @@ class Dataset(_core.Reader):
 
     def __repr__(self) -> str:
         return f"<packds.Dataset {os.fspath(self.path)!r}: {len(self)} samples>"
+
+
+def _map_regular(path) -> mmap.mmap:
+    """Maps the shard ``path`` read-only; OSError unless it is a regular file (opened without
+    blocking: a shard replaced by a FIFO since the dataset was opened is never waited on)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{os.fsdecode(path)} is not a regular file")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
 
 
 def _reopen(path: str, populate: bool, verify: bool = False) -> Dataset:

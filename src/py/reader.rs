@@ -4,7 +4,7 @@
 
 use super::errors::to_py;
 use crate::read::{OpenOptionsPds, Reader};
-use pyo3::exceptions::{PyIndexError, PyKeyError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyKeyError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString};
 use std::borrow::Cow;
@@ -49,14 +49,43 @@ fn new_bytes<'py>(py: Python<'py>, len: u64) -> PyResult<(Bound<'py, PyBytes>, &
     }
 }
 
+/// An integer argument (int, bool, a numpy integer: anything with `__index__`) as an i64; None
+/// when it is an integer too large for one. TypeError when it is not an integer.
+pub(crate) fn int_arg(i: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+    match i.extract::<i64>() {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_instance_of::<PyOverflowError>(i.py()) => Ok(None),
+        Err(_) => Err(PyTypeError::new_err(format!("a sample index is an integer, not {}", i.get_type().name()?))),
+    }
+}
+
+/// A range bound (`read_range`): an integer, clamped to the i64 range (beyond it, out of range
+/// of any dataset either way).
+fn bound_arg(i: &Bound<'_, PyAny>) -> PyResult<i64> {
+    match int_arg(i)? {
+        Some(v) => Ok(v),
+        None if i.lt(0)? => Ok(i64::MIN),
+        None => Ok(i64::MAX),
+    }
+}
+
+/// The position of index `i` in `len` samples (negative counts from the end; see
+/// `read::sequence_position`): IndexError when out of range, TypeError when not an integer.
+pub(crate) fn position_arg(i: &Bound<'_, PyAny>, len: usize) -> PyResult<usize> {
+    match int_arg(i)?.and_then(|v| crate::read::sequence_position(v, len)) {
+        Some(j) => Ok(j),
+        None => Err(PyIndexError::new_err(format!("sample index {} out of range ({len} samples)", shown(i)))),
+    }
+}
+
+/// `str(i)`, or a stand-in where Python refuses (an int of more than 4300 digits).
+fn shown(i: &Bound<'_, PyAny>) -> String {
+    i.str().map_or_else(|_| "(an integer too large to print)".into(), |s| s.to_string())
+}
+
 impl PyReader {
-    fn norm(&self, i: isize) -> PyResult<usize> {
-        let n = self.inner.len() as isize;
-        let j = if i < 0 { i + n } else { i };
-        if j < 0 || j >= n {
-            return Err(PyIndexError::new_err(format!("sample index {i} out of range ({n} samples)")));
-        }
-        Ok(j as usize)
+    fn norm(&self, i: &Bound<'_, PyAny>) -> PyResult<usize> {
+        position_arg(i, self.inner.len())
     }
 
     fn key_of<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
@@ -117,20 +146,27 @@ impl PyReader {
 
     /// `ds[i]` (negative counts from the end) or `ds[key]` → the sample's bytes.
     /// The GIL is held: a warm copy is faster than releasing and retaking it.
+    /// Any integer is an index (bool too, as in a list: `ds[True]` is `ds[1]`; numpy integers);
+    /// one out of range, of any size, raises IndexError. A str or bytes is a key (KeyError).
     fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-        if let Ok(i) = idx.extract::<isize>() {
-            return self.sample(py, self.norm(i)?);
+        if idx.is_instance_of::<PyString>() || idx.is_instance_of::<PyBytes>() {
+            return match self.find(idx)? {
+                Some(i) => self.sample(py, i),
+                None => Err(PyKeyError::new_err(idx.clone().unbind())),
+            };
         }
-        match self.find(idx)? {
-            Some(i) => self.sample(py, i),
-            None => Err(PyKeyError::new_err(idx.clone().unbind())),
+        match self.norm(idx) {
+            Err(e) if e.is_instance_of::<PyTypeError>(py) => {
+                Err(PyTypeError::new_err(format!("a sample is indexed by an integer or a key (str or bytes), not {}", idx.get_type().name()?)))
+            }
+            j => self.sample(py, j?),
         }
     }
 
     /// Bytes of many samples in one call, GIL released while the bytes are copied (and
     /// decompressed: compressed samples of a large batch are decoded by several threads).
-    fn get_many<'py>(&self, py: Python<'py>, indices: Vec<isize>) -> PyResult<Bound<'py, PyList>> {
-        let idx = indices.into_iter().map(|i| self.norm(i)).collect::<PyResult<Vec<usize>>>()?;
+    fn get_many<'py>(&self, py: Python<'py>, indices: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyList>> {
+        let idx = indices.iter().map(|i| self.norm(i)).collect::<PyResult<Vec<usize>>>()?;
         let r = &*self.inner;
         let mut objs = Vec::with_capacity(idx.len());
         let mut bufs = Vec::with_capacity(idx.len());
@@ -153,18 +189,19 @@ impl PyReader {
     fn read_range<'py>(
         &self,
         py: Python<'py>,
-        start: isize,
-        stop: isize,
+        start: &Bound<'py, PyAny>,
+        stop: &Bound<'py, PyAny>,
         out: Option<Bound<'py, PyByteArray>>,
     ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u64>)> {
-        let n = self.inner.len() as isize;
-        if start > stop {
-            return Err(PyValueError::new_err(format!("read_range({start}, {stop}): start is after stop")));
+        let (a, b) = (bound_arg(start)?, bound_arg(stop)?);
+        let n = self.inner.len() as i64;
+        if a > b {
+            return Err(PyValueError::new_err(format!("read_range({}, {}): start is after stop", shown(start), shown(stop))));
         }
-        if start < 0 || stop > n {
-            return Err(PyIndexError::new_err(format!("sample range {start}..{stop} out of range ({n} samples)")));
+        if a < 0 || b > n {
+            return Err(PyIndexError::new_err(format!("sample range {}..{} out of range ({n} samples)", shown(start), shown(stop))));
         }
-        let (a, b, check, r) = (start as usize, stop as usize, self.check, &*self.inner);
+        let (a, b, check, r) = (a as usize, b as usize, self.check, &*self.inner);
         let offsets = py.detach(|| r.range_offsets(a, b, check)).map_err(to_py)?;
         let need = offsets.last().copied().unwrap_or(0) as usize;
         let buf = match out {
@@ -207,7 +244,7 @@ impl PyReader {
 
     /// The stored bytes of sample `i` (the zstd frame of a compressed sample; the same as
     /// `ds[i]` for one stored raw).
-    fn raw<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+    fn raw<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         let e = self.inner.entry(j).map_err(to_py)?;
         let b = PyBytes::new(py, &self.inner.stored(&e).map_err(to_py)?);
@@ -216,13 +253,13 @@ impl PyReader {
     }
 
     /// Stored size of sample `i` (equal to `size(i)` unless it is compressed).
-    fn stored_size(&self, i: isize) -> PyResult<u64> {
+    fn stored_size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
         let j = self.norm(i)?;
         self.inner.stored_size(j).map_err(to_py)
     }
 
     /// How sample `i` is stored: 0 raw, 1 zstd, 2 zstd with the dataset's dictionary.
-    fn _codec(&self, i: isize) -> PyResult<u8> {
+    fn _codec(&self, i: &Bound<'_, PyAny>) -> PyResult<u8> {
         let j = self.norm(i)?;
         Ok(self.inner.entry(j).map_err(to_py)?.codec)
     }
@@ -239,20 +276,20 @@ impl PyReader {
     }
 
     /// Sample `i`'s bytes after checking its CRC32C (raises ChecksumError).
-    fn get_checked<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+    fn get_checked<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         let b = self.inner.get_checked(j).map_err(to_py)?;
         Ok(PyBytes::new(py, &b))
     }
 
     /// Key of sample `i` as str (decoded like os.fsdecode).
-    fn key<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyAny>> {
+    fn key<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let j = self.norm(i)?;
         self.key_of(py, j)
     }
 
     /// Key of sample `i` as raw bytes.
-    fn key_bytes<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyBytes>> {
+    fn key_bytes<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
         Ok(PyBytes::new(py, self.inner.key(j).map_err(to_py)?))
     }
@@ -268,13 +305,13 @@ impl PyReader {
     }
 
     /// Size in bytes of sample `i` (its original size: `len(ds[i])`).
-    fn size(&self, i: isize) -> PyResult<u64> {
+    fn size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
         let j = self.norm(i)?;
         self.inner.size(j).map_err(to_py)
     }
 
     /// (shard path, byte offset, stored size) of sample `i`.
-    fn locate(&self, i: isize) -> PyResult<(std::ffi::OsString, u64, u64)> {
+    fn locate(&self, i: &Bound<'_, PyAny>) -> PyResult<(std::ffi::OsString, u64, u64)> {
         let j = self.norm(i)?;
         let (p, o, n) = self.inner.locate(j).map_err(to_py)?;
         Ok((p.into_os_string(), o, n))

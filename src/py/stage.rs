@@ -99,13 +99,29 @@ pub fn stage_file<'py>(
     summary(py, s)
 }
 
+/// A file to preload: a path, or (path, size) as `dataset_files` lists them (a file of another
+/// size is refused).
+#[derive(FromPyObject)]
+pub enum PreloadFile {
+    Sized(PathBuf, u64),
+    Path(PathBuf),
+}
+
 /// Reads `files` into the page cache (fadvise WILLNEED + sequential 8 MiB reads, `jobs` files
-/// at once); GIL released. Returns the bytes read.
+/// at once); GIL released. Regular files only, never read past their size. Returns the bytes
+/// read.
 #[pyfunction]
 #[pyo3(signature = (files, *, jobs=4, progress=None))]
-pub fn preload(py: Python<'_>, files: Vec<PathBuf>, jobs: usize, progress: Option<&Bound<'_, PyStageProgress>>) -> PyResult<u64> {
+pub fn preload(py: Python<'_>, files: Vec<PreloadFile>, jobs: usize, progress: Option<&Bound<'_, PyStageProgress>>) -> PyResult<u64> {
     let p = progress_of(progress);
-    py.detach(|| core_stage::preload(&files, jobs, &p)).map_err(to_py)
+    let files: Vec<(PathBuf, Option<u64>)> = files
+        .into_iter()
+        .map(|f| match f {
+            PreloadFile::Sized(path, size) => (path, Some(size)),
+            PreloadFile::Path(path) => (path, None),
+        })
+        .collect();
+    py.detach(|| core_stage::preload_sized(&files, jobs, &p)).map_err(to_py)
 }
 
 /// What the directory `path` is: "dataset", "parts" (a partitioned pack not merged yet),
@@ -117,10 +133,17 @@ pub fn dataset_kind(py: Python<'_>, path: PathBuf) -> &'static str {
 
 /// The files of the dataset `path` besides its manifest (index and shards) as (path, size),
 /// and the bytes a copy of it takes (manifest included). Raises FormatError for a damaged or
-/// missing manifest.
+/// missing manifest, and for a listed file that is missing, not a regular file or not of its
+/// recorded size (one `stat` each).
 #[pyfunction]
 pub fn dataset_files(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(OsString, u64)>, u64)> {
-    let list = py.detach(|| CopyList::load(&path)).map_err(to_py)?;
+    let list = py
+        .detach(|| {
+            let list = CopyList::load(&path)?;
+            list.check_present(&path)?;
+            Ok(list)
+        })
+        .map_err(to_py)?;
     let files = list.files.iter().map(|f| (path.join(&f.name).into_os_string(), f.size)).collect();
     Ok((files, list.total_bytes()))
 }

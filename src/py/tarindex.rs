@@ -4,7 +4,7 @@
 use super::errors::to_py;
 use super::PyReader;
 use crate::tarindex::{self as core, IndexTarsOptions, Link};
-use pyo3::exceptions::{PyIndexError, PyKeyError};
+use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use std::path::PathBuf;
@@ -52,13 +52,8 @@ pub struct PyGroups {
 }
 
 impl PyGroups {
-    fn norm(&self, i: isize) -> PyResult<usize> {
-        let n = self.groups.len() as isize;
-        let j = if i < 0 { i + n } else { i };
-        if j < 0 || j >= n {
-            return Err(PyIndexError::new_err(format!("sample index {i} out of range ({n} samples)")));
-        }
-        Ok(j as usize)
+    fn norm(&self, i: &Bound<'_, PyAny>) -> PyResult<usize> {
+        super::reader::position_arg(i, self.groups.len())
     }
 
     fn key_bytes_of<'a>(&self, r: &'a PyReader, g: usize) -> PyResult<&'a [u8]> {
@@ -94,13 +89,13 @@ impl PyGroups {
     }
 
     /// (first member, end) positions of sample `i` in the per-member dataset.
-    fn range(&self, i: isize) -> PyResult<(u64, u64)> {
+    fn range(&self, i: &Bound<'_, PyAny>) -> PyResult<(u64, u64)> {
         let (s, n, _) = self.groups[self.norm(i)?];
         Ok((s, s + u64::from(n)))
     }
 
     /// Key of sample `i` (str, like os.fsdecode).
-    fn key<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyAny>> {
+    fn key<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let g = self.norm(i)?;
         let r = self.reader.get();
         decode(py, self.key_bytes_of(r, g)?)
@@ -125,7 +120,7 @@ impl PyGroups {
 
     /// Sample `i` as a dict: `{"__key__": key, field: bytes, ...}` (field = the member name
     /// after the sample key and its '.').
-    fn item<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyDict>> {
+    fn item<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let g = self.norm(i)?;
         let (start, n, klen) = self.groups[g];
         let r = self.reader.get();

@@ -68,11 +68,7 @@ LIES = {
 def test_manifest_that_lies(small_ds, lie):
     """Every lie is refused at open with FormatError naming the dataset; no crash, no huge
     allocation, never a dataset that opens."""
-    with open(_manifest_path(small_ds)) as f:
-        m = json.load(f)
-    LIES[lie](m)
-    with open(_manifest_path(small_ds), "w") as f:
-        json.dump(m, f)
+    _write_lie(small_ds, lie)
     r = _child_open(small_ds)
     assert r.returncode == 0 and b"refused: FormatError" in r.stdout, h.show(r)
     with pytest.raises(FormatError) as ei:
@@ -80,25 +76,76 @@ def test_manifest_that_lies(small_ds, lie):
     assert small_ds in str(ei.value)
 
 
-@pytest.mark.parametrize("shape", ["nested-100k", "padded-64MB", "not-an-object", "duplicate-keys"])
-def test_hostile_manifest_shapes(small_ds, shape):
-    p = _manifest_path(small_ds)
-    with open(p) as f:
+SHAPES = ["nested-100k", "padded-64MB", "not-an-object", "duplicate-keys", "not-utf-8"]
+
+
+def _write_shape(d, shape):
+    """Rewrites the manifest of `d` in a hostile shape."""
+    p = _manifest_path(d)
+    with open(p, "rb") as f:
         text = f.read()
     if shape == "nested-100k":
-        text = "[" * 100_000 + "]" * 100_000
+        text = b"[" * 100_000 + b"]" * 100_000
     elif shape == "padded-64MB":
-        text = text[:-1] + " " * (64 << 20) + "}"
+        text = text[:-1] + b" " * (64 << 20) + b"}"
     elif shape == "not-an-object":
-        text = json.dumps([json.loads(text)])
+        text = json.dumps([json.loads(text)]).encode()
     elif shape == "duplicate-keys":
-        text = text[:-1] + ', "samples": 1}'
-    with open(p, "w") as f:
+        text = text[:-1] + b', "samples": 1}'
+    elif shape == "not-utf-8":
+        text = text.replace(b'"packds"', b'"pack\xff\xfeds"', 1)
+    with open(p, "wb") as f:
         f.write(text)
+
+
+def _write_lie(d, lie):
+    with open(_manifest_path(d)) as f:
+        m = json.load(f)
+    LIES[lie](m)
+    with open(_manifest_path(d), "w") as f:
+        json.dump(m, f)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hostile_manifest_shapes(small_ds, shape):
+    _write_shape(small_ds, shape)
     t = time.monotonic()
     r = _child_open(small_ds)
     assert time.monotonic() - t < 30
     assert r.returncode == 0 and b"refused: FormatError" in r.stdout, h.show(r)
+
+
+# The lies with absurd numbers (2**64, 10**30, -1, 1e300), and every hostile shape.
+NUMBER_LIES = ["samples-2**64", "samples-10**30", "samples-negative", "samples-float", "shard-size-huge", "shard-size-negative", "index-size-huge"]
+
+
+@pytest.mark.parametrize("case", [f"lie:{x}" for x in NUMBER_LIES] + [f"shape:{x}" for x in SHAPES])
+def test_i5_hostile_manifests_through_every_command(small_ds, work, case):
+    """A manifest with absurd numbers, 100k-deep nesting, 64 MB of padding or bytes that are
+    not UTF-8: info, ls, get, verify, unpack, stage and `stage --dry-run` each exit 1 with one
+    `packds: error:` line naming the manifest and a hint, never a traceback, within seconds;
+    stage leaves nothing."""
+    kind, what = case.split(":", 1)
+    (_write_lie if kind == "lie" else _write_shape)(small_ds, what)
+    to = os.path.join(work, "to")
+    os.mkdir(to)
+    cmds = [
+        ["info", small_ds],
+        ["info", small_ds, "--json"],
+        ["ls", small_ds],
+        ["get", small_ds, "top.txt"],
+        ["verify", small_ds],
+        ["unpack", small_ds, os.path.join(work, "un")],
+        ["stage", small_ds, "--to", to],
+        ["stage", small_ds, "--to", to, "--dry-run"],
+    ]
+    for cmd in cmds:
+        t = time.monotonic()
+        r = h.cli(*cmd, timeout=60)
+        assert time.monotonic() - t < 30, h.show(r)
+        assert b"Traceback" not in r.stderr, h.show(r)
+        h.assert_cli_error(r, "manifest.json")
+    assert not os.path.exists(os.path.join(to, "ds.pds")) and h.staging_leftovers(to) == []
 
 
 # ------------------------------------------------------------------- Hypothesis mutation harness
