@@ -605,7 +605,14 @@ fn load_part(out: &Path, info: &PartInfo, dir: &Path, verify: bool) -> Result<Lo
     };
     let manifest = Manifest::load(dir).map_err(|e| bad(e.to_string()))?;
     let ipath = dir.join(layout::INDEX_FILE);
-    let ibytes = fs::read(&ipath).map_err(|e| bad(format!("cannot read {}: {e}", layout::INDEX_FILE)))?;
+    // Opened without blocking and checked to be a regular file (a FIFO planted there must not hang
+    // the merge), then read up to its recorded size plus one byte.
+    let (f, len) = layout::open_data_file(&ipath, |e| bad(format!("cannot open {}: {e}", layout::INDEX_FILE))).map_err(|e| bad(e.to_string()))?;
+    if len != manifest.index.size {
+        return Err(bad(format!("{} is {len} bytes, its manifest records {}", layout::INDEX_FILE, manifest.index.size)));
+    }
+    let mut ibytes = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(&f, len + 1), &mut ibytes).map_err(|e| bad(format!("cannot read {}: {e}", layout::INDEX_FILE)))?;
     if ibytes.len() as u64 != manifest.index.size || hex128(xxhash_rust::xxh3::xxh3_128(&ibytes)) != manifest.index.xxh3_128 {
         return Err(bad(format!("{} does not match its manifest", layout::INDEX_FILE)));
     }

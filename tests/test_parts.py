@@ -311,3 +311,14 @@ def test_plan_warns_when_parts_outnumber_shards_and_names_a_shard_size(tree, wor
     r = h.cli("plan", tree, "-o", os.path.join(work, "plan2"), "--parts", "8", "--shard-size", m.group(1))
     assert r.returncode == 0 and "warning" not in r.stderr.decode(), h.show(r)
     assert packds.plan(tree, os.path.join(work, "plan3"), parts=8, shard_size=__import__("packds.cli").cli.parse_size(m.group(1)))["shards"] >= 8
+
+
+def test_merge_refuses_a_part_whose_index_is_a_fifo_without_hanging(tree, work):
+    out = _parts(tree, work)
+    ip = os.path.join(out, "part-1", "index.pdsi")
+    os.remove(ip)
+    os.mkfifo(ip)
+    before = _snapshot(out)
+    r = h.cli("merge", out, timeout=30)
+    h.assert_cli_error(r, "part 1 of 3", "not a regular file")
+    assert _snapshot(out) == before
