@@ -275,15 +275,7 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, durable: bool, pr
             // Another file failed; this copy is abandoned (the caller removes the directory).
             return Err(Error::Cancelled);
         }
-        // Fill the buffer (large writes), stopping at EOF.
-        let mut got = 0;
-        while got < buf.len() {
-            let r = read_retry(&mut f, &mut buf[got..]).ctx("read", src)?;
-            if r == 0 {
-                break;
-            }
-            got += r;
-        }
+        let got = fill(&mut f, &mut buf, src)?;
         if got == 0 {
             break;
         }
@@ -313,21 +305,41 @@ fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, durable: bool, pr
         }
     }
     let digest = h.digest128();
+    check_copied(src, expect, n, size, digest)?;
+    if durable {
+        out.sync_all().ctx("fsync", dst)?;
+    }
+    Ok(digest)
+}
+
+/// Fills `buf` from `f` (large writes follow), stopping early only at end of file.
+fn fill(f: &mut impl Read, buf: &mut [u8], src: &Path) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let r = read_retry(f, &mut buf[got..]).ctx("read", src)?;
+        if r == 0 {
+            break;
+        }
+        got += r;
+    }
+    Ok(got)
+}
+
+/// The copy of `src` has `n` bytes with this digest: exactly the `size` expected and, with a
+/// manifest record, its XXH3-128.
+fn check_copied(src: &Path, expect: Option<&DataFile>, n: u64, size: u64, digest: u128) -> Result<()> {
     if n != size {
         return Err(match expect {
             Some(j) => size_differs(src, n, j.size),
             None => Error::usage(format!("{} shrank while it was copied", src.display()), "stage it again once nothing writes it"),
         });
     }
-    if let Some(j) = expect {
-        if hex128(digest) != j.xxh3_128 {
-            return Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from manifest.json)", j.name), shard: src.to_path_buf() });
+    match expect {
+        Some(j) if hex128(digest) != j.xxh3_128 => {
+            Err(Error::Checksum { key: format!("{} (XXH3-128 of the whole file differs from manifest.json)", j.name), shard: src.to_path_buf() })
         }
+        _ => Ok(()),
     }
-    if durable {
-        out.sync_all().ctx("fsync", dst)?;
-    }
-    Ok(digest)
 }
 
 fn size_differs(src: &Path, n: u64, want: u64) -> Error {
