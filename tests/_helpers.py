@@ -433,6 +433,17 @@ def unprivileged():
     return p, None
 
 
+def other_user() -> tuple[list[str], int]:
+    """(command prefix, uid) to run plain Python (``sys.executable``, no packds needed) as another,
+    real user (65534): to plant files, hold locks, own directories. Skips when not root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a command as another user (65534)")
+    p = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run(p + [sys.executable, "-c", "import os, fcntl"], capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot run Python as user 65534 with setpriv: {r.stderr}"
+    return p, 65534
+
+
 @contextlib.contextmanager
 def reachable_dir(prefix: str = "packds-shared-"):
     """A fresh directory (mode 755) that another user can reach: pytest's and the session's

@@ -1,6 +1,8 @@
 """Cancellation on a slow (Lustre-like) filesystem: Slurm sends SIGKILL 30 s after SIGTERM, so
 `packds pack` must stop within a second or two in every phase, with the usual clean-up. The
-source is a slowfs mirror adding 1 ms to every metadata call and 0.5 ms to every read."""
+source is a slowfs mirror that adds latency to every metadata call and read: for the walk, a
+tree of many small directories at 20 ms per metadata call (the walk lasts seconds); for the
+reads, 40,000 files in 8 directories at 1 ms per metadata call and 0.5 ms per read."""
 
 from __future__ import annotations
 
@@ -16,20 +18,24 @@ import _helpers as h
 
 
 @pytest.fixture(scope="module")
-def slow_tree(fast_base):
-    """40,000 small files in 8 directories, mirrored through slowfs (1 ms per metadata call)."""
+def slow_trees(fast_base):
+    """{phase: (base, mount)}: "scanning" is 3,000 directories of one file at 20 ms per
+    metadata call; "packing" is 40,000 files in 8 directories at 1 ms (0.5 ms per read)."""
     import tempfile
 
     base = tempfile.mkdtemp(prefix="cancel-", dir=fast_base)
     exe = h.build_slowfs(base)
-    src = os.path.join(base, "src")
+    wide, deep = os.path.join(base, "wide"), os.path.join(base, "files")
+    for d in range(3000):
+        h.write(wide, f"d{d:04}/f", b"x")
     for d in range(8):
-        os.makedirs(os.path.join(src, f"d{d}"))
+        os.makedirs(os.path.join(deep, f"d{d}"))
         for i in range(5000):
-            with open(os.path.join(src, f"d{d}", f"f{i:05}"), "wb") as f:
+            with open(os.path.join(deep, f"d{d}", f"f{i:05}"), "wb") as f:
                 f.write(b"%d" % i)
-    with h.slowfs(exe, src, os.path.join(base, "mnt"), meta_us=1000, read_us=500) as mnt:
-        yield base, mnt
+    with h.slowfs(exe, wide, os.path.join(base, "mnt-wide"), meta_us=20000) as m1, \
+            h.slowfs(exe, deep, os.path.join(base, "mnt-files"), meta_us=1000, read_us=500) as m2:
+        yield {b"scanning": (base, m1), b"packing": (base, m2)}
 
 
 def _signal_when(pattern: bytes, slow_tree, sig, threads: str):
@@ -55,8 +61,8 @@ def _signal_when(pattern: bytes, slow_tree, sig, threads: str):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 @pytest.mark.parametrize("phase", [b"scanning", b"packing"])
-def test_pack_on_a_slow_filesystem_stops_within_two_seconds(slow_tree, phase, sig):
-    secs, rc, out, log = _signal_when(phase, slow_tree, sig, threads="32")
+def test_pack_on_a_slow_filesystem_stops_within_two_seconds(slow_trees, phase, sig):
+    secs, rc, out, log = _signal_when(phase, slow_trees[phase], sig, threads="32")
     print(f"\n{phase.decode()} {signal.Signals(sig).name}: stopped {secs:.2f} s after the signal")
     assert rc == (143 if sig == signal.SIGTERM else 130), log
     assert secs <= 2.0, f"took {secs:.2f} s to stop\n{log}"

@@ -56,11 +56,8 @@ def sources(fast_base):
 
 @pytest.fixture
 def other():
-    """(command prefix, uid) to run as another, real user (65534)."""
-    prefix, uid = h.unprivileged()
-    if uid is None:
-        pytest.skip("needs root to run a command as another user (65534)")
-    return prefix, uid
+    """(command prefix, uid) to run plain Python as another, real user (65534)."""
+    return h.other_user()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def test_packds_torch_imports_without_torch():
         try:
             pt.StreamingLoader(None)
         except ImportError as e:
-            assert "packds[torch]" in str(e)
+            assert "pip install torch" in str(e)
         else:
             raise AssertionError("StreamingLoader without torch must raise ImportError")
         print("ok")
