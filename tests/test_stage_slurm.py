@@ -78,23 +78,29 @@ TASK = textwrap.dedent(
 )
 
 
+def _dataset(work: str, name: str, n: int, size: int, shard_size: int) -> tuple[str, str]:
+    """Packs n random samples of about ``size`` bytes into ``work/name``; returns the dataset and
+    the SHA-256 of its keys and bytes, to compare what a job read."""
+    tree = os.path.join(work, "tree")
+    for i in range(n):
+        p = os.path.join(tree, f"c{i % 4}", f"{i:04d}.bin")
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(os.urandom(size + i))
+    src = os.path.join(work, name)
+    packds.pack(tree, src, shard_size=shard_size)
+    ds = packds.open(src)
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        h.update(ds.key(i).encode() + b"\0" + ds[i])
+    return src, h.hexdigest()
+
+
 def test_four_tasks_of_one_job_stage_once_into_slurm_tmpdir():
     env = _cluster_env()
     work = tempfile.mkdtemp(prefix="packds-slurm-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     try:
-        tree = os.path.join(work, "tree")
-        for i in range(400):
-            p = os.path.join(tree, f"c{i % 4}", f"{i:04d}.bin")
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(p, "wb") as f:
-                f.write(os.urandom(20_000 + i))
-        src = os.path.join(work, "data.pds")
-        packds.pack(tree, src, shard_size=1 << 20)
-        ds = packds.open(src)
-        h = hashlib.sha256()
-        for i in range(len(ds)):
-            h.update(ds.key(i).encode() + b"\0" + ds[i])
-        want = h.hexdigest()
+        src, want = _dataset(work, "data.pds", 400, 20_000, 1 << 20)
 
         out = os.path.join(work, "out")
         os.mkdir(out)
@@ -126,7 +132,7 @@ def test_four_tasks_of_one_job_stage_once_into_slurm_tmpdir():
         assert {t["rec"]["path"] for t in tasks} == {os.path.join(tmpdir, "data.pds")}
         assert sum(t["rec"]["copied"] for t in tasks) == 1  # one copy; three waited and reused it
         assert {t["digest"] for t in tasks} == {want}
-        assert all(t["samples"] == len(ds) and t["verify"] == [] for t in tasks)
+        assert all(t["samples"] == len(packds.open(src)) and t["verify"] == [] for t in tasks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -157,19 +163,7 @@ def test_multinode_stage_recipe_from_the_readme_runs_as_written():
     work = tempfile.mkdtemp(prefix="packds-slurm-multi-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     try:
         os.chmod(work, 0o755)
-        tree = os.path.join(work, "tree")
-        for i in range(200):
-            p = os.path.join(tree, f"c{i % 4}", f"{i:04d}.bin")
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(p, "wb") as f:
-                f.write(os.urandom(5_000 + i))
-        src = os.path.join(work, "imagenet.pds")
-        packds.pack(tree, src, shard_size=256 << 10)
-        ds = packds.open(src)
-        h = hashlib.sha256()
-        for i in range(len(ds)):
-            h.update(ds.key(i).encode() + b"\0" + ds[i])
-        want = h.hexdigest()
+        src, want = _dataset(work, "imagenet.pds", 200, 5_000, 256 << 10)
         with open(os.path.join(work, "train.py"), "w") as f:
             f.write(TRAIN)
         text = open(README_PATH, encoding="utf-8").read()
