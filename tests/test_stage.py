@@ -151,9 +151,9 @@ def test_patched_statvfs_decides(small, dest, monkeypatch):
     st = sys.modules["packds.stage"]  # the module (packds.stage is the function)
 
     size = plan(small, dest, reserve=0)["bytes"]
-    monkeypatch.setattr(st, "disk_space", lambda p: (size + 10 * MiB, 100 * MiB))
+    monkeypatch.setattr(st, "disk_space", lambda p: (size + 10 * MiB, 1000 * MiB))
     r = plan(small, dest, reserve=None, memory_limit=1)
-    assert r["reserve"] == 1 << 30  # max(5% of 100 MiB, 1 GiB)
+    assert r["reserve"] == 100 * MiB  # 5 % of 1000 MiB, at least 1 GiB, at most 10 %
     assert r["policy"] == "inplace"
     r = plan(small, dest, reserve=5 * MiB, memory_limit=1)
     assert r["policy"] == "local" and r["available"] == size + 5 * MiB
@@ -362,3 +362,14 @@ def test_bad_sources_are_clear_errors(base, dest):
     assert r.returncode == 1 and "nope.pds" in r.stderr and "packds: error:" in r.stderr
     r = cli("stage", os.path.join(base, "small.pds"), "--to", os.path.join(base, "small.pds", ".."))
     assert r.returncode == 1 and "onto itself" in r.stderr
+
+
+def test_default_reserve_lets_a_small_dataset_fill_a_small_filesystem(small, tmp_path):
+    """A ~2.5 MB dataset on an 8 MiB tmpfs: the default reserve (5 %, at least 1 GiB, at most 10 %
+    of the filesystem) leaves room for it; it used to demand 1 GiB free and refuse."""
+    with h.tmpfs(str(tmp_path / "t"), "size=8M") as d:
+        r = cli("stage", small, "--to", d, "--policy", "local", "--json")
+        assert r.returncode == 0, r.stderr
+        rec = json.loads(r.stdout)
+        assert rec["path"] == os.path.join(d, "small.pds") and rec["copied"]
+        same_samples(small, rec["path"])

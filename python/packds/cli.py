@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
                    help="largest dataset auto keeps in memory (default: min(10G, half the job's memory))")
     s.add_argument("--reserve", type=parse_size, default=None, metavar="SIZE",
-                   help="space to leave free on the destination (default: max(5%% of it, 1G))")
+                   help="space to leave free on the destination (default: 5%% of it, at least 1G, at most 10%%)")
     s.add_argument("--jobs", type=int, default=4, metavar="N", help="files copied in parallel (default 4)")
     s.add_argument("--lock-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="longest wait for another stager of the same dataset (default 3600)")

@@ -104,7 +104,9 @@ def disk_space(path: str) -> tuple[int, int]:
 
 
 def reserve_default(fs_size: int) -> int:
-    return max(fs_size // 20, GiB)
+    """Room left free for the job: 5 % of the filesystem, at least 1 GiB, but never more than
+    10 % of it (a small $SLURM_TMPDIR, a 64 MiB tmpfs, keeps 90 % usable)."""
+    return min(max(fs_size // 20, GiB), fs_size // 10)
 
 
 # --------------------------------------------------------------------------------------------
