@@ -138,8 +138,12 @@ def test_size_and_get_many(ds, data):
     assert ds.get_many(list(range(len(ds)))) == data
     with pytest.raises(IndexError):
         ds.get_many([0, len(ds)])
+    # Keys are accepted too (a missing one is a KeyError); other types are not.
+    assert ds.get_many([ds.key(3)]) == [data[3]]
+    with pytest.raises(KeyError):
+        ds.get_many(["no/such/key.txt"])
     with pytest.raises(TypeError):
-        ds.get_many(["top.txt"])
+        ds.get_many([1.5])
 
 
 def test_get_many_of_empty_samples(ds, small_tree):
@@ -507,3 +511,24 @@ def test_bad_link_mode_names_the_accepted_values(small_ds_pristine, work):
     tar = os.path.join(small_ds_pristine, "shard-00000.tar")
     with pytest.raises(UsageError, match="--link.*soft.*symlink, hard"):
         packds.index_tars([tar], os.path.join(work, "i.pds"), link="soft")
+
+
+def test_slices_keys_everywhere_and_dict_like_views(ds):
+    n = len(ds)
+    keys = [ds.key(i) for i in range(n)]
+    assert ds[2:7] == [ds[i] for i in range(2, 7)]
+    assert ds[::-50] == [ds[i] for i in range(n - 1, -1, -50)]
+    assert ds[n + 5 : n + 9] == [] and ds[-3:] == [ds[n - 3], ds[n - 2], ds[n - 1]]
+    k = keys[11]
+    assert ds.size(k) == ds.size(11) and ds.raw(k) == ds.raw(11) and ds.locate(k) == ds.locate(11)
+    assert bytes(ds.view(k)) == ds[11] and ds.get_checked(k) == ds[11]
+    assert ds.get_many([3, k, keys[0]]) == [ds[3], ds[11], ds[0]]
+    with pytest.raises(KeyError):
+        ds.size("no such key")
+    with pytest.raises(KeyError):
+        ds.get_many([0, "no such key"])
+    with pytest.raises(TypeError, match="slice"):
+        ds[1.5]
+    assert list(ds.values()) == list(ds) and list(ds.keys()) == [ds.key(i) for i in range(n)]
+    assert dict(ds.items()) == {ds.key(i): ds[i] for i in range(n)}
+    assert ds.glob("*") == list(range(n))

@@ -85,7 +85,15 @@ class Keys(Sequence):
 
 
 class Dataset(_core.Reader):
-    """An opened packds dataset: ``len(ds)``, ``ds[i]`` / ``ds[key]`` → ``bytes``.
+    """An opened packds dataset: ``len(ds)``, ``ds[i]`` / ``ds[key]`` → ``bytes``, ``ds[a:b]`` →
+    a list of ``bytes``.
+
+    It is a sequence of samples that can also be looked up by key: ``iter(ds)`` and
+    ``ds.values()`` give the samples' bytes in key order, ``ds.keys()`` the keys (a lazy
+    sequence), ``ds.items()`` ``(key, bytes)`` pairs, and ``key in ds`` tests a key, as a dict
+    does. Methods that take a sample (``size``, ``view``, ``raw``, ``get_checked``,
+    ``get_many``'s items, ``locate``) take a position or a key. ``glob(pattern)`` gives the
+    positions of the keys a glob matches (``*`` also matches ``/``, as in ``--include``).
 
     Methods implemented in Rust (see ``_core.pyi``): ``key(i)``, ``key_bytes(i)``,
     ``index(key)``, ``find_key(key)``, ``size(i)``, ``get_many(indices)``, ``get_checked(i)``,
@@ -117,7 +125,16 @@ class Dataset(_core.Reader):
         """All keys, sorted byte-wise, as a lazy sequence."""
         return Keys(self)
 
-    def view(self, i: int) -> memoryview:
+    def values(self) -> Iterator[bytes]:
+        """Every sample's bytes, in key order (the same as ``iter(ds)``)."""
+        return iter(self)
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        """``(key, bytes)`` of every sample, in key order."""
+        for i in range(len(self)):
+            yield self.key(i), self[i]
+
+    def view(self, i) -> memoryview:
         """A zero-copy, read-only ``memoryview`` of sample ``i`` in the mapped shard.
 
         Built on Python's own ``mmap`` (the extension targets the stable ABI from 3.9, whose
@@ -126,6 +143,8 @@ class Dataset(_core.Reader):
         decoded, and the view is of that copy (as on a filesystem that cannot map files). With ``open(..., verify=True)`` every view is
         of a checked copy.
         """
+        if isinstance(i, (str, bytes)):
+            i = self.index(i)
         if self.verifies or self._codec(i):
             return memoryview(self[i])
         path, offset, size = self.locate(i)

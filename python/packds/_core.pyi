@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension `packds._core`."""
 
 from os import PathLike
-from typing import Any, Callable, Sequence, SupportsIndex, final
+from typing import Any, Callable, Sequence, SupportsIndex, final, overload
 
 from typing_extensions import disjoint_base
 
@@ -49,13 +49,16 @@ class Reader:
     def format_version(self) -> int:
         """Index format version: 1 (all samples raw) or 2 (codec section, compression)."""
     def __len__(self) -> int: ...
+    @overload
+    def __getitem__(self, idx: slice, /) -> list[bytes]: ...
+    @overload
     def __getitem__(self, idx: SupportsIndex | str | bytes, /) -> bytes:
-        """Sample bytes (decompressed) by position or key. A position is any integer (numpy
+        """Sample bytes (decompressed) by position or key; a slice gives a list of them. A position is any integer (numpy
         integers too; ``True`` is 1, as in a list); negative counts from the end; out of range,
         of any size, raises IndexError (so do all methods taking a position). GIL
         held for raw samples (a warm 8 KiB copy is faster than releasing and retaking it) and
         released to decode 64 KiB or more."""
-    def get_many(self, indices: Sequence[SupportsIndex]) -> list[bytes]:
+    def get_many(self, indices: Sequence[SupportsIndex | str | bytes]) -> list[bytes]:
         """Bytes of many samples in one call; GIL released while the bytes are copied and
         decoded (several threads for a large compressed batch)."""
     def read_range(self, start: SupportsIndex, stop: SupportsIndex, out: bytearray | None = None) -> tuple[bytearray, list[int]]:
@@ -71,19 +74,19 @@ class Reader:
     def key_range(self, prefix: str | bytes) -> tuple[int, int]:
         """``(start, stop)``: positions of the keys starting with ``prefix`` (one run; keys are
         sorted byte-wise). O(log n)."""
-    def get_checked(self, i: SupportsIndex) -> bytes:
+    def get_checked(self, i: SupportsIndex | str | bytes) -> bytes:
         """Sample bytes after checking their CRC32C; raises ChecksumError."""
-    def raw(self, i: SupportsIndex) -> bytes:
+    def raw(self, i: SupportsIndex | str | bytes) -> bytes:
         """The stored bytes of sample ``i`` (a zstd frame when it is stored compressed)."""
-    def stored_size(self, i: SupportsIndex) -> int: ...
+    def stored_size(self, i: SupportsIndex | str | bytes) -> int: ...
     def zstd_dict(self) -> bytes | None: ...
-    def _codec(self, i: SupportsIndex) -> int: ...
+    def _codec(self, i: SupportsIndex | str | bytes) -> int: ...
     def key(self, i: SupportsIndex) -> str: ...
     def key_bytes(self, i: SupportsIndex) -> bytes: ...
     def index(self, key: str | bytes) -> int: ...
     def find_key(self, key: str | bytes) -> int | None: ...
-    def size(self, i: SupportsIndex) -> int: ...
-    def locate(self, i: SupportsIndex) -> tuple[str, int, int]:
+    def size(self, i: SupportsIndex | str | bytes) -> int: ...
+    def locate(self, i: SupportsIndex | str | bytes) -> tuple[str, int, int]:
         """(shard path, byte offset, stored size) of sample ``i``."""
     def glob(self, pattern: str) -> list[int]: ...
     def manifest_json(self) -> str: ...

@@ -6,7 +6,7 @@ use super::errors::to_py;
 use crate::read::{OpenOptionsPds, Reader};
 use pyo3::exceptions::{PyIndexError, PyKeyError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PySlice, PyString};
 use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,6 +88,28 @@ impl PyReader {
         position_arg(i, self.inner.len())
     }
 
+    /// A sample given by position (any integer) or by key (str or bytes: KeyError when absent).
+    fn at(&self, i: &Bound<'_, PyAny>) -> PyResult<usize> {
+        if i.is_instance_of::<PyString>() || i.is_instance_of::<PyBytes>() {
+            return self.find(i)?.ok_or_else(|| PyKeyError::new_err(i.clone().unbind()));
+        }
+        self.norm(i)
+    }
+
+    /// Bytes of the samples at these positions: one list, GIL released while they are copied.
+    fn many<'py>(&self, py: Python<'py>, idx: Vec<usize>) -> PyResult<Bound<'py, PyList>> {
+        let r = &*self.inner;
+        let mut objs = Vec::with_capacity(idx.len());
+        let mut bufs = Vec::with_capacity(idx.len());
+        for &j in &idx {
+            let (obj, buf) = new_bytes(py, r.prepare(j, self.check).map_err(to_py)?)?;
+            objs.push(obj);
+            bufs.push(buf);
+        }
+        py.detach(|| r.get_many_into(&idx, &mut bufs, self.check)).map_err(to_py)?;
+        PyList::new(py, objs)
+    }
+
     fn key_of<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
         let k = self.inner.key(i).map_err(to_py)?;
         match std::str::from_utf8(k) {
@@ -144,39 +166,31 @@ impl PyReader {
         self.inner.len()
     }
 
-    /// `ds[i]` (negative counts from the end) or `ds[key]` → the sample's bytes.
-    /// The GIL is held: a warm copy is faster than releasing and retaking it.
+    /// `ds[i]` (negative counts from the end) or `ds[key]` → the sample's bytes; `ds[a:b:c]`
+    /// → a list of the bytes of those samples (read like `get_many`).
+    /// The GIL is held for one sample: a warm copy is faster than releasing and retaking it.
     /// Any integer is an index (bool too, as in a list: `ds[True]` is `ds[1]`; numpy integers);
     /// one out of range, of any size, raises IndexError. A str or bytes is a key (KeyError).
-    fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-        if idx.is_instance_of::<PyString>() || idx.is_instance_of::<PyBytes>() {
-            return match self.find(idx)? {
-                Some(i) => self.sample(py, i),
-                None => Err(PyKeyError::new_err(idx.clone().unbind())),
-            };
+    fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        if let Ok(s) = idx.cast::<PySlice>() {
+            let ind = s.indices(self.inner.len() as isize)?;
+            let idx = (0..ind.slicelength).map(|k| (ind.start + k as isize * ind.step) as usize).collect();
+            return self.many(py, idx).map(Bound::into_any);
         }
-        match self.norm(idx) {
+        match self.at(idx) {
             Err(e) if e.is_instance_of::<PyTypeError>(py) => {
-                Err(PyTypeError::new_err(format!("a sample is indexed by an integer or a key (str or bytes), not {}", idx.get_type().name()?)))
+                Err(PyTypeError::new_err(format!("a sample is indexed by an integer, a key (str or bytes) or a slice, not {}", idx.get_type().name()?)))
             }
-            j => self.sample(py, j?),
+            j => self.sample(py, j?).map(Bound::into_any),
         }
     }
 
-    /// Bytes of many samples in one call, GIL released while the bytes are copied (and
-    /// decompressed: compressed samples of a large batch are decoded by several threads).
+    /// Bytes of many samples (positions or keys) in one call, GIL released while the bytes are
+    /// copied (and decompressed: compressed samples of a large batch are decoded by several
+    /// threads).
     fn get_many<'py>(&self, py: Python<'py>, indices: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyList>> {
-        let idx = indices.iter().map(|i| self.norm(i)).collect::<PyResult<Vec<usize>>>()?;
-        let r = &*self.inner;
-        let mut objs = Vec::with_capacity(idx.len());
-        let mut bufs = Vec::with_capacity(idx.len());
-        for &j in &idx {
-            let (obj, buf) = new_bytes(py, r.prepare(j, self.check).map_err(to_py)?)?;
-            objs.push(obj);
-            bufs.push(buf);
-        }
-        py.detach(|| r.get_many_into(&idx, &mut bufs, self.check)).map_err(to_py)?;
-        PyList::new(py, objs)
+        let idx = indices.iter().map(|i| self.at(i)).collect::<PyResult<Vec<usize>>>()?;
+        self.many(py, idx)
     }
 
     /// Samples `[start, stop)` back to back in one buffer: returns `(buffer, offsets)`, sample
@@ -245,7 +259,7 @@ impl PyReader {
     /// The stored bytes of sample `i` (the zstd frame of a compressed sample; the same as
     /// `ds[i]` for one stored raw).
     fn raw<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-        let j = self.norm(i)?;
+        let j = self.at(i)?;
         let e = self.inner.entry(j).map_err(to_py)?;
         let b = PyBytes::new(py, &self.inner.stored(&e).map_err(to_py)?);
         self.inner.check_intact(e.shard).map_err(to_py)?;
@@ -254,13 +268,13 @@ impl PyReader {
 
     /// Stored size of sample `i` (equal to `size(i)` unless it is compressed).
     fn stored_size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
-        let j = self.norm(i)?;
+        let j = self.at(i)?;
         self.inner.stored_size(j).map_err(to_py)
     }
 
     /// How sample `i` is stored: 0 raw, 1 zstd, 2 zstd with the dataset's dictionary.
     fn _codec(&self, i: &Bound<'_, PyAny>) -> PyResult<u8> {
-        let j = self.norm(i)?;
+        let j = self.at(i)?;
         Ok(self.inner.entry(j).map_err(to_py)?.codec)
     }
 
@@ -277,7 +291,7 @@ impl PyReader {
 
     /// Sample `i`'s bytes after checking its CRC32C (raises ChecksumError).
     fn get_checked<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-        let j = self.norm(i)?;
+        let j = self.at(i)?;
         let b = self.inner.get_checked(j).map_err(to_py)?;
         Ok(PyBytes::new(py, &b))
     }
@@ -306,13 +320,13 @@ impl PyReader {
 
     /// Size in bytes of sample `i` (its original size: `len(ds[i])`).
     fn size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
-        let j = self.norm(i)?;
+        let j = self.at(i)?;
         self.inner.size(j).map_err(to_py)
     }
 
     /// (shard path, byte offset, stored size) of sample `i`.
     fn locate(&self, i: &Bound<'_, PyAny>) -> PyResult<(std::ffi::OsString, u64, u64)> {
-        let j = self.norm(i)?;
+        let j = self.at(i)?;
         let (p, o, n) = self.inner.locate(j).map_err(to_py)?;
         Ok((p.into_os_string(), o, n))
     }
