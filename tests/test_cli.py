@@ -424,3 +424,15 @@ def test_pack_plan_and_info_count_input_and_dataset_files(work):
     assert want in h.cli("info", out).stdout.decode()
     r = h.cli("plan", src, "-o", os.path.join(work, "plan"), "--shard-size", "64K")
     assert want in r.stderr.decode(), h.show(r)
+
+
+def test_verify_and_unpack_report_as_json(tiny_ds, work):
+    tiny_ds, _ = tiny_ds
+    r = h.cli("verify", tiny_ds, "--json")
+    assert r.returncode == 0, h.show(r)
+    rec = json.loads(r.stdout)
+    assert rec["ok"] is True and rec["problems"] == [] and rec["samples"] == len(packds.open(tiny_ds))
+    dest = os.path.join(work, "unpacked")
+    r = h.cli("unpack", tiny_ds, dest, "--json")
+    assert r.returncode == 0, h.show(r)
+    assert json.loads(r.stdout)["files"] == len(packds.open(tiny_ds))

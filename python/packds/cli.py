@@ -309,6 +309,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     ds = pds_open(a.dataset)
     r = ds.verify(threads=a.threads, deep=a.deep)
     dt = time.perf_counter() - t
+    if a.json:
+        print(json.dumps({"dataset": a.dataset, "ok": not r["problems"], "seconds": dt, **r}, default=str))
     for p in r["problems"]:
         print(f"packds: {p}", file=sys.stderr)
     if r["problems"]:
@@ -327,7 +329,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_unpack(a: argparse.Namespace) -> int:
     from . import open as pds_open
 
+    t = time.perf_counter()
     n = pds_open(a.dataset).unpack(a.dest)
+    if a.json:
+        print(json.dumps({"dataset": a.dataset, "dest": a.dest, "files": n, "seconds": time.perf_counter() - t}))
     if not a.quiet:
         print(f"packds: unpacked {n} files into {a.dest}", file=sys.stderr)
     return 0
@@ -490,12 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("--deep", action="store_true", help="also decompress every compressed sample and check it against its CRC32C")
     s.add_argument("--threads", type=int, default=4, metavar="N")
+    s.add_argument("--json", action="store_true", help="the result as JSON on stdout: {dataset, ok, samples, shards, bytes, problems, ...}")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("unpack", help="extract every sample into a directory")
     s.add_argument("dataset")
     s.add_argument("dest")
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--json", action="store_true", help="the result as JSON on stdout: {dataset, dest, files, seconds}")
     s.set_defaults(func=cmd_unpack)
 
     s = sub.add_parser(
