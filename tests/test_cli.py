@@ -436,3 +436,17 @@ def test_verify_and_unpack_report_as_json(tiny_ds, work):
     r = h.cli("unpack", tiny_ds, dest, "--json")
     assert r.returncode == 0, h.show(r)
     assert json.loads(r.stdout)["files"] == len(packds.open(tiny_ds))
+
+
+def test_json_summaries_share_one_schema(work):
+    """`--json` of pack, plan and index: skipped items are {path, reason} objects as in
+    manifest.json; pack also reports stored bytes, ratio, dataset files and rates."""
+    src = os.path.join(work, "src")
+    h.write(src, "a.txt", b"hello " * 100)
+    os.symlink("a.txt", os.path.join(src, "link"))
+    out = os.path.join(work, "o.pds")
+    s = json.loads(h.cli("pack", src, "-o", out, "--json", "-q", "--compress", "zstd").stdout)
+    assert s["skipped"] == packds.open(out).manifest["skipped"] == [{"path": os.path.join(src, "link"), "reason": s["skipped"][0]["reason"]}]
+    assert s["stored_bytes"] < s["bytes"] and s["ratio"] > 1 and s["dataset_files"] == 3 and s["files_per_s"] > 0
+    p = json.loads(h.cli("plan", src, "-o", os.path.join(work, "plan"), "--json", "-q").stdout)
+    assert p["skipped"] == s["skipped"]

@@ -61,7 +61,7 @@ def test_symlinks_skipped_by_default(linky, work):
         assert p in sk, (p, sk)
         assert "symlink" in sk[p], sk[p]
     assert len(sk) == len(links)
-    assert sorted(p for p, _ in json.loads(r.stdout)["skipped"]) == sorted(sk)
+    assert sorted(x["path"] for x in json.loads(r.stdout)["skipped"]) == sorted(sk)
 
 
 def test_skipped_symlinks_reported_on_stderr(linky, work):
@@ -245,7 +245,7 @@ def test_unreadable_file_skipped_with_on_error_skip(locked_tree):
     assert [ds.key(i) for i in range(len(ds))] == ["a.txt", "sub/b.txt"]
     sk = skipped_paths(ds.manifest)
     assert secret in sk and "ermission" in sk[secret], sk
-    assert [p for p, _ in json.loads(r.stdout)["skipped"]] == [secret]
+    assert [x["path"] for x in json.loads(r.stdout)["skipped"]] == [secret]
     assert ds.manifest["options"]["on_error"] == "skip"
 
 

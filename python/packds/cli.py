@@ -132,7 +132,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
     finally:
         close()
     if a.json:
-        print(json.dumps(s, default=str))
+        print(json.dumps(_json_summary(s, dataset=s["output"]), default=str))
     for path, reason in s["skipped"][:20] if not a.quiet else []:
         print(f"packds: skipped {path}: {reason}", file=sys.stderr)
     if len(s["skipped"]) > 20 and not a.quiet:
@@ -150,6 +150,22 @@ def cmd_pack(a: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def _json_summary(s: dict, dataset=None) -> dict:
+    """A summary as ``--json`` prints it: skipped items are ``{path, reason}`` objects, as in
+    ``manifest.json``; for a written dataset also the stored bytes, the ratio and the rates."""
+    out = dict(s)
+    out["skipped"] = [{"path": p, "reason": r} for p, r in s.get("skipped", [])]
+    if dataset is not None:
+        from . import open as pds_open
+
+        m = pds_open(dataset).manifest
+        stored = (m.get("compression") or {}).get("stored_bytes", m["total_bytes"])
+        secs = max(s.get("seconds", 0.0), 1e-9)
+        out.update(stored_bytes=stored, ratio=m["total_bytes"] / stored if stored else 1.0, dataset_files=len(m["shards"]) + 2,
+                   files_per_s=s["files"] / secs, mb_per_s=s["bytes"] / secs / 1e6)
+    return out
 
 
 def _file_count(inputs: int, shards: int) -> str:
@@ -171,7 +187,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if a.json:
-        print(json.dumps(s, default=str))
+        print(json.dumps(_json_summary(s), default=str))
     if not a.quiet:
         print(
             f"packds: planned {s['files']:,} files, {human(s['bytes'])} in {s['shards']} shard(s) in {time.perf_counter() - t:.2f} s, "
@@ -207,7 +223,7 @@ def cmd_index(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_term)
     s = index_tars(a.tars, a.output, group_by_basename=a.group_by_basename, force=a.force, link=a.link)
     if a.json:
-        print(json.dumps(s, default=str))
+        print(json.dumps(_json_summary(s), default=str))
     if not a.quiet:
         for path, reason in s["skipped"][:20]:
             print(f"packds: skipped {path}: {reason}", file=sys.stderr)
