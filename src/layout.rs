@@ -772,7 +772,7 @@ pub fn verify_file_copy(src: &Path, dest: &Path) -> Result<()> {
 }
 
 /// A name for the staged copy of `source` (its canonical path) when `name` is taken by another
-/// source or by another user: `NAME-XXXXXXXX.EXT` (8 hex digits of the XXH3-64 of the source
+/// source or by another user: `NAME-<8 hex digits>.EXT` (8 hex digits of the XXH3-64 of the source
 /// path, before the last extension), e.g. `train.pds` -> `train-1a2b3c4d.pds`.
 pub fn disambiguated_name(name: &str, source: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;

@@ -21,7 +21,7 @@ writable by nobody else, not a symlink) and was copied from the same source; in 
 other users may change (writable by them and not sticky) it is re-verified byte for byte
 first. Anything another user owns is never reused, replaced or removed; a ``NAME`` that is not
 ours, or that holds a copy of another source with the same basename, makes us stage to
-``NAME-XXXXXXXX`` (8 hex digits of the hash of the source path, before the extension) instead,
+``NAME-<8 hex digits>`` (8 hex digits of the hash of the source path, before the extension) instead,
 and say so on stderr.
 """
 
@@ -782,7 +782,7 @@ def stage(
     and return the same path. In a directory other users can write, only a copy that is provably
     ours is reused (re-verified byte for byte where others could have changed it); a name taken
     by another user or by another source with the same basename makes the copy
-    ``to/NAME-XXXXXXXX.EXT`` (8 hex digits of the hash of the source path), said on stderr: use
+    ``to/NAME-<8 hex digits>.EXT`` (8 hex digits of the hash of the source path), said on stderr: use
     the returned path. Raises
     :class:`NoSpaceError`, :class:`ChecksumError` (a damaged source; nothing is left behind),
     :class:`UsageError`.

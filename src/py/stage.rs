@@ -195,7 +195,7 @@ pub fn verify_copy(py: Python<'_>, src: Option<PathBuf>, dest: PathBuf, file: bo
 }
 
 /// The name for `source`'s staged copy when `name` is taken by another source or user:
-/// `NAME-XXXXXXXX.EXT` (8 hex digits of the hash of the source path).
+/// `NAME-<8 hex digits>.EXT` (8 hex digits of the hash of the source path).
 #[pyfunction]
 pub fn disambiguated_name(name: &str, source: PathBuf) -> String {
     layout::disambiguated_name(name, &source)
