@@ -468,38 +468,52 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
 }
 
 /// Writes to `out` (atomically) one index of `parts` whose keys are in no particular order
-/// across parts (a dataset written sample by sample): entries sorted by key, each pointing at
-/// its data wherever it lies ([`FLAG_UNORDERED`]); `coded`: with a codec section (no
-/// dictionary). Keys must be unique. Memory is O(samples).
+/// across parts (a dataset written sample by sample): see [`write_unordered`]. Part `p`'s
+/// shards follow those of the parts before it.
 pub fn merge_unordered(parts: &[Index], out: &Path, coded: bool) -> Result<ConcatSummary> {
     let mut all: Vec<(&[u8], Entry)> = Vec::new();
-    let mut base = 0u32;
-    let mut b = if coded { IndexBuilder::new_coded(&[]) } else { IndexBuilder::new() };
-    b.unordered = true;
+    let mut shards = Vec::new();
     for p in parts {
+        let base = shards.len() as u32;
         for i in 0..p.len() {
             let mut e = p.entry(i)?;
             e.shard += base;
             all.push((p.key(i)?, e));
         }
-        for sh in p.shards() {
-            b.push_shard(sh.clone());
-        }
-        base += p.shards().len() as u32;
+        shards.extend(p.shards().iter().cloned());
     }
     all.sort_unstable_by(|a, b| a.0.cmp(b.0));
     if let Some(w) = all.windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(Error::usage(format!("duplicate sample key {:?}", String::from_utf8_lossy(w[0].0)), "every key is written once"));
     }
-    let mut stored = 0u64;
-    for (k, e) in &all {
+    write_unordered(all.into_iter(), shards, coded.then_some(&[][..]), out)
+}
+
+/// Writes to `out` (atomically) the index of `entries` (sorted by key, unique) over `shards`,
+/// with [`FLAG_UNORDERED`]: the data need not follow key order. `dict`: a codec section with
+/// that dictionary (possibly empty); None: every sample must be stored raw.
+pub fn write_unordered<'k>(entries: impl Iterator<Item = (&'k [u8], Entry)>, shards: Vec<ShardInfo>, dict: Option<&[u8]>, out: &Path) -> Result<ConcatSummary> {
+    let mut b = match dict {
+        Some(d) => IndexBuilder::new_coded(d),
+        None => IndexBuilder::new(),
+    };
+    b.unordered = true;
+    let (mut n, mut stored) = (0u64, 0u64);
+    for (k, e) in entries {
+        if dict.is_none() && e.codec != codec::RAW {
+            return Err(Error::format(out, format!("sample {:?} is compressed but the index has no codec section", String::from_utf8_lossy(k))));
+        }
         b.push_coded(k, e.shard, e.offset, e.size, e.raw, e.codec, e.crc);
+        n += 1;
         stored += e.size;
+    }
+    for sh in shards {
+        b.push_shard(sh);
     }
     b.write_atomic(out)?;
     let bytes = std::fs::read(out).ctx("read", out)?;
     Ok(ConcatSummary {
-        samples: all.len() as u64,
+        samples: n,
         total_bytes: b.total_bytes(),
         stored_bytes: stored,
         file_size: bytes.len() as u64,

@@ -16,11 +16,13 @@
 //! - [`sigbus`]  a SIGBUS guard for shards truncated under a reader's mappings
 //! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
 //! - [`tarindex`] `packds index`: an index over existing tar files (WebDataset shards), in place
+//! - [`compose`] `packds concat` and `packds subset`: datasets made of other datasets' shards
 //! - [`pool`]    scoped worker threads (no pool outlives a call)
 //! - `fault`     test-only fault injection (`PACKDS_FAULT`; feature `fault-injection`)
 //! - `py`        the only code that names pyo3 (feature `python`)
 
 pub mod codec;
+pub mod compose;
 pub mod error;
 pub(crate) mod fault;
 pub mod fsx;

@@ -42,6 +42,8 @@ __all__ = [
     "Skipped",
     "Writer",
     "build",
+    "concat",
+    "subset",
     "PackdsError",
     "FormatError",
     "ChecksumError",
@@ -378,6 +380,30 @@ def index_tars(tars, output, *, group_by_basename: bool = False, force: bool = F
 
 
 from .writer import Writer, build  # noqa: E402  (after the names it uses)
+
+
+def concat(datasets, output, *, prefixes=None, link: str = "symlink", force: bool = False) -> dict:
+    """One dataset ``output`` made of ``datasets``, no data copied: it links to their shards
+    (``link="symlink"``, the default, or ``"hard"``, or ``"copy"``: checked copies) and has an
+    index of all their samples. ``prefixes`` (one per dataset, e.g. ``["a/", "b/"]``) make
+    colliding keys unique; a key in two datasets is otherwise refused, naming both. Returns
+    {output, samples, bytes, shards, shards_left_out, seconds}."""
+    srcs = [os.fsdecode(d) for d in ([datasets] if isinstance(datasets, (str, bytes, os.PathLike)) else datasets)]
+    return _core.concat(srcs, os.fsdecode(output), prefixes=list(prefixes or []), link=link, force=force)
+
+
+def subset(dataset, output, *, include=(), exclude=(), keys=None, fraction: float | None = None, seed: int = 0, complement: bool = False,
+           link: str = "symlink", force: bool = False) -> dict:
+    """The dataset ``output`` of the samples of ``dataset`` that a selection picks, no data
+    copied: it links to the shards that hold them (so ``stage`` copies only those) and opens
+    in O(1) like any dataset. Selection: ``include`` / ``exclude`` globs (as for ``pack``),
+    ``keys`` (an iterable of keys; each must exist), ``fraction`` (about that share of the
+    samples, chosen by a hash of each key and ``seed``). ``complement=True`` with the same
+    options picks exactly the other samples: a train/validation split that is disjoint and
+    whole. Returns {output, samples, bytes, shards, shards_left_out, seconds}."""
+    key_list = None if keys is None else [os.fsencode(k) for k in keys]
+    return _core.subset(os.fsdecode(dataset), os.fsdecode(output), include=list(include), exclude=list(exclude), keys=key_list, fraction=fraction,
+                        seed=seed, complement=complement, link=link, force=force)
 
 #: Default ``--zstd-dict`` size (zstd's own default).
 DEFAULT_ZSTD_DICT_SIZE = 112 << 10

@@ -9,6 +9,8 @@ from typing_extensions import disjoint_base
 _Progress = Callable[[int, int, int, int, int], object]
 
 __all__ = [
+    "concat",
+    "subset",
     "merge",
     "pack",
     "plan",
@@ -165,6 +167,20 @@ class Writer:
     @property
     def path(self) -> str: ...
 
+def concat(sources: list[str], output: str, *, prefixes: list[str] = ..., link: str = "symlink", force: bool = False) -> dict[str, Any]: ...
+def subset(
+    source: str,
+    output: str,
+    *,
+    include: list[str] = ...,
+    exclude: list[str] = ...,
+    keys: list[bytes] | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    complement: bool = False,
+    link: str = "symlink",
+    force: bool = False,
+) -> dict[str, Any]: ...
 def merge(output: str, *, verify: bool = False, progress: _Progress | None = None) -> dict[str, Any]: ...
 def index_tars(
     tars: list[str],

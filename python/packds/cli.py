@@ -273,6 +273,39 @@ def cmd_index(a: argparse.Namespace) -> int:
     return 0
 
 
+def _composed(a: argparse.Namespace, s: dict, what: str) -> int:
+    if a.json:
+        print(json.dumps(s, default=str))
+    if not a.quiet:
+        left = f", {s['shards_left_out']} source shard(s) not needed" if s["shards_left_out"] else ""
+        print(f"packds: {what} {s['samples']:,} samples, {human(s['bytes'])} in {s['shards']} shard(s){left}, no data copied"
+              + (" (copies)" if a.link == "copy" else f" ({a.link}s to the source shards)") + f" -> {a.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_concat(a: argparse.Namespace) -> int:
+    from . import concat
+
+    prefixes = a.prefix
+    if a.prefix_with_name:
+        prefixes = [os.path.basename(os.path.normpath(d)).removesuffix(".pds") + "/" for d in a.datasets]
+    s = concat(a.datasets, a.output, prefixes=prefixes, link=a.link, force=a.force)
+    return _composed(a, s, "concatenated")
+
+
+def cmd_subset(a: argparse.Namespace) -> int:
+    from . import subset
+
+    keys = None
+    if a.keys:
+        with open(a.keys, "rb") as f:
+            raw = f.read()
+        keys = [k for k in raw.split(b"\0" if b"\0" in raw else b"\n") if k]
+    s = subset(a.dataset, a.output, include=a.include, exclude=a.exclude, keys=keys, fraction=a.fraction, seed=a.seed,
+               complement=a.complement, link=a.link, force=a.force)
+    return _composed(a, s, "selected")
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from . import open as pds_open
 
@@ -536,6 +569,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
                    help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("concat", help="one dataset made of several (links to their shards, no data copied)",
+                       description="Make DATASET of the datasets A B ...: it links to their shards and indexes all their samples. "
+                       "A key in two datasets is refused unless --prefix makes them unique.")
+    s.add_argument("datasets", nargs="+", metavar="A")
+    s.add_argument("-o", "--output", required=True, metavar="DATASET")
+    s.add_argument("--prefix", action="append", default=[], metavar="PREFIX",
+                   help="prepend PREFIX to the keys of a dataset: once per dataset, in order ('' for none), e.g. --prefix a/ --prefix b/")
+    s.add_argument("--prefix-with-name", action="store_true", help="prefix each dataset's keys with its directory name and '/'")
+    s.add_argument("--link", choices=["symlink", "hard", "copy"], default="symlink",
+                   help="how DATASET refers to the shards: symlink (default), hard (same filesystem), copy (checked copies)")
+    s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_concat)
+
+    s = sub.add_parser("subset", help="a dataset of some of another's samples (train/val split; links, no data copied)",
+                       description="Make SUB of the samples of DATASET that the options pick; SUB links to the shards that hold "
+                       "them, so staging SUB copies only those. --complement with the same options picks exactly the others.")
+    s.add_argument("dataset")
+    s.add_argument("-o", "--output", required=True, metavar="SUB")
+    s.add_argument("--include", action="append", default=[], metavar="GLOB", help="only keys matching GLOB (repeatable)")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out keys matching GLOB (repeatable)")
+    s.add_argument("--keys", metavar="FILE", help="only the keys listed in FILE (one per line, or NUL-separated as `packds ls -0` writes)")
+    s.add_argument("--fraction", type=float, metavar="F", help="about F (0 to 1) of the samples, picked by a hash of the key and --seed")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="seed of --fraction (default 0)")
+    s.add_argument("--complement", action="store_true", help="the samples the other options do not pick (the other side of a split)")
+    s.add_argument("--link", choices=["symlink", "hard", "copy"], default="symlink")
+    s.add_argument("--force", action="store_true", help="replace an existing dataset at SUB")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_subset)
 
     s = sub.add_parser("info", help="describe a dataset")
     s.add_argument("dataset")

@@ -4,6 +4,7 @@
 
 use super::errors::to_py;
 use crate::codec::Compress;
+use crate::compose::Refer;
 use crate::pack::ShardFormat;
 use crate::tarindex::Link;
 use crate::walk::OnError;
@@ -25,4 +26,4 @@ macro_rules! option_from_str {
     )*};
 }
 
-option_from_str!(OnError, ShardFormat, Compress, Link);
+option_from_str!(OnError, ShardFormat, Compress, Link, Refer);

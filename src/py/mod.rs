@@ -3,6 +3,7 @@
 //! released where the work is more than a copy, and maps errors to the exceptions defined in
 //! `python/packds/errors.py`.
 
+mod compose;
 mod convert;
 mod errors;
 mod pack;
@@ -17,6 +18,8 @@ pub use reader::PyReader;
 
 #[pymodule(name = "_core")]
 mod core_module {
+    #[pymodule_export]
+    use super::compose::{concat, subset};
     #[pymodule_export]
     use super::pack::{merge, pack, plan};
     #[pymodule_export]
