@@ -10,6 +10,8 @@
 //! - `kill-in-merge:N`: `merge` is killed right after moving its N-th shard;
 //! - `stage-kill-after-bytes:N`: staging is killed once N bytes were copied;
 //! - `stage-slow-ms:N`: staging sleeps N ms after each buffer (to signal a copy mid-way);
+//! - `kill-in-append:N`: `pack --append` is killed after its work pack (1), after moving its
+//!   first new shard into the dataset (2), or after writing the new index (3);
 //! - `step-slow-ms:N`: every step of verify, unpack, merge and index (each read, file or shard,
 //!   where they check for cancellation) takes N ms longer: to watch their progress lines and
 //!   to cancel them mid-way.
@@ -35,6 +37,7 @@ mod on {
         pub stage_kill_after_bytes: Option<u64>,
         pub stage_slow_ms: Option<u64>,
         pub step_slow_ms: Option<u64>,
+        pub kill_in_append: Option<u64>,
     }
 
     pub(super) fn parse(v: &str) -> Faults {
@@ -50,6 +53,7 @@ mod on {
                 "stage-kill-after-bytes" => f.stage_kill_after_bytes = n,
                 "stage-slow-ms" => f.stage_slow_ms = n,
                 "step-slow-ms" => f.step_slow_ms = n,
+                "kill-in-append" => f.kill_in_append = n,
                 _ => {}
             }
         }
@@ -119,6 +123,15 @@ pub fn slow_read() {
     if let Some(us) = on::get().pack_slow_us {
         std::thread::sleep(std::time::Duration::from_micros(us));
     }
+}
+
+/// `pack --append` reached commit step `n` (see the module docs).
+#[inline(always)]
+pub fn kill_in_append(n: u64) {
+    #[cfg(feature = "fault-injection")]
+    on::kill_at(on::get().kill_in_append, n);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = n;
 }
 
 /// A step of verify, unpack, merge or index (where it checks for cancellation).

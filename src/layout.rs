@@ -146,11 +146,32 @@ fn is_tmp_name(name: &str) -> bool {
     name.len() > ".tmp".len() && name.starts_with('.') && name.ends_with(".tmp")
 }
 
+/// The index file of version `version` of a dataset: [`INDEX_FILE`] as packed, then
+/// `index-NNNNNN.pdsi` for each `pack --append` (a new name each time, so that the manifest,
+/// written last, switches from one complete version to the next).
+pub fn index_file_name(version: u64) -> String {
+    if version <= 1 {
+        INDEX_FILE.to_string()
+    } else {
+        format!("index-{version:06}.pdsi")
+    }
+}
+
+/// The version of an index file name ([`index_file_name`]), or None.
+pub fn parse_index_name(name: &str) -> Option<u64> {
+    if name == INDEX_FILE {
+        return Some(1);
+    }
+    let digits = name.strip_prefix("index-")?.strip_suffix(".pdsi")?;
+    let v: u64 = digits.parse().ok().filter(|_| digits.len() >= 6 && digits.bytes().all(|b| b.is_ascii_digit()))?;
+    (v >= 2 && index_file_name(v) == name).then_some(v)
+}
+
 /// Is `name` (an entry of a dataset directory) something packds writes there? Part
 /// directories count by name; [`only_owned`] also looks inside them.
 pub fn is_owned(name: &str) -> bool {
     name == MANIFEST_FILE
-        || name == INDEX_FILE
+        || parse_index_name(name).is_some()
         || name == STATE_DIR
         || name == PART_FILE
         || parse_shard_name(name).is_some()
@@ -185,11 +206,11 @@ pub fn valid_shard_file_name(name: &str) -> bool {
     is_plain_file_name(name) && parse_shard_name(name).is_some()
 }
 
-/// Checks every file name `m` lists: the index is [`INDEX_FILE`], every shard a
-/// [`valid_shard_file_name`]. Everything that opens a file a manifest names relies on this.
+/// Checks every file name `m` lists: the index is its version's ([`index_file_name`]), every
+/// shard a [`valid_shard_file_name`]. Everything that opens a file a manifest names relies on this.
 pub fn check_manifest_names(m: &Manifest, manifest_path: &Path) -> Result<()> {
     let bad = |n: &str| Error::format(manifest_path, format!("bad file name {n:?} in {MANIFEST_FILE}"));
-    if m.index.file != INDEX_FILE {
+    if m.index.file != index_file_name(m.version) {
         return Err(bad(&m.index.file));
     }
     match m.shards.iter().find(|s| !valid_shard_file_name(&s.file)) {

@@ -10,6 +10,7 @@
 //! - [`layout`]  the dataset directory contract: file names, owned files, output preflight, staging checks
 //! - [`manifest`] the human-readable `manifest.json`: its one constructor, loading and checks
 //! - [`pack`]    the pipeline: walk → parallel read + checksum → shard writer → index; resume
+//! - [`append`]  `pack --append`: new shards, a new index version, the manifest switched last
 //! - [`job`]     a long operation on its own thread: progress, cancel (pack, plan, index)
 //! - [`plan`]    partitioned packing (job arrays): plan, pack --part I/N, merge
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
@@ -21,6 +22,7 @@
 //! - `fault`     test-only fault injection (`PACKDS_FAULT`; feature `fault-injection`)
 //! - `py`        the only code that names pyo3 (feature `python`)
 
+pub mod append;
 pub mod codec;
 pub mod compose;
 pub mod error;

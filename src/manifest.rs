@@ -47,6 +47,20 @@ pub struct Manifest {
     /// Present when the dataset was packed with `--compress` (format version 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<CompressionRecord>,
+    /// The dataset's version: 1 as packed, one more at each `pack --append` (absent: 1).
+    #[serde(default = "first_version", skip_serializing_if = "is_first_version")]
+    pub version: u64,
+    /// What each `pack --append` added, oldest first (absent: nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<serde_json::Value>,
+}
+
+fn first_version() -> u64 {
+    1
+}
+
+fn is_first_version(v: &u64) -> bool {
+    *v == 1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -103,7 +117,18 @@ impl Manifest {
             shards,
             skipped: Vec::new(),
             compression: None,
+            version: 1,
+            history: Vec::new(),
         }
+    }
+
+    /// Version `version` of a dataset, with its index in `index_file` (see
+    /// [`crate::layout::index_file_name`]) and the record of what each append added.
+    pub fn with_version(mut self, version: u64, history: Vec<serde_json::Value>) -> Manifest {
+        self.version = version;
+        self.index.file = crate::layout::index_file_name(version);
+        self.history = history;
+        self
     }
 
     /// The files left out, as given.

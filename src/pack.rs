@@ -382,7 +382,13 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
 
 /// The walk's options: filters, threads, and the output directory pruned from the walk.
 fn walk_options(opts: &PackOptions) -> Result<WalkOptions> {
-    let out_md = fs::metadata(&opts.output).ctx("stat", &opts.output)?;
+    walk_options_pruning(opts, &opts.output)
+}
+
+/// The walk's options for `opts`, leaving out the directory `prune` (the output: a dataset
+/// inside a source tree is not packed into itself).
+pub(crate) fn walk_options_pruning(opts: &PackOptions, prune: &Path) -> Result<WalkOptions> {
+    let out_md = fs::metadata(prune).ctx("stat", prune)?;
     Ok(WalkOptions {
         follow_symlinks: opts.follow_symlinks,
         include: globset(&opts.include, "include")?,

@@ -157,7 +157,7 @@ pub fn make_plan(opts: &PackOptions, progress: &Progress, prune: Option<&Path>) 
 /// Planned length of every file, from `stat` (parallel: on a network filesystem each stat is a
 /// round-trip). A file that cannot be stat'ed fails the plan, or counts as empty with
 /// `--on-error skip` (the pack then skips it).
-fn stat_all(files: &FileList, roots: &[SourceRoot], opts: &PackOptions, threads: usize, progress: &Progress) -> Result<Vec<u64>> {
+pub(crate) fn stat_all(files: &FileList, roots: &[SourceRoot], opts: &PackOptions, threads: usize, progress: &Progress) -> Result<Vec<u64>> {
     const CHUNK: usize = 256;
     let n = files.len();
     let next = AtomicUsize::new(0);

@@ -5,7 +5,7 @@ use crate::codec::{self, DecodeError, Decoder};
 use crate::error::{Error, IoContext, Result};
 use crate::index::{Entry, Index, ShardInfo};
 use crate::job::Progress;
-use crate::manifest::{self, hex128, Manifest};
+use crate::manifest::{hex128, Manifest};
 use crate::tar;
 use memmap2::{Mmap, MmapOptions};
 use std::borrow::Cow;
@@ -88,7 +88,8 @@ impl Reader {
             return Err(Error::format_hint(dir, "not a packds dataset (a dataset is a directory)", "give the directory written by `packds pack -o DATASET`"));
         }
         let manifest = Manifest::load(dir)?;
-        let ipath = dir.join(manifest::INDEX_FILE);
+        // The manifest's index file (its name checked by Manifest::load).
+        let ipath = dir.join(&manifest.index.file);
         let index = Index::open(&ipath)?;
         let isize = fs::metadata(&ipath).ctx("stat", &ipath)?.len();
         if isize != manifest.index.size
@@ -96,7 +97,7 @@ impl Reader {
             || index.shards().len() != manifest.shards.len()
             || index.version() != manifest.format_version
         {
-            return Err(Error::format(dir, "manifest.json and index.pdsi disagree (index replaced or damaged)"));
+            return Err(Error::format(dir, format!("manifest.json and {} disagree (index replaced or damaged)", manifest.index.file)));
         }
         let mut maps = Vec::with_capacity(index.shards().len());
         for (s, rec) in index.shards().iter().zip(&manifest.shards) {
@@ -573,7 +574,7 @@ impl Reader {
             rep.problems.push(e.to_string());
             return Ok(rep);
         }
-        let ipath = self.dir.join(manifest::INDEX_FILE);
+        let ipath = self.dir.join(&self.manifest.index.file);
         let ibytes = fs::read(&ipath).ctx("read", &ipath)?;
         if hex128(xxhash_rust::xxh3::xxh3_128(&ibytes)) != self.manifest.index.xxh3_128 {
             rep.problems.push(format!("{}: checksum does not match manifest.json", ipath.display()));

@@ -122,6 +122,8 @@ def pack(
     h5_writer: Callable[..., int] | None = None,
     part: tuple[int, int | None] | None = None,
     plan: str | None = None,
+    append: bool = False,
+    replace: bool = False,
 ) -> dict[str, Any]: ...
 def plan(
     sources: list[str],

@@ -151,8 +151,15 @@ def cmd_pack(a: argparse.Namespace) -> int:
         options["part"] = a.part
     if a.plan is not None:
         options["plan"] = a.plan
+    if a.append:
+        options["append"] = True
+        options["replace"] = a.replace
+    elif a.replace:
+        raise KeyErrorWithHint("--replace goes with --append", "packds pack SRC -o DATASET --append --replace")
 
     def kept(log: _Log) -> str | None:
+        if a.append:
+            return f"{a.output} is as it was; rerun the same command to finish the append (it continues)"
         if a.part is None and os.path.isdir(a.output):
             return f"the completed shards in {a.output} are kept: rerun the same command with --resume to finish"
         if a.part is not None:
@@ -167,6 +174,10 @@ def cmd_pack(a: argparse.Namespace) -> int:
         print(f"packds: skipped {path}: {reason}", file=sys.stderr)
     if len(s["skipped"]) > 20 and not a.quiet:
         print(f"packds: ... and {len(s['skipped']) - 20} more skipped (listed in manifest.json)", file=sys.stderr)
+    if not a.quiet and a.append:
+        print(f"packds: appended {s['added']:,} new file(s), {s['replaced']:,} replaced ({s['unchanged']:,} unchanged), {human(s['bytes'])} "
+              f"in {s['shards']} new shard(s) in {s['seconds']:.2f} s -> {a.output} (version {s['version']}, {s['samples']:,} samples)", file=sys.stderr)
+        return 0
     if not a.quiet:
         if s["already_complete"]:
             print(f"packds: {a.output} is already complete ({s['files']} files); nothing to do", file=sys.stderr)
@@ -500,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="unreadable or changing files: fail (default) or skip and list them")
     s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
     s.add_argument("--resume", action="store_true", help="finish an interrupted pack, keeping its completed shards")
+    s.add_argument("--append", action="store_true",
+                   help="add the files whose keys DATASET lacks as new shards (existing shards are never rewritten; readers keep "
+                   "the version they opened; a crash leaves the previous version)")
+    s.add_argument("--replace", action="store_true",
+                   help="with --append: files whose bytes differ from the stored sample supersede it (its old bytes stay, unreferenced)")
     s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
                    help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.add_argument("--format", choices=["tar", "h5"], default="tar", help="shard format: tar (default; GNU tar and Python's tarfile read it) or h5 (HDF5; plain h5py reads it)")

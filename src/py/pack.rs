@@ -84,9 +84,10 @@ pub(crate) fn h5_writer(w: Bound<'_, PyAny>) -> core_pack::H5Writer {
 #[pyfunction]
 #[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=0, follow_symlinks=false,
     include=vec![], exclude=vec![], on_error=OnError::Fail, force=false, resume=false, options_json=None, progress=None,
-    compress=Compress::None, zstd_dict=0, format=ShardFormat::Tar, h5_writer=None, part=None, plan=None),
+    compress=Compress::None, zstd_dict=0, format=ShardFormat::Tar, h5_writer=None, part=None, plan=None, append=false, replace=false),
     text_signature = "(sources, output, *, shard_size=..., threads=0, follow_symlinks=False, include=..., exclude=..., on_error='fail', \
-    force=False, resume=False, options_json=None, progress=None, compress='none', zstd_dict=0, format='tar', h5_writer=None, part=None, plan=None)")]
+    force=False, resume=False, options_json=None, progress=None, compress='none', zstd_dict=0, format='tar', h5_writer=None, part=None, plan=None, \
+    append=False, replace=False)")]
 #[allow(clippy::too_many_arguments)]
 pub fn pack<'py>(
     py: Python<'py>,
@@ -108,6 +109,8 @@ pub fn pack<'py>(
     h5_writer: Option<Bound<'py, PyAny>>,
     part: Option<(u32, Option<u32>)>,
     plan: Option<PathBuf>,
+    append: bool,
+    replace: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut opts = options(sources, output, shard_size, threads, follow_symlinks, include, exclude, on_error, compress, zstd_dict, format);
     opts.force = force;
@@ -119,6 +122,12 @@ pub fn pack<'py>(
         Some(s) => serde_json::from_str(&s).map_err(|e| PyValueError::new_err(format!("options_json: {e}")))?,
         None => serde_json::Value::Null,
     };
+    if append {
+        return appended(py, run_cancellable(py, progress.as_ref(), move |st| crate::append::append(&opts, replace, st))?);
+    }
+    if replace {
+        return Err(PyValueError::new_err("replace=True goes with append=True"));
+    }
     let s = run_cancellable(py, progress.as_ref(), move |st| core_pack::pack(&opts, st))?;
     let d = PyDict::new(py);
     d.set_item("output", s.output)?;
@@ -129,6 +138,26 @@ pub fn pack<'py>(
     d.set_item("seconds", s.seconds)?;
     d.set_item("already_complete", s.already_complete)?;
     d.set_item("skipped", skipped_list(py, &s.skipped)?)?;
+    Ok(d)
+}
+
+/// The summary of `pack(..., append=True)`: the keys of a pack's summary (files and bytes
+/// packed, shards new) plus version, added, replaced, unchanged, samples.
+fn appended(py: Python<'_>, s: crate::append::AppendSummary) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("output", s.output)?;
+    d.set_item("files", s.added + s.replaced)?;
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("shards", s.new_shards)?;
+    d.set_item("resumed_shards", 0)?;
+    d.set_item("seconds", s.seconds)?;
+    d.set_item("already_complete", false)?;
+    d.set_item("skipped", skipped_list(py, &s.skipped)?)?;
+    d.set_item("version", s.version)?;
+    d.set_item("added", s.added)?;
+    d.set_item("replaced", s.replaced)?;
+    d.set_item("unchanged", s.unchanged)?;
+    d.set_item("samples", s.samples)?;
     Ok(d)
 }
 
