@@ -235,8 +235,13 @@ def pack(sources, output, **options) -> dict:
     ``include``, ``exclude``, ``on_error`` ("fail" | "skip"), ``force``, ``resume``,
     ``format`` ("tar" | "h5"), ``compress`` ("none" | "zstd" | "zstd:LEVEL" | "auto" |
     "auto:LEVEL"), ``zstd_dict`` (dictionary size in bytes, or True for 112 KiB),
-    ``progress`` (a callable ``(phase, files_done, files_total, bytes_done)``).
-    Returns a summary dict (files, bytes, shards, seconds, skipped, ...).
+    ``progress`` (a callable ``(phase, files_done, files_total, bytes_done)``),
+    ``remove_source`` (remove each packed file once its shard is on disk and read back, then the
+    directories left empty; never a source root) and ``dry_run`` (with ``remove_source``: pack
+    nothing, list the files that would be removed).
+    Returns a summary dict (files, bytes, shards, seconds, skipped, ...); ``removed`` is None
+    without ``remove_source``, else ``{files, directories, already_gone, left: [(path, reason)],
+    dry_run}`` (and ``would_remove``, a list of paths, for a dry run).
     """
     srcs = _sources(sources)
     part = options.get("part")
@@ -250,7 +255,8 @@ def pack(sources, output, **options) -> dict:
     from ._h5 import write_shard
 
     options.setdefault("h5_writer", write_shard)
-    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer")}
+    # What shapes the dataset only: removing the sources (or not) leaves the same dataset.
+    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer", "remove_source", "dry_run")}
     options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
     return _core.pack(srcs, os.fsdecode(output), **options)
 

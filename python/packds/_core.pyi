@@ -113,6 +113,8 @@ def pack(
     h5_writer: Callable[..., int] | None = None,
     part: tuple[int, int | None] | None = None,
     plan: str | None = None,
+    remove_source: bool = False,
+    dry_run: bool = False,
 ) -> dict[str, Any]: ...
 def plan(
     sources: list[str],
