@@ -61,8 +61,13 @@ def tree(work):
 
 def test_sources_removed_dataset_round_trips_empty_dirs_go_but_not_src(tree, work):
     src, want = tree
+    ref = os.path.join(work, "ref.pds")
+    h.pack(src, ref, threads=3)
     out = os.path.join(work, "out.pds")
     s = h.pack(src, out, remove_source=True, threads=3)
+    # The same dataset as a pack that keeps the sources, byte for byte (manifest options too).
+    h.assert_same_dataset_bytes(ref, out)
+    assert h.manifest(ref)["options"] == h.manifest(out)["options"]
     assert s["removed"] == {"files": len(want), "directories": 9, "already_gone": 0, "left": [], "dry_run": False}
     assert_dataset_holds(out, want)
     # SRC stays; every directory that held packed files is gone; the one empty before stays.
@@ -340,3 +345,42 @@ def test_job_array_parts_remove_their_own_files_and_need_a_plan(tree, work):
     assert r.returncode == 0, h.show(r)
     assert_dataset_holds(out, want)
     assert sorted(os.listdir(src)) == ["was-empty"]
+
+
+def test_hard_links_and_compressed_members_with_a_dictionary(work):
+    """Two names of one inode: removing the first moves the ctime of the second, which is not
+    a change; compressed members (with a trained dictionary) are decoded when read back."""
+    src = os.path.join(work, "src")
+    want = {b"t/%03d.json" % i: (b'{"label": %d, "text": "%s"}' % (i, b"lorem ipsum " * (20 + i % 7))) for i in range(150)}
+    for k, v in want.items():
+        h.write(src, k, v)
+    os.makedirs(os.path.join(src, "z"))
+    os.link(os.path.join(src, "t", "007.json"), os.path.join(src, "z", "hard-link.json"))
+    want[b"z/hard-link.json"] = want[b"t/007.json"]
+    out = os.path.join(work, "out.pds")
+    s = h.pack(src, out, remove_source=True, compress="zstd", zstd_dict=4096)
+    assert s["removed"]["left"] == [] and s["removed"]["files"] == len(want)
+    assert packds.open(out).manifest["compression"]["zstd_dict"]
+    assert_dataset_holds(out, want)
+    assert os.listdir(src) == []
+
+
+@pytest.mark.faults
+def test_b15_a_shard_that_reads_back_wrong_stops_the_removal(tree, work):
+    """A completed shard damaged on disk (same size) before a resume: the resume reads it back
+    before removing anything of it, refuses naming it, and removes nothing more."""
+    src, want = tree
+    out = os.path.join(work, "out.pds")
+    r = h.cli("pack", src, "-o", out, *ARGS, "--remove-source", env={"PACKDS_FAULT": "kill-in-remove:1"})
+    assert r.returncode == -signal.SIGKILL, h.show(r)
+    before = left_files(src)
+    shard = os.path.join(out, "shard-00000.tar")
+    with open(shard, "r+b") as f:
+        f.seek(700)
+        b = f.read(1)
+        f.seek(700)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = h.cli("pack", src, "-o", out, *ARGS, "--remove-source", "--resume")
+    h.assert_cli_error(r, shard, "read back from disk, it does not match what was written", "no source file of it was removed")
+    assert left_files(src) == before
+    assert not os.path.exists(os.path.join(out, ".pack-state", "shard-00000.pdsi"))
