@@ -341,6 +341,9 @@ struct Scope<'a> {
     range: std::ops::Range<usize>,
     cuts: Option<&'a [u64]>,
     first_shard: usize,
+    /// The files come from the list a `--remove-source` pack recorded (a resume), not a walk of
+    /// `sources` (nor a plan).
+    recorded: bool,
 }
 
 fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option<&Selection>) -> Result<PackSummary> {
@@ -365,18 +368,19 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
             range: sel.range.clone(),
             cuts: Some(sel.cuts),
             first_shard: sel.first_shard,
+            recorded: false,
         },
         // A resumed --remove-source pack: the list the interrupted one walked (the files of its
         // completed shards may be gone).
         None if opts.remove_source && opts.resume && out.join(STATE_DIR).join(STATE_OPTIONS).is_file() && state_files.is_file() => {
             stored = crate::plan::read_plan(&state_files)?;
             let n = stored.files.len();
-            Scope { roots: &stored.roots, files: &stored.files, skipped: stored.skipped.clone(), range: 0..n, cuts: None, first_shard: 0 }
+            Scope { roots: &stored.roots, files: &stored.files, skipped: stored.skipped.clone(), range: 0..n, cuts: None, first_shard: 0, recorded: true }
         }
         None => {
             walked = walk::walk(&opts.sources, &walk_options(opts)?, &progress.cancel)?;
             let n = walked.files.len();
-            Scope { roots: &walked.roots, files: &walked.files, skipped: walked.skipped.clone(), range: 0..n, cuts: None, first_shard: 0 }
+            Scope { roots: &walked.roots, files: &walked.files, skipped: walked.skipped.clone(), range: 0..n, cuts: None, first_shard: 0, recorded: false }
         }
     };
     if scope.files.is_empty() {
@@ -532,7 +536,8 @@ fn state_options(opts: &PackOptions, scope: &Scope) -> StateOptions {
     StateOptions {
         version: STATE_VERSION,
         shard_size: opts.shard_size,
-        sources: scope.roots.iter().map(|r| canonical(&r.path)).collect(),
+        // A recorded list has the roots the interrupted pack walked: this one names its own.
+        sources: if scope.recorded { opts.sources.iter().map(|p| canonical(p)).collect() } else { scope.roots.iter().map(|r| canonical(&r.path)).collect() },
         format: opts.format,
         compress: opts.compress.name(),
         dict_size: opts.dict_size,
