@@ -250,6 +250,8 @@ pub(super) struct Remover<'a> {
     files: &'a FileList,
     decoder: Decoder,
     dict: &'a [u8],
+    /// Compressed members up to this original size are decoded in memory ([`DECODE_IN_MEMORY`]).
+    in_memory: u64,
     removed: AtomicU64,
     gone: AtomicU64,
     left: Mutex<Vec<Skipped>>,
@@ -274,6 +276,7 @@ impl<'a> Remover<'a> {
             files,
             decoder: Decoder::new((!dict.is_empty()).then_some(dict)),
             dict,
+            in_memory: DECODE_IN_MEMORY,
             removed: AtomicU64::new(0),
             gone: AtomicU64::new(0),
             left: Mutex::new(Vec::new()),
@@ -382,7 +385,7 @@ impl<'a> Remover<'a> {
     /// CRC32C of a compressed member's original bytes, decoded from the shard file.
     fn decoded_crc(&self, f: &File, path: &Path, e: &crate::index::Entry) -> Result<u32> {
         let broken = |what: String| Error::format(path, format!("a compressed member does not decode: {what}"));
-        if e.raw <= DECODE_IN_MEMORY {
+        if e.raw <= self.in_memory {
             let mut stored = vec![0u8; e.size as usize];
             f.read_exact_at(&mut stored, e.offset).ctx("read", path)?;
             let raw = self.decoder.decode(e.codec, &stored, e.raw).map_err(|d| broken(d.0))?;
@@ -618,6 +621,35 @@ mod tests {
         assert!(open_below(&d.path().join("root"), b"a").is_ok());
         let e = open_below(&d.path().join("root"), b"link").unwrap_err();
         assert!(matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)), "{e}");
+    }
+
+    #[test]
+    fn compressed_members_are_checked_in_memory_and_streamed() {
+        let samples: Vec<Vec<u8>> = (0..500).map(|i| format!("{{\"id\": {i}, \"caption\": \"a thing number {}\"}}", i * 7).into_bytes()).collect();
+        let dict = codec::train_dict(&samples, 2048).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let opts = PackOptions::new(vec![], d.path().to_path_buf());
+        let files = FileList::default();
+        let raw: Vec<u8> = (0..300_000u32).flat_map(|i| format!("line {} of a long text\n", i % 977).into_bytes()).collect();
+        for with_dict in [false, true] {
+            let dict: &[u8] = if with_dict { &dict } else { &[] };
+            let mut enc = codec::Encoder::new(crate::codec::Compress::Zstd(3), Some(dict));
+            let mut frame = Vec::new();
+            let c = enc.encode(&raw, &mut frame, true);
+            assert_eq!(c, if with_dict { codec::ZSTD_DICT } else { codec::ZSTD });
+            let p = d.path().join("shard");
+            fs::write(&p, [&b"0123456789"[..], &frame, b"tail"].concat()).unwrap();
+            let f = File::open(&p).unwrap();
+            let e =
+                crate::index::Entry { offset: 10, size: frame.len() as u64, key_off: 0, shard: 0, crc: crc32c::crc32c(&raw), raw: raw.len() as u64, codec: c };
+            for in_memory in [u64::MAX, 0] {
+                let mut rm = Remover::new(&opts, &[], &files, dict);
+                rm.in_memory = in_memory;
+                assert_eq!(rm.decoded_crc(&f, &p, &e).unwrap(), e.crc, "dict {with_dict}, in memory up to {in_memory}");
+                let short = crate::index::Entry { raw: e.raw + 1, ..e };
+                assert!(rm.decoded_crc(&f, &p, &short).is_err(), "a wrong original size is found");
+            }
+        }
     }
 
     #[test]
