@@ -387,3 +387,24 @@ def test_b15_a_shard_that_reads_back_wrong_stops_the_removal(tree, work):
     h.assert_cli_error(r, shard, "read back from disk, it does not match what was written", "no source file of it was removed")
     assert left_files(src) == before
     assert not os.path.exists(os.path.join(out, ".pack-state", "shard-00000.pdsi"))
+
+
+def test_b16_a_full_inode_quota_is_freed_as_the_pack_goes(work):
+    """The file-count quota case: SRC and DATASET on one filesystem with 10 inodes to spare.
+    A plain pack runs out of inodes (ENOSPC); with --remove-source each shard frees its files
+    before the next one needs inodes, and the pack completes."""
+    mnt = os.path.join(work, "mnt")
+    with h.tmpfs(mnt, "size=64M,nr_inodes=4000"):
+        src = os.path.join(mnt, "src")
+        want = make_tree(src, 300)
+        st = os.statvfs(mnt)
+        used = st.f_files - st.f_ffree
+        subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 10}", mnt], check=True)
+        out = os.path.join(mnt, "out.pds")
+        r = h.cli("pack", src, "-o", out, *ARGS)
+        h.assert_cli_error(r, "no space left on device")
+        r = h.cli("pack", src, "-o", out, *ARGS, "--force", "--remove-source", "--json")
+        assert r.returncode == 0, h.show(r)
+        assert json.loads(r.stdout)["removed"]["files"] == len(want)
+        assert_dataset_holds(out, want)
+        assert sorted(os.listdir(src)) == ["was-empty"]
