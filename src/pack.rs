@@ -307,6 +307,7 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
     if opts.dict_size > 0 && !(256..=(16 << 20)).contains(&opts.dict_size) {
         return Err(Error::usage(format!("--zstd-dict size {} is out of range", opts.dict_size), "use 256 bytes to 16 MiB (default 112 KiB)"));
     }
+    check_force_keeps_removed(opts)?;
     let dir = match OutputDir::prepare(out, Mode::pack(opts.force, opts.resume))? {
         Prepared::Open(dir) => dir,
         Prepared::Complete(m) => {
@@ -705,6 +706,28 @@ fn other_remove_source(out: &Path, prev: bool) -> Error {
             "resume without --remove-source (remove the sources after it), or start over with --force --remove-source",
         )
     }
+}
+
+/// `--force` never deletes an interrupted `--remove-source` pack that completed a shard: its
+/// shards may hold the only copy of the source files it removed.
+fn check_force_keeps_removed(opts: &PackOptions) -> Result<()> {
+    let (out, state) = (&opts.output, opts.output.join(STATE_DIR));
+    if !opts.force || out.join(layout::MANIFEST_FILE).exists() {
+        return Ok(());
+    }
+    let Ok(prev) = manifest::read_json::<StateOptions>(&state.join(STATE_OPTIONS)) else { return Ok(()) };
+    let completed =
+        || fs::read_dir(&state).map(|d| d.flatten().any(|e| e.file_name().to_str().and_then(layout::parse_state_index_name).is_some())).unwrap_or(false);
+    if prev.remove_source && completed() {
+        return Err(Error::usage(
+            format!(
+                "{} holds an interrupted pack run with --remove-source: its completed shards may hold the only copy of source files it removed, so --force will not delete it",
+                out.display()
+            ),
+            "finish it with --resume --remove-source (same SRC and options); to start over anyway, move that directory aside yourself",
+        ));
+    }
+    Ok(())
 }
 
 /// Before the walk of a resume: a pack run with `--remove-source` is resumed with it (a walk

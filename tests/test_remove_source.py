@@ -270,6 +270,12 @@ def test_b11_b12_killed_twice_then_resume_from_elsewhere(tree, work):
     out = os.path.join(work, "out.pds")
     r = h.cli("pack", src, "-o", out, *ARGS, "--remove-source", env={"PACKDS_FAULT": "kill-in-remove:30"})
     assert r.returncode == -signal.SIGKILL, h.show(r)
+    # --force would delete the only copy of the 30 files removed: refused.
+    before = left_files(src)
+    for extra in [("--remove-source",), ()]:
+        r = h.cli("pack", src, "-o", out, *ARGS, "--force", *extra)
+        h.assert_cli_error(r, "holds an interrupted pack run with --remove-source", "will not delete it")
+    assert left_files(src) == before and packed_keys(out)
     r = h.cli("pack", src, "-o", out, *ARGS, "--remove-source", "--resume", env={"PACKDS_FAULT": "kill-in-remove:50"})
     assert r.returncode == -signal.SIGKILL, h.show(r)
     assert set(want) - set(left_files(src)) <= packed_keys(out)
