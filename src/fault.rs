@@ -5,7 +5,8 @@
 //! - `kill-after-shards:N`, `kill-after-files:N`: a pack kills itself with SIGKILL (as a node
 //!   failure would) after its N-th shard or file;
 //! - `kill-in-h5-shard:N`: after the N-th HDF5 shard skeleton is written, before its data;
-//! - `pack-slow-us:N`: every file read of a pack takes N µs longer (to reach its middle);
+//! - `pack-slow-us:N`: every file read of a pack (and stat of a plan) takes N µs longer (to
+//!   reach its middle);
 //! - `kill-before-remove:N` (`--remove-source`): after the N-th shard of the run is renamed into
 //!   place, before it is read back and checked (so before any of its sources is removed);
 //! - `kill-in-remove:N` (`--remove-source`): right after the N-th source file removal of the run;
@@ -13,7 +14,10 @@
 //!   `--remove-source`, after every removal and rmdir), before the final index and manifest;
 //! - `kill-in-merge:N`: `merge` is killed right after moving its N-th shard;
 //! - `stage-kill-after-bytes:N`: staging is killed once N bytes were copied;
-//! - `stage-slow-ms:N`: staging sleeps N ms after each buffer (to signal a copy mid-way).
+//! - `stage-slow-ms:N`: staging sleeps N ms after each buffer (to signal a copy mid-way);
+//! - `step-slow-ms:N`: every step of verify, unpack, merge and index (each read, file or shard,
+//!   where they check for cancellation) takes N ms longer: to watch their progress lines and
+//!   to cancel them mid-way.
 //!
 //! Without the feature every function here is an inline no-op and nothing reads the environment.
 
@@ -38,6 +42,7 @@ mod on {
         pub kill_in_merge: Option<u64>,
         pub stage_kill_after_bytes: Option<u64>,
         pub stage_slow_ms: Option<u64>,
+        pub step_slow_ms: Option<u64>,
     }
 
     pub(super) fn parse(v: &str) -> Faults {
@@ -55,6 +60,7 @@ mod on {
                 "kill-in-merge" => f.kill_in_merge = n,
                 "stage-kill-after-bytes" => f.stage_kill_after_bytes = n,
                 "stage-slow-ms" => f.stage_slow_ms = n,
+                "step-slow-ms" => f.step_slow_ms = n,
                 _ => {}
             }
         }
@@ -143,12 +149,21 @@ pub fn kill_in_merge(n: u64) {
     let _ = n;
 }
 
-/// Before a pack reads a file.
+/// Before a pack reads a file, or a plan stats one.
 #[inline(always)]
 pub fn slow_read() {
     #[cfg(feature = "fault-injection")]
     if let Some(us) = on::get().pack_slow_us {
         std::thread::sleep(std::time::Duration::from_micros(us));
+    }
+}
+
+/// A step of verify, unpack, merge or index (where it checks for cancellation).
+#[inline(always)]
+pub fn slow_step() {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = on::get().step_slow_ms {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

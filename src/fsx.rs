@@ -42,15 +42,23 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// XXH3-128 of a whole file, read in large sequential chunks.
 pub fn hash_file(path: &Path) -> Result<u128> {
+    hash_file_progress(path, &crate::job::Progress::default())
+}
+
+/// [`hash_file`], counting the bytes read in `progress` and stopping with `Error::Cancelled`
+/// within one 8 MiB read of `progress.cancel` being set.
+pub fn hash_file_progress(path: &Path, progress: &crate::job::Progress) -> Result<u128> {
     use std::io::Read;
     let mut f = File::open(path).ctx("open", path)?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 8 << 20];
     loop {
+        progress.check()?;
         let n = f.read(&mut buf).ctx("read", path)?;
         if n == 0 {
             return Ok(h.digest128());
         }
+        progress.add(0, n as u64);
         h.update(&buf[..n]);
     }
 }

@@ -1,13 +1,54 @@
-//! A long core operation (pack, plan, index) on a thread of its own, so that the caller can
-//! wait in short steps: show progress, notice Ctrl-C, and cancel it cleanly.
+//! A long core operation (pack, plan, index, merge, verify, unpack) on a thread of its own, so
+//! that the caller can wait in short steps: show progress, notice Ctrl-C, and cancel it cleanly.
 
 use crate::error::{Error, Result};
-use crate::pack::Progress;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Counters the caller may read while a long operation runs, and its cancel switch. What a
+/// phase and a "file" are depends on the operation: for pack, phase 0 walks, 1 packs, 2
+/// finishes, 3 is done, and files are input files; verify counts samples, merge shards.
+#[derive(Default)]
+pub struct Progress {
+    pub phase: AtomicU8,
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    /// 0 when not known.
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+impl Progress {
+    /// Enters `phase`, with its totals; the done counters restart at zero.
+    pub fn start(&self, phase: u8, files_total: u64, bytes_total: u64) {
+        self.files_done.store(0, Relaxed);
+        self.bytes_done.store(0, Relaxed);
+        self.files_total.store(files_total, Relaxed);
+        self.bytes_total.store(bytes_total, Relaxed);
+        self.phase.store(phase, Relaxed);
+    }
+
+    /// Counts `files` and `bytes` as done.
+    pub fn add(&self, files: u64, bytes: u64) {
+        self.files_done.fetch_add(files, Relaxed);
+        self.bytes_done.fetch_add(bytes, Relaxed);
+    }
+
+    /// `Err(Cancelled)` once the caller asked the operation to stop.
+    pub fn check(&self) -> Result<()> {
+        crate::fault::slow_step();
+        if self.cancel.load(Relaxed) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
 
 /// A running operation. Dropping it without [`Job::cancel`] detaches the thread.
 pub struct Job<T> {

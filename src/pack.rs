@@ -22,7 +22,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 pub use crate::layout::{shard_name, ShardFormat, STATE_DIR};
@@ -210,16 +210,7 @@ pub fn auto_threads(src: &Path) -> usize {
     }
 }
 
-/// Counters the caller may read while a pack runs (progress), and a cancel switch.
-#[derive(Default)]
-pub struct Progress {
-    /// 0 walking, 1 packing, 2 finishing, 3 done.
-    pub phase: AtomicU8,
-    pub files_total: AtomicU64,
-    pub files_done: AtomicU64,
-    pub bytes_done: AtomicU64,
-    pub cancel: AtomicBool,
-}
+pub use crate::job::Progress;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackSummary {

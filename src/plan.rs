@@ -133,7 +133,7 @@ pub fn make_plan(opts: &PackOptions, progress: &Progress, prune: Option<&Path>) 
             "check the source path and the --include/--exclude patterns",
         ));
     }
-    progress.files_total.store(n as u64, Relaxed);
+    progress.start(1, n as u64, 0);
     let lens = stat_all(&walked.files, &walked.roots, opts, threads, progress)?;
     let cuts = pack::plan_cuts(lens.iter().copied(), opts.shard_size);
     let bytes = lens.iter().sum();
@@ -174,6 +174,7 @@ fn stat_all(files: &FileList, roots: &[SourceRoot], opts: &PackOptions, threads:
         }
         let r = (a..(a + CHUNK).min(n))
             .map(|i| {
+                crate::fault::slow_read();
                 let path = files.path(i, roots);
                 let md = if opts.follow_symlinks { fs::metadata(&path) } else { fs::symlink_metadata(&path) };
                 match md {
@@ -507,6 +508,14 @@ pub struct MergeSummary {
 /// are removed. A part that fails a check is named with how to redo it, and nothing is moved.
 /// Idempotent: a merge that was interrupted is finished by running it again.
 pub fn merge(out: &Path, verify: bool) -> Result<MergeSummary> {
+    merge_progress(out, verify, &Progress::default())
+}
+
+/// [`merge`], reporting in `progress`: phase 0 checks the parts (shards checked; with `verify`,
+/// bytes hashed), phase 1 moves the shards, phase 2 writes the index and manifest. Cancelled
+/// (`Error::Cancelled`) within about a second of `progress.cancel`: before anything moved,
+/// nothing changed; after, running merge again finishes the work.
+pub fn merge_progress(out: &Path, verify: bool, progress: &Progress) -> Result<MergeSummary> {
     let _lock = layout::lock_dir(out)?;
     let parts = list_parts(out)?;
     if layout::DirKind::of(out) == layout::DirKind::Dataset {
@@ -517,7 +526,11 @@ pub fn merge(out: &Path, verify: bool) -> Result<MergeSummary> {
         return Ok(MergeSummary { parts: parts.len() as u32, samples: m.samples, shards: m.shards.len() as u64, bytes: m.total_bytes, already_merged: true });
     }
     let (infos, nparts) = finished_parts(out, &parts)?;
-    let loaded: Vec<LoadedPart> = infos.iter().filter(|(i, _)| i.shards > 0).map(|(i, d)| load_part(out, i, d, verify)).collect::<Result<_>>()?;
+    progress.start(0, infos.iter().map(|(i, _)| i.shards).sum(), 0);
+    let loaded: Vec<LoadedPart> = infos.iter().filter(|(i, _)| i.shards > 0).map(|(i, d)| load_part(out, i, d, progress)).collect::<Result<_>>()?;
+    if verify {
+        verify_parts(out, &loaded, progress)?;
+    }
     let first = loaded.first().ok_or_else(|| Error::usage("every part is empty", "nothing to merge"))?;
     let dict_hash = |m: &Manifest| m.compression.as_ref().and_then(|c| c.zstd_dict.as_ref().map(|d| d.xxh3_128.clone()));
     if loaded.iter().any(|l| dict_hash(&l.manifest) != dict_hash(&first.manifest)) {
@@ -529,8 +542,11 @@ pub fn merge(out: &Path, verify: bool) -> Result<MergeSummary> {
     // Everything checked: move the shards into place (an interrupted merge moved some already).
     let mut records = Vec::new();
     let mut moved = 0u64;
+    progress.start(1, loaded.iter().map(|l| l.manifest.shards.len() as u64).sum(), 0);
     for l in &loaded {
         for r in &l.manifest.shards {
+            progress.check()?;
+            progress.add(1, r.size);
             let (src, dst) = (l.dir.join(&r.file), out.join(&r.file));
             if fs::symlink_metadata(&src).is_ok() {
                 fs::rename(&src, &dst).ctx("rename", &dst)?;
@@ -541,6 +557,7 @@ pub fn merge(out: &Path, verify: bool) -> Result<MergeSummary> {
         }
     }
     fsx::sync_dir(out)?;
+    progress.start(2, 0, 0);
     let coded = first.manifest.compression.is_some();
     let dict = first.index.dict().map(|d| d.to_vec()).unwrap_or_default();
     let (indexes, manifests): (Vec<Index>, Vec<Manifest>) = loaded.into_iter().map(|l| (l.index, l.manifest)).unzip();
@@ -597,26 +614,30 @@ struct LoadedPart {
     dir: PathBuf,
     manifest: Manifest,
     index: Index,
+    info: PartInfo,
+}
+
+/// "Part I of N is damaged: WHAT", with how to redo it.
+fn damaged(info: &PartInfo, dir: &Path, what: String) -> Error {
+    Error::usage(
+        format!("part {} of {} ({}) is damaged: {what}", info.part, info.parts, dir.display()),
+        format!(
+            "nothing was merged; remove {} and rerun array task {} (packds pack --plan PLAN --part {}/{} -o OUT), then merge again",
+            dir.display(),
+            info.part,
+            info.part,
+            info.parts
+        ),
+    )
 }
 
 /// Loads part `info` from `dir` and checks it before anything is moved: the manifest (its
 /// file names included), the index against the manifest's record and shard list, the shard
 /// count against `part.json`, and every shard (in the part, or already moved to `out` by an
-/// interrupted merge) is a regular file of the recorded size; with `verify`, of the recorded
-/// XXH3-128 too.
-fn load_part(out: &Path, info: &PartInfo, dir: &Path, verify: bool) -> Result<LoadedPart> {
-    let bad = |what: String| {
-        Error::usage(
-            format!("part {} of {} ({}) is damaged: {what}", info.part, info.parts, dir.display()),
-            format!(
-                "nothing was merged; remove {} and rerun array task {} (packds pack --plan PLAN --part {}/{} -o OUT), then merge again",
-                dir.display(),
-                info.part,
-                info.part,
-                info.parts
-            ),
-        )
-    };
+/// interrupted merge) is a regular file of the recorded size (`verify_parts` checks their
+/// XXH3-128).
+fn load_part(out: &Path, info: &PartInfo, dir: &Path, progress: &Progress) -> Result<LoadedPart> {
+    let bad = |what: String| damaged(info, dir, what);
     let manifest = Manifest::load(dir).map_err(|e| bad(e.to_string()))?;
     let ipath = dir.join(layout::INDEX_FILE);
     // Opened without blocking and checked to be a regular file (a FIFO planted there must not hang
@@ -643,11 +664,24 @@ fn load_part(out: &Path, info: &PartInfo, dir: &Path, verify: bool) -> Result<Lo
         if !md.is_file() || md.len() != r.size {
             return Err(bad(format!("{} is {} bytes (not a regular file of the {} its manifest records)", path.display(), md.len(), r.size)));
         }
-        if verify && hex128(fsx::hash_file(&path)?) != r.xxh3_128 {
-            return Err(bad(format!("{} does not match its checksum", path.display())));
-        }
+        progress.add(1, 0);
     }
-    Ok(LoadedPart { dir: dir.to_path_buf(), manifest, index })
+    Ok(LoadedPart { dir: dir.to_path_buf(), manifest, index, info: info.clone() })
+}
+
+/// `merge --verify`: every part shard's XXH3-128 against its manifest (phase 0 again, with the
+/// bytes to read as its total).
+fn verify_parts(out: &Path, loaded: &[LoadedPart], progress: &Progress) -> Result<()> {
+    let shards = loaded.iter().flat_map(|l| l.manifest.shards.iter().map(move |r| (l, r)));
+    progress.start(0, shards.clone().count() as u64, shards.clone().map(|(_, r)| r.size).sum());
+    for (l, r) in shards {
+        let path = [l.dir.join(&r.file), out.join(&r.file)].into_iter().find(|p| fs::symlink_metadata(p).is_ok()).unwrap_or_else(|| l.dir.join(&r.file));
+        if hex128(fsx::hash_file_progress(&path, progress)?) != r.xxh3_128 {
+            return Err(damaged(&l.info, &l.dir, format!("{} does not match its checksum", path.display())));
+        }
+        progress.add(1, 0);
+    }
+    Ok(())
 }
 
 /// The merged dataset's manifest: the first part's format, options (less the part's own) and

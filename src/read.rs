@@ -4,6 +4,7 @@
 use crate::codec::{self, DecodeError, Decoder};
 use crate::error::{Error, IoContext, Result};
 use crate::index::{Entry, Index, ShardInfo};
+use crate::job::Progress;
 use crate::manifest::{self, hex128, Manifest};
 use crate::tar;
 use memmap2::{Mmap, MmapOptions};
@@ -560,7 +561,14 @@ impl Reader {
     }
 
     pub fn verify_with(&self, threads: usize, deep: bool) -> Result<VerifyReport> {
+        self.verify_progress(threads, deep, &Progress::default())
+    }
+
+    /// [`Reader::verify_with`], counting samples and bytes checked in `progress` (phase 1) and
+    /// stopping with `Error::Cancelled` within one 8 MiB read of `progress.cancel` being set.
+    pub fn verify_progress(&self, threads: usize, deep: bool, progress: &Progress) -> Result<VerifyReport> {
         let mut rep = VerifyReport::default();
+        progress.start(0, 0, 0);
         if let Err(e) = self.index.validate_all() {
             rep.problems.push(e.to_string());
             return Ok(rep);
@@ -583,20 +591,22 @@ impl Reader {
                 p.sort_unstable_by_key(|s| (s.1, s.2));
             }
         }
+        progress.start(1, self.index.len() as u64, self.index.shards().iter().map(|s| s.size).sum());
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results: std::sync::Mutex<Vec<(usize, ShardCheck)>> = Default::default();
         let work = || loop {
             let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if s >= per.len() {
+            if s >= per.len() || progress.cancel.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
             }
-            let r = self.verify_shard(s, &per[s], deep);
+            let r = self.verify_shard(s, &per[s], deep, progress);
             results.lock().unwrap_or_else(|p| p.into_inner()).push((s, r));
         };
         // This thread helps too (and does it all if none could be started).
         crate::pool::run_with_caller(threads.clamp(1, 64).min(per.len().max(1)) + 1, "packds-verify", &work);
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_by_key(|r| r.0);
+        progress.check()?;
         for (s, r) in results {
             let (problems, decoded) = r?;
             rep.problems.extend(problems);
@@ -608,7 +618,7 @@ impl Reader {
         Ok(rep)
     }
 
-    fn verify_shard(&self, s: usize, samples: &[ShardSample], deep: bool) -> ShardCheck {
+    fn verify_shard(&self, s: usize, samples: &[ShardSample], deep: bool, progress: &Progress) -> ShardCheck {
         let info = &self.index.shards()[s];
         let path = self.dir.join(&info.name);
         let (f, _) = crate::layout::open_data_file(&path, |e| Error::io("open", &path, e))?;
@@ -621,12 +631,14 @@ impl Reader {
         let mut crcs: Vec<u32> = vec![0; samples.len()];
         let mut first = 0usize; // first sample not yet complete
         loop {
+            progress.check()?;
             let got = f.read(&mut buf).ctx("read", &path)?;
             if got == 0 {
                 break;
             }
             let chunk = &buf[..got];
             h.update(chunk);
+            let before = first;
             let end = pos + got as u64;
             let mut j = first;
             while j < samples.len() && samples[j].1 < end {
@@ -645,6 +657,7 @@ impl Reader {
                 }
                 j += 1;
             }
+            progress.add((first - before) as u64, got as u64);
             pos = end;
         }
         let mut problems = Vec::new();
@@ -662,6 +675,7 @@ impl Reader {
                     problems.push(self.checksum_error(i, s as u32).to_string());
                 }
             } else if deep && problems.is_empty() {
+                progress.check()?;
                 match self.get_checked(i) {
                     Ok(_) => decoded += 1,
                     Err(e) => problems.push(e.to_string()),
@@ -675,10 +689,19 @@ impl Reader {
     /// contain `..`, or would pass through a symlink; never overwrites an existing file.
     /// Restores mode and mtime from the tar header. Returns the number of files written.
     pub fn unpack(&self, dest: &Path) -> Result<u64> {
+        self.unpack_progress(dest, &Progress::default())
+    }
+
+    /// [`Reader::unpack`], counting files and bytes written in `progress` (phase 1) and stopping
+    /// with `Error::Cancelled` between two files once `progress.cancel` is set (the files
+    /// written so far stay, each complete).
+    pub fn unpack_progress(&self, dest: &Path, progress: &Progress) -> Result<u64> {
         fs::create_dir_all(dest).ctx("create directory", dest)?;
         let mut made: HashSet<Vec<u8>> = HashSet::new();
         let mut n = 0u64;
+        progress.start(1, self.len() as u64, self.manifest.total_bytes);
         for i in 0..self.len() {
+            progress.check()?;
             let key = self.key(i)?;
             let comps = safe_components(key)?;
             let mut rel: Vec<u8> = Vec::new();
@@ -723,6 +746,7 @@ impl Reader {
                 // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
                 unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) };
             }
+            progress.add(1, data.len() as u64);
             n += 1;
         }
         Ok(n)

@@ -28,6 +28,7 @@
 use crate::error::{Error, IoContext, Result};
 use crate::index::IndexBuilder;
 use crate::index::ShardInfo;
+use crate::job::Progress;
 use crate::layout::{self, Mode, OutputDir, Prepared, ShardFormat};
 use crate::manifest::{hex128, IndexFacts, Manifest, ShardRecord};
 use crate::walk::Skipped;
@@ -35,7 +36,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Instant;
 use xxhash_rust::xxh3::Xxh3;
@@ -93,6 +94,8 @@ struct Stream<'a> {
     hash: Xxh3,
     /// Either flag stops the scan: the caller's cancel, or another tar's error.
     stop: [&'a AtomicBool; 2],
+    /// Counts the bytes read (progress).
+    read: &'a AtomicU64,
 }
 
 impl<'a> Stream<'a> {
@@ -101,6 +104,7 @@ impl<'a> Stream<'a> {
         if self.lo < self.hi {
             return Ok(true);
         }
+        crate::fault::slow_step();
         if self.stop.iter().any(|s| s.load(Relaxed)) {
             return Err(Error::Cancelled);
         }
@@ -112,6 +116,7 @@ impl<'a> Stream<'a> {
             }
         };
         self.hash.update(&self.buf[..n]);
+        self.read.fetch_add(n as u64, Relaxed);
         self.lo = 0;
         self.hi = n;
         Ok(n > 0)
@@ -246,11 +251,11 @@ fn strip_dot_slash(mut name: &[u8]) -> &[u8] {
 /// Reads one tar once, sequentially, and lists its regular members (with CRC32C) and what
 /// it left out. `cancel` stops it between reads ([`Error::Cancelled`]).
 pub fn scan(path: &Path, cancel: &AtomicBool) -> Result<Scan> {
-    scan_until(path, [cancel, cancel])
+    scan_until(path, [cancel, cancel], &AtomicU64::new(0))
 }
 
-fn scan_until(path: &Path, stop: [&AtomicBool; 2]) -> Result<Scan> {
-    let mut sc = Scanner::open(path, stop)?;
+fn scan_until(path: &Path, stop: [&AtomicBool; 2], read: &AtomicU64) -> Result<Scan> {
+    let mut sc = Scanner::open(path, stop, read)?;
     let ended = loop {
         match sc.next_header()? {
             Next::Header(h) if matches!(h.typ, b'x' | b'g' | b'L' | b'K') => sc.extension(&h)?,
@@ -380,7 +385,7 @@ fn pax_of(data: &[u8], at: u64, path: &Path) -> Result<Pax> {
 }
 
 impl<'a> Scanner<'a> {
-    fn open(path: &'a Path, stop: [&'a AtomicBool; 2]) -> Result<Self> {
+    fn open(path: &'a Path, stop: [&'a AtomicBool; 2], read: &'a AtomicU64) -> Result<Self> {
         let f = File::open(path).ctx("open", path)?;
         let md = f.metadata().ctx("stat", path)?;
         if !md.is_file() {
@@ -391,7 +396,7 @@ impl<'a> Scanner<'a> {
         unsafe {
             libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
-        let st = Stream { f, path, buf: vec![0u8; BUF.min(fsize as usize + BLOCK).max(BLOCK)], lo: 0, hi: 0, pos: 0, hash: Xxh3::new(), stop };
+        let st = Stream { f, path, buf: vec![0u8; BUF.min(fsize as usize + BLOCK).max(BLOCK)], lo: 0, hi: 0, pos: 0, hash: Xxh3::new(), stop, read };
         Ok(Scanner { st, path, fsize, out: Scan::default(), ext: Extended::default(), block: [0u8; BLOCK] })
     }
 
@@ -681,18 +686,24 @@ pub fn group_ranges<'k>(n: usize, key: impl Fn(usize) -> Result<&'k [u8]>) -> Re
 }
 
 /// Builds the dataset `opts.output` (index, manifest, links) over the tars in `opts.tars`.
-pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexTarsSummary> {
+/// Progress: phase 1 scans the tars (tars done of all, bytes read of their total), phase 2
+/// writes the index and manifest; `progress.cancel` stops it between two reads, and the output
+/// is removed.
+pub fn index_tars(opts: &IndexTarsOptions, progress: &Progress) -> Result<IndexTarsSummary> {
     let t0 = Instant::now();
     let out = &opts.output;
     if opts.tars.is_empty() {
         return Err(Error::usage("no tar files given", "packds index SHARD.tar... -o DATASET"));
     }
     let mut tars = Vec::with_capacity(opts.tars.len());
+    let mut bytes = 0;
     for t in &opts.tars {
         let c = fs::canonicalize(t).ctx("open", t)?;
-        if !fs::metadata(&c).ctx("stat", &c)?.is_file() {
+        let md = fs::metadata(&c).ctx("stat", &c)?;
+        if !md.is_file() {
             return Err(Error::usage(format!("{} is not a regular file", t.display()), "give tar files (uncompressed; symlinks to them are followed)"));
         }
+        bytes += md.len();
         if tars.contains(&c) {
             return Err(Error::usage(format!("{} is given twice", t.display()), "name each tar once"));
         }
@@ -709,7 +720,8 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
     let Prepared::Open(dir) = OutputDir::prepare(out, Mode::index(opts.force))? else {
         return Err(Error::usage(format!("output {} already exists", out.display()), "pass --force to replace it, or choose another -o"));
     };
-    let r = index_into(opts, &tars, cancel, t0);
+    progress.start(1, tars.len() as u64, bytes);
+    let r = index_into(opts, &tars, progress, t0);
     if r.is_err() {
         if dir.created() {
             dir.remove();
@@ -720,9 +732,10 @@ pub fn index_tars(opts: &IndexTarsOptions, cancel: &AtomicBool) -> Result<IndexT
     r
 }
 
-fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0: Instant) -> Result<IndexTarsSummary> {
+fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], progress: &Progress, t0: Instant) -> Result<IndexTarsSummary> {
     let out = &opts.output;
-    let scans = scan_all(opts, tars, cancel)?;
+    let scans = scan_all(opts, tars, progress)?;
+    progress.start(2, 0, 0);
     let order = sorted_members(&scans, tars)?;
     let member = |&(t, m): &(u32, u32)| &scans[t as usize].members[m as usize];
     let skipped: Vec<Skipped> = scans
@@ -765,9 +778,7 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
     let total = b.total_bytes();
     let facts = IndexFacts { samples: order.len() as u64, total_bytes: total, file_size: ibytes.len() as u64, xxh3_128: xxhash_rust::xxh3::xxh3_128(&ibytes) };
     let m = manifest_of(opts, tars, facts, shards, skipped.clone());
-    if cancel.load(Relaxed) {
-        return Err(Error::Cancelled);
-    }
+    progress.check()?;
     crate::fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
     Ok(IndexTarsSummary {
         output: out.clone(),
@@ -783,7 +794,8 @@ fn index_into(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool, t0
 
 /// Scans the tars, a few at once (each read sequentially); the first error stops the others
 /// and is the one returned.
-fn scan_all(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool) -> Result<Vec<Scan>> {
+fn scan_all(opts: &IndexTarsOptions, tars: &[PathBuf], progress: &Progress) -> Result<Vec<Scan>> {
+    let cancel = &progress.cancel;
     let threads = if opts.threads == 0 { 4 } else { opts.threads }.clamp(1, 64).min(tars.len());
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -793,7 +805,8 @@ fn scan_all(opts: &IndexTarsOptions, tars: &[PathBuf], cancel: &AtomicBool) -> R
         if i >= tars.len() || stop.load(Relaxed) {
             return;
         }
-        let r = scan_until(&tars[i], [cancel, &stop]);
+        let r = scan_until(&tars[i], [cancel, &stop], &progress.bytes_done);
+        progress.add(1, 0);
         if r.is_err() {
             stop.store(true, Relaxed);
         }
@@ -1165,7 +1178,7 @@ mod tests {
         }
         let out = d.path().join("o.pds");
         let opts = IndexTarsOptions { tars: tars.clone(), output: out.clone(), group_by_basename: true, force: false, link: Link::Symlink, threads: 3 };
-        let s = index_tars(&opts, &AtomicBool::new(false)).unwrap();
+        let s = index_tars(&opts, &Progress::default()).unwrap();
         assert_eq!((s.samples, s.groups, s.tars), (120, Some(20), 6));
         let r = crate::read::Reader::open(&out).unwrap();
         assert!(r.index().is_unordered());
@@ -1181,7 +1194,7 @@ mod tests {
         std::fs::write(&tars[4], &bad).unwrap();
         for _ in 0..5 {
             let opts = IndexTarsOptions { output: d.path().join("p.pds"), ..opts.clone() };
-            match index_tars(&opts, &AtomicBool::new(false)) {
+            match index_tars(&opts, &Progress::default()) {
                 Err(Error::Format { path, what, .. }) => assert!(path == tars[4] && what.contains("checksum"), "{what}"),
                 other => panic!("{other:?}"),
             }

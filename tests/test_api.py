@@ -532,3 +532,133 @@ def test_slices_keys_everywhere_and_dict_like_views(ds):
     assert list(ds.values()) == list(ds) and list(ds.keys()) == [ds.key(i) for i in range(n)]
     assert dict(ds.items()) == {ds.key(i): ds[i] for i in range(n)}
     assert ds.glob("*") == list(range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# close() and `with`; progress callbacks of every long call; skipped items as named tuples
+
+
+def _mapped(path) -> list[str]:
+    """Lines of /proc/self/maps that map a file under ``path``."""
+    with open("/proc/self/maps") as f:
+        return [ln for ln in f if os.fspath(path) in ln]
+
+
+def _open_fds(path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(os.fspath(path)):
+            out.append(target)
+    return out
+
+
+def test_close_releases_the_mappings_and_use_after_close_raises(small_ds_pristine, data, work):
+    # A copy no other test has open.
+    small_ds_pristine = shutil.copytree(small_ds_pristine, os.path.join(work, "own.pds"))
+    d = packds.open(small_ds_pristine)
+    assert d[0] == data[0] and not d.closed
+    v = d.view(0)
+    assert _mapped(small_ds_pristine), "an open dataset maps its shards"
+    d.close()
+    assert d.closed and "closed" in repr(d)
+    # A view taken before keeps its own mapping, and stays valid.
+    assert bytes(v) == data[0]
+    v.release()
+    del v
+    gc.collect()
+    assert _mapped(small_ds_pristine) == [] and _open_fds(small_ds_pristine) == []
+    for use in (lambda: d[0], lambda: len(d), lambda: d.key(0), lambda: d.get_many([0]), lambda: d.verify(), lambda: d.size(0),
+                lambda: d.read_range(0, 1), lambda: "top.txt" in d, lambda: list(d), lambda: d.manifest, lambda: d.view(0)):
+        with pytest.raises(ValueError, match="is closed"):
+            use()
+    d.close()  # twice: harmless
+
+
+def test_with_closes_the_dataset(small_ds_pristine, data, work):
+    small_ds_pristine = shutil.copytree(small_ds_pristine, os.path.join(work, "own.pds"))
+    with packds.open(small_ds_pristine) as d:
+        assert d[1] == data[1]
+    assert d.closed and _mapped(small_ds_pristine) == []
+    with pytest.raises(ValueError, match="open it again with packds.open"):
+        d[1]
+
+
+def test_close_while_another_thread_reads_is_safe(small_ds_pristine, data):
+    import threading
+
+    d = packds.open(small_ds_pristine)
+    errors: list[BaseException] = []
+
+    def reader():
+        try:
+            for _ in range(2000):
+                assert d.get_many(list(range(len(data)))) == data
+        except ValueError as e:  # closed under it: a clean error, never a crash or wrong bytes
+            assert "is closed" in str(e)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    d.close()
+    t.join()
+    assert not errors
+
+
+def test_verify_unpack_merge_index_report_progress(small_ds_pristine, small_tree, work):
+    def recorder():
+        calls = []
+        return calls, lambda *a: calls.append(a)
+
+    with packds.open(small_ds_pristine) as d:
+        calls, cb = recorder()
+        assert d.verify(progress=cb)["problems"] == []
+        calls, cb = recorder()
+        assert d.unpack(os.path.join(work, "un"), progress=cb) == len(d)
+        n = len(d)
+    for _phase, done, total, nbytes, bytes_total in calls:  # a fast unpack may make no call
+        assert done <= total and (nbytes <= bytes_total or not bytes_total)
+    plan = os.path.join(work, "p.pdsp")
+    assert packds.plan(small_tree.root, plan, shard_size=4096, parts=2)["files"] == n
+    out = os.path.join(work, "parts.pds")
+    for i in range(2):
+        packds.pack([], out, plan=plan, part=str(i))
+    calls, cb = recorder()
+    assert packds.merge(out, verify=True, progress=cb)["samples"] == n
+    tars = sorted(os.path.join(small_ds_pristine, f) for f in os.listdir(small_ds_pristine) if f.endswith(".tar"))
+    calls, cb = recorder()
+    assert packds.index_tars(tars, os.path.join(work, "ix.pds"), progress=cb)["samples"] == n
+
+
+def test_progress_calls_carry_totals(odd_tree, work):
+    """A slow enough call is reported with five numbers; the byte total is known for verify."""
+    out = os.path.join(work, "o.pds")
+    packds.pack(odd_tree.root, out, shard_size=64 << 10)
+    calls: list[tuple] = []
+    with packds.open(out) as d:
+        d.unpack(os.path.join(work, "un"), progress=lambda *a: calls.append(a))
+        total = sum(d.size(i) for i in range(len(d)))
+    for c in calls:
+        assert len(c) == 5
+        phase, done, n, nbytes, bytes_total = c
+        if phase == 1:
+            assert n == len(odd_tree.keys) and bytes_total == total and done <= n and nbytes <= total
+
+
+def test_skipped_items_are_named_tuples(work):
+    root = os.path.join(work, "src")
+    h.write(root, "a.txt", b"a")
+    os.symlink("a.txt", os.path.join(root, "link"))
+    os.mkfifo(os.path.join(root, "fifo"))
+    s = packds.pack(root, os.path.join(work, "o.pds"))
+    assert len(s["skipped"]) == 2
+    for item in s["skipped"]:
+        assert isinstance(item, packds.Skipped)
+        path, reason = item  # still unpacks as a pair
+        assert item.path == path and item.reason == reason and reason
+    recorded = packds.open(os.path.join(work, "o.pds")).manifest["skipped"]
+    assert [{"path": x.path, "reason": x.reason} for x in s["skipped"]] == recorded

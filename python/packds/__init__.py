@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import mmap
 import os
 import stat
 import threading
 from collections.abc import Sequence
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from . import _core
 from .errors import (
@@ -38,6 +39,7 @@ __all__ = [
     "preload",
     "Dataset",
     "Keys",
+    "Skipped",
     "PackdsError",
     "FormatError",
     "ChecksumError",
@@ -178,13 +180,24 @@ class Dataset(_core.Reader):
         # Pickles as its path and options, never its contents: spawn workers re-open it.
         return (_reopen, (os.fspath(self.path), self._populate, self.verifies))
 
+    def close(self) -> None:
+        """Releases the dataset's mappings and open files (those of ``view()`` too, once no
+        view of them is alive; reads in flight on other threads finish first). Any use after
+        it raises ``ValueError``; closing twice is harmless. ``with packds.open(p) as ds:``
+        closes on leaving the block."""
+        super().close()
+        with self._maps_lock:
+            self._maps.clear()
+
     def __enter__(self) -> "Dataset":
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self.close()
 
     def __repr__(self) -> str:
+        if self.closed:
+            return f"<packds.Dataset {os.fspath(self.path)!r}: closed>"
         return f"<packds.Dataset {os.fspath(self.path)!r}: {len(self)} samples>"
 
 
@@ -235,13 +248,17 @@ def pack(sources, output, **options) -> dict:
     ``include``, ``exclude``, ``on_error`` ("fail" | "skip"), ``force``, ``resume``,
     ``format`` ("tar" | "h5"), ``compress`` ("none" | "zstd" | "zstd:LEVEL" | "auto" |
     "auto:LEVEL"), ``zstd_dict`` (dictionary size in bytes, or True for 112 KiB),
-    ``progress`` (a callable ``(phase, files_done, files_total, bytes_done)``),
+    ``progress`` (a callable ``(phase, files_done, files_total, bytes_done, bytes_total)``,
+    called about ten times a second; phase 0 walks the tree, 1 packs, 2 finishes, 3 done;
+    ``bytes_total`` is 0 while unknown; one taking the first four still works),
     ``remove_source`` (remove each packed file once its shard is on disk and read back, then the
     directories left empty; never a source root) and ``dry_run`` (with ``remove_source``: pack
     nothing, list the files that would be removed).
-    Returns a summary dict (files, bytes, shards, seconds, skipped, ...); ``removed`` is None
-    without ``remove_source``, else ``{files, directories, already_gone, left: [(path, reason)],
-    dry_run}`` (and ``would_remove``, a list of paths, for a dry run).
+    Returns a summary dict (files, bytes, shards, seconds, skipped, ...); ``skipped`` is a list
+    of :class:`Skipped` ``(path, reason)`` named tuples, as ``manifest.json`` lists them.
+    ``removed`` is None without ``remove_source``, else ``{files, directories, already_gone,
+    left, dry_run}`` (``left``: :class:`Skipped` tuples of the files left in place; a dry run
+    adds ``would_remove``, a list of paths).
     """
     srcs = _sources(sources)
     part = options.get("part")
@@ -258,7 +275,37 @@ def pack(sources, output, **options) -> dict:
     # What shapes the dataset only: removing the sources (or not) leaves the same dataset.
     recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer", "remove_source", "dry_run")}
     options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
-    return _core.pack(srcs, os.fsdecode(output), **options)
+    options["progress"] = _progress_arg(options.get("progress"))
+    return _with_skipped(_core.pack(srcs, os.fsdecode(output), **options))
+
+
+class Skipped(NamedTuple):
+    """A file, directory or member a command left out, and why (``manifest.json`` lists them
+    as ``{"path": ..., "reason": ...}`` objects; ``--json`` summaries too)."""
+
+    path: str
+    reason: str
+
+
+def _with_skipped(summary: dict) -> dict:
+    summary["skipped"] = [Skipped(p, r) for p, r in summary.get("skipped", [])]
+    if summary.get("removed") is not None:
+        summary["removed"]["left"] = [Skipped(p, r) for p, r in summary["removed"]["left"]]
+    return summary
+
+
+def _progress_arg(cb):
+    """The progress callback as the core calls it, ``(phase, done, total, bytes_done,
+    bytes_total)``; one written for the first four arguments only still works."""
+    if cb is None:
+        return None
+    try:
+        inspect.signature(cb).bind(0, 0, 0, 0, 0)
+    except TypeError:
+        return lambda *st: cb(*st[:4])
+    except ValueError:  # no signature to inspect (some builtins): called as it is
+        pass
+    return cb
 
 
 def _sources(sources) -> list[str]:
@@ -303,19 +350,22 @@ def plan(sources, output, **options) -> dict:
     for k in ("part", "plan", "force", "resume", "options_json", "h5_writer"):
         options.pop(k, None)
     _shared_options(options)
-    return _core.plan(_sources(sources), os.fsdecode(output), **options)
+    options["progress"] = _progress_arg(options.get("progress"))
+    return _with_skipped(_core.plan(_sources(sources), os.fsdecode(output), **options))
 
 
-def merge(output, *, verify: bool = False) -> dict:
+def merge(output, *, verify: bool = False, progress=None) -> dict:
     """Joins the finished parts in ``output`` (from ``pack(..., part=...)``) into one dataset
     there: shards are renamed into place, the index is streamed from the parts' indexes.
     Every part is checked first (manifest against index, shard names and sizes; with
     ``verify=True`` every shard's checksum too) and nothing is moved unless all pass.
-    Refuses missing, unfinished or damaged parts, naming them; running it again is harmless."""
-    return _core.merge(os.fsdecode(output), verify=verify)
+    Refuses missing, unfinished or damaged parts, naming them; running it again is harmless.
+    ``progress(phase, shards_done, shards_total, bytes_done, bytes_total)``: phase 0 checks the
+    parts, 1 moves the shards, 2 writes the index and manifest."""
+    return _core.merge(os.fsdecode(output), verify=verify, progress=_progress_arg(progress))
 
 
-def index_tars(tars, output, *, group_by_basename: bool = False, force: bool = False, link: str = "symlink") -> dict:
+def index_tars(tars, output, *, group_by_basename: bool = False, force: bool = False, link: str = "symlink", progress=None) -> dict:
     """Indexes existing tar files (GNU tar, pax, WebDataset shards) in place into the dataset
     directory ``output``: ``index.pdsi``, ``manifest.json`` and one ``shard-NNNNN.tar`` link per
     tar (``link="symlink"``, the default, or ``"hard"``); the tars are read once and never
@@ -323,12 +373,15 @@ def index_tars(tars, output, *, group_by_basename: bool = False, force: bool = F
     files and unsafe names are skipped and listed. ``group_by_basename=True`` checks (and
     records) that the members of each WebDataset sample are contiguous, for
     :class:`packds.wds.GroupedDataset`. Returns a summary dict (tars, samples, bytes, groups,
-    skipped ``[(member, reason)]``, warnings, seconds). Raises :class:`FormatError` naming the
-    tar and byte offset for a damaged or ambiguous archive, or a duplicate key.
+    skipped: :class:`Skipped` ``(member, reason)`` tuples, warnings, seconds). Raises
+    :class:`FormatError` naming the tar and byte offset for a damaged or ambiguous archive, or
+    a duplicate key. ``progress(phase, tars_done, tars_total, bytes_read, bytes_total)``.
     """
     if isinstance(tars, (str, bytes, os.PathLike)):
         tars = [tars]
-    return _core.index_tars([os.fsdecode(t) for t in tars], os.fsdecode(output), group_by_basename=group_by_basename, force=force, link=link)
+    summary = _core.index_tars([os.fsdecode(t) for t in tars], os.fsdecode(output), group_by_basename=group_by_basename, force=force, link=link,
+                               progress=_progress_arg(progress))
+    return _with_skipped(summary)
 
 
 #: Default ``--zstd-dict`` size (zstd's own default).

@@ -5,6 +5,9 @@ from typing import Any, Callable, Sequence, SupportsIndex, final, overload
 
 from typing_extensions import disjoint_base
 
+# progress(phase, done, total, bytes_done, bytes_total): called about ten times a second.
+_Progress = Callable[[int, int, int, int, int], object]
+
 __all__ = [
     "merge",
     "pack",
@@ -90,8 +93,11 @@ class Reader:
         """(shard path, byte offset, stored size) of sample ``i``."""
     def glob(self, pattern: str) -> list[int]: ...
     def manifest_json(self) -> str: ...
-    def verify(self, threads: int = 4, deep: bool = False) -> dict[str, Any]: ...
-    def unpack(self, dest: str | PathLike[str]) -> int: ...
+    def verify(self, threads: int = 4, deep: bool = False, progress: _Progress | None = None) -> dict[str, Any]: ...
+    def unpack(self, dest: str | PathLike[str], progress: _Progress | None = None) -> int: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
 
 def pack(
     sources: list[str],
@@ -106,7 +112,7 @@ def pack(
     force: bool = False,
     resume: bool = False,
     options_json: str | None = None,
-    progress: Callable[[int, int, int, int], object] | None = None,
+    progress: _Progress | None = None,
     compress: str = "none",
     zstd_dict: int = 0,
     format: str = "tar",
@@ -129,13 +135,13 @@ def plan(
     compress: str = "none",
     zstd_dict: int = 0,
     format: str = "tar",
-    progress: Callable[[int, int, int, int], object] | None = None,
+    progress: _Progress | None = None,
     parts: int | None = None,
 ) -> dict[str, Any]:
     """Writes the plan file ``output`` (file list and shard boundaries) for ``pack(..., plan=,
     part=)``; returns {files, shards, bytes, plan_bytes, skipped}."""
 
-def merge(output: str, *, verify: bool = False) -> dict[str, Any]: ...
+def merge(output: str, *, verify: bool = False, progress: _Progress | None = None) -> dict[str, Any]: ...
 def index_tars(
     tars: list[str],
     output: str,
@@ -144,6 +150,7 @@ def index_tars(
     force: bool = False,
     link: str = "symlink",
     threads: int = 0,
+    progress: _Progress | None = None,
 ) -> dict[str, Any]: ...
 
 @final

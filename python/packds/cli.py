@@ -28,55 +28,99 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-class _PackLog:
-    """Pack progress as plain log lines (stderr is a file, e.g. a Slurm job's output): one line at
-    once, then one every ``every`` seconds, with the phase, files and bytes done, rate and ETA.
-    No carriage returns: readable with ``less`` and ``grep``."""
+class _Log:
+    """Progress of a long command as plain log lines (stderr is a file, e.g. a Slurm job's
+    output): one line at once, then one every ``every`` seconds, with the command, the phase,
+    the items and bytes done of their totals, the rates and an ETA. No carriage returns:
+    readable with ``less`` and ``grep``. Called as the core's progress callback
+    ``(phase, done, total, bytes_done, bytes_total)``; ``phases`` names each phase."""
 
-    PHASES = ("scanning", "packing", "finishing", "done")
-
-    def __init__(self, every: float) -> None:
+    def __init__(self, command: str, phases: tuple[str, ...], unit: str = "files", every: float = 10.0) -> None:
+        self.command, self.phases, self.unit = command, phases, unit
         self.every, self.t0, self.last = every, time.monotonic(), None
-        self.state = (0, 0, 0, 0)
+        self.phase_t0: tuple[int, float] = (-1, self.t0)
+        self.state: tuple[int, ...] = (0, 0, 0, 0, 0)
 
-    def __call__(self, phase: int, done: int, total: int, nbytes: int) -> None:
-        self.state = (phase, done, total, nbytes)
+    def __call__(self, phase: int, done: int, total: int, nbytes: int, bytes_total: int = 0) -> None:
+        self.state = (phase, done, total, nbytes, bytes_total)
         now = time.monotonic()
+        if self.phase_t0[0] != phase:
+            self.phase_t0 = (phase, now)
         if self.last is not None and now - self.last < self.every:
             return
         self.last = now
-        secs = max(now - self.t0, 1e-9)
-        what = self.PHASES[min(phase, 3)]
-        if phase == 0:
-            line = f"packds: pack: {what} the source tree ({secs:.0f} s)"
-        else:
-            pct = f" ({100.0 * done / total:.1f}%)" if total else ""
-            eta = ""
-            if 0 < done < total:
-                left = (total - done) * secs / done
-                eta = f", ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
-            line = f"packds: pack: {what} {done:,} / {total:,} files{pct}, {human(nbytes)}, {done / secs:,.0f} files/s, {nbytes / secs / 1e6:,.1f} MB/s{eta}"
-        print(line, file=sys.stderr, flush=True)
+        print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        phase, done, total, nbytes, bytes_total = self.state
+        what = self.phases[min(phase, len(self.phases) - 1)]
+        secs = max(now - self.phase_t0[1], 1e-9)
+        head = f"packds: {self.command}: {what}"
+        if not total and not nbytes:
+            return f"{head} ({now - self.t0:.0f} s)"
+        parts = []
+        if total:
+            parts.append(f"{done:,} / {total:,} {self.unit} ({100.0 * done / total:.1f}%)")
+        parts.append(human(nbytes) + (f" of {human(bytes_total)}" if bytes_total else ""))
+        if total:
+            parts.append(f"{done / secs:,.0f} {self.unit}/s")
+        parts.append(f"{nbytes / secs / 1e6:,.1f} MB/s")
+        # The ETA from bytes where their total is known (sizes vary more than counts), else items.
+        frac = nbytes / bytes_total if bytes_total else (done / total if total else 0.0)
+        if 0 < frac < 1:
+            left = secs * (1 - frac) / frac
+            parts.append(f"ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
+        return f"{head} " + ", ".join(parts)
+
+    def done_of_total(self) -> str:
+        """``37 of 120 files`` (what an interrupt reports), or "" before any total is known."""
+        _, done, total, _, _ = self.state
+        return f"{done:,} of {total:,} {self.unit}" if total else ""
 
 
-def _progress_bar(quiet: bool, every: float = 10.0, log: _PackLog | None = None):
-    if quiet:
-        return None, lambda: None
+def _progress(a: argparse.Namespace, log: _Log):
+    """The progress callback for a command and a function that ends it: tqdm on a terminal,
+    log lines (``log``) when stderr is a file, nothing with --quiet. Either way ``log.state``
+    keeps the latest counters (an interrupt message reports them)."""
+    if getattr(a, "quiet", False):
+        def quiet(*st) -> None:
+            log.state = st
+        return quiet, lambda: None
     if not sys.stderr.isatty():
-        return (log or _PackLog(every)), lambda: None
+        return log, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="file", unit_scale=True, file=sys.stderr, dynamic_ncols=True, desc="scanning")
+    bar = tqdm(total=0, unit=log.unit.rstrip("s") or "item", unit_scale=True, file=sys.stderr, dynamic_ncols=True, desc=log.phases[0])
 
-    def update(phase: int, done: int, total: int, nbytes: int) -> None:
-        if phase >= 1 and bar.total != total:
+    def update(phase: int, done: int, total: int, nbytes: int, bytes_total: int = 0) -> None:
+        log.state = (phase, done, total, nbytes, bytes_total)
+        desc = log.phases[min(phase, len(log.phases) - 1)]
+        if bar.total != total or bar.desc != desc:
             bar.total = total
-            bar.set_description("packing")
+            bar.set_description(desc)
         bar.n = done
-        bar.set_postfix_str(human(nbytes), refresh=False)
+        bar.set_postfix_str(human(nbytes) + (f" / {human(bytes_total)}" if bytes_total else ""), refresh=False)
         bar.refresh()
 
     return update, bar.close
+
+
+def _long(a: argparse.Namespace, log: _Log, call, interrupted=None):
+    """Runs ``call(progress)`` with progress shown (see ``_progress``). On Ctrl-C or SIGTERM it
+    prints ``packds: COMMAND interrupted after N of M ITEMS`` and what ``interrupted(log)``
+    says is kept and what to run, then lets the interrupt end the command."""
+    update, close = _progress(a, log)
+    try:
+        return call(update)
+    except KeyboardInterrupt:
+        close()
+        seen = log.done_of_total()
+        what = interrupted(log) if interrupted else None
+        print(f"packds: {log.command} interrupted" + (f" after {seen}" if seen else "") + (f"; {what}" if what else ""), file=sys.stderr)
+        _Terminated.reported = True
+        raise
+    finally:
+        close()
 
 
 def _pack_options(a: argparse.Namespace) -> dict:
@@ -97,22 +141,7 @@ def _pack_options(a: argparse.Namespace) -> dict:
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
-    import signal
-
     from . import pack
-
-    def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
-        _Terminated.signalled = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    log = _PackLog(a.progress_interval)
-    bar, close = _progress_bar(a.quiet, log=log)
-
-    def update(*st) -> None:
-        log.state = st  # what an interrupt reports
-        if bar is not None:
-            bar(*st)
 
     options = _pack_options(a)
     if a.part is not None:
@@ -123,18 +152,16 @@ def cmd_pack(a: argparse.Namespace) -> int:
         options["remove_source"] = True
     if a.dry_run:
         options["dry_run"] = True
-    try:
-        s = pack(a.sources, a.output, force=a.force, resume=a.resume, progress=update, **options)
-    except KeyboardInterrupt:
-        close()
-        _, done, total, _ = log.state
+
+    def kept(log: _Log) -> str | None:
         if a.part is None and os.path.isdir(a.output):
-            seen = f" after {done:,} of {total:,} files" if total else ""
-            print(f"packds: pack interrupted{seen}; the completed shards in {a.output} are kept: "
-                  "rerun the same command with --resume to finish", file=sys.stderr)
-        raise
-    finally:
-        close()
+            return f"the completed shards in {a.output} are kept: rerun the same command with --resume to finish"
+        if a.part is not None:
+            return "the part's completed shards are kept: rerun the same array task to finish it (it resumes)"
+        return None
+
+    log = _Log("pack", ("scanning the source tree", "packing", "finishing", "done"), "files", a.progress_interval)
+    s = _long(a, log, lambda progress: pack(a.sources, a.output, force=a.force, resume=a.resume, progress=progress, **options), kept)
     removed = s.get("removed")
     if removed is not None and removed["dry_run"]:
         return _dry_run_report(a, s)
@@ -223,7 +250,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     options = _pack_options(a)
     t = time.perf_counter()
-    s = plan(a.sources, a.output, parts=a.parts, **options)
+    log = _Log("plan", ("walking the source tree", "reading file sizes"), "files", a.progress_interval)
+    s = _long(a, log, lambda progress: plan(a.sources, a.output, parts=a.parts, progress=progress, **options), lambda _: "no plan was written")
     if a.parts and s["shards"] < a.parts:
         size = -(-s["bytes"] // a.parts)
         print(
@@ -247,7 +275,9 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from . import merge
 
     t = time.perf_counter()
-    s = merge(a.dataset, verify=a.verify)
+    log = _Log("merge", ("checking the parts", "moving shards", "writing the index and manifest"), "shards", a.progress_interval)
+    s = _long(a, log, lambda progress: merge(a.dataset, verify=a.verify, progress=progress),
+              lambda _: f"run `packds merge {a.dataset}` again to finish (a merge that was stopped is completed by the next one)")
     if a.json:
         print(json.dumps(s))
     if not a.quiet:
@@ -257,16 +287,11 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 
 def cmd_index(a: argparse.Namespace) -> int:
-    import signal
-
     from . import index_tars
 
-    def on_term(signum, frame):  # SIGTERM: cancel cleanly like Ctrl-C
-        _Terminated.signalled = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    s = index_tars(a.tars, a.output, group_by_basename=a.group_by_basename, force=a.force, link=a.link)
+    log = _Log("index", ("starting", "reading the tars", "writing the index and manifest"), "tars", a.progress_interval)
+    s = _long(a, log, lambda progress: index_tars(a.tars, a.output, group_by_basename=a.group_by_basename, force=a.force, link=a.link, progress=progress),
+              lambda _: f"nothing was written to {a.output}; rerun the command")
     if a.json:
         print(json.dumps(_json_summary(s), default=str))
     if not a.quiet:
@@ -367,8 +392,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from . import open as pds_open
 
     t = time.perf_counter()
-    ds = pds_open(a.dataset)
-    r = ds.verify(threads=a.threads, deep=a.deep)
+    log = _Log("verify", ("reading the index", "checking"), "samples", a.progress_interval)
+    with pds_open(a.dataset) as ds:
+        r = _long(a, log, lambda progress: ds.verify(threads=a.threads, deep=a.deep, progress=progress), lambda _: f"nothing was changed: run `packds verify {a.dataset}` again")
+        v2 = ds.format_version > 1
     dt = time.perf_counter() - t
     if a.json:
         print(json.dumps({"dataset": a.dataset, "ok": not r["problems"], "seconds": dt, **r}, default=str))
@@ -378,9 +405,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
         print(f"packds: error: {a.dataset}: {len(r['problems'])} problem(s) found", file=sys.stderr)
         print("hint: copy or pack the dataset again from its source", file=sys.stderr)
         return 1
+    if a.quiet:
+        return 0
     print(
         f"packds: {a.dataset} OK: {r['samples']:,} samples, {r['shards']} shard(s), {human(r['bytes'])} checked"
-        + (f", {r['decoded']:,} compressed samples decoded and checked" if a.deep and ds.format_version > 1 else "")
+        + (f", {r['decoded']:,} compressed samples decoded and checked" if a.deep and v2 else "")
         + f" in {dt:.2f} s",
         file=sys.stderr,
     )
@@ -391,7 +420,10 @@ def cmd_unpack(a: argparse.Namespace) -> int:
     from . import open as pds_open
 
     t = time.perf_counter()
-    n = pds_open(a.dataset).unpack(a.dest)
+    log = _Log("unpack", ("starting", "writing files"), "files", a.progress_interval)
+    with pds_open(a.dataset) as ds:
+        n = _long(a, log, lambda progress: ds.unpack(a.dest, progress=progress),
+                  lambda _: f"the files written so far are in {a.dest}, each complete; to start again, unpack into an empty directory")
     if a.json:
         print(json.dumps({"dataset": a.dataset, "dest": a.dest, "files": n, "seconds": time.perf_counter() - t}))
     if not a.quiet:
@@ -406,8 +438,6 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_stage(a: argparse.Namespace) -> int:
-    import signal
-
     from .stage import plan, stage_record
 
     opts = dict(policy=a.policy, memory_limit=a.memory_limit, reserve=a.reserve)
@@ -421,11 +451,6 @@ def cmd_stage(a: argparse.Namespace) -> int:
                 print(f"packds: {k:>16}: {shown}", file=sys.stderr)
         return 0
 
-    def on_term(signum, frame):  # SIGTERM (scancel, time limit): cancel cleanly like Ctrl-C
-        _Terminated.signalled = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
     rec = stage_record(a.source, a.to, jobs=a.jobs, quiet=a.quiet, lock_timeout=a.lock_timeout, **opts)
     if a.json:
         keys = ("policy", "path", "bytes", "seconds", "mb_per_s", "copied", "reason")
@@ -445,6 +470,21 @@ class _Terminated:
     """Set by the SIGTERM handlers, which cancel through KeyboardInterrupt like Ctrl-C."""
 
     signalled = False
+    reported = False  # the command said what was interrupted and what is kept
+
+
+def _cancel_on_sigterm() -> None:
+    """SIGTERM (scancel, a time limit; Slurm sends SIGKILL 30 s later) cancels the command
+    cleanly, as Ctrl-C does: the core stops within about a second and cleans up."""
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        _Terminated.signalled = True
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--part $SLURM_ARRAY_TASK_ID (a task rerun alone too); warns when there are fewer shards than parts")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("merge", help="join the parts of a partitioned pack (no data copied)",
@@ -523,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="also check every part shard's XXH3-128 before merging (reads all the data)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser(
@@ -541,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
     s.add_argument("-q", "--quiet", action="store_true", help="no summary")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("info", help="describe a dataset")
@@ -566,7 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("--deep", action="store_true", help="also decompress every compressed sample and check it against its CRC32C")
     s.add_argument("--threads", type=int, default=4, metavar="N")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary (problems are still listed)")
     s.add_argument("--json", action="store_true", help="the result as JSON on stdout: {dataset, ok, samples, shards, bytes, problems, ...}")
+    s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("unpack", help="extract every sample into a directory")
@@ -574,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dest")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true", help="the result as JSON on stdout: {dataset, dest, files, seconds}")
+    s.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a Slurm log), print a progress line at once and then every SECONDS (default 10)")
     s.set_defaults(func=cmd_unpack)
 
     s = sub.add_parser(
@@ -637,10 +688,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("pack needs SRC (the directories or files to pack), or --plan PLAN with --part I/N")
     if args.cmd == "pack" and args.plan is not None and args.part is None:
         parser.error("pack --plan needs --part I/N (a plan is packed part by part; then `packds merge`)")
+    _cancel_on_sigterm()
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("packds: interrupted", file=sys.stderr)
+        if not _Terminated.reported:
+            print("packds: interrupted", file=sys.stderr)
         # 128 + the signal: 143 for SIGTERM (scancel, a time limit), 130 for Ctrl-C.
         return 143 if _Terminated.signalled else 130
     except BrokenPipeError:

@@ -79,7 +79,7 @@ fn h5_writer(w: Bound<'_, PyAny>) -> core_pack::H5Writer {
 }
 
 /// Packs `sources` into the dataset directory `output`. Runs on a worker thread with the GIL
-/// released; `progress(phase, files_done, files_total, bytes_done)` is called about ten times a
+/// released; `progress(phase, files_done, files_total, bytes_done, bytes_total)` is called about ten times a
 /// second. Ctrl-C cancels cleanly (completed shards stay for `resume=True`).
 #[pyfunction]
 #[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=0, follow_symlinks=false,
@@ -202,9 +202,9 @@ pub fn plan<'py>(
 
 /// Joins the finished parts of a partitioned pack in `output` into one dataset (GIL released).
 #[pyfunction]
-#[pyo3(signature = (output, *, verify = false))]
-pub fn merge<'py>(py: Python<'py>, output: PathBuf, verify: bool) -> PyResult<Bound<'py, PyDict>> {
-    let s = py.detach(|| crate::plan::merge(&output, verify)).map_err(to_py)?;
+#[pyo3(signature = (output, *, verify = false, progress = None))]
+pub fn merge<'py>(py: Python<'py>, output: PathBuf, verify: bool, progress: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
+    let s = run_cancellable(py, progress.as_ref(), move |p| crate::plan::merge_progress(&output, verify, p))?;
     let d = PyDict::new(py);
     d.set_item("parts", s.parts)?;
     d.set_item("samples", s.samples)?;
@@ -216,20 +216,30 @@ pub fn merge<'py>(py: Python<'py>, output: PathBuf, verify: bool) -> PyResult<Bo
 
 /// Runs `work` as a core [`Job`] while this thread waits with the GIL released; every 100 ms
 /// it checks for signals (Ctrl-C cancels the job cleanly) and calls
-/// `progress(phase, done, total, bytes)`.
+/// `progress(phase, done, total, bytes_done, bytes_total)`.
 pub(crate) fn run_cancellable<T: Send + 'static>(
     py: Python<'_>,
     progress: Option<&Bound<'_, PyAny>>,
     work: impl FnOnce(&Progress) -> crate::Result<T> + Send + 'static,
 ) -> PyResult<T> {
-    let mut job = Job::spawn("packds-pack", work).map_err(to_py)?;
+    let mut job = Job::spawn("packds-work", work).map_err(to_py)?;
+    // The first report after 100 ms (a log gets its first line then; a command that fails at
+    // once prints only its error), then every 100 ms.
     loop {
         if let Some(r) = py.detach(|| job.wait(Duration::from_millis(100))) {
             return r.map_err(to_py);
         }
         let st = job.progress();
         let cb = py.check_signals().and_then(|_| match &progress {
-            Some(cb) => cb.call1((st.phase.load(Relaxed), st.files_done.load(Relaxed), st.files_total.load(Relaxed), st.bytes_done.load(Relaxed))).map(|_| ()),
+            Some(cb) => cb
+                .call1((
+                    st.phase.load(Relaxed),
+                    st.files_done.load(Relaxed),
+                    st.files_total.load(Relaxed),
+                    st.bytes_done.load(Relaxed),
+                    st.bytes_total.load(Relaxed),
+                ))
+                .map(|_| ()),
             None => Ok(()),
         });
         if let Err(e) = cb {

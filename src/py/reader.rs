@@ -4,6 +4,7 @@
 
 use super::errors::to_py;
 use crate::read::{OpenOptionsPds, Reader};
+use arc_swap::{ArcSwapOption, Guard};
 use pyo3::exceptions::{PyIndexError, PyKeyError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PySlice, PyString};
@@ -12,10 +13,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// An opened dataset (use `packds.open`). Immutable and safe to share between threads; after a
-/// fork the child keeps using the same mappings.
+/// fork the child keeps using the same mappings. `close()` drops its reader (mappings and
+/// descriptors go once reads in flight on other threads finish); any use after it raises
+/// ValueError.
 #[pyclass(frozen, subclass, name = "Reader", module = "packds._core")]
 pub struct PyReader {
-    pub(crate) inner: Arc<Reader>,
+    /// None once closed. Loading it is a few nanoseconds and no lock (arc-swap).
+    inner: ArcSwapOption<Reader>,
     pub(crate) path: PathBuf,
     /// `open(..., verify=True)`: every read checks the sample's CRC32C.
     check: bool,
@@ -83,9 +87,35 @@ fn shown(i: &Bound<'_, PyAny>) -> String {
     i.str().map_or_else(|_| "(an integer too large to print)".into(), |s| s.to_string())
 }
 
+/// The reader of an open dataset, borrowed for one call.
+pub(crate) struct Open(Guard<Option<Arc<Reader>>>);
+
+impl std::ops::Deref for Open {
+    type Target = Reader;
+    fn deref(&self) -> &Reader {
+        // Only made by `PyReader::r`, which checked it.
+        self.0.as_deref().expect("an open reader")
+    }
+}
+
 impl PyReader {
+    /// The reader, or ValueError when the dataset was closed.
+    pub(crate) fn r(&self) -> PyResult<Open> {
+        let g = self.inner.load();
+        if g.is_none() {
+            return Err(PyValueError::new_err(format!("the dataset {} is closed: open it again with packds.open()", self.path.display())));
+        }
+        Ok(Open(g))
+    }
+
+    /// The reader itself (for work on another thread), or ValueError when closed.
+    pub(crate) fn arc(&self) -> PyResult<Arc<Reader>> {
+        let _ = self.r()?;
+        self.inner.load_full().ok_or_else(|| PyValueError::new_err(format!("the dataset {} is closed", self.path.display())))
+    }
+
     fn norm(&self, i: &Bound<'_, PyAny>) -> PyResult<usize> {
-        position_arg(i, self.inner.len())
+        position_arg(i, self.r()?.len())
     }
 
     /// A sample given by position (any integer) or by key (str or bytes: KeyError when absent).
@@ -98,7 +128,7 @@ impl PyReader {
 
     /// Bytes of the samples at these positions: one list, GIL released while they are copied.
     fn many<'py>(&self, py: Python<'py>, idx: Vec<usize>) -> PyResult<Bound<'py, PyList>> {
-        let r = &*self.inner;
+        let r = &*self.r()?;
         let mut objs = Vec::with_capacity(idx.len());
         let mut bufs = Vec::with_capacity(idx.len());
         for &j in &idx {
@@ -111,7 +141,8 @@ impl PyReader {
     }
 
     fn key_of<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyAny>> {
-        let k = self.inner.key(i).map_err(to_py)?;
+        let r = self.r()?;
+        let k = r.key(i).map_err(to_py)?;
         match std::str::from_utf8(k) {
             Ok(s) => Ok(PyString::new(py, s).into_any()),
             // Like os.fsdecode: undecodable bytes become lone surrogates and round-trip.
@@ -120,11 +151,11 @@ impl PyReader {
     }
 
     fn find(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
-        self.inner.find(&key_arg(key)?).map_err(to_py)
+        self.r()?.find(&key_arg(key)?).map_err(to_py)
     }
 
     pub(crate) fn sample<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let r = &*self.inner;
+        let r = &*self.r()?;
         let e = r.entry(i).map_err(to_py)?;
         if e.codec == crate::codec::RAW && !self.check {
             // One copy straight from the mapping.
@@ -147,7 +178,7 @@ impl PyReader {
     fn new(py: Python<'_>, path: PathBuf, populate: bool, verify: bool) -> PyResult<Self> {
         let p = path.clone();
         let r = py.detach(move || Reader::open_with(&p, OpenOptionsPds { populate })).map_err(to_py)?;
-        Ok(PyReader { inner: Arc::new(r), path, check: verify })
+        Ok(PyReader { inner: ArcSwapOption::from_pointee(r), path, check: verify })
     }
 
     /// Whether every read checks the sample's CRC32C (`open(..., verify=True)`).
@@ -162,8 +193,20 @@ impl PyReader {
         self.path.clone().into_os_string()
     }
 
-    fn __len__(&self) -> usize {
-        self.inner.len()
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.r()?.len())
+    }
+
+    /// Releases the dataset: its mappings and open files go as soon as no read on another
+    /// thread still uses them. Using it afterwards raises ValueError; closing twice is harmless.
+    fn close(&self) {
+        self.inner.store(None);
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.load().is_none()
     }
 
     /// `ds[i]` (negative counts from the end) or `ds[key]` → the sample's bytes; `ds[a:b:c]`
@@ -173,7 +216,7 @@ impl PyReader {
     /// one out of range, of any size, raises IndexError. A str or bytes is a key (KeyError).
     fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         if let Ok(s) = idx.cast::<PySlice>() {
-            let ind = s.indices(self.inner.len() as isize)?;
+            let ind = s.indices(self.r()?.len() as isize)?;
             let idx = (0..ind.slicelength).map(|k| (ind.start + k as isize * ind.step) as usize).collect();
             return self.many(py, idx).map(Bound::into_any);
         }
@@ -208,14 +251,14 @@ impl PyReader {
         out: Option<Bound<'py, PyByteArray>>,
     ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u64>)> {
         let (a, b) = (bound_arg(start)?, bound_arg(stop)?);
-        let n = self.inner.len() as i64;
+        let n = self.r()?.len() as i64;
         if a > b {
             return Err(PyValueError::new_err(format!("read_range({}, {}): start is after stop", shown(start), shown(stop))));
         }
         if a < 0 || b > n {
             return Err(PyIndexError::new_err(format!("sample range {}..{} out of range ({n} samples)", shown(start), shown(stop))));
         }
-        let (a, b, check, r) = (a as usize, b as usize, self.check, &*self.inner);
+        let (a, b, check, r) = (a as usize, b as usize, self.check, &*self.r()?);
         let offsets = py.detach(|| r.range_offsets(a, b, check)).map_err(to_py)?;
         let need = offsets.last().copied().unwrap_or(0) as usize;
         let buf = match out {
@@ -246,53 +289,54 @@ impl PyReader {
     /// order, covering every sample once, each inside one shard and spanning about
     /// `target_bytes` stored bytes. GIL released.
     fn blocks(&self, py: Python<'_>, target_bytes: u64) -> PyResult<Vec<(usize, usize)>> {
-        let r = &*self.inner;
+        let r = &*self.r()?;
         py.detach(|| r.blocks(target_bytes)).map_err(to_py)
     }
 
     /// `(start, stop)`: the positions of the keys that start with `prefix` (str or bytes); they
     /// form one run, keys being sorted byte-wise (`start == stop` when there is none). O(log n).
     fn key_range(&self, prefix: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
-        self.inner.key_range(&key_arg(prefix)?).map_err(to_py)
+        self.r()?.key_range(&key_arg(prefix)?).map_err(to_py)
     }
 
     /// The stored bytes of sample `i` (the zstd frame of a compressed sample; the same as
     /// `ds[i]` for one stored raw).
     fn raw<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.at(i)?;
-        let e = self.inner.entry(j).map_err(to_py)?;
-        let b = PyBytes::new(py, &self.inner.stored(&e).map_err(to_py)?);
-        self.inner.check_intact(e.shard).map_err(to_py)?;
+        let e = self.r()?.entry(j).map_err(to_py)?;
+        let b = PyBytes::new(py, &self.r()?.stored(&e).map_err(to_py)?);
+        self.r()?.check_intact(e.shard).map_err(to_py)?;
         Ok(b)
     }
 
     /// Stored size of sample `i` (equal to `size(i)` unless it is compressed).
     fn stored_size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
         let j = self.at(i)?;
-        self.inner.stored_size(j).map_err(to_py)
+        self.r()?.stored_size(j).map_err(to_py)
     }
 
     /// How sample `i` is stored: 0 raw, 1 zstd, 2 zstd with the dataset's dictionary.
     fn _codec(&self, i: &Bound<'_, PyAny>) -> PyResult<u8> {
         let j = self.at(i)?;
-        Ok(self.inner.entry(j).map_err(to_py)?.codec)
+        Ok(self.r()?.entry(j).map_err(to_py)?.codec)
     }
 
     /// The dataset's zstd dictionary (bytes), or None.
-    fn zstd_dict<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        self.inner.index().dict().map(|d| PyBytes::new(py, d))
+    fn zstd_dict<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        Ok(self.r()?.index().dict().map(|d| PyBytes::new(py, d)))
     }
 
     /// Index format version (1: all samples stored raw; 2: with a codec section).
     #[getter]
-    fn format_version(&self) -> u32 {
-        self.inner.index().version()
+    fn format_version(&self) -> PyResult<u32> {
+        Ok(self.r()?.index().version())
     }
 
     /// Sample `i`'s bytes after checking its CRC32C (raises ChecksumError).
     fn get_checked<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.at(i)?;
-        let b = self.inner.get_checked(j).map_err(to_py)?;
+        let r = self.r()?;
+        let b = r.get_checked(j).map_err(to_py)?;
         Ok(PyBytes::new(py, &b))
     }
 
@@ -305,7 +349,7 @@ impl PyReader {
     /// Key of sample `i` as raw bytes.
     fn key_bytes<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
         let j = self.norm(i)?;
-        Ok(PyBytes::new(py, self.inner.key(j).map_err(to_py)?))
+        Ok(PyBytes::new(py, self.r()?.key(j).map_err(to_py)?))
     }
 
     /// Position of `key` (str or bytes); KeyError if absent. O(log n).
@@ -321,34 +365,36 @@ impl PyReader {
     /// Size in bytes of sample `i` (its original size: `len(ds[i])`).
     fn size(&self, i: &Bound<'_, PyAny>) -> PyResult<u64> {
         let j = self.at(i)?;
-        self.inner.size(j).map_err(to_py)
+        self.r()?.size(j).map_err(to_py)
     }
 
     /// (shard path, byte offset, stored size) of sample `i`.
     fn locate(&self, i: &Bound<'_, PyAny>) -> PyResult<(std::ffi::OsString, u64, u64)> {
         let j = self.at(i)?;
-        let (p, o, n) = self.inner.locate(j).map_err(to_py)?;
+        let (p, o, n) = self.r()?.locate(j).map_err(to_py)?;
         Ok((p.into_os_string(), o, n))
     }
 
     /// Positions of the keys matching a glob pattern (same syntax as `pack --include`).
     fn glob(&self, py: Python<'_>, pattern: &str) -> PyResult<Vec<usize>> {
-        let r = &*self.inner;
+        let r = &*self.r()?;
         py.detach(|| r.glob(pattern)).map_err(to_py)
     }
 
     /// The manifest, as JSON text.
     fn manifest_json(&self) -> PyResult<String> {
-        serde_json::to_string(self.inner.manifest()).map_err(|e| PyValueError::new_err(e.to_string()))
+        serde_json::to_string(self.r()?.manifest()).map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     /// Full check (index, shard checksums, every raw sample's CRC32C; with `deep`, every
-    /// compressed sample decoded and checked too); GIL released. Returns a dict with `samples`,
-    /// `shards`, `bytes`, `decoded`, `problems` (a list of messages; empty when all is well).
-    #[pyo3(signature = (threads=4, deep=false))]
-    fn verify<'py>(&self, py: Python<'py>, threads: usize, deep: bool) -> PyResult<Bound<'py, PyDict>> {
-        let r = &*self.inner;
-        let rep = py.detach(|| r.verify_with(threads, deep)).map_err(to_py)?;
+    /// compressed sample decoded and checked too), on a worker thread with the GIL released
+    /// (Ctrl-C cancels it). Returns a dict with `samples`, `shards`, `bytes`, `decoded`,
+    /// `problems` (a list of messages; empty when all is well). `progress(phase, samples_done,
+    /// samples_total, bytes_done, bytes_total)` is called about ten times a second.
+    #[pyo3(signature = (threads=4, deep=false, progress=None))]
+    fn verify<'py>(&self, py: Python<'py>, threads: usize, deep: bool, progress: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.arc()?;
+        let rep = super::run_cancellable(py, progress.as_ref(), move |p| r.verify_progress(threads, deep, p))?;
         let d = PyDict::new(py);
         d.set_item("samples", rep.samples)?;
         d.set_item("decoded", rep.decoded)?;
@@ -358,9 +404,12 @@ impl PyReader {
         Ok(d)
     }
 
-    /// Extracts every sample under `dest`; GIL released. Returns the number of files.
-    fn unpack(&self, py: Python<'_>, dest: PathBuf) -> PyResult<u64> {
-        let r = &*self.inner;
-        py.detach(|| r.unpack(&dest)).map_err(to_py)
+    /// Extracts every sample under `dest` on a worker thread with the GIL released (Ctrl-C
+    /// cancels it between two files). Returns the number of files. `progress(phase, files_done,
+    /// files_total, bytes_done, bytes_total)` is called about ten times a second.
+    #[pyo3(signature = (dest, progress=None))]
+    fn unpack(&self, py: Python<'_>, dest: PathBuf, progress: Option<Bound<'_, PyAny>>) -> PyResult<u64> {
+        let r = self.arc()?;
+        super::run_cancellable(py, progress.as_ref(), move |p| r.unpack_progress(&dest, p))
     }
 }

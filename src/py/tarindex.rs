@@ -12,8 +12,9 @@ use std::path::PathBuf;
 /// Indexes existing tar files in place into the dataset directory `output`; returns a summary
 /// dict (output, tars, samples, bytes, groups, skipped [(member, reason)], warnings, seconds).
 #[pyfunction]
-#[pyo3(signature = (tars, output, *, group_by_basename=false, force=false, link=Link::Symlink, threads=0),
-    text_signature = "(tars, output, *, group_by_basename=False, force=False, link='symlink', threads=0)")]
+#[pyo3(signature = (tars, output, *, group_by_basename=false, force=false, link=Link::Symlink, threads=0, progress=None),
+    text_signature = "(tars, output, *, group_by_basename=False, force=False, link='symlink', threads=0, progress=None)")]
+#[allow(clippy::too_many_arguments)] // the Python keyword arguments
 pub fn index_tars<'py>(
     py: Python<'py>,
     tars: Vec<PathBuf>,
@@ -22,9 +23,10 @@ pub fn index_tars<'py>(
     force: bool,
     link: Link,
     threads: usize,
+    progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = IndexTarsOptions { tars, output, group_by_basename, force, link, threads };
-    let s = super::run_cancellable(py, None, move |progress| core::index_tars(&opts, &progress.cancel))?;
+    let s = super::run_cancellable(py, progress.as_ref(), move |p| core::index_tars(&opts, p))?;
     let d = PyDict::new(py);
     d.set_item("output", s.output)?;
     d.set_item("tars", s.tars)?;
@@ -56,9 +58,9 @@ impl PyGroups {
         super::reader::position_arg(i, self.groups.len())
     }
 
-    fn key_bytes_of<'a>(&self, r: &'a PyReader, g: usize) -> PyResult<&'a [u8]> {
+    fn key_bytes_of<'a>(&self, r: &'a crate::read::Reader, g: usize) -> PyResult<&'a [u8]> {
         let (start, _, klen) = self.groups[g];
-        Ok(&r.inner.key(start as usize).map_err(to_py)?[..klen as usize])
+        Ok(&r.key(start as usize).map_err(to_py)?[..klen as usize])
     }
 }
 
@@ -73,7 +75,7 @@ fn decode<'py>(py: Python<'py>, k: &[u8]) -> PyResult<Bound<'py, PyAny>> {
 impl PyGroups {
     #[new]
     fn new(py: Python<'_>, reader: Bound<'_, PyReader>) -> PyResult<Self> {
-        let r = reader.get().inner.clone();
+        let r = reader.get().arc()?;
         let dir = reader.get().path.clone();
         let groups = py
             .detach(move || {
@@ -97,8 +99,8 @@ impl PyGroups {
     /// Key of sample `i` (str, like os.fsdecode).
     fn key<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let g = self.norm(i)?;
-        let r = self.reader.get();
-        decode(py, self.key_bytes_of(r, g)?)
+        let r = self.reader.get().r()?;
+        decode(py, self.key_bytes_of(&r, g)?)
     }
 
     /// Position of the sample with key `key` (str or bytes), or None. O(log n).
@@ -110,7 +112,7 @@ impl PyGroups {
         } else {
             return Err(pyo3::exceptions::PyTypeError::new_err("a key is a str (or bytes)"));
         };
-        let r = &self.reader.get().inner;
+        let r = self.reader.get().r()?;
         let sample_key = |g: usize| {
             let (start, _, klen) = self.groups[g];
             r.key(start as usize).map(|k| k.get(..klen as usize).unwrap_or(k))
@@ -123,13 +125,14 @@ impl PyGroups {
     fn item<'py>(&self, py: Python<'py>, i: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let g = self.norm(i)?;
         let (start, n, klen) = self.groups[g];
-        let r = self.reader.get();
+        let reader = self.reader.get();
+        let r = reader.r()?;
         let d = PyDict::new(py);
-        d.set_item("__key__", decode(py, self.key_bytes_of(r, g)?)?)?;
+        d.set_item("__key__", decode(py, self.key_bytes_of(&r, g)?)?)?;
         for j in start as usize..start as usize + n as usize {
-            let k = r.inner.key(j).map_err(to_py)?;
+            let k = r.key(j).map_err(to_py)?;
             let field = k.get(klen as usize + 1..).ok_or_else(|| PyKeyError::new_err("dataset changed under its groups"))?;
-            d.set_item(decode(py, field)?, r.sample(py, j)?)?;
+            d.set_item(decode(py, field)?, reader.sample(py, j)?)?;
         }
         Ok(d)
     }
