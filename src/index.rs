@@ -467,6 +467,46 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
     Ok(ConcatSummary { samples: n, total_bytes: raw_total, stored_bytes: stored_total, file_size: file_size as u64, xxh3_128: hash.digest128() })
 }
 
+/// Writes to `out` (atomically) one index of `parts` whose keys are in no particular order
+/// across parts (a dataset written sample by sample): entries sorted by key, each pointing at
+/// its data wherever it lies ([`FLAG_UNORDERED`]); `coded`: with a codec section (no
+/// dictionary). Keys must be unique. Memory is O(samples).
+pub fn merge_unordered(parts: &[Index], out: &Path, coded: bool) -> Result<ConcatSummary> {
+    let mut all: Vec<(&[u8], Entry)> = Vec::new();
+    let mut base = 0u32;
+    let mut b = if coded { IndexBuilder::new_coded(&[]) } else { IndexBuilder::new() };
+    b.unordered = true;
+    for p in parts {
+        for i in 0..p.len() {
+            let mut e = p.entry(i)?;
+            e.shard += base;
+            all.push((p.key(i)?, e));
+        }
+        for sh in p.shards() {
+            b.push_shard(sh.clone());
+        }
+        base += p.shards().len() as u32;
+    }
+    all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    if let Some(w) = all.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::usage(format!("duplicate sample key {:?}", String::from_utf8_lossy(w[0].0)), "every key is written once"));
+    }
+    let mut stored = 0u64;
+    for (k, e) in &all {
+        b.push_coded(k, e.shard, e.offset, e.size, e.raw, e.codec, e.crc);
+        stored += e.size;
+    }
+    b.write_atomic(out)?;
+    let bytes = std::fs::read(out).ctx("read", out)?;
+    Ok(ConcatSummary {
+        samples: all.len() as u64,
+        total_bytes: b.total_bytes(),
+        stored_bytes: stored,
+        file_size: bytes.len() as u64,
+        xxh3_128: xxhash_rust::xxh3::xxh3_128(&bytes),
+    })
+}
+
 /// The index file's bytes: mapped, or read whole where the filesystem cannot map files.
 enum IndexBytes {
     Mapped(Mmap),

@@ -525,11 +525,17 @@ struct Done {
 }
 
 fn state_options(opts: &PackOptions, scope: &Scope) -> StateOptions {
+    // A recorded list has the roots the interrupted pack walked: this one names its own.
+    let sources = if scope.recorded { opts.sources.iter().map(|p| canonical(p)).collect() } else { scope.roots.iter().map(|r| canonical(&r.path)).collect() };
+    state_options_for(opts, sources)
+}
+
+/// The state's record of the options that shape the shards, for these source roots.
+fn state_options_for(opts: &PackOptions, sources: Vec<String>) -> StateOptions {
     StateOptions {
         version: STATE_VERSION,
         shard_size: opts.shard_size,
-        // A recorded list has the roots the interrupted pack walked: this one names its own.
-        sources: if scope.recorded { opts.sources.iter().map(|p| canonical(p)).collect() } else { scope.roots.iter().map(|r| canonical(&r.path)).collect() },
+        sources,
         format: opts.format,
         compress: opts.compress.name(),
         dict_size: opts.dict_size,
@@ -807,12 +813,29 @@ fn finish(opts: &PackOptions, parts: Vec<Index>, dict: &[u8], shards: Vec<ShardR
     let coded = !opts.compress.is_none();
     let ix = crate::index::concat(&parts, &out.join(layout::INDEX_FILE), coded.then_some(dict))?;
     drop(parts);
+    write_manifest(opts, ix, dict, shards, skipped, 1)
+}
+
+/// The manifest of a dataset whose shards and index (`ix`) are written; written last, then the
+/// pack state is removed.
+/// `min_version`: the format version at least (2 for an unordered index).
+fn write_manifest(
+    opts: &PackOptions,
+    ix: crate::index::ConcatSummary,
+    dict: &[u8],
+    shards: Vec<ShardRecord>,
+    skipped: Vec<Skipped>,
+    min_version: u32,
+) -> Result<Manifest> {
+    let out = &opts.output;
+    let coded = !opts.compress.is_none();
     let compression = coded.then(|| manifest::CompressionRecord {
         mode: opts.compress.name(),
         stored_bytes: ix.stored_bytes,
         zstd_dict: (!dict.is_empty()).then(|| manifest::DictRecord { size: dict.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(dict)) }),
     });
     let m = Manifest::new(opts.format, opts.options_json.clone(), ix.into(), shards).with_skipped(skipped).with_compression(compression);
+    let m = if m.format_version < min_version { m.with_format_version(min_version) } else { m };
     fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
     let state = out.join(STATE_DIR);
     fs::remove_dir_all(&state).ctx("remove", &state)?;
@@ -826,6 +849,7 @@ mod large;
 mod member;
 mod pipeline;
 mod remove;
+mod samples;
 mod stamp;
 mod window;
 mod writer;
@@ -833,6 +857,7 @@ mod writer;
 use dict::train_dict;
 use pipeline::{PipeRange, Pipeline};
 pub use remove::RemoveSummary;
+pub use samples::{SampleWriter, WriterSummary};
 
 #[cfg(test)]
 mod tests {

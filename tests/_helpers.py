@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -96,12 +97,16 @@ def show(r) -> str:
     return f"rc={r.returncode}\nstdout={r.stdout[:2000]!r}\nstderr={r.stderr.decode(errors='replace')[:4000]}"
 
 
+PROGRESS_LINE = re.compile(r"packds: (pack|plan|index|merge|verify|unpack|stage|build): ")
+
+
 def assert_cli_error(r, *needles, exit_code: int = 1, single: bool = True) -> str:
     """The command failed the packds way: exit 1, a ``packds: error: ...`` line that contains
     every needle, and a ``hint: ...`` line. Returns the error line."""
     assert r.returncode == exit_code, show(r)
     text = r.stderr.decode("utf-8", errors="surrogateescape")
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Progress lines (stderr is not a terminal here) may come before the error: not part of it.
+    lines = [ln for ln in text.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
     errs = [ln for ln in lines if ln.startswith("packds: error:")]
     assert len(errs) == 1, f"want exactly one error line\n{show(r)}"
     if single:

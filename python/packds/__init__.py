@@ -40,6 +40,8 @@ __all__ = [
     "Dataset",
     "Keys",
     "Skipped",
+    "Writer",
+    "build",
     "PackdsError",
     "FormatError",
     "ChecksumError",
@@ -383,6 +385,8 @@ def index_tars(tars, output, *, group_by_basename: bool = False, force: bool = F
                                progress=_progress_arg(progress))
     return _with_skipped(summary)
 
+
+from .writer import Writer, build  # noqa: E402  (after the names it uses)
 
 #: Default ``--zstd-dict`` size (zstd's own default).
 DEFAULT_ZSTD_DICT_SIZE = 112 << 10

@@ -28,6 +28,7 @@ __all__ = [
     "index_tars",
     "Groups",
     "Reader",
+    "Writer",
     "__version__",
     "INDEX_FORMAT_VERSION",
     "FAULT_INJECTION",
@@ -140,6 +141,31 @@ def plan(
 ) -> dict[str, Any]:
     """Writes the plan file ``output`` (file list and shard boundaries) for ``pack(..., plan=,
     part=)``; returns {files, shards, bytes, plan_bytes, skipped}."""
+
+@disjoint_base
+class Writer:
+    """A dataset being written sample by sample (use `packds.Writer`)."""
+
+    def __new__(
+        cls,
+        path: str | PathLike[str],
+        *,
+        shard_size: int = ...,
+        compress: str = "none",
+        format: str = "tar",
+        force: bool = False,
+        mtime: int = 0,
+        h5_writer: Callable[..., int] | None = None,
+        options_json: str | None = None,
+    ) -> Writer: ...
+    def add(self, key: str | bytes, data: bytes) -> None: ...
+    def add_file(self, key: str | bytes, path: str | PathLike[str]) -> None: ...
+    def close(self) -> dict[str, Any]: ...
+    def abort(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def path(self) -> str: ...
 
 def merge(output: str, *, verify: bool = False, progress: _Progress | None = None) -> dict[str, Any]: ...
 def index_tars(

@@ -45,7 +45,8 @@ class _Log:
         self.state = (phase, done, total, nbytes, bytes_total)
         now = time.monotonic()
         if self.phase_t0[0] != phase:
-            self.phase_t0 = (phase, now)
+            # Rates count from the start of the phase (the first one seen: of the command).
+            self.phase_t0 = (phase, now if self.phase_t0[0] >= 0 else self.t0)
         if self.last is not None and now - self.last < self.every:
             return
         self.last = now
@@ -62,6 +63,8 @@ class _Log:
         if total:
             parts.append(f"{done:,} / {total:,} {self.unit} ({100.0 * done / total:.1f}%)")
         parts.append(human(nbytes) + (f" of {human(bytes_total)}" if bytes_total else ""))
+        if secs < 0.5:  # too early in the phase for rates that mean anything
+            return f"{head} " + ", ".join(parts)
         if total:
             parts.append(f"{done / secs:,.0f} {self.unit}/s")
         parts.append(f"{nbytes / secs / 1e6:,.1f} MB/s")

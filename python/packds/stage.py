@@ -123,6 +123,10 @@ def _source_kind(src: str) -> str:
             e = FormatError(f"{src}: incomplete dataset: its pack was interrupted")
             e.hint = "finish it with `packds pack ... --resume` before staging it"
             raise e
+        if kind == "parts":
+            e = FormatError(f"{src}: a partitioned pack whose parts are not merged yet")
+            e.hint = f"run `packds merge {src}` once every array task has finished, then stage it"
+            raise e
         return "tree"
     if os.path.isfile(src):
         return "file"

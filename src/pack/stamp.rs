@@ -45,6 +45,11 @@ fn ns(s: i64, n: i64) -> i64 {
 }
 
 impl Stamp {
+    /// The stamp of a sample handed over as bytes (no file: only its size).
+    pub fn of_bytes(size: u64) -> Stamp {
+        Stamp { size, mtime_ns: 0, ctime_ns: 0, ino: 0, dev: 0 }
+    }
+
     pub fn of(md: &fs::Metadata) -> Stamp {
         Stamp { size: md.len(), mtime_ns: ns(md.mtime(), md.mtime_nsec()), ctime_ns: ns(md.ctime(), md.ctime_nsec()), ino: md.ino(), dev: md.dev() }
     }

@@ -9,6 +9,7 @@ mod pack;
 mod reader;
 mod stage;
 mod tarindex;
+mod writer;
 
 pub(crate) use pack::run_cancellable;
 use pyo3::prelude::*;
@@ -25,6 +26,8 @@ mod core_module {
     };
     #[pymodule_export]
     use super::tarindex::{index_tars, PyGroups};
+    #[pymodule_export]
+    use super::writer::PyWriter;
     #[pymodule_export]
     use super::PyReader;
 

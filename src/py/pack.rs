@@ -53,7 +53,7 @@ fn options(
 
 /// A Python callable `(path, data_len, columns, dict, compression) -> data offset` as the
 /// core's HDF5 shard writer (h5py writes the file's metadata).
-fn h5_writer(w: Bound<'_, PyAny>) -> core_pack::H5Writer {
+pub(crate) fn h5_writer(w: Bound<'_, PyAny>) -> core_pack::H5Writer {
     let cb: Py<PyAny> = w.unbind();
     core_pack::H5Writer(Arc::new(move |spec: &core_pack::H5Shard| -> crate::Result<u64> {
         Python::attach(|py| {

@@ -26,7 +26,7 @@ pub struct PyReader {
 }
 
 /// A key given as str (encoded like os.fsencode) or bytes.
-fn key_arg<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
+pub(crate) fn key_arg<'a>(key: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
     if let Ok(s) = key.cast::<PyString>() {
         return Ok(match s.to_cow() {
             Ok(c) => Cow::Owned(c.into_owned().into_bytes()),

@@ -32,6 +32,21 @@ def test_d12_stage_of_an_interrupted_pack_fails_before_copying(work):
     assert [n for n in os.listdir(dest) if not n.endswith(".lock")] == []
 
 
+def test_d12_stage_of_unmerged_parts_says_run_merge(work):
+    """The source holds the parts of a job-array pack, not merged yet: stage refuses it (it is
+    not a tree of loose files to pack on the fly) and names `packds merge`; nothing copied."""
+    tree = h.make_plain_tree(os.path.join(work, "t"), 50, size_range=(500, 1500), seed=3)
+    plan, src = os.path.join(work, "p.pdsp"), os.path.join(work, "src.pds")
+    assert h.cli("plan", tree.root, "-o", plan, "--shard-size", "16K", "--parts", "2").returncode == 0
+    assert h.cli("pack", "--plan", plan, "--part", "0", "-o", src).returncode == 0
+    dest = os.path.join(work, "dest")
+    os.mkdir(dest)
+    r = h.cli("stage", src, "--to", dest)
+    h.assert_cli_error(r, "not merged")
+    assert f"packds merge {src}".encode() in r.stderr and r.stdout == b""
+    assert [n for n in os.listdir(dest) if not n.endswith(".lock")] == []
+
+
 _DS = None
 
 
