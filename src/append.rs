@@ -50,6 +50,9 @@ pub struct AppendSummary {
 pub fn append(opts: &PackOptions, replace: bool, progress: &Progress) -> Result<AppendSummary> {
     let t0 = Instant::now();
     let out = &opts.output;
+    if opts.remove_source || opts.dry_run {
+        return Err(Error::usage("--append does not go with --remove-source or --dry-run yet", "append first, then pack --remove-source separately"));
+    }
     let _lock = layout::lock_dir(out)?;
     let old = Reader::open(out)?;
     let m = old.manifest().clone();

@@ -7,6 +7,11 @@
 //! - `kill-in-h5-shard:N`: after the N-th HDF5 shard skeleton is written, before its data;
 //! - `pack-slow-us:N`: every file read of a pack (and stat of a plan) takes N µs longer (to
 //!   reach its middle);
+//! - `kill-before-remove:N` (`--remove-source`): after the N-th shard of the run is renamed into
+//!   place, before it is read back and checked (so before any of its sources is removed);
+//! - `kill-in-remove:N` (`--remove-source`): right after the N-th source file removal of the run;
+//! - `kill-before-manifest:1`: a pack is killed after its last shard (and, with
+//!   `--remove-source`, after every removal and rmdir), before the final index and manifest;
 //! - `kill-in-merge:N`: `merge` is killed right after moving its N-th shard;
 //! - `stage-kill-after-bytes:N`: staging is killed once N bytes were copied;
 //! - `stage-slow-ms:N`: staging sleeps N ms after each buffer (to signal a copy mid-way);
@@ -33,6 +38,9 @@ mod on {
         pub kill_after_files: Option<u64>,
         pub kill_in_h5_shard: Option<u64>,
         pub pack_slow_us: Option<u64>,
+        pub kill_before_remove: Option<u64>,
+        pub kill_in_remove: Option<u64>,
+        pub kill_before_manifest: Option<u64>,
         pub kill_in_merge: Option<u64>,
         pub stage_kill_after_bytes: Option<u64>,
         pub stage_slow_ms: Option<u64>,
@@ -49,6 +57,9 @@ mod on {
                 "kill-after-files" => f.kill_after_files = n,
                 "kill-in-h5-shard" => f.kill_in_h5_shard = n,
                 "pack-slow-us" => f.pack_slow_us = n,
+                "kill-before-remove" => f.kill_before_remove = n,
+                "kill-in-remove" => f.kill_in_remove = n,
+                "kill-before-manifest" => f.kill_before_manifest = n,
                 "kill-in-merge" => f.kill_in_merge = n,
                 "stage-kill-after-bytes" => f.stage_kill_after_bytes = n,
                 "stage-slow-ms" => f.stage_slow_ms = n,
@@ -105,6 +116,32 @@ pub fn kill_in_h5_shard(k: u64) {
     on::kill_at(on::get().kill_in_h5_shard, k);
     #[cfg(not(feature = "fault-injection"))]
     let _ = k;
+}
+
+/// `--remove-source`: the `k`-th shard of this run (counted from 1) was renamed into place; it
+/// was not read back yet and none of its sources was removed.
+#[inline(always)]
+pub fn kill_before_remove(k: u64) {
+    #[cfg(feature = "fault-injection")]
+    on::kill_at(on::get().kill_before_remove, k);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = k;
+}
+
+/// `--remove-source`: the `n`-th source file of this run (counted from 1) was removed.
+#[inline(always)]
+pub fn kill_in_remove(n: u64) {
+    #[cfg(feature = "fault-injection")]
+    on::kill_at(on::get().kill_in_remove, n);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = n;
+}
+
+/// A pack wrote every shard (and removed its sources), before the final index and manifest.
+#[inline(always)]
+pub fn kill_before_manifest() {
+    #[cfg(feature = "fault-injection")]
+    on::kill_at(on::get().kill_before_manifest, 1);
 }
 
 /// A merge moved its `n`-th shard.
@@ -168,6 +205,7 @@ mod tests {
     fn parses_one_switch() {
         assert_eq!(parse("kill-after-shards:3"), Faults { kill_after_shards: Some(3), ..Faults::default() });
         assert_eq!(parse("stage-slow-ms:20"), Faults { stage_slow_ms: Some(20), ..Faults::default() });
+        assert_eq!(parse("kill-in-remove:7"), Faults { kill_in_remove: Some(7), ..Faults::default() });
         assert_eq!(parse("kill-in-merge:x"), Faults::default());
         assert_eq!(parse("nonsense"), Faults::default());
     }

@@ -121,6 +121,20 @@ pub fn parse_state_stamps_name(name: &str) -> Option<usize> {
     numbered(name, SHARD_PREFIX, STATE_STAMPS_EXT)?.parse().ok()
 }
 
+/// The extension of a per-shard record of the source files' identities (`--remove-source`).
+const STATE_SOURCES_EXT: &str = "sources";
+
+/// The record of the source files of shard `k` that `--remove-source` checks before removing
+/// them (size, mtime, ctime, inode, device), in [`STATE_DIR`].
+pub fn state_sources_name(k: usize) -> String {
+    format!("{SHARD_PREFIX}{k:05}.{STATE_SOURCES_EXT}")
+}
+
+/// The shard number of a [`state_sources_name`], or None.
+pub fn parse_state_sources_name(name: &str) -> Option<usize> {
+    numbered(name, SHARD_PREFIX, STATE_SOURCES_EXT)?.parse().ok()
+}
+
 /// `part-I`: the directory part `p` of a partitioned pack writes into.
 pub fn part_dir_name(p: u32) -> String {
     format!("{PART_PREFIX}{p}")

@@ -11,6 +11,7 @@
 
 use crate::codec::Compress;
 use crate::error::{Error, IoContext, Result};
+use crate::fault;
 use crate::fsx;
 use crate::index::Index;
 use crate::layout::{self, state_index_name as shard_state_name, Mode, OutputDir, Prepared};
@@ -26,6 +27,8 @@ use std::time::Instant;
 
 pub use crate::layout::{shard_name, ShardFormat, STATE_DIR};
 const STATE_OPTIONS: &str = "options.json";
+/// `--remove-source`: the walked file list (plan format), for a resume after sources went.
+const STATE_FILES: &str = "files.plan";
 pub const DEFAULT_SHARD_SIZE: u64 = 1 << 30;
 const STREAM_CHUNK: usize = 1 << 20;
 const INFLIGHT_BYTES: usize = 256 << 20;
@@ -96,6 +99,11 @@ pub struct PackOptions {
     pub plan: Option<PathBuf>,
     /// `packds plan --parts N`: the number of parts (array tasks) the plan is made for.
     pub plan_parts: Option<u32>,
+    /// `--remove-source`: remove each packed file once its shard is safely on disk, then the
+    /// directories that became empty (see [`remove`]).
+    pub remove_source: bool,
+    /// `--dry-run` (with `remove_source`): pack nothing, list the files that would be removed.
+    pub dry_run: bool,
 }
 
 /// What a pack covers when it is one part of a plan: files `range` of the plan's list, shards
@@ -158,6 +166,8 @@ impl PackOptions {
             part: None,
             plan_parts: None,
             plan: None,
+            remove_source: false,
+            dry_run: false,
         }
     }
 }
@@ -213,6 +223,8 @@ pub struct PackSummary {
     pub seconds: f64,
     /// The dataset was already complete (`--resume` on a finished pack): nothing was done.
     pub already_complete: bool,
+    /// `--remove-source`: what was removed (or, with `--dry-run`, would be).
+    pub removed: Option<RemoveSummary>,
 }
 
 pub(crate) fn globset(pats: &[String], what: &str) -> Result<Option<GlobSet>> {
@@ -249,6 +261,10 @@ struct StateOptions {
     exclude: Vec<String>,
     #[serde(default)]
     follow_symlinks: bool,
+    /// `--remove-source`: the sources of completed shards may be gone; the file list is kept in
+    /// [`STATE_FILES`].
+    #[serde(default)]
+    remove_source: bool,
 }
 
 /// The state's version: 2 records the source files of every completed shard (their stamps).
@@ -256,6 +272,10 @@ const STATE_VERSION: u32 = 2;
 
 /// Packs `opts.sources` into `opts.output` (or one part of a plan: see [`crate::plan`]).
 pub fn pack(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
+    check_remove_options(opts)?;
+    if opts.dry_run {
+        return dry_run(opts, progress);
+    }
     if opts.part.is_some() {
         return crate::plan::pack_part(opts, progress);
     }
@@ -278,6 +298,7 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
     if opts.dict_size > 0 && !(256..=(16 << 20)).contains(&opts.dict_size) {
         return Err(Error::usage(format!("--zstd-dict size {} is out of range", opts.dict_size), "use 256 bytes to 16 MiB (default 112 KiB)"));
     }
+    check_force_keeps_removed(opts)?;
     let dir = match OutputDir::prepare(out, Mode::pack(opts.force, opts.resume))? {
         Prepared::Open(dir) => dir,
         Prepared::Complete(m) => {
@@ -291,6 +312,7 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
                 skipped: m.skipped,
                 seconds: t0.elapsed().as_secs_f64(),
                 already_complete: true,
+                removed: opts.remove_source.then(RemoveSummary::default),
             });
         }
     };
@@ -311,6 +333,9 @@ struct Scope<'a> {
     range: std::ops::Range<usize>,
     cuts: Option<&'a [u64]>,
     first_shard: usize,
+    /// The files come from the list a `--remove-source` pack recorded (a resume), not a walk of
+    /// `sources` (nor a plan).
+    recorded: bool,
 }
 
 fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option<&Selection>) -> Result<PackSummary> {
@@ -324,7 +349,9 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
         opts
     };
     progress.phase.store(0, Relaxed);
-    let walked;
+    check_resume_remove_source(opts)?;
+    let (walked, stored);
+    let state_files = out.join(STATE_DIR).join(STATE_FILES);
     let scope = match sel {
         Some(sel) => Scope {
             roots: sel.roots,
@@ -333,11 +360,19 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
             range: sel.range.clone(),
             cuts: Some(sel.cuts),
             first_shard: sel.first_shard,
+            recorded: false,
         },
+        // A resumed --remove-source pack: the list the interrupted one walked (the files of its
+        // completed shards may be gone).
+        None if opts.remove_source && opts.resume && out.join(STATE_DIR).join(STATE_OPTIONS).is_file() && state_files.is_file() => {
+            stored = crate::plan::read_plan(&state_files)?;
+            let n = stored.files.len();
+            Scope { roots: &stored.roots, files: &stored.files, skipped: stored.skipped.clone(), range: 0..n, cuts: None, first_shard: 0, recorded: true }
+        }
         None => {
             walked = walk::walk(&opts.sources, &walk_options(opts)?, &progress.cancel)?;
             let n = walked.files.len();
-            Scope { roots: &walked.roots, files: &walked.files, skipped: walked.skipped.clone(), range: 0..n, cuts: None, first_shard: 0 }
+            Scope { roots: &walked.roots, files: &walked.files, skipped: walked.skipped.clone(), range: 0..n, cuts: None, first_shard: 0, recorded: false }
         }
     };
     if scope.files.is_empty() {
@@ -349,10 +384,23 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
     }
     progress.files_total.store(scope.range.len() as u64, Relaxed);
     progress.phase.store(1, Relaxed);
+    if opts.remove_source {
+        remove::preflight(scope.files, scope.roots, scope.range.clone())?;
+    }
 
-    let mut done =
-        if opts.resume && out.join(STATE_DIR).join(STATE_OPTIONS).is_file() { resume_state(opts, &scope, progress)? } else { new_state(opts, &scope)? };
+    let mut done = if opts.resume && out.join(STATE_DIR).join(STATE_OPTIONS).is_file() {
+        resume_state(opts, &scope, progress)?
+    } else {
+        new_state(opts, &scope, sel.is_none())?
+    };
     let dict = dictionary(opts, &scope)?;
+    let remover = opts.remove_source.then(|| remove::Remover::new(opts, scope.roots, scope.files, &dict));
+    if let Some(rm) = &remover {
+        // The completed shards of an interrupted pack: their sources not yet removed go first.
+        for (j, ix) in done.parts.iter().enumerate() {
+            rm.shard(scope.first_shard + j, ix, &done.sources[j], true)?;
+        }
+    }
     let mut skipped = scope.skipped.clone();
     let resumed = done.records.len() as u64;
     let range = PipeRange {
@@ -362,9 +410,15 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
         first_shard: scope.first_shard + done.records.len(),
         cuts: scope.cuts,
     };
-    Pipeline { opts, progress, roots: scope.roots, files: scope.files, dict: &dict, range }.run(&mut done.parts, &mut done.records, &mut skipped)?;
+    Pipeline { opts, progress, roots: scope.roots, files: scope.files, dict: &dict, range, remover: remover.as_ref() }.run(
+        &mut done.parts,
+        &mut done.records,
+        &mut skipped,
+    )?;
 
     progress.phase.store(2, Relaxed);
+    let removed = remover.map(|rm| rm.summary(rm.remove_dirs()));
+    fault::kill_before_manifest();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let m = finish(opts, done.parts, &dict, done.records, skipped)?;
     progress.phase.store(3, Relaxed);
@@ -377,25 +431,91 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
         skipped: m.skipped,
         seconds: t0.elapsed().as_secs_f64(),
         already_complete: false,
+        removed,
     })
 }
 
-/// The walk's options: filters, threads, and the output directory pruned from the walk.
+/// The walk's options: filters, threads, and the output directory pruned from the walk (when
+/// it exists: a `--dry-run` makes none).
 fn walk_options(opts: &PackOptions) -> Result<WalkOptions> {
     walk_options_pruning(opts, &opts.output)
 }
 
 /// The walk's options for `opts`, leaving out the directory `prune` (the output: a dataset
-/// inside a source tree is not packed into itself).
+/// inside a source tree is not packed into itself; none yet under `--dry-run`).
 pub(crate) fn walk_options_pruning(opts: &PackOptions, prune: &Path) -> Result<WalkOptions> {
-    let out_md = fs::metadata(prune).ctx("stat", prune)?;
+    let prune = match fs::metadata(prune) {
+        Ok(md) => vec![(md.dev(), md.ino())],
+        Err(e) if opts.dry_run && e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io("stat", prune, e)),
+    };
     Ok(WalkOptions {
         follow_symlinks: opts.follow_symlinks,
         include: globset(&opts.include, "include")?,
         exclude: globset(&opts.exclude, "exclude")?,
         threads: opts.threads.min(64),
         on_error: opts.on_error,
-        prune: vec![(out_md.dev(), out_md.ino())],
+        prune,
+    })
+}
+
+/// The combinations `--remove-source` refuses.
+fn check_remove_options(opts: &PackOptions) -> Result<()> {
+    if opts.dry_run && !opts.remove_source {
+        return Err(Error::usage("--dry-run only goes with --remove-source", "add --remove-source to list the files it would remove"));
+    }
+    if !opts.remove_source {
+        return Ok(());
+    }
+    if opts.follow_symlinks {
+        return Err(Error::usage(
+            "--remove-source does not go with --follow-symlinks: the files packed through a link lie outside the source tree, and packds never removes anything outside it",
+            "drop --follow-symlinks (links are then skipped and kept), or pack with --follow-symlinks but without --remove-source",
+        ));
+    }
+    if opts.part.is_some() && opts.plan.is_none() {
+        return Err(Error::usage(
+            "--part with --remove-source needs --plan: without one every task walks the tree, and a tree whose files other tasks already removed gives another plan",
+            "make the plan once (packds plan SRC -o PLAN --parts N), then pack --plan PLAN --part I --remove-source",
+        ));
+    }
+    Ok(())
+}
+
+/// `--dry-run`: walks (or reads the part of the plan), checks the directories can be written,
+/// and lists the files a pack with `--remove-source` would remove. Nothing is written.
+fn dry_run(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
+    let t0 = Instant::now();
+    let (roots, files, skipped, range) = match opts.part {
+        Some((p, n)) => {
+            let plan = crate::plan::read_plan(opts.plan.as_deref().expect("checked: --part needs --plan"))?;
+            let r = crate::plan::part_files(&plan, p, n)?;
+            let skipped = if r.start == 0 { plan.skipped.clone() } else { Vec::new() };
+            (plan.roots, plan.files, skipped, r)
+        }
+        None => {
+            let mut o = opts.clone();
+            if o.threads == 0 {
+                o.threads = opts.sources.first().map_or(8, |s| auto_threads(s));
+            }
+            let w = walk::walk(&opts.sources, &walk_options(&o)?, &progress.cancel)?;
+            let n = w.files.len();
+            (w.roots, w.files, w.skipped, 0..n)
+        }
+    };
+    remove::preflight(&files, &roots, range.clone())?;
+    let would_remove: Vec<PathBuf> = range.clone().map(|i| files.path(i, &roots)).collect();
+    progress.phase.store(3, Relaxed);
+    Ok(PackSummary {
+        output: opts.output.clone(),
+        files: would_remove.len() as u64,
+        bytes: 0,
+        shards: 0,
+        resumed_shards: 0,
+        skipped,
+        seconds: t0.elapsed().as_secs_f64(),
+        already_complete: false,
+        removed: Some(RemoveSummary { dry_run: true, would_remove, ..RemoveSummary::default() }),
     })
 }
 
@@ -406,10 +526,14 @@ struct Done {
     parts: Vec<Index>,
     records: Vec<ShardRecord>,
     next_file: usize,
+    /// `--remove-source`: the source files of each completed shard as they were read.
+    sources: Vec<Vec<stamp::Stamp>>,
 }
 
 fn state_options(opts: &PackOptions, scope: &Scope) -> StateOptions {
-    state_options_for(opts, scope.roots.iter().map(|r| canonical(&r.path)).collect())
+    // A recorded list has the roots the interrupted pack walked: this one names its own.
+    let sources = if scope.recorded { opts.sources.iter().map(|p| canonical(p)).collect() } else { scope.roots.iter().map(|r| canonical(&r.path)).collect() };
+    state_options_for(opts, sources)
 }
 
 /// The state's record of the options that shape the shards, for these source roots.
@@ -424,27 +548,56 @@ fn state_options_for(opts: &PackOptions, sources: Vec<String>) -> StateOptions {
         include: opts.include.clone(),
         exclude: opts.exclude.clone(),
         follow_symlinks: opts.follow_symlinks,
+        remove_source: opts.remove_source,
     }
 }
 
-/// A source root as the state records it: its canonical absolute path (as given when that
-/// cannot be resolved).
+/// A source root as the state records it: its canonical absolute path (a file that is gone,
+/// e.g. removed by `--remove-source`: its directory's, plus its name; as given when neither can
+/// be resolved).
 fn canonical(p: &Path) -> String {
-    fs::canonicalize(p).or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    fs::canonicalize(p)
+        .or_else(|e| match (p.parent(), p.file_name()) {
+            (Some(d), Some(name)) => fs::canonicalize(if d.as_os_str().is_empty() { Path::new(".") } else { d }).map(|d| d.join(name)),
+            _ => Err(e),
+        })
+        .or_else(|_| std::path::absolute(p))
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// A fresh state directory (any earlier one is removed); its options file is written before
-/// any shard, which makes the state usable by `--resume`.
-fn new_state(opts: &PackOptions, scope: &Scope) -> Result<Done> {
+/// any shard, which makes the state usable by `--resume`. With `--remove-source` (`walked`: the
+/// files come from a walk, not a plan) the file list goes in first ([`STATE_FILES`]).
+fn new_state(opts: &PackOptions, scope: &Scope, walked: bool) -> Result<Done> {
     let state = opts.output.join(STATE_DIR);
     if state.exists() {
         fs::remove_dir_all(&state).ctx("remove", &state)?;
     }
     fs::create_dir(&state).ctx("create directory", &state)?;
+    if opts.remove_source && walked {
+        let list = crate::plan::Plan {
+            options: crate::plan::PlanOptions::of(opts),
+            // Absolute: a resume may run from another directory.
+            roots: scope
+                .roots
+                .iter()
+                .map(|r| SourceRoot { path: std::path::absolute(&r.path).unwrap_or_else(|_| r.path.clone()), is_file: r.is_file })
+                .collect(),
+            files: scope.files.clone(),
+            skipped: scope.skipped.clone(),
+            cuts: vec![0],
+            bytes: 0,
+            hash: 0,
+            parts: None,
+        };
+        crate::plan::write_plan(&list, &state.join(STATE_FILES))?;
+    }
     let options_path = state.join(STATE_OPTIONS);
     fsx::write_atomic(&options_path, &manifest::json_bytes(&state_options(opts, scope), false, &options_path)?)?;
     fsx::sync_dir(&opts.output)?;
-    Ok(Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start })
+    Ok(Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start, sources: Vec::new() })
 }
 
 /// `--resume`: checks the interrupted pack used the same sources and options, then takes every
@@ -454,7 +607,7 @@ fn new_state(opts: &PackOptions, scope: &Scope) -> Result<Done> {
 fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Result<Done> {
     let (out, state) = (&opts.output, opts.output.join(STATE_DIR));
     check_same_options(opts, &manifest::read_json(&state.join(STATE_OPTIONS))?, &state_options(opts, scope))?;
-    let mut done = Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start };
+    let mut done = Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start, sources: Vec::new() };
     let mut stamps = Vec::new();
     let mut k = scope.first_shard;
     while let Some(ix) = completed_shard(opts, k)? {
@@ -468,13 +621,27 @@ fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Resul
             return Err(old_state(out, &format!("{} has no record of the files of {}", STATE_DIR, shard_name(k, opts.format))));
         };
         stamps.extend(st);
+        if opts.remove_source {
+            let sp = state.join(layout::state_sources_name(k));
+            let Some(src) = remove::read_sources(&sp, n)? else {
+                return Err(old_state(out, &format!("{} has no record of the source files of {}", STATE_DIR, shard_name(k, opts.format))));
+            };
+            done.sources.push(src);
+        }
         let info = &ix.shards()[0];
         done.records.push(ShardRecord { file: shard_name(k, opts.format), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
         done.next_file += n;
         done.parts.push(ix);
         k += 1;
     }
-    let moved = stamp::restat(scope.files, scope.roots, scope.range.start, &stamps, opts.follow_symlinks, opts.threads);
+    // With --remove-source the files of completed shards are checked one by one before they
+    // are removed (a changed one is left and reported, as in an uninterrupted run; one already
+    // removed is fine), not all at once here.
+    let moved = if opts.remove_source {
+        stamp::Moved { count: 0, first: Vec::new() }
+    } else {
+        stamp::restat(scope.files, scope.roots, scope.range.start, &stamps, opts.follow_symlinks, opts.threads)
+    };
     if moved.count > 0 {
         let named: Vec<String> = moved.first.iter().map(|(p, w)| format!("{} ({w})", p.display())).collect();
         let more = if moved.count > named.len() { format!(", and {} more", moved.count - named.len()) } else { String::new() };
@@ -493,7 +660,8 @@ fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Resul
     for e in fs::read_dir(&state).ctx("list directory", &state)?.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if layout::parse_state_index_name(&name).or_else(|| layout::parse_state_stamps_name(&name)).is_some_and(|num| num >= k) {
+        let num = layout::parse_state_index_name(&name).or_else(|| layout::parse_state_stamps_name(&name)).or_else(|| layout::parse_state_sources_name(&name));
+        if num.is_some_and(|num| num >= k) {
             fs::remove_file(e.path()).ctx("remove", e.path())?;
         }
     }
@@ -528,6 +696,57 @@ fn completed_shard(opts: &PackOptions, k: usize) -> Result<Option<Index>> {
     Ok((actual == info.size).then_some(ix))
 }
 
+/// The refusal to resume a pack run with `--remove-source` (`prev`) without it, or the reverse.
+fn other_remove_source(out: &Path, prev: bool) -> Error {
+    if prev {
+        Error::usage(
+            format!("the interrupted pack in {} was run with --remove-source: source files of its completed shards may be gone already", out.display()),
+            "resume with --remove-source as well",
+        )
+    } else {
+        Error::usage(
+            format!("the interrupted pack in {} was run without --remove-source, so it kept no record of which files it may remove", out.display()),
+            "resume without --remove-source (remove the sources after it), or start over with --force --remove-source",
+        )
+    }
+}
+
+/// `--force` never deletes an interrupted `--remove-source` pack that completed a shard: its
+/// shards may hold the only copy of the source files it removed.
+fn check_force_keeps_removed(opts: &PackOptions) -> Result<()> {
+    let (out, state) = (&opts.output, opts.output.join(STATE_DIR));
+    if !opts.force || out.join(layout::MANIFEST_FILE).exists() {
+        return Ok(());
+    }
+    let Ok(prev) = manifest::read_json::<StateOptions>(&state.join(STATE_OPTIONS)) else { return Ok(()) };
+    let completed =
+        || fs::read_dir(&state).map(|d| d.flatten().any(|e| e.file_name().to_str().and_then(layout::parse_state_index_name).is_some())).unwrap_or(false);
+    if prev.remove_source && completed() {
+        return Err(Error::usage(
+            format!(
+                "{} holds an interrupted pack run with --remove-source: its completed shards may hold the only copy of source files it removed, so --force will not delete it",
+                out.display()
+            ),
+            "finish it with --resume --remove-source (same SRC and options); to start over anyway, move that directory aside yourself",
+        ));
+    }
+    Ok(())
+}
+
+/// Before the walk of a resume: a pack run with `--remove-source` is resumed with it (a walk
+/// would not find the files it removed), and one run without it, without it.
+fn check_resume_remove_source(opts: &PackOptions) -> Result<()> {
+    let p = opts.output.join(STATE_DIR).join(STATE_OPTIONS);
+    if !opts.resume || !p.is_file() {
+        return Ok(());
+    }
+    let prev: StateOptions = manifest::read_json(&p)?;
+    if prev.version >= STATE_VERSION && prev.remove_source != opts.remove_source {
+        return Err(other_remove_source(&opts.output, prev.remove_source));
+    }
+    Ok(())
+}
+
 /// Refuses a resume whose sources or output-shaping options differ from the interrupted pack's
 /// (`prev`, as stored; `now`, this pack's), naming both values.
 fn check_same_options(opts: &PackOptions, prev: &StateOptions, now: &StateOptions) -> Result<()> {
@@ -541,6 +760,9 @@ fn check_same_options(opts: &PackOptions, prev: &StateOptions, now: &StateOption
             format!("the interrupted pack in {} packed {}, not {}", out.display(), prev.sources.join(" "), now.sources.join(" ")),
             "resume with the same sources, or start over with --force",
         ));
+    }
+    if prev.remove_source != opts.remove_source {
+        return Err(other_remove_source(out, prev.remove_source));
     }
     if prev.shard_size != opts.shard_size {
         return Err(Error::usage(format!("the interrupted pack in {} used --shard-size {}, not {}", out.display(), prev.shard_size, opts.shard_size), SAME));
@@ -632,6 +854,7 @@ mod h5;
 mod large;
 mod member;
 mod pipeline;
+mod remove;
 mod samples;
 mod stamp;
 mod window;
@@ -639,6 +862,7 @@ mod writer;
 
 use dict::train_dict;
 use pipeline::{PipeRange, Pipeline};
+pub use remove::RemoveSummary;
 pub use samples::{SampleWriter, WriterSummary};
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub struct PlanOptions {
 }
 
 impl PlanOptions {
-    fn of(o: &PackOptions) -> PlanOptions {
+    pub(crate) fn of(o: &PackOptions) -> PlanOptions {
         PlanOptions {
             shard_size: o.shard_size,
             format: o.format,
@@ -379,12 +379,7 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
         Some(pp) => read_plan(pp)?,
         None => make_plan(opts, progress, Some(&opts.output))?,
     };
-    let nparts = parts_of(p, given_n, plan.parts)?;
-    let k = plan.cuts.len() as u64;
-    let (a, b) = (u64::from(p) * k / u64::from(nparts), (u64::from(p) + 1) * k / u64::from(nparts));
-    let n = plan.files.len() as u64;
-    let first_file = if a < k { plan.cuts[a as usize] } else { n };
-    let end_file = if b < k { plan.cuts[b as usize] } else { n };
+    let (nparts, a, b, first_file, end_file) = part_bounds(&plan, p, given_n)?;
     let info = PartInfo { part: p, parts: nparts, plan: hex128(plan.hash), first_shard: a, shards: b - a, first_file, end_file };
     let dir = part_dir(&opts.output, p);
     let pj = dir.join(PART_FILE);
@@ -436,6 +431,24 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
     Ok(s)
 }
 
+/// Part `p` of `plan` (`given_n`: the N of `--part I/N`): (number of parts, its first shard,
+/// the shard after its last, its first file, the file after its last).
+fn part_bounds(plan: &Plan, p: u32, given_n: Option<u32>) -> Result<(u32, u64, u64, u64, u64)> {
+    let nparts = parts_of(p, given_n, plan.parts)?;
+    let k = plan.cuts.len() as u64;
+    let (a, b) = (u64::from(p) * k / u64::from(nparts), (u64::from(p) + 1) * k / u64::from(nparts));
+    let n = plan.files.len() as u64;
+    let first_file = if a < k { plan.cuts[a as usize] } else { n };
+    let end_file = if b < k { plan.cuts[b as usize] } else { n };
+    Ok((nparts, a, b, first_file, end_file))
+}
+
+/// The files of part `p` of `plan` (as [`pack_part`] packs them), as a range of its list.
+pub(crate) fn part_files(plan: &Plan, p: u32, given_n: Option<u32>) -> Result<std::ops::Range<usize>> {
+    let (_, _, _, first, end) = part_bounds(plan, p, given_n)?;
+    Ok(first as usize..end as usize)
+}
+
 /// The number of parts: `--part I/N`'s N, or the plan's (`plan --parts N`) for `--part I`;
 /// both given must agree. I must be below it.
 fn parts_of(p: u32, given: Option<u32>, planned: Option<u32>) -> Result<u32> {
@@ -474,6 +487,7 @@ fn summary_of(dir: &Path, t0: Instant, already: bool) -> PackSummary {
         skipped: m.map(|m| m.skipped).unwrap_or_default(),
         seconds: t0.elapsed().as_secs_f64(),
         already_complete: already,
+        removed: None,
     }
 }
 

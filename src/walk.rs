@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 /// The files to pack: keys (paths relative to their source root, `/`-separated, raw bytes) in
 /// one arena, plus 16 bytes per file. About key length + 16 bytes per file in all.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct FileList {
     arena: Vec<u8>,
     items: Vec<FileItem>,

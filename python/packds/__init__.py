@@ -254,9 +254,15 @@ def pack(sources, output, **options) -> dict:
     "auto:LEVEL"), ``zstd_dict`` (dictionary size in bytes, or True for 112 KiB),
     ``progress`` (a callable ``(phase, files_done, files_total, bytes_done, bytes_total)``,
     called about ten times a second; phase 0 walks the tree, 1 packs, 2 finishes, 3 done;
-    ``bytes_total`` is 0 while unknown; one taking the first four still works).
+    ``bytes_total`` is 0 while unknown; one taking the first four still works),
+    ``remove_source`` (remove each packed file once its shard is on disk and read back, then the
+    directories left empty; never a source root) and ``dry_run`` (with ``remove_source``: pack
+    nothing, list the files that would be removed).
     Returns a summary dict (files, bytes, shards, seconds, skipped, ...); ``skipped`` is a list
     of :class:`Skipped` ``(path, reason)`` named tuples, as ``manifest.json`` lists them.
+    ``removed`` is None without ``remove_source``, else ``{files, directories, already_gone,
+    left, dry_run}`` (``left``: :class:`Skipped` tuples of the files left in place; a dry run
+    adds ``would_remove``, a list of paths).
     """
     srcs = _sources(sources)
     part = options.get("part")
@@ -270,7 +276,8 @@ def pack(sources, output, **options) -> dict:
     from ._h5 import write_shard
 
     options.setdefault("h5_writer", write_shard)
-    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer")}
+    # What shapes the dataset only: removing the sources (or not) leaves the same dataset.
+    recorded = {k: v for k, v in options.items() if k not in ("progress", "force", "resume", "h5_writer", "remove_source", "dry_run")}
     options.setdefault("options_json", json.dumps(recorded, sort_keys=True))
     options["progress"] = _progress_arg(options.get("progress"))
     return _with_skipped(_core.pack(srcs, os.fsdecode(output), **options))
@@ -286,6 +293,8 @@ class Skipped(NamedTuple):
 
 def _with_skipped(summary: dict) -> dict:
     summary["skipped"] = [Skipped(p, r) for p, r in summary.get("skipped", [])]
+    if summary.get("removed") is not None:
+        summary["removed"]["left"] = [Skipped(p, r) for p, r in summary["removed"]["left"]]
     return summary
 
 

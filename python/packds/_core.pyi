@@ -124,6 +124,8 @@ def pack(
     plan: str | None = None,
     append: bool = False,
     replace: bool = False,
+    remove_source: bool = False,
+    dry_run: bool = False,
 ) -> dict[str, Any]: ...
 def plan(
     sources: list[str],

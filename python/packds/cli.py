@@ -156,6 +156,10 @@ def cmd_pack(a: argparse.Namespace) -> int:
         options["replace"] = a.replace
     elif a.replace:
         raise KeyErrorWithHint("--replace goes with --append", "packds pack SRC -o DATASET --append --replace")
+    if a.remove_source:
+        options["remove_source"] = True
+    if a.dry_run:
+        options["dry_run"] = True
 
     def kept(log: _Log) -> str | None:
         if a.append:
@@ -168,6 +172,9 @@ def cmd_pack(a: argparse.Namespace) -> int:
 
     log = _Log("pack", ("scanning the source tree", "packing", "finishing", "done"), "files", a.progress_interval)
     s = _long(a, log, lambda progress: pack(a.sources, a.output, force=a.force, resume=a.resume, progress=progress, **options), kept)
+    removed = s.get("removed")
+    if removed is not None and removed["dry_run"]:
+        return _dry_run_report(a, s)
     if a.json:
         print(json.dumps(_json_summary(s, dataset=s["output"]), default=str))
     for path, reason in s["skipped"][:20] if not a.quiet else []:
@@ -190,6 +197,42 @@ def cmd_pack(a: argparse.Namespace) -> int:
                 f"{len(s['skipped'])} skipped -> {a.output}; {_file_count(s['files'], s['shards'])}",
                 file=sys.stderr,
             )
+    if removed is not None and not s["already_complete"]:
+        _removed_report(removed, a.quiet)
+    return 0
+
+
+def _removed_report(r: dict, quiet: bool) -> None:
+    """The --remove-source lines of a pack: what was removed, and every file left (always shown:
+    the user expects them gone)."""
+    for path, reason in r["left"][:20]:
+        print(f"packds: left {path}: {reason}", file=sys.stderr)
+    if len(r["left"]) > 20:
+        print(f"packds: ... and {len(r['left']) - 20} more left in place (--json lists them all)", file=sys.stderr)
+    if not quiet:
+        gone = f", {r['already_gone']} already removed before the resume" if r["already_gone"] else ""
+        left = f", {len(r['left'])} left in place" if r["left"] else ""
+        n = r["files"]
+        print(f"packds: removed {n} source file{'s' if n != 1 else ''} ({r['directories']} directories){gone}{left}", file=sys.stderr)
+
+
+def _dry_run_report(a: argparse.Namespace, s: dict) -> int:
+    """``pack --remove-source --dry-run``: the files that would be removed on stdout, the count on stderr."""
+    paths = s["removed"]["would_remove"]
+    if a.json:
+        out = {"dry_run": True, "would_remove": paths, "files": len(paths),
+               "skipped": [{"path": p, "reason": r} for p, r in s["skipped"]]}
+        print(json.dumps(out, default=str))
+    else:
+        end = b"\0" if a.null else b"\n"
+        w = sys.stdout.buffer
+        for p in paths:
+            w.write(os.fsencode(p) + end)
+        w.flush()
+    if not a.quiet:
+        n = len(paths)
+        print(f"packds: --dry-run: would remove {n} source file{'s' if n != 1 else ''} (and the directories they leave empty); "
+              f"nothing packed, nothing removed, {len(s['skipped'])} skipped", file=sys.stderr)
     return 0
 
 
@@ -198,6 +241,8 @@ def _json_summary(s: dict, dataset=None) -> dict:
     ``manifest.json``; for a written dataset also the stored bytes, the ratio and the rates."""
     out = dict(s)
     out["skipped"] = [{"path": p, "reason": r} for p, r in s.get("skipped", [])]
+    if s.get("removed") is not None:
+        out["removed"] = {**s["removed"], "left": [{"path": p, "reason": r} for p, r in s["removed"]["left"]]}
     if dataset is not None:
         from . import open as pds_open
 
@@ -526,6 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--zstd-dict", nargs="?", type=parse_size, const=112 << 10, default=0, metavar="SIZE",
                    help="train a zstd dictionary (default size 112K) on a sample of the input and store it in the dataset: "
                    "many small similar files (text, JSON, labels) compress far better with one")
+    s.add_argument("--remove-source", action="store_true",
+                   help="free the file-count quota as the pack goes: once a shard is fsynced, renamed into place and read back with "
+                   "every member's CRC32C matching, remove its members' source files (never one whose size, mtime or ctime changed "
+                   "since it was read: that one is left and reported), and at the end the directories that became empty (never "
+                   "SRC itself, never anything outside SRC). An interrupted pack: rerun with --resume --remove-source. "
+                   "Refused with --follow-symlinks; with --part it needs --plan")
+    s.add_argument("--dry-run", action="store_true",
+                   help="with --remove-source: pack nothing, print the files that would be removed on stdout (one per line) and "
+                   "their count on stderr")
+    s.add_argument("-0", "--null", action="store_true", help="with --dry-run: end each path with a NUL byte, not a newline (for xargs -0)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     s.set_defaults(func=cmd_pack)

@@ -6,6 +6,7 @@
 //! (about [`INFLIGHT_BYTES`] in all); larger files are streamed by the writer.
 
 use super::member::{read_one, Item, WorkerState};
+use super::remove::Remover;
 use super::window::Window;
 use super::writer::ShardWriter;
 use super::{PackOptions, Progress, INFLIGHT_BYTES};
@@ -42,6 +43,8 @@ pub(super) struct Pipeline<'a> {
     pub files: &'a FileList,
     pub dict: &'a [u8],
     pub range: PipeRange<'a>,
+    /// `--remove-source`.
+    pub remover: Option<&'a Remover<'a>>,
 }
 
 /// Member buffers go back from the writer to the I/O threads: no allocation, no fresh pages to
@@ -76,7 +79,7 @@ impl Pipeline<'_> {
         let bufs = Buffers { free: Mutex::new(Vec::new()), cap: slots * CHUNK };
         let worker = || self.read_chunks(&window, &bufs, small_max);
         pool::with_some_workers(threads.min(n).max(1), "packds-io", "I/O", "lower --threads", &worker, || {
-            let writer = ShardWriter::new(self.opts, self.dict, self.range.cuts.is_none(), self.range.first_shard, parts, records);
+            let writer = ShardWriter::new(self.opts, self.dict, self.range.cuts.is_none(), self.range.first_shard, parts, records).with_remover(self.remover);
             let r = self.write_all(&window, &bufs, writer, skipped);
             window.stop();
             r

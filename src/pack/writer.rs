@@ -6,6 +6,7 @@
 use super::h5::finish_h5;
 use super::large::{write_large_coded, write_large_raw};
 use super::member::{meta_of, Large, Small};
+use super::remove::{self, Remover};
 use super::stamp::{self, Stamp, READ_TRIES};
 use super::{planned_len, shard_name, shard_state_name, PackOptions, ShardFormat, SHARD_END, STATE_DIR, WRITEBACK_EVERY};
 use crate::codec;
@@ -36,6 +37,8 @@ pub(super) struct ShardOut {
     pub index: IndexBuilder,
     /// The members' source files as they were read ([`stamp::STAMP_LEN`] bytes each).
     stamps: Vec<u8>,
+    /// The same, whole (identity and ctime too), for `--remove-source`.
+    sources: Vec<Stamp>,
     flushed_at: u64,
 }
 
@@ -44,7 +47,7 @@ impl ShardOut {
         let tmp = opts.output.join(layout::tmp_file_name(&shard_name(k, opts.format)));
         let w = File::create(&tmp).ctx("create", &tmp)?;
         let index = if opts.compress.is_none() { IndexBuilder::new() } else { IndexBuilder::new_coded(dict) };
-        Ok(ShardOut { k, tmp, w, pos: 0, raw: 0, hash: Xxh3::new(), index, stamps: Vec::new(), flushed_at: 0 })
+        Ok(ShardOut { k, tmp, w, pos: 0, raw: 0, hash: Xxh3::new(), index, stamps: Vec::new(), sources: Vec::new(), flushed_at: 0 })
     }
 
     pub fn put(&mut self, b: &[u8]) -> Result<()> {
@@ -101,11 +104,19 @@ pub(super) struct ShardWriter<'a> {
     check: Vec<u8>,
     parts: &'a mut Vec<Index>,
     records: &'a mut Vec<ShardRecord>,
+    /// `--remove-source`: removes the sources of each completed shard.
+    remover: Option<&'a Remover<'a>>,
 }
 
 impl<'a> ShardWriter<'a> {
     pub fn new(opts: &'a PackOptions, dict: &'a [u8], by_size: bool, first: usize, parts: &'a mut Vec<Index>, records: &'a mut Vec<ShardRecord>) -> Self {
-        ShardWriter { opts, dict, by_size, cur: None, k: first, first, hdr: Vec::with_capacity(2048), check: Vec::new(), parts, records }
+        ShardWriter { opts, dict, by_size, cur: None, k: first, first, hdr: Vec::with_capacity(2048), check: Vec::new(), parts, records, remover: None }
+    }
+
+    /// Removes the sources of every shard once it is complete (see [`super::remove`]).
+    pub fn with_remover(mut self, remover: Option<&'a Remover<'a>>) -> Self {
+        self.remover = remover;
+        self
     }
 
     /// Appends a member read whole by an I/O thread (its buffer stays with the caller).
@@ -115,6 +126,7 @@ impl<'a> ShardWriter<'a> {
         s.put(&m.member)?;
         s.index.push_coded(key, 0, at + m.hlen as u64, m.stored, m.meta.size, m.codec, m.crc);
         stamp::push_record(&mut s.stamps, &m.stamp);
+        s.sources.push(m.stamp);
         s.raw += m.planned;
         Ok(())
     }
@@ -145,6 +157,7 @@ impl<'a> ShardWriter<'a> {
             Ok((off, stored, codec, crc, st)) => {
                 s.index.push_coded(key, 0, off, stored, meta.size, codec, crc);
                 stamp::push_record(&mut s.stamps, &st);
+                s.sources.push(st);
                 s.raw += planned;
                 Ok(None)
             }
@@ -192,14 +205,23 @@ impl<'a> ShardWriter<'a> {
         let opts = self.opts;
         let name = shard_name(s.k, opts.format);
         let info = s.finish(opts, &opts.output.join(&name), self.dict)?;
+        if self.remover.is_some() {
+            fault::kill_before_remove((s.k - self.first + 1) as u64);
+        }
         s.index.push_shard(info.clone());
         // The record of the source files first: a per-shard index is never without it.
         stamp::write_records(&opts.output.join(STATE_DIR).join(layout::state_stamps_name(s.k)), &s.stamps)?;
+        if self.remover.is_some() {
+            remove::write_sources(&opts.output.join(STATE_DIR).join(layout::state_sources_name(s.k)), &s.sources)?;
+        }
         let ip = opts.output.join(STATE_DIR).join(shard_state_name(s.k));
         s.index.write_atomic(&ip)?; // also fsyncs the state dir
         drop(s.index);
         fsx::sync_dir(&opts.output)?;
         let ix = Index::open(&ip)?;
+        if let Some(rm) = self.remover {
+            rm.shard(s.k, &ix, &s.sources, false)?;
+        }
         self.records.push(ShardRecord { file: name, size: info.size, samples: ix.len() as u64, xxh3_128: hex128(info.hash) });
         self.parts.push(ix);
         Ok(())

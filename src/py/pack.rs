@@ -84,10 +84,11 @@ pub(crate) fn h5_writer(w: Bound<'_, PyAny>) -> core_pack::H5Writer {
 #[pyfunction]
 #[pyo3(signature = (sources, output, *, shard_size=core_pack::DEFAULT_SHARD_SIZE, threads=0, follow_symlinks=false,
     include=vec![], exclude=vec![], on_error=OnError::Fail, force=false, resume=false, options_json=None, progress=None,
-    compress=Compress::None, zstd_dict=0, format=ShardFormat::Tar, h5_writer=None, part=None, plan=None, append=false, replace=false),
+    compress=Compress::None, zstd_dict=0, format=ShardFormat::Tar, h5_writer=None, part=None, plan=None, remove_source=false, dry_run=false, append=false,
+    replace=false),
     text_signature = "(sources, output, *, shard_size=..., threads=0, follow_symlinks=False, include=..., exclude=..., on_error='fail', \
     force=False, resume=False, options_json=None, progress=None, compress='none', zstd_dict=0, format='tar', h5_writer=None, part=None, plan=None, \
-    append=False, replace=False)")]
+    remove_source=False, dry_run=False, append=False, replace=False)")]
 #[allow(clippy::too_many_arguments)]
 pub fn pack<'py>(
     py: Python<'py>,
@@ -109,10 +110,14 @@ pub fn pack<'py>(
     h5_writer: Option<Bound<'py, PyAny>>,
     part: Option<(u32, Option<u32>)>,
     plan: Option<PathBuf>,
+    remove_source: bool,
+    dry_run: bool,
     append: bool,
     replace: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mut opts = options(sources, output, shard_size, threads, follow_symlinks, include, exclude, on_error, compress, zstd_dict, format);
+    opts.remove_source = remove_source;
+    opts.dry_run = dry_run;
     opts.force = force;
     opts.resume = resume;
     opts.part = part;
@@ -138,6 +143,26 @@ pub fn pack<'py>(
     d.set_item("seconds", s.seconds)?;
     d.set_item("already_complete", s.already_complete)?;
     d.set_item("skipped", skipped_list(py, &s.skipped)?)?;
+    let removed = match &s.removed {
+        None => None,
+        Some(r) => {
+            let rd = PyDict::new(py);
+            rd.set_item("files", r.files)?;
+            rd.set_item("directories", r.dirs)?;
+            rd.set_item("already_gone", r.gone)?;
+            rd.set_item("left", skipped_list(py, &r.left)?)?;
+            rd.set_item("dry_run", r.dry_run)?;
+            if r.dry_run {
+                let paths = PyList::empty(py);
+                for p in &r.would_remove {
+                    paths.append(p.as_os_str())?;
+                }
+                rd.set_item("would_remove", paths)?;
+            }
+            Some(rd)
+        }
+    };
+    d.set_item("removed", removed)?;
     Ok(d)
 }
 
