@@ -31,6 +31,8 @@ pub struct StageProgress {
     pub bytes_done: AtomicU64,
     pub files_total: AtomicU64,
     pub files_done: AtomicU64,
+    /// Files taken from an earlier staged copy instead of copied.
+    pub reused: AtomicU64,
     pub cancel: AtomicBool,
 }
 
@@ -50,6 +52,22 @@ pub struct StageSummary {
 /// outlives the job). A job's `$SLURM_TMPDIR` does not survive a node crash, so there only
 /// the page cache matters: an interrupted copy is never renamed into place either way.
 pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: bool, progress: &StageProgress) -> Result<StageSummary> {
+    stage_dataset_reusing(src, dest, tmp, jobs, durable, progress, None)
+}
+
+/// [`stage_dataset`], taking from `previous` (an earlier staged copy of the same dataset, ours,
+/// on the same filesystem) every file whose name and size match and whose XXH3-128, read
+/// there, is the one the manifest records: hard-linked instead of copied. After a
+/// `pack --append`, a re-stage then copies only the new shards and the index.
+pub fn stage_dataset_reusing(
+    src: &Path,
+    dest: &Path,
+    tmp: &Path,
+    jobs: usize,
+    durable: bool,
+    progress: &StageProgress,
+    previous: Option<&Path>,
+) -> Result<StageSummary> {
     let t0 = Instant::now();
     // The manifest is read once (and checked, its file names too); those exact bytes are copied.
     let CopyList { manifest: mbytes, files: mut list } = CopyList::load(src)?;
@@ -59,7 +77,7 @@ pub fn stage_dataset(src: &Path, dest: &Path, tmp: &Path, jobs: usize, durable: 
     progress.files_total.store(list.len() as u64 + 1, Relaxed);
 
     prepare_tmp_dir(tmp)?;
-    let r = copy_all(src, tmp, &list, jobs, durable, progress).and_then(|()| {
+    let r = copy_all(src, tmp, &list, jobs, durable, progress, previous).and_then(|()| {
         let mp = tmp.join(MANIFEST_FILE);
         write_file(&mp, &mbytes, durable)?;
         progress.bytes_done.fetch_add(mbytes.len() as u64, Relaxed);
@@ -213,7 +231,7 @@ fn prepare_tmp_dir(tmp: &Path) -> Result<()> {
     fs::set_permissions(tmp, fs::Permissions::from_mode(0o755)).ctx("chmod", tmp)
 }
 
-fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: bool, progress: &StageProgress) -> Result<()> {
+fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: bool, progress: &StageProgress, previous: Option<&Path>) -> Result<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -224,6 +242,12 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
         }
         let j = &list[i];
         let (s, d) = (src.join(&j.name), tmp.join(&j.name));
+        if previous.is_some_and(|p| reuse_one(&p.join(&j.name), &d, j)) {
+            progress.bytes_done.fetch_add(j.size, Relaxed);
+            progress.files_done.fetch_add(1, Relaxed);
+            progress.reused.fetch_add(1, Relaxed);
+            continue;
+        }
         match copy_one(&s, &d, Some(j), durable, progress, &stop) {
             Ok(_) => {
                 progress.files_done.fetch_add(1, Relaxed);
@@ -239,6 +263,19 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
     match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Hard-links `prev` (a file of an earlier staged copy) as `dst` when it is a regular file of
+/// the size and XXH3-128 `j` records; false (nothing done) otherwise.
+fn reuse_one(prev: &Path, dst: &Path, j: &DataFile) -> bool {
+    let Ok(md) = fs::symlink_metadata(prev) else { return false };
+    if !md.is_file() || md.len() != j.size {
+        return false;
+    }
+    match crate::fsx::hash_file(prev) {
+        Ok(h) if crate::manifest::hex128(h) == j.xxh3_128 => fs::hard_link(prev, dst).is_ok(),
+        _ => false,
     }
 }
 

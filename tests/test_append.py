@@ -122,3 +122,35 @@ def test_an_append_killed_at_each_commit_step_leaves_the_previous_version(work, 
     assert r.returncode == 0, h.show(r)
     assert len(_content(ds)) == 80 and h.cli("verify", ds).returncode == 0
     assert h.manifest(ds)["version"] == 2 and not os.path.exists(os.path.join(ds, ".append.tmp"))
+
+
+def test_restaging_an_appended_dataset_copies_only_the_new_shards(work):
+    src = os.path.join(work, "src")
+    _tree(src, [f"a{i:03}" for i in range(80)])
+    ds = os.path.join(work, "d.pds")
+    packds.pack(src, ds, shard_size=8 << 10)
+    node = os.path.join(work, "node")
+    from packds.stage import stage_record
+
+    first = stage_record(ds, to=node)
+    old_shards = len(h.manifest(ds)["shards"])
+    _tree(src, [f"b{i:03}" for i in range(20)])
+    packds.pack(src, ds, append=True, shard_size=8 << 10)
+    again = stage_record(ds, to=node)
+    assert first["copied"] and again["copied"]
+    assert again["reused_files"] == old_shards, again
+    assert _content(again["path"]) == _content(ds)
+    assert h.cli("verify", again["path"]).returncode == 0
+    assert not [n for n in os.listdir(node) if "staging" in n]
+    # A damaged earlier copy is not reused: its shard is copied again (the hash is checked).
+    _tree(src, [f"c{i:03}" for i in range(5)])
+    packds.pack(src, ds, append=True, shard_size=8 << 10)
+    victim = os.path.join(again["path"], "shard-00000.tar")
+    data = bytearray(open(victim, "rb").read())
+    data[600] ^= 0xFF
+    os.unlink(victim)  # a hard link: replace it rather than write through to other copies
+    with open(victim, "wb") as f:
+        f.write(bytes(data))
+    third = stage_record(ds, to=node)
+    assert third["reused_files"] == len(h.manifest(ds)["shards"]) - 2, third
+    assert h.cli("verify", third["path"]).returncode == 0

@@ -221,6 +221,8 @@ class StageProgress:
     def files_done(self) -> int: ...
     @property
     def files_total(self) -> int: ...
+    @property
+    def reused(self) -> int: ...
     def cancel(self) -> None:
         """Asks the running copy to stop (it then fails with KeyboardInterrupt, leaving nothing)."""
 
@@ -232,6 +234,7 @@ def stage_dataset(
     jobs: int = 4,
     durable: bool = True,
     progress: StageProgress | None = None,
+    previous: str | PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Copies the dataset ``src`` to ``dest`` via ``tmp``, checking every file's XXH3-128
     against the manifest in the same pass; GIL released. Returns {path, bytes, files, seconds}."""

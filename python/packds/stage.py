@@ -497,6 +497,20 @@ def _verify_existing(source: _Source, path: str, why: str, quiet: bool) -> bool:
     return True
 
 
+def _set_aside(final: str, source: _Source, dest_dir: str, name: str) -> str | None:
+    """An earlier copy of a dataset at ``final`` that is provably ours is moved aside (a
+    leftover name: ``.NAME.staging-PID-previous``), so that the new copy can take its unchanged
+    files (after `pack --append`: every old shard) instead of copying them again; anything else
+    there is removed as before (refusing what packds did not write). Returns the moved copy."""
+    if source.kind == "dataset" and os.path.isdir(final) and not os.path.islink(final) and _core.staged_copy_trust(final)[0] == "private":
+        aside = os.path.join(dest_dir, f".{name}.staging-{os.getpid()}-previous")
+        _remove_quietly(aside)
+        os.rename(final, aside)
+        return aside
+    _remove_stale(final, source)
+    return None
+
+
 def _remove_stale(path: str, source: _Source) -> None:
     """Removes an earlier copy at ``path`` that is not current, refusing anything packds did
     not write."""
@@ -642,14 +656,14 @@ def stage_record(
                 _warn(f"not staging {source.path}: {rec['reason']}")
                 rec.update(copied=False, seconds=time.monotonic() - t0, mb_per_s=0.0)
                 return rec
-            _remove_stale(final, source)
+            previous = _set_aside(final, source, dest_dir, name)
             # The source is recorded first: a copy under this name is then never taken for
             # another source's (and the record goes again if the copy fails).
             _write_record(dest_dir, name, _canonical(source))
             tmp = os.path.join(dest_dir, f".{name}.staging-{os.getpid()}")
             tc = time.monotonic()
             try:
-                _copy(source, final, tmp, jobs, quiet)
+                reused = _copy(source, final, tmp, jobs, quiet, previous)
             except NoSpaceError:
                 _remove_quietly(tmp)
                 _remove_quietly(_record_path(dest_dir, name))
@@ -660,8 +674,12 @@ def stage_record(
                 _remove_quietly(tmp)
                 _remove_quietly(_record_path(dest_dir, name))
                 raise
+            finally:
+                if previous is not None:
+                    _remove_quietly(previous)
             copy_seconds = time.monotonic() - tc
             copied = True
+            rec["reused_files"] = reused
         if rec["policy"] == "memory":
             preload(final, jobs=jobs, quiet=quiet)
     finally:
@@ -727,16 +745,20 @@ def _in_job_tmpdir(path: str) -> bool:
     return p == jt or p.startswith(jt.rstrip("/") + "/")
 
 
-def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool) -> None:
+def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool, previous: str | None = None) -> int:
+    """Copies ``source`` to ``final`` through ``tmp``; returns how many files were taken from
+    ``previous`` (an earlier copy) instead of copied."""
     # fsync only where the copy may outlive a crash: $SLURM_TMPDIR is removed with the job, and
     # an interrupted copy is never renamed into place, so there the page cache is enough.
     durable = not _in_job_tmpdir(os.path.dirname(final))
     prog = _core.StageProgress()
     rep = _Reporter(f"staging {os.path.basename(source.path)}", quiet)
     if source.kind == "dataset":
-        _run_with_progress(lambda: _core.stage_dataset(source.path, final, tmp, jobs=jobs, durable=durable, progress=prog), prog, rep)
+        _run_with_progress(lambda: _core.stage_dataset(source.path, final, tmp, jobs=jobs, durable=durable, progress=prog, previous=previous), prog, rep)
+        return prog.reused
     elif source.kind == "file":
         _run_with_progress(lambda: _core.stage_file(source.path, final, tmp, durable=durable, progress=prog), prog, rep)
+        return 0
     else:
         # A directory of loose files: packed on the fly into the temporary directory (the node
         # never holds the small files), then renamed into place like a copied dataset.
@@ -761,6 +783,7 @@ def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool) -> None
             os.fsync(fd)
         finally:
             os.close(fd)
+    return 0
 
 
 def stage(

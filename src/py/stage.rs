@@ -46,6 +46,12 @@ impl PyStageProgress {
         self.inner.files_total.load(Relaxed)
     }
 
+    /// Files taken from an earlier staged copy (`previous=`) instead of copied.
+    #[getter]
+    fn reused(&self) -> u64 {
+        self.inner.reused.load(Relaxed)
+    }
+
     /// Asks the running copy to stop (it then fails with KeyboardInterrupt, leaving nothing).
     fn cancel(&self) {
         self.inner.cancel.store(true, Relaxed);
@@ -66,9 +72,11 @@ fn summary<'py>(py: Python<'py>, s: StageSummary) -> PyResult<Bound<'py, PyDict>
 }
 
 /// Copies the dataset `src` to `dest` via the temporary directory `tmp`, checking every file's
-/// XXH3-128 against the manifest in the same pass; GIL released.
+/// XXH3-128 against the manifest in the same pass; GIL released. `previous`: an earlier staged
+/// copy whose matching files (name, size, hash) are hard-linked instead of copied.
 #[pyfunction]
-#[pyo3(signature = (src, dest, tmp, *, jobs=4, durable=true, progress=None))]
+#[pyo3(signature = (src, dest, tmp, *, jobs=4, durable=true, progress=None, previous=None))]
+#[allow(clippy::too_many_arguments)] // the Python keyword arguments
 pub fn stage_dataset<'py>(
     py: Python<'py>,
     src: PathBuf,
@@ -77,9 +85,10 @@ pub fn stage_dataset<'py>(
     jobs: usize,
     durable: bool,
     progress: Option<&Bound<'py, PyStageProgress>>,
+    previous: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let p = progress_of(progress);
-    let s = py.detach(|| core_stage::stage_dataset(&src, &dest, &tmp, jobs, durable, &p)).map_err(to_py)?;
+    let s = py.detach(|| core_stage::stage_dataset_reusing(&src, &dest, &tmp, jobs, durable, &p, previous.as_deref())).map_err(to_py)?;
     summary(py, s)
 }
 
