@@ -233,11 +233,15 @@ def _fails_at_13(i: int):
     return f"k{i:03}", b"x"
 
 
-def test_an_exception_in_fn_stops_the_build_and_leaves_nothing(work):
+def test_an_exception_in_fn_stops_the_build_and_leaves_nothing_that_opens(work):
     out = os.path.join(work, "f.pds")
     with pytest.raises(RuntimeError, match="bad input 13"):
         packds.build(_fails_at_13, range(100), out, workers=2, progress=False)
-    assert not os.path.exists(out)
+    with pytest.raises(packds.FormatError):
+        packds.open(out)  # kept for a resume, but it does not open
+    with pytest.raises(RuntimeError, match="bad input 13"):
+        packds.build(_fails_at_13, range(100), out, workers=2, progress=False, resume=False, force=True)
+    assert not os.path.exists(out) or os.listdir(out) == []  # resume=False: nothing kept (the directory existed)
 
 
 def test_build_prints_progress_lines_into_a_log(work):
@@ -271,3 +275,67 @@ def test_readme_writer_snippet_runs_as_written(work, monkeypatch):
         assert ds["cats/0002.cls"] == b"3" and ds["cats/0001.jpg"] == b"\xff\xd8JPEG" and ds["raw/big.bin"] == open(big, "rb").read()
     with packds.open(os.path.join(work, "generated.pds")) as ds:
         assert len(ds) == 100 and ds["s0000049.cls"] == b"1"
+
+
+def _slow_on(i: int):
+    """A sample per input; input 150 raises when STOP_AT is set (an interrupted build)."""
+    if os.environ.get("STOP_AT") == str(i):
+        raise RuntimeError("stopped")
+    return f"s{i:04}", {"a": bytes([i % 256]) * 900, "b": str(i).encode()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_interrupted_build_resumes_to_the_dataset_an_uninterrupted_one_makes(work, monkeypatch, workers):
+    whole = os.path.join(work, "whole.pds")
+    packds.build(_slow_on, range(300), whole, workers=workers, shard_size="16K", progress=False)
+    out = os.path.join(work, "resumed.pds")
+    monkeypatch.setenv("STOP_AT", "150")
+    with pytest.raises(RuntimeError, match="stopped"):
+        packds.build(_slow_on, range(300), out, workers=workers, shard_size="16K", progress=False)
+    monkeypatch.delenv("STOP_AT")
+    with pytest.raises(packds.FormatError):
+        packds.open(out)
+    calls = []
+    s = packds.build(lambda i: (calls.append(i), _slow_on(i))[1], range(300), out, workers=0, shard_size="16K", progress=False)
+    assert s["resumed_samples"] > 100 and min(calls) > 50, (s, min(calls))
+    for f in h.dataset_files(whole):
+        if f != "manifest.json":
+            assert open(os.path.join(whole, f), "rb").read() == open(os.path.join(out, f), "rb").read(), f
+
+
+def test_a_killed_build_resumes(work):
+    out = os.path.join(work, "k.pds")
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import packds
+        def fn(i):
+            if i == 200:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return f"k{{i:04}}", bytes([i % 256]) * 700
+        packds.build(fn, range(400), {out!r}, workers=0, shard_size="16K", progress=False)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert p.returncode == -signal.SIGKILL
+    s = packds.build(_k, range(400), out, workers=0, shard_size="16K", progress=False)
+    assert s["resumed_samples"] > 0 and s["inputs"] < 400
+    with packds.open(out) as ds:
+        assert len(ds) == 400 and ds["k0399"] == bytes([399 % 256]) * 700
+        assert ds.verify()["problems"] == []
+
+
+def _k(i):
+    return f"k{i:04}", bytes([i % 256]) * 700
+
+
+def _dies_at_5(i: int):
+    if i == 5:
+        os._exit(3)  # a worker killed (out of memory, say)
+    return f"d{i:03}", b"x"
+
+
+def test_a_worker_that_dies_fails_the_build_instead_of_hanging_it(work):
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool):
+        packds.build(_dies_at_5, range(50), os.path.join(work, "d.pds"), workers=2, progress=False)

@@ -9,6 +9,7 @@ index is still sorted by key (the data stays in the order it was added).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -62,10 +63,13 @@ class Writer:
     run in the Rust core, the GIL released for large samples.
 
     Options: ``shard_size`` (bytes or "1G"), ``compress`` ("none", "zstd[:LEVEL]",
-    "auto[:LEVEL]"), ``format`` ("tar" or "h5"), ``force`` (replace an existing dataset).
+    "auto[:LEVEL]"), ``format`` ("tar" or "h5"), ``force`` (replace an existing dataset),
+    ``resume`` (continue a writer of the same options that was killed or ``suspend()``ed: its
+    completed shards are kept and adding one of their keys again does nothing).
     """
 
-    def __init__(self, path, *, shard_size: int | str = "1G", compress: str = "none", format: str = "tar", force: bool = False, mtime: int = 0) -> None:  # noqa: A002
+    def __init__(self, path, *, shard_size: int | str = "1G", compress: str = "none", format: str = "tar", force: bool = False, mtime: int = 0,
+                 resume: bool = False) -> None:  # noqa: A002
         h5 = None
         if format in ("h5", "hdf5"):
             from . import _shared_options
@@ -75,7 +79,7 @@ class Writer:
             h5 = write_shard
         options = {"writer": True, "shard_size": _size(shard_size), "compress": compress, "format": format}
         self._w = _core.Writer(os.fsdecode(path), shard_size=_size(shard_size), compress=compress, format=format, force=force, mtime=mtime,
-                               h5_writer=h5, options_json=json.dumps(options, sort_keys=True))
+                               h5_writer=h5, options_json=json.dumps(options, sort_keys=True), resume=resume)
         self.path = os.fsdecode(path)
         self.summary: dict | None = None
 
@@ -106,6 +110,11 @@ class Writer:
     def abort(self) -> None:
         """Removes everything written; nothing that opens is left."""
         self._w.abort()
+
+    def suspend(self) -> None:
+        """Stops, keeping the completed shards for ``Writer(path, resume=True)`` (the samples
+        of the shard being written are dropped); nothing that opens is left."""
+        self._w.suspend()
 
     @property
     def closed(self) -> bool:
@@ -176,7 +185,7 @@ class _Progress:
 
 
 def build(fn: Callable[[Any], Any], inputs: Iterable[Any], path, *, workers: int | None = None, chunksize: int = 1, progress: bool = True,
-          progress_interval: float = 10.0, mp_context: str | None = None, **writer_options) -> dict:
+          progress_interval: float = 10.0, mp_context: str | None = None, resume: bool = True, **writer_options) -> dict:
     """Runs ``fn`` over ``inputs`` in ``workers`` processes and writes what it returns to the
     dataset ``path`` in input order, whatever the workers' timing: the same inputs give the
     same dataset, with any number of workers.
@@ -188,8 +197,14 @@ def build(fn: Callable[[Any], Any], inputs: Iterable[Any], path, *, workers: int
     platform's), so with spawn ``fn`` must be importable (defined at a module's top level).
     Memory is bounded: at most ``4 * workers`` chunks of ``chunksize`` inputs are in flight.
     Progress: a bar on a terminal, a line every ``progress_interval`` seconds in a log file.
-    Other options go to :class:`Writer`. An exception in ``fn`` stops the build, removes the
-    partial dataset and is raised here. Returns the writer's summary plus ``inputs``.
+    Other options go to :class:`Writer`.
+
+    Interrupted (Ctrl-C, SIGTERM, a time limit, an exception in ``fn``, a killed job), the build
+    keeps its completed shards (nothing that opens); the same call again continues from the
+    input of the last completed shard, without running ``fn`` on the inputs before it, and
+    gives the dataset an uninterrupted build gives (``resume=False``: start over; ``force=True``
+    replaces whatever is at ``path``). The same ``fn``, inputs and options are assumed.
+    Returns the writer's summary plus ``inputs`` (run this time) and ``resumed_samples``.
     """
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -197,28 +212,42 @@ def build(fn: Callable[[Any], Any], inputs: Iterable[Any], path, *, workers: int
         total = len(inputs)  # type: ignore[arg-type]
     except TypeError:
         total = None
-    bar = _Progress(total, progress, progress_interval)
+    w = Writer(path, resume=resume, **writer_options)
+    start = w._w.resume_mark or 0
+    bar = _Progress(None if total is None else total - start, progress, progress_interval)
     done = nbytes = 0
-    try:
-        with Writer(path, **writer_options) as w:
-            def put(samples) -> None:
-                nonlocal done, nbytes
-                for key, data in samples:
-                    w.add(key, data)
-                    fields = data.values() if isinstance(data, Mapping) else (data,)
-                    nbytes += sum(len(f) for f in fields if isinstance(f, (bytes, bytearray, memoryview)))
-                done += 1
-                bar.update(done, nbytes)
 
-            if workers <= 0:
-                for x in inputs:
-                    put(_call(fn, x))
-            else:
-                _run_pool(fn, inputs, workers, chunksize, mp_context, put)
-        summary = dict(w.close())
+    def put(samples) -> None:
+        nonlocal done, nbytes
+        w._w.set_mark(start + done)
+        for key, data in samples:
+            w.add(key, data)
+            fields = data.values() if isinstance(data, Mapping) else (data,)
+            nbytes += sum(len(f) for f in fields if isinstance(f, (bytes, bytearray, memoryview)))
+        done += 1
+        bar.update(done, nbytes)
+
+    try:
+        # The input of the last completed shard is run again: its samples may span two shards
+        # (those already stored are skipped by key).
+        todo = itertools.islice(iter(inputs), start, None)
+        if workers <= 0:
+            for x in todo:
+                put(_call(fn, x))
+        else:
+            _run_pool(fn, todo, workers, chunksize, mp_context, put)
+    except BaseException:
+        if resume:
+            w.suspend()
+        else:
+            w.abort()
+        raise
     finally:
         bar.close()
+    resumed = w._w.resumed_samples
+    summary = dict(w.close())
     summary["inputs"] = done
+    summary["resumed_samples"] = resumed
     return summary
 
 
@@ -240,19 +269,25 @@ def _call_chunk(fn, chunk):
 
 def _run_pool(fn, inputs, workers: int, chunksize: int, mp_context: str | None, put: Callable) -> None:
     """Chunks of inputs to a process pool, at most ``4 * workers`` in flight; results are
-    taken in submission order (so written in input order)."""
+    taken in submission order (so written in input order). A worker that dies (killed, out of
+    memory) fails the build with BrokenProcessPool instead of hanging it."""
     import functools
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    ctx = mp.get_context(mp_context)
     pending: deque = deque()
     call = functools.partial(_call_chunk, fn)
-    with ctx.Pool(workers) as pool:
-        for chunk in _chunks(iter(inputs), max(1, chunksize)):
-            pending.append(pool.apply_async(call, (chunk,)))
-            while len(pending) >= 4 * workers:
-                for samples in pending.popleft().get():
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(mp_context)) as pool:
+        try:
+            for chunk in _chunks(iter(inputs), max(1, chunksize)):
+                pending.append(pool.submit(call, chunk))
+                while len(pending) >= 4 * workers:
+                    for samples in pending.popleft().result():
+                        put(samples)
+            while pending:
+                for samples in pending.popleft().result():
                     put(samples)
-        while pending:
-            for samples in pending.popleft().get():
-                put(samples)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise

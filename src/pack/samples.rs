@@ -13,7 +13,7 @@
 use super::member::{force_compress, member_name, meta_of, Large, Small};
 use super::stamp::Stamp;
 use super::writer::ShardWriter;
-use super::{planned_len, state_options_for, PackOptions, ShardFormat, STATE_DIR, STATE_OPTIONS};
+use super::{planned_len, state_options_for, PackOptions, ShardFormat, StateOptions, STATE_DIR, STATE_OPTIONS};
 use crate::codec::{self, Encoder};
 use crate::error::{Error, IoContext, Result};
 use crate::fsx;
@@ -34,10 +34,12 @@ const QUEUE: usize = 32;
 /// What the writer thread made: the completed shards' indexes and records.
 type Written = (Vec<Index>, Vec<ShardRecord>);
 
-/// What the writer thread is handed.
+/// What the writer thread is handed: members with the caller's mark (see
+/// [`SampleWriter::set_mark`]), or the order to stop without completing the open shard.
 enum Msg {
-    Small(Vec<u8>, Small),
-    Large(Vec<u8>, Large),
+    Small(Vec<u8>, Small, u64),
+    Large(Vec<u8>, Large, u64),
+    Suspend,
 }
 
 /// What closing a writer reports.
@@ -62,6 +64,13 @@ pub struct SampleWriter {
     dir: Option<OutputDir>,
     enc: Option<Encoder>,
     seen: HashSet<Box<[u8]>>,
+    /// Keys of the completed shards a resumed writer kept: adding one again is a no-op.
+    resumed: HashSet<Box<[u8]>>,
+    /// The completed shards' indexes and records a resumed writer kept.
+    kept: Written,
+    /// The mark of the last completed shard a resumed writer kept.
+    resume_mark: Option<u64>,
+    mark: u64,
     last: Option<Box<[u8]>>,
     ordered: bool,
     mtime: i64,
@@ -75,6 +84,14 @@ impl SampleWriter {
     /// Samples get `mtime` as their tar modification time (default 0: the output depends only
     /// on the samples), mode 0644, owner 0.
     pub fn create(opts: PackOptions, mtime: i64) -> Result<SampleWriter> {
+        Self::create_resuming(opts, mtime, false)
+    }
+
+    /// [`SampleWriter::create`]; with `resume`, a writer into `opts.output` that stopped
+    /// (killed, or [`SampleWriter::suspend`]ed) with the same options is continued: its
+    /// completed shards are kept (those with their mark recorded), adding a key they hold again
+    /// does nothing, and [`SampleWriter::resume_mark`] is the mark of the last of them.
+    pub fn create_resuming(opts: PackOptions, mtime: i64, resume: bool) -> Result<SampleWriter> {
         if opts.format == ShardFormat::H5 && opts.h5_writer.is_none() {
             return Err(Error::usage("HDF5 shards are written through h5py", "use the packds Python package, which has h5py"));
         }
@@ -82,22 +99,46 @@ impl SampleWriter {
             return Err(Error::usage(format!("shard size {} is too small", opts.shard_size), "use at least 4 KiB (default 1 GiB)"));
         }
         let out = opts.output.clone();
-        let Prepared::Open(dir) = OutputDir::prepare(&out, Mode::index(opts.force))? else {
-            return Err(Error::usage(format!("output {} already exists", out.display()), "pass force=True to replace it, or choose another path"));
-        };
         let state = out.join(STATE_DIR);
-        if state.exists() {
-            fs::remove_dir_all(&state).ctx("remove", &state)?;
-        }
-        fs::create_dir(&state).ctx("create directory", &state)?;
         let options_path = state.join(STATE_OPTIONS);
-        fsx::write_atomic(&options_path, &manifest::json_bytes(&state_options_for(&opts, Vec::new()), false, &options_path)?)?;
-        fsx::sync_dir(&out)?;
+        let want = state_options_for(&opts, Vec::new());
+        let resuming = resume && !out.join(layout::MANIFEST_FILE).exists() && manifest::read_json::<StateOptions>(&options_path).is_ok_and(|o| o == want);
+        let mode = if resuming { Mode::pack(false, true) } else { Mode::index(opts.force) };
+        let dir = match OutputDir::prepare(&out, mode)? {
+            Prepared::Open(dir) => dir,
+            Prepared::Complete(_) => {
+                return Err(Error::usage(format!("{} is already complete", out.display()), "open it with packds.open(), or pass force=True to write it again"))
+            }
+        };
+        let kept = if resuming { kept_shards(&opts)? } else { (Vec::new(), Vec::new(), None) };
+        if !resuming {
+            if state.exists() {
+                fs::remove_dir_all(&state).ctx("remove", &state)?;
+            }
+            fs::create_dir(&state).ctx("create directory", &state)?;
+            fsx::write_atomic(&options_path, &manifest::json_bytes(&want, false, &options_path)?)?;
+            fsx::sync_dir(&out)?;
+        }
+        let (parts, records, resume_mark) = kept;
+        let mut resumed = HashSet::new();
+        let mut last: Option<Box<[u8]>> = None;
+        let mut ordered = true;
+        for p in &parts {
+            for i in 0..p.len() {
+                let k = p.key(i)?;
+                if last.as_deref().is_some_and(|l| l >= k) {
+                    ordered = false;
+                }
+                last = Some(k.into());
+                resumed.insert(k.into());
+            }
+        }
+        let first = parts.len();
         let (tx, rx) = sync_channel(QUEUE);
         let thread_opts = opts.clone();
         let thread = std::thread::Builder::new()
             .name("packds-writer".into())
-            .spawn(move || write_shards(&thread_opts, rx))
+            .spawn(move || write_shards(&thread_opts, rx, first))
             .map_err(|e| Error::io("start thread", &out, e))?;
         let enc = (!opts.compress.is_none()).then(|| Encoder::new(opts.compress, None));
         Ok(SampleWriter {
@@ -107,8 +148,12 @@ impl SampleWriter {
             dir: Some(dir),
             enc,
             seen: HashSet::new(),
-            last: None,
-            ordered: true,
+            resumed,
+            kept: (parts, records),
+            resume_mark,
+            mark: 0,
+            last,
+            ordered,
             mtime,
             samples: 0,
             bytes: 0,
@@ -116,9 +161,43 @@ impl SampleWriter {
         })
     }
 
+    /// The mark of the last completed shard a resumed writer kept (None: nothing was kept).
+    /// [`packds.build`] marks each sample with its input's position, and resumes from there.
+    pub fn resume_mark(&self) -> Option<u64> {
+        self.resume_mark
+    }
+
+    /// The samples a resumed writer kept.
+    pub fn resumed_samples(&self) -> u64 {
+        self.resumed.len() as u64
+    }
+
+    /// Marks the samples added from now on with `mark` (non-decreasing); a completed shard
+    /// records the mark of its last sample.
+    pub fn set_mark(&mut self, mark: u64) {
+        self.mark = mark;
+    }
+
+    /// Stops writing but keeps the completed shards (and their marks) for a writer created
+    /// with `resume` later: the open shard is dropped. Nothing that opens is left.
+    pub fn suspend(mut self) -> Result<()> {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Msg::Suspend);
+        }
+        let joined = self.thread.take().map(|t| t.join());
+        drop(self.dir.take()); // unlocked, not removed
+        match joined {
+            Some(Ok(r)) => r.map(|_| ()),
+            _ => Err(Error::format(&self.opts.output, "the writer thread stopped unexpectedly")),
+        }
+    }
+
     /// Checks `key` (a safe relative path, not seen before) and notes whether keys still come in
     /// increasing order.
-    fn claim(&mut self, key: &[u8]) -> Result<()> {
+    fn claim(&mut self, key: &[u8]) -> Result<bool> {
+        if self.resumed.contains(key) {
+            return Ok(false);
+        }
         let key_str = || String::from_utf8_lossy(key).into_owned();
         crate::read::safe_components(key).map_err(|_| {
             Error::usage(format!("sample key {:?} is not a relative path", key_str()), "keys are relative paths like dir/name.ext, without `..` or a leading /")
@@ -131,14 +210,16 @@ impl SampleWriter {
         }
         self.seen.insert(key.into());
         self.last = Some(key.into());
-        Ok(())
+        Ok(true)
     }
 
     /// Adds sample `key` with bytes `data`: checksummed, compressed and laid out here (pure
     /// computation, then a hand-over that waits while the writer thread is [`QUEUE`] members
     /// behind). A writer-thread error (disk full, ...) is returned by this call or the next.
     pub fn add(&mut self, key: &[u8], data: &[u8]) -> Result<()> {
-        self.claim(key)?;
+        if !self.claim(key)? {
+            return Ok(());
+        }
         let meta = Meta { size: data.len() as u64, mode: 0o100644, mtime: self.mtime, uid: 0, gid: 0 };
         let format = self.opts.format;
         let tar = format == ShardFormat::Tar;
@@ -167,20 +248,22 @@ impl SampleWriter {
         };
         self.samples += 1;
         self.bytes += data.len() as u64;
-        self.send(Msg::Small(key.to_vec(), small))
+        self.send(Msg::Small(key.to_vec(), small, self.mark))
     }
 
     /// Adds the file at `path` as sample `key`, copied as `pack` copies a file: streamed into
     /// the shard, its mode and mtime kept, read again if it changes meanwhile.
     pub fn add_file(&mut self, key: &[u8], path: &std::path::Path) -> Result<()> {
-        self.claim(key)?;
+        if !self.claim(key)? {
+            return Ok(());
+        }
         let (file, md) = fsx::open_read_nonblocking(path).map_err(|e| Error::io("open", path, e))?;
         if !md.is_file() {
             return Err(Error::usage(format!("{} is not a regular file", path.display()), "add a regular file, or its bytes"));
         }
         self.samples += 1;
         self.bytes += md.len();
-        self.send(Msg::Large(key.to_vec(), Large { meta: meta_of(&md), file, path: path.to_path_buf() }))
+        self.send(Msg::Large(key.to_vec(), Large { meta: meta_of(&md), file, path: path.to_path_buf() }, self.mark))
     }
 
     fn send(&mut self, m: Msg) -> Result<()> {
@@ -201,10 +284,13 @@ impl SampleWriter {
     pub fn close(mut self) -> Result<WriterSummary> {
         self.tx = None;
         let joined = self.thread.take().map(|t| t.join());
-        let (parts, records) = match joined {
+        let (new_parts, new_records) = match joined {
             Some(Ok(r)) => r?,
             _ => return Err(Error::format(&self.opts.output, "the writer thread stopped unexpectedly")),
         };
+        let (mut parts, mut records) = std::mem::take(&mut self.kept);
+        parts.extend(new_parts);
+        records.extend(new_records);
         if parts.is_empty() {
             return Err(Error::usage(format!("no samples were added to {}", self.opts.output.display()), "add at least one sample before closing"));
         }
@@ -240,23 +326,62 @@ impl Drop for SampleWriter {
     }
 }
 
-/// The writer thread: every member into shards cut by size; returns the completed shards'
-/// indexes and records.
-fn write_shards(opts: &PackOptions, rx: Receiver<Msg>) -> Result<Written> {
+/// The writer thread: every member into shards cut by size, numbered from `first`; returns
+/// the completed shards' indexes and records. Each completed shard's mark (that of its last
+/// sample) is recorded in the state directory after its per-shard index.
+fn write_shards(opts: &PackOptions, rx: Receiver<Msg>, first: usize) -> Result<Written> {
     let (mut parts, mut records) = (Vec::new(), Vec::new());
-    let mut w = ShardWriter::new(opts, &[], true, 0, &mut parts, &mut records);
+    let mut w = ShardWriter::new(opts, &[], true, first, &mut parts, &mut records);
+    let mut prev_mark = 0u64;
     for m in rx {
-        match m {
-            Msg::Small(key, small) => w.accept_small(&key, &small)?,
-            Msg::Large(key, large) => {
+        let before = w.completed();
+        let mark = match m {
+            Msg::Small(key, small, mark) => {
+                w.accept_small(&key, &small)?;
+                mark
+            }
+            Msg::Large(key, large, mark) => {
                 if let Some(skipped) = w.accept_large(&key, large)? {
                     return Err(Error::usage(skipped.reason, "add it again once it stopped changing"));
                 }
+                mark
             }
+            // Dropping the shard writer removes the open shard; the completed ones stay.
+            Msg::Suspend => return Ok((Vec::new(), Vec::new())),
+        };
+        if w.completed() > before {
+            // The member just accepted opened a new shard: the one completed ended with the
+            // previous member.
+            write_mark(opts, first + w.completed() - 1, prev_mark)?;
         }
+        prev_mark = mark;
     }
     w.close()?;
     Ok((parts, records))
+}
+
+fn mark_path(opts: &PackOptions, k: usize) -> PathBuf {
+    opts.output.join(STATE_DIR).join(format!("{}.mark", layout::state_index_name(k)))
+}
+
+fn write_mark(opts: &PackOptions, k: usize, mark: u64) -> Result<()> {
+    fsx::write_atomic(&mark_path(opts, k), mark.to_string().as_bytes())
+}
+
+/// The completed shards of a stopped writer, in order, as long as each has its per-shard
+/// index and its mark; anything after the first gap is written again.
+fn kept_shards(opts: &PackOptions) -> Result<(Vec<Index>, Vec<ShardRecord>, Option<u64>)> {
+    let (mut parts, mut records, mut mark) = (Vec::new(), Vec::new(), None);
+    let mut k = 0;
+    while let Some(ix) = super::completed_shard(opts, k)? {
+        let Some(m) = fs::read_to_string(mark_path(opts, k)).ok().and_then(|t| t.trim().parse::<u64>().ok()) else { break };
+        let info = ix.shards().first().cloned().ok_or_else(|| Error::format(ix.path(), "per-shard index without a shard"))?;
+        records.push(ShardRecord { file: info.name.clone(), size: info.size, samples: ix.len() as u64, xxh3_128: manifest::hex128(info.hash) });
+        parts.push(ix);
+        mark = Some(m);
+        k += 1;
+    }
+    Ok((parts, records, mark))
 }
 
 /// The index of samples added in no particular key order: entries sorted by key, each

@@ -192,6 +192,11 @@ impl<'a> ShardWriter<'a> {
         Ok(())
     }
 
+    /// The number of shards completed so far by this writer.
+    pub fn completed(&self) -> usize {
+        self.k - self.first
+    }
+
     /// Completes the last shard.
     pub fn close(mut self) -> Result<()> {
         match self.cur.take() {

@@ -34,8 +34,8 @@ impl PyWriter {
 #[pymethods]
 impl PyWriter {
     #[new]
-    #[pyo3(signature = (path, *, shard_size=DEFAULT_SHARD_SIZE, compress=Compress::None, format=ShardFormat::Tar, force=false, mtime=0, h5_writer=None, options_json=None),
-        text_signature = "(path, *, shard_size=..., compress='none', format='tar', force=False, mtime=0, h5_writer=None, options_json=None)")]
+    #[pyo3(signature = (path, *, shard_size=DEFAULT_SHARD_SIZE, compress=Compress::None, format=ShardFormat::Tar, force=false, mtime=0, h5_writer=None, options_json=None, resume=false),
+        text_signature = "(path, *, shard_size=..., compress='none', format='tar', force=False, mtime=0, h5_writer=None, options_json=None, resume=False)")]
     #[allow(clippy::too_many_arguments)] // the Python keyword arguments
     fn new(
         py: Python<'_>,
@@ -47,6 +47,7 @@ impl PyWriter {
         mtime: i64,
         h5_writer: Option<Bound<'_, PyAny>>,
         options_json: Option<String>,
+        resume: bool,
     ) -> PyResult<Self> {
         let mut opts = PackOptions::new(Vec::new(), path.clone());
         opts.shard_size = shard_size;
@@ -58,7 +59,7 @@ impl PyWriter {
             Some(s) => serde_json::from_str(&s).map_err(|e| PyValueError::new_err(format!("options_json: {e}")))?,
             None => serde_json::Value::Null,
         };
-        let w = py.detach(move || SampleWriter::create(opts, mtime)).map_err(to_py)?;
+        let w = py.detach(move || SampleWriter::create_resuming(opts, mtime, resume)).map_err(to_py)?;
         Ok(PyWriter { inner: Some(w), path, h5: format == ShardFormat::H5 })
     }
 
@@ -97,6 +98,35 @@ impl PyWriter {
         d.set_item("ordered", s.ordered)?;
         d.set_item("seconds", s.seconds)?;
         Ok(d)
+    }
+
+    /// Marks the samples added from now on (a non-decreasing number, e.g. the input's position);
+    /// each completed shard records the mark of its last sample (see `resume_mark`).
+    fn set_mark(&mut self, mark: u64) -> PyResult<()> {
+        self.w()?.set_mark(mark);
+        Ok(())
+    }
+
+    /// For `resume=True`: the mark of the last completed shard kept from the writer that
+    /// stopped (None when nothing was kept).
+    #[getter]
+    fn resume_mark(&self) -> Option<u64> {
+        self.inner.as_ref().and_then(|w| w.resume_mark())
+    }
+
+    /// For `resume=True`: the number of samples kept from the writer that stopped.
+    #[getter]
+    fn resumed_samples(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |w| w.resumed_samples())
+    }
+
+    /// Stops writing, keeping the completed shards for a `resume=True` writer later (the open
+    /// shard is dropped); nothing that opens is left.
+    fn suspend(&mut self, py: Python<'_>) -> PyResult<()> {
+        match self.inner.take() {
+            Some(w) => py.detach(move || w.suspend()).map_err(to_py),
+            None => Ok(()),
+        }
     }
 
     /// Stops writing and removes everything written (nothing that opens is left). Harmless
