@@ -1,0 +1,250 @@
+"""Tree fidelity: empty directories are kept, hard links are stored once (tar hard link members,
+index entries sharing the bytes) and restored as links, sparse files are reported and unpacked
+sparse again; GNU tar and Python tarfile extract the shards with all of it intact; verify,
+plan/parts/merge and resume keep working."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+
+import pytest
+
+import _helpers as h
+import packds
+
+EMPTY_DIRS = ["a/empty", "a/deep/x/y/z", "top-empty", "c/empty.jpg"]
+# Groups of names of one file: the first is stored, the others are hard links to it.
+LINKS = [["data/one.bin", "data/two.bin"], ["l3/a.bin", "l3/b.bin", "l3/c.bin"], ["z/0.txt", "z/1.txt"]]
+SPARSE = "big/sparse.img"
+SPARSE_SIZE = 8 << 20
+
+
+def _payload(i: int, n: int) -> bytes:
+    return bytes((i * 7 + j * 13) % 251 for j in range(n))
+
+
+def _make_tree(root: str) -> str:
+    h.write(root, "keep.txt", b"plain file\n")
+    h.write(root, "img/pic.jpg", _payload(1, 5000))
+    os.makedirs(os.path.join(root, "img2"), exist_ok=True)
+    os.link(os.path.join(root, "img/pic.jpg"), os.path.join(root, "img2/pic.raw"))  # a name --include '*.jpg' leaves out
+    for d in EMPTY_DIRS:
+        os.makedirs(os.path.join(root, d))
+    for g, names in enumerate(LINKS):
+        first = h.write(root, names[0], _payload(g + 10, 3000 + 900 * g) if g < 2 else b"")
+        for other in names[1:]:
+            os.makedirs(os.path.dirname(os.path.join(root, other)), exist_ok=True)
+            os.link(first, os.path.join(h.b(root), h.b(other)))
+    p = os.path.join(root, SPARSE)
+    os.makedirs(os.path.dirname(p))
+    with open(p, "wb") as f:
+        f.seek(3 << 20)
+        f.write(b"in the middle of nothing" * 100)
+        f.truncate(SPARSE_SIZE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(fast_base):
+    root = _make_tree(os.path.join(fast_base, "fidelity-src"))
+    st = os.stat(os.path.join(root, SPARSE))
+    if st.st_blocks * 512 >= st.st_size:
+        pytest.skip(f"the filesystem under {root} does not keep sparse files sparse")
+    return root
+
+
+def _linked(root: str, names: list[str]) -> bool:
+    st = [os.stat(os.path.join(root, n)) for n in names]
+    return len({(s.st_dev, s.st_ino) for s in st}) == 1 and all(s.st_nlink >= len(names) for s in st)
+
+
+def _assert_tree(src: str, out: str, sparse: bool = True, links: bool = True) -> None:
+    """`out` has `src`'s files (bytes), empty directories and (`links`) hard links."""
+    assert h.walk_files(out) == h.walk_files(src)
+    for k in h.walk_files(src):
+        assert h.read(out, k) == h.read(src, k), k
+    for d in EMPTY_DIRS:
+        p = os.path.join(out, d)
+        assert os.path.isdir(p) and os.listdir(p) == [], d
+    for names in LINKS if links else []:
+        assert _linked(out, names), names
+    assert _linked(out, ["img/pic.jpg", "img2/pic.raw"]) or not links
+    if sparse:
+        st = os.stat(os.path.join(out, SPARSE))
+        assert st.st_size == SPARSE_SIZE and st.st_blocks * 512 < SPARSE_SIZE // 4, (st.st_blocks, st.st_size)
+
+
+N_LINKS = sum(len(g) - 1 for g in LINKS) + 1  # + img2/pic.raw
+
+
+@pytest.mark.parametrize("fmt,compress", [("tar", "none"), ("tar", "zstd"), ("h5", "none"), ("h5", "zstd")])
+def test_pack_unpack_round_trip(tree, work, fmt, compress):
+    out = os.path.join(work, "ds")
+    r = h.cli("pack", tree, "-o", out, "--format", fmt, "--compress", compress, "--json")
+    assert r.returncode == 0, h.show(r)
+    s = json.loads(r.stdout.splitlines()[0])
+    assert (s["empty_dirs"], s["hard_links"], s["sparse_files"]) == (len(EMPTY_DIRS), N_LINKS, 1)
+    assert b"4 empty directories kept, 5 hard links stored once, 1 sparse file stored at full size" in r.stderr, h.show(r)
+    m = h.manifest(out)
+    assert m["empty_dirs"] == sorted(EMPTY_DIRS) and m["sparse_files"] == 1 and m["format_version"] == 3
+    ds = packds.open(out)
+    # Directories are not samples; every name of a linked file is one, with the bytes.
+    assert len(ds) == len(h.walk_files(tree)) and sorted(ds.keys()) == sorted(k.decode() for k in h.walk_files(tree))
+    assert ds.glob("a/**") == [] and ds.glob("top-empty") == []
+    ls = h.cli("ls", out)
+    assert ls.returncode == 0 and sorted(ls.stdout.splitlines()) == h.walk_files(tree), h.show(ls)
+    for k in h.walk_files(tree):
+        assert ds[k.decode()] == h.read(tree, k), k
+    keys = list(ds.keys())
+    for a, o in m["hard_links"]:
+        assert ds.locate(a) == ds.locate(o) and a < o
+        assert _linked(tree, [keys[a], keys[o]])
+    assert ds.verify(deep=True)["problems"] == []
+    dest = os.path.join(work, "unpacked")
+    r = h.cli("unpack", out, dest)
+    assert r.returncode == 0, h.show(r)
+    _assert_tree(tree, dest)
+
+
+def test_tar_and_tarfile_extract_dirs_and_links(tree, work):
+    out = os.path.join(work, "ds")
+    packds.pack(tree, out)
+    (shard,) = [os.path.join(out, s["file"]) for s in h.manifest(out)["shards"]]
+    gnu = os.path.join(work, "gnu")
+    os.makedirs(gnu)
+    r = subprocess.run(["tar", "-xf", shard, "-C", gnu], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    _assert_tree(tree, gnu, sparse=False)
+    py = os.path.join(work, "py")
+    with tarfile.open(shard) as t:
+        kinds = {m.name: m.type for m in t.getmembers()}
+        t.extractall(py, filter="data")
+    assert kinds["a/empty"] == tarfile.DIRTYPE and kinds["data/two.bin"] == tarfile.LNKTYPE
+    _assert_tree(tree, py, sparse=False)
+
+
+def test_compressed_links_name_the_zst_member(tree, work):
+    out = os.path.join(work, "ds")
+    packds.pack(tree, out, compress="zstd")
+    (shard,) = [os.path.join(out, s["file"]) for s in h.manifest(out)["shards"]]
+    with tarfile.open(shard) as t:
+        links = {m.name: m.linkname for m in t.getmembers() if m.islnk()}
+    assert links["data/two.bin.zst"] == "data/one.bin.zst"
+    assert packds.open(out).verify(deep=True)["problems"] == []
+
+
+def test_a_link_across_a_shard_boundary_is_stored_again(work):
+    src = os.path.join(work, "src")
+    # Each file fills most of a 16 KiB shard: every name lands in a shard of its own.
+    first = h.write(src, "a/first.bin", _payload(3, 12000))
+    os.link(first, os.path.join(src, "b.bin"))
+    os.link(first, os.path.join(src, "c.bin"))
+    out = os.path.join(work, "ds")
+    s = packds.pack(src, out, shard_size=16 << 10)
+    assert s["shards"] == 3 and s["hard_links"] == 0
+    for rec in h.manifest(out)["shards"]:  # each shard extracts on its own
+        dest = os.path.join(work, "x-" + rec["file"])
+        os.makedirs(dest)
+        r = subprocess.run(["tar", "-xf", os.path.join(out, rec["file"]), "-C", dest], capture_output=True)
+        assert r.returncode == 0 and len(h.walk_files(dest)) == 1, r.stderr
+    # Two names per shard: the second one links to the first in the same shard.
+    os.link(first, os.path.join(src, "a/second.bin"))
+    out2 = os.path.join(work, "ds2")
+    s = packds.pack(src, out2, shard_size=40 << 10)
+    assert s["hard_links"] >= 1
+    assert packds.open(out2).verify()["problems"] == []
+    dest = os.path.join(work, "un")
+    packds.open(out2).unpack(dest)
+    assert h.walk_files(dest) == h.walk_files(src)
+    assert _linked(dest, ["a/first.bin", "a/second.bin"])
+
+
+def test_identical_files_that_are_not_links_stay_apart(work):
+    src = os.path.join(work, "src")
+    for k in ["x", "y"]:
+        h.write(src, k, b"same bytes" * 100)
+    h.write(src, "e1", b"")
+    h.write(src, "e2", b"")
+    for fmt in ["tar", "h5"]:
+        out = os.path.join(work, f"ds-{fmt}")
+        s = packds.pack(src, out, format=fmt)
+        assert s["hard_links"] == 0 and h.manifest(out)["format_version"] == 1
+        dest = os.path.join(work, f"un-{fmt}")
+        packds.open(out).unpack(dest)
+        for a, b_ in [("x", "y"), ("e1", "e2")]:
+            assert os.stat(os.path.join(dest, a)).st_ino != os.stat(os.path.join(dest, b_)).st_ino
+
+
+def test_include_and_exclude_filter_dirs_and_links(tree, work):
+    out = os.path.join(work, "ds")
+    s = packds.pack(tree, out, include=["*.jpg"])
+    # Only img/pic.jpg of its two names matches: no link; only the empty directory that matches is kept.
+    assert (s["files"], s["hard_links"], s["empty_dirs"]) == (1, 0, 1)
+    assert h.manifest(out)["empty_dirs"] == ["c/empty.jpg"]
+    out2 = os.path.join(work, "ds2")
+    s = packds.pack(tree, out2, exclude=["a", "l3/b.bin"])
+    m = h.manifest(out2)
+    assert "a/empty" not in m["empty_dirs"] and "top-empty" in m["empty_dirs"]
+    assert s["hard_links"] == N_LINKS - 1
+    dest = os.path.join(work, "un")
+    packds.open(out2).unpack(dest)
+    assert _linked(dest, ["l3/a.bin", "l3/c.bin"]) and not os.path.exists(os.path.join(dest, "a"))
+
+
+def test_a_directory_emptied_by_excludes_is_not_kept(work):
+    src = os.path.join(work, "src")
+    h.write(src, "d/skip.tmp", b"x")
+    h.write(src, "f", b"y")
+    out = os.path.join(work, "ds")
+    assert packds.pack(src, out, exclude=["*.tmp"])["empty_dirs"] == 0
+    assert "empty_dirs" not in h.manifest(out)
+
+
+def test_plan_parts_merge_equal_a_single_pack(tree, work):
+    opts = dict(shard_size=12 << 10)
+    single = os.path.join(work, "single.pds")
+    packds.pack(tree, single, **opts)
+    plan = os.path.join(work, "plan")
+    packds.plan(tree, plan, **opts)
+    out = os.path.join(work, "out.pds")
+    for p in [2, 0, 1]:
+        packds.pack([], out, plan=plan, part=f"{p}/3")
+    packds.merge(out)
+    h.assert_same_dataset_bytes(single, out)
+    a, b_ = h.manifest(single), h.manifest(out)
+    for k in ["empty_dirs", "hard_links", "sparse_files", "format_version"]:
+        assert a.get(k) == b_.get(k), k
+    assert a["hard_links"]
+    ds = packds.open(out)
+    assert ds.verify(deep=True)["problems"] == []
+    dest = os.path.join(work, "un")
+    ds.unpack(dest)
+    # Small shards: some names of a file lie in other shards (stored again, not linked).
+    _assert_tree(tree, dest, links=False)
+    keys = list(ds.keys())
+    for a, o in b_["hard_links"]:
+        assert _linked(dest, [keys[a], keys[o]])
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("fault", ["kill-after-shards:1", "kill-after-files:3"])
+def test_resume_after_a_kill_gives_the_same_dataset(tree, work, fault):
+    args = ["--shard-size", "12K", "--threads", "1", "-q"]
+    reference = os.path.join(work, "ref.pds")
+    assert h.cli("pack", tree, "-o", reference, *args).returncode == 0
+    out = os.path.join(work, "out.pds")
+    r = h.cli("pack", tree, "-o", out, *args, env={"PACKDS_FAULT": fault})
+    assert r.returncode == -signal.SIGKILL, h.show(r)
+    r = h.cli("pack", tree, "-o", out, *args, "--resume", "--json")
+    assert r.returncode == 0, h.show(r)
+    s = json.loads(r.stdout)
+    h.assert_same_dataset_bytes(reference, out)
+    a, b_ = h.manifest(reference), h.manifest(out)
+    assert (a["hard_links"], a["empty_dirs"], a["sparse_files"]) == (b_["hard_links"], b_["empty_dirs"], b_["sparse_files"])
+    assert (s["empty_dirs"], s["hard_links"], s["sparse_files"]) == (len(EMPTY_DIRS), len(a["hard_links"]), 1) and a["hard_links"]
+
