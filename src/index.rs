@@ -1107,6 +1107,44 @@ mod tests {
     }
 
     #[test]
+    fn shared_entries_are_version_3_and_only_exact_sharing_passes() {
+        let mk = |dup: (u64, u64)| {
+            let mut b = IndexBuilder::new_coded(b"");
+            b.push_coded(b"a", 0, 512, 10, 10, codec::RAW, 1);
+            b.push_coded(b"b", 0, 1536, 20, 90, codec::ZSTD, 2);
+            b.push_shared(b"c", 0); // another name of "a"
+            b.push_coded(b"d", 0, dup.0, dup.1, dup.1, codec::RAW, 3);
+            b.push_shard(ShardInfo { name: "shard-00000.tar".into(), size: 4096, hash: 0 });
+            b.to_bytes()
+        };
+        let bytes = mk((2048, 5));
+        assert_eq!((rd_u32(&bytes, 8), rd_u64(&bytes, 88)), (3, FLAG_CODEC | FLAG_SHARED));
+        let ix = open_bytes(&bytes).unwrap();
+        assert!(ix.is_shared() && ix.version() == 3);
+        assert_eq!(ix.entry(2).unwrap().offset, 512);
+        ix.validate_all().unwrap();
+        // "d" overlapping "b" without being its extent: refused, at access or by validate_all.
+        let ix = open_bytes(&mk((1540, 5))).unwrap();
+        assert!(ix.entry(3).is_err() || ix.validate_all().is_err());
+        let ix = open_bytes(&mk((100, 500))).unwrap();
+        assert!(ix.validate_all().unwrap_err().to_string().contains("overlaps"));
+        // Every bit flip is still caught.
+        for byte in 0..bytes.len() {
+            let mut m = bytes.clone();
+            m[byte] ^= 0x10;
+            if let Ok(ix) = open_bytes(&m) {
+                assert!(ix.validate_all().is_err(), "flip at byte {byte} went unnoticed");
+            }
+        }
+        // concat keeps the flag and the version.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p");
+        std::fs::write(&p, &bytes).unwrap();
+        let s = concat(&[Index::open(&p).unwrap()], &d.path().join("o"), Some(b"")).unwrap();
+        assert_eq!((s.version, std::fs::read(d.path().join("o")).unwrap()), (3, bytes));
+    }
+
+    #[test]
     fn unknown_flag_bits_are_refused() {
         for flags in [0u64, 4, FLAG_UNORDERED | 8] {
             let mut b = IndexBuilder::new_unordered();

@@ -1058,6 +1058,24 @@ mod tests {
     }
 
     #[test]
+    fn long_zero_runs_are_written_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 4 << 20];
+        data[100] = 1; // a block with data, then a long run of zeros
+        data[(2 << 20) + 5] = 2;
+        let short = [&[7u8; 5000][..], &[0u8; MIN_HOLE - 4096][..], &[9u8; 3]].concat(); // its zero run is too short
+        for (name, bytes) in [("sparse", &data), ("short", &short), ("tail", &[&[1u8][..], &[0u8; 1 << 20][..]].concat())] {
+            let p = d.path().join(name);
+            let f = File::options().write(true).create_new(true).open(&p).unwrap();
+            write_with_holes(&f, &p, bytes).unwrap();
+            assert_eq!(&fs::read(&p).unwrap(), bytes, "{name}");
+        }
+        let md = fs::metadata(d.path().join("sparse")).unwrap();
+        assert!(md.blocks() * 512 < md.len() / 4, "{} blocks for {} bytes", md.blocks(), md.len());
+    }
+
+    #[test]
     fn unsafe_keys_are_refused() {
         for k in [&b"/etc/passwd"[..], b"../x", b"a/../../x", b"a//b", b"./a", b"", b"a/\0"] {
             assert!(safe_components(k).is_err(), "{:?}", String::from_utf8_lossy(k));

@@ -264,6 +264,29 @@ mod tests {
     }
 
     #[test]
+    fn link_and_directory_members_and_the_member_after_them() {
+        let m = Meta { size: 77, mode: 0o640, mtime: 1_700_000_000, uid: 1, gid: 2 };
+        let mut v = Vec::new();
+        assert_eq!(write_link_header(&mut v, b"b", b"dir/a", &m), 512);
+        assert_eq!((v[156], &v[157..162], parse_octal(&v[124..136])), (b'1', &b"dir/a"[..], Some(0)));
+        let long = vec![b'n'; 150];
+        let n = write_link_header(&mut v, b"c", &long, &m);
+        let recs = String::from_utf8_lossy(&v[1024..512 + n - 512]).into_owned();
+        assert!(recs.contains(&format!("linkpath={}", "n".repeat(150))), "{recs}");
+        let at = v.len();
+        assert_eq!(write_dir_header(&mut v, b"e/f", &m), 512);
+        assert_eq!((v[at + 156], &v[at..at + 5]), (b'5', &b"e/f/\0"[..]));
+        // The headers of a member after link and directory members: its own pax mtime counts.
+        let mt = Meta { mtime: -5, ..m };
+        write_header(&mut v, &long, &mt);
+        assert_eq!(parse_member_meta(&v), Some((0o640, -5)));
+        let mut w = Vec::new();
+        write_link_header(&mut w, &long, b"x", &mt); // a pax mtime of the link's own
+        write_header(&mut w, b"short", &m);
+        assert_eq!(parse_member_meta(&w), Some((0o640, 1_700_000_000)));
+    }
+
+    #[test]
     fn long_or_binary_names_and_huge_sizes_use_pax() {
         let m = Meta { size: 9 << 30, mode: 0o644, mtime: 1, uid: 0, gid: 0 };
         let mut v = Vec::new();

@@ -505,6 +505,26 @@ mod tests {
     }
 
     #[test]
+    fn empty_directories_are_found_and_filtered() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for p in ["a/e1", "a/b/e2.jpg", "x/e3", "f"] {
+            fs::create_dir_all(r.join(p)).unwrap();
+        }
+        fs::write(r.join("f/k.jpg"), b"1").unwrap();
+        fs::create_dir(r.join("g")).unwrap();
+        fs::write(r.join("g/gone.tmp"), b"2").unwrap();
+        let dirs =
+            |o: &WalkOptions| -> Vec<String> { walk(&[r.to_path_buf()], o, &AtomicBool::new(false)).unwrap().empty_dirs.into_iter().map(|d| d.key).collect() };
+        assert_eq!(dirs(&opts()), ["a/b/e2.jpg", "a/e1", "x/e3"]);
+        let mut o = opts();
+        o.exclude = crate::pack::globset(&["x".into(), "*.tmp".into()], "exclude").unwrap();
+        assert_eq!(dirs(&o), ["a/b/e2.jpg", "a/e1"]); // "g" held only an excluded file: not empty
+        o.include = crate::pack::globset(&["*.jpg".into()], "include").unwrap();
+        assert_eq!(dirs(&o), ["a/b/e2.jpg"]);
+    }
+
+    #[test]
     fn a_cancelled_walk_stops_with_cancelled() {
         let d = tempfile::tempdir().unwrap();
         for i in 0..50 {

@@ -309,6 +309,14 @@ mod tests {
         fs::write(&p, &b).unwrap();
         assert!(read_records(&p, 2).is_err(), "a flipped bit");
         assert!(read_records(&d.path().join("none"), 2).unwrap().is_none());
+        // A state written before the extra was recorded: stamps only, no links, no sparse files.
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&1u64.to_le_bytes());
+        old.extend_from_slice(&r[..STAMP_LEN]);
+        let h = xxhash_rust::xxh3::xxh3_64(&old);
+        old.extend_from_slice(&h.to_le_bytes());
+        fs::write(&p, &old).unwrap();
+        assert_eq!(read_records(&p, 1).unwrap().unwrap(), (vec![(7, -3)], ShardExtra::default()));
     }
 
     #[test]
