@@ -11,11 +11,15 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import _helpers as h
 import packds
+from _formats import shard_samples
 
 EMPTY_DIRS = ["a/empty", "a/deep/x/y/z", "top-empty", "c/empty.jpg"]
 # Groups of names of one file: the first is stored, the others are hard links to it.
@@ -248,3 +252,74 @@ def test_resume_after_a_kill_gives_the_same_dataset(tree, work, fault):
     assert (a["hard_links"], a["empty_dirs"], a["sparse_files"]) == (b_["hard_links"], b_["empty_dirs"], b_["sparse_files"])
     assert (s["empty_dirs"], s["hard_links"], s["sparse_files"]) == (len(EMPTY_DIRS), len(a["hard_links"]), 1) and a["hard_links"]
 
+
+
+def test_index_of_our_own_shard_and_stage_keep_working(tree, work):
+    out = os.path.join(work, "ds")
+    packds.pack(tree, out)
+    (shard,) = [os.path.join(out, s["file"]) for s in h.manifest(out)["shards"]]
+    # `packds index` over the shard: regular members are samples, hard link members are
+    # skipped and listed, directory members ignored.
+    idx = os.path.join(work, "idx")
+    s = packds.index_tars([shard], idx)
+    linked = sorted(k for g in LINKS for k in g[1:]) + ["img2/pic.raw"]
+    assert sorted(p for p, _ in s["skipped"]) == sorted(f"{shard}:{k}" for k in linked)
+    assert all(r.startswith("hard link: to ") for _, r in s["skipped"])
+    ds = packds.open(idx)
+    assert sorted(ds.keys()) == sorted(set(k.decode() for k in h.walk_files(tree)) - set(linked))
+    assert ds.verify()["problems"] == []
+    # A staged copy is the same dataset: every name reads its bytes, verify passes.
+    staged = packds.stage(out, os.path.join(work, "node"), policy="local")
+    sd = packds.open(staged, verify=True)
+    for k in h.walk_files(tree):
+        assert sd[k.decode()] == h.read(tree, k)
+    assert sd.verify(deep=True)["problems"] == []
+
+
+_names = st.text(alphabet="abcxyz", min_size=1, max_size=3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    files=st.dictionaries(st.tuples(_names, _names), st.binary(min_size=0, max_size=3000), min_size=1, max_size=12),
+    links=st.lists(st.tuples(st.integers(0, 11), _names), max_size=8),
+    empty=st.lists(st.tuples(_names, _names), max_size=4),
+    shard_size=st.sampled_from([4096, 8192, 1 << 30]),
+    fmt=st.sampled_from(["tar", "h5"]),
+    compress=st.sampled_from(["none", "zstd"]),
+)
+def test_random_trees_with_links_and_empty_dirs(work, files, links, empty, shard_size, fmt, compress):
+    """Any tree: unpack gives its files, its empty directories, and exactly the links between
+    names that lie in one shard; tar/h5 readers see every name's bytes."""
+    base = tempfile.mkdtemp(dir=work)
+    try:
+        src = os.path.join(base, "src")
+        names = sorted(f"{d}/{f}" for d, f in files)
+        for (d, f), data in files.items():
+            h.write(src, f"{d}/{f}", data)
+        for i, n in links:  # another name, in directory "l", of file i
+            target, other = names[i % len(names)], f"l/{n}"
+            if not os.path.exists(os.path.join(src, other)):
+                os.makedirs(os.path.join(src, "l"), exist_ok=True)
+                os.link(os.path.join(src, target), os.path.join(src, other))
+        for d, e in empty:
+            os.makedirs(os.path.join(src, "e", d, e), exist_ok=True)
+        out = os.path.join(base, "ds")
+        s = packds.pack(src, out, shard_size=shard_size, format=fmt, compress=compress)
+        ds = packds.open(out)
+        assert ds.verify(deep=True)["problems"] == []
+        assert shard_samples(out) == [(k, h.read(src, k)) for k in h.walk_files(src)]
+        dest = os.path.join(base, "un")
+        ds.unpack(dest)
+        assert h.walk_files(dest) == h.walk_files(src)
+        keys = list(ds.keys())
+        ident = {k: (os.stat(os.path.join(src, k)).st_ino, ds.locate(k)[0]) for k in keys}
+        for a in keys:
+            assert h.read(dest, a.encode()) == h.read(src, a.encode())
+            for b_ in keys:
+                linked = os.stat(os.path.join(dest, a)).st_ino == os.stat(os.path.join(dest, b_)).st_ino
+                assert linked == (a == b_ or ident[a] == ident[b_]), (a, b_)
+        kept = [f"e/{d}/{e}" for d, e in empty if os.path.isdir(os.path.join(src, "e", d, e)) and not os.listdir(os.path.join(src, "e", d, e))]
+        assert s["empty_dirs"] == len(set(kept)) and all(os.path.isdir(os.path.join(dest, k)) for k in kept)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
