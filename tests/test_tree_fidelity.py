@@ -96,6 +96,8 @@ def test_pack_unpack_round_trip(tree, work, fmt, compress):
     assert b"4 empty directories kept, 5 hard links stored once, 1 sparse file stored at full size" in r.stderr, h.show(r)
     m = h.manifest(out)
     assert m["empty_dirs"] == sorted(EMPTY_DIRS) and m["sparse_files"] == 1 and m["format_version"] == 3
+    info = h.cli("info", out)
+    assert b"tree:     4 empty directories kept, 5 hard links stored once, 1 sparse file stored at full size\n" in info.stdout, h.show(info)
     ds = packds.open(out)
     # Directories are not samples; every name of a linked file is one, with the bytes.
     assert len(ds) == len(h.walk_files(tree)) and sorted(ds.keys()) == sorted(k.decode() for k in h.walk_files(tree))

@@ -408,6 +408,9 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(f"  {s['file']}  {human(s['size']):>10}  {s['samples']:>10,} samples  xxh3-128 {s['xxh3_128']}")
     print(f"files:    {_file_count(m['samples'], len(m['shards']))}")
     print(f"skipped:  {len(m['skipped'])}")
+    tree = _tree_note({"empty_dirs": len(m.get("empty_dirs", [])), "hard_links": len(m.get("hard_links", [])), "sparse_files": m.get("sparse_files", 0)})
+    if tree:
+        print(f"tree:     {tree[2:]}")
     print(f"options:  {json.dumps(m['options'])}")
     return 0
 

@@ -1,7 +1,9 @@
 //! The shard writer: appends members to the open shard in key order, cuts shards (by
 //! `--shard-size`, or where the pipeline says: a plan's boundaries), and completes each shard:
 //! tar end blocks (or the HDF5 file), fsync, rename, then its per-shard index in the state
-//! directory (what `--resume` trusts).
+//! directory (what `--resume` trusts). A later name of a file already stored in the open shard
+//! (a hard link) becomes a tar hard link member and an index entry sharing the first name's
+//! data; the empty directories go at the end of the last shard.
 
 use super::h5::finish_h5;
 use super::large::{write_large_coded, write_large_raw};
@@ -100,10 +102,7 @@ impl ShardOut {
         if tar {
             hdr.clear();
             tar::write_link_header(hdr, &member_name(key, f.codec), &f.name, meta);
-            let h = std::mem::take(hdr);
-            let r = self.put(&h);
-            *hdr = h;
-            r?;
+            self.put(hdr)?;
         }
         let pos = self.index.len() as u32;
         self.index.push_shared(key, target as usize);
@@ -115,7 +114,6 @@ impl ShardOut {
 
     /// Notes a member just stored at index position `pos`: a sparse file is counted, a file
     /// with several names remembered for [`ShardOut::link`].
-    #[allow(clippy::too_many_arguments)]
     fn stored(&mut self, key: &[u8], pos: usize, codec: u8, stamp: &Stamp, crc: u32, shape: Shape) {
         if shape.sparse {
             self.extra.sparse += 1;
