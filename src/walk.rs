@@ -259,7 +259,7 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions, cancel: &AtomicBool) -> Res
     if crate::pool::scoped_workers(nthreads, "packds-walk", &|| worker(&shared)) == 0 {
         worker(&shared); // no thread could be started (ulimit -u): walk on this one
     }
-    let (f, mut sk, err, mut empty_dirs) = shared.out.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (f, mut sk, err, empty_dirs) = shared.out.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = err {
         return Err(e);
     }
@@ -277,9 +277,53 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions, cancel: &AtomicBool) -> Res
         }
     }
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    empty_dirs.sort_by(|a, b| a.key.cmp(&b.key));
-    empty_dirs.dedup_by(|a, b| a.key == b.key); // the same empty directory under two sources
+    let empty_dirs = empty_in_all(empty_dirs, &files, &roots, sources)?;
     Ok(WalkResult { roots, files, skipped, empty_dirs })
+}
+
+/// The directories empty in their source that stay empty once every source is packed, sorted:
+/// one that another source has a file in, or another empty directory in, is not (that source
+/// makes it). A file of one source with the name of an empty directory of another is refused,
+/// as two files with one key are.
+fn empty_in_all(mut dirs: Vec<EmptyDir>, files: &FileList, roots: &[SourceRoot], sources: &[PathBuf]) -> Result<Vec<EmptyDir>> {
+    dirs.sort_by(|a, b| a.key.cmp(&b.key));
+    dirs.dedup_by(|a, b| a.key == b.key); // the same empty directory under two sources
+    if sources.len() < 2 {
+        return Ok(dirs);
+    }
+    // First file whose key is at least `k`.
+    let first_at = |k: &[u8]| {
+        let (mut lo, mut hi) = (0, files.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if files.key(mid) < k {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    };
+    let mut keep = Vec::with_capacity(dirs.len());
+    for d in &dirs {
+        let k = d.key.as_bytes();
+        let i = first_at(k);
+        if i < files.len() && files.key(i) == k {
+            return Err(Error::usage(
+                format!("one source has a file {:?} ({}), another an empty directory of that name", d.key, files.path(i, roots).display()),
+                "keys are paths relative to each source; pack these sources separately or rename one",
+            ));
+        }
+        let under = [k, b"/"].concat();
+        let i = first_at(&under);
+        let has_file = i < files.len() && files.key(i).starts_with(&under);
+        let p = dirs.partition_point(|e| e.key.as_bytes() < &under[..]);
+        let has_dir = dirs.get(p).is_some_and(|e| e.key.as_bytes().starts_with(&under));
+        if !has_file && !has_dir {
+            keep.push(d.clone());
+        }
+    }
+    Ok(keep)
 }
 
 fn worker(sh: &Shared) {
@@ -522,6 +566,23 @@ mod tests {
         assert_eq!(dirs(&o), ["a/b/e2.jpg", "a/e1"]); // "g" held only an excluded file: not empty
         o.include = crate::pack::globset(&["*.jpg".into()], "include").unwrap();
         assert_eq!(dirs(&o), ["a/b/e2.jpg"]);
+        // Two sources: a directory empty in one but not in the other is not empty; a file of
+        // one named like an empty directory of the other is refused; a name that is not UTF-8
+        // is listed as skipped.
+        let s2 = tempfile::tempdir().unwrap();
+        for p in ["x/e3/sub", "a", "f"] {
+            fs::create_dir_all(s2.path().join(p)).unwrap();
+        }
+        fs::write(s2.path().join("a/e1"), b"3").unwrap();
+        let both = [r.to_path_buf(), s2.path().to_path_buf()];
+        let e = walk(&both, &opts(), &AtomicBool::new(false)).err().unwrap().to_string();
+        assert!(e.contains("an empty directory of that name") && e.contains("a/e1"), "{e}");
+        fs::remove_file(s2.path().join("a/e1")).unwrap();
+        fs::create_dir(s2.path().join(OsStr::from_bytes(b"bad\xff"))).unwrap();
+        let res = walk(&both, &opts(), &AtomicBool::new(false)).unwrap();
+        let got: Vec<_> = res.empty_dirs.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(got, ["a/b/e2.jpg", "a/e1", "x/e3/sub"]);
+        assert!(res.skipped.iter().any(|s| s.reason.contains("not UTF-8")), "{:?}", res.skipped);
     }
 
     #[test]
