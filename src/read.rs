@@ -617,7 +617,22 @@ impl Reader {
             rep.bytes += self.index.shards()[s].size;
             rep.samples += per[s].len() as u64;
         }
+        rep.problems.extend(self.check_hard_links());
         Ok(rep)
+    }
+
+    /// The manifest's `hard_links` pairs that are not two samples sharing their data, as
+    /// problems (`unpack` does not link those).
+    fn check_hard_links(&self) -> Vec<String> {
+        let path = self.dir.join(crate::layout::MANIFEST_FILE);
+        let mut problems = Vec::new();
+        for &[a, o] in &self.manifest.hard_links {
+            let ok = a < o && o < self.len() as u64 && self.same_data(a as usize, o as usize);
+            if !ok {
+                problems.push(format!("{}: hard_links pair [{a}, {o}] is not two samples that share their data", path.display()));
+            }
+        }
+        problems
     }
 
     fn verify_shard(&self, s: usize, samples: &[ShardSample], deep: bool, progress: &Progress) -> ShardCheck {

@@ -203,6 +203,27 @@ def test_a_link_across_a_shard_boundary_is_stored_again(work):
     assert _linked(dest, ["a/first.bin", "a/second.bin"])
 
 
+def test_a_hard_links_pair_that_does_not_share_data_is_a_problem_and_not_linked(tree, work):
+    out = os.path.join(work, "ds")
+    packds.pack(tree, out)
+    m = h.manifest(out)
+    keys = list(packds.open(out).keys())
+    other = keys.index("keep.txt")
+    first = next(i for i in range(other) if keys[i] != "keep.txt")
+    m["hard_links"].append(sorted([first, other]))
+    m["hard_links"].append([0, 10**6])
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    ds = packds.open(out)
+    problems = ds.verify()["problems"]
+    assert len(problems) == 2 and all("hard_links pair" in p and "manifest.json" in p for p in problems), problems
+    dest = os.path.join(work, "un")
+    ds.unpack(dest)
+    a, b_ = sorted([first, other])
+    assert os.stat(os.path.join(dest, keys[a])).st_ino != os.stat(os.path.join(dest, keys[b_])).st_ino
+    assert h.read(dest, keys[b_].encode()) == h.read(tree, keys[b_].encode())
+
+
 def test_identical_files_that_are_not_links_stay_apart(work):
     src = os.path.join(work, "src")
     for k in ["x", "y"]:
