@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 
@@ -379,3 +380,40 @@ def test_random_trees_with_links_and_empty_dirs(work, files, links, empty, shard
         assert s["empty_dirs"] == len(set(kept)) and all(os.path.isdir(os.path.join(dest, k)) for k in kept)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.faults
+def test_a_file_changed_between_its_names_is_stored_again(work):
+    """The first name of a hard-linked file is read and written, then the file changes, then its
+    second name is read: the second name is stored as a regular member with the new bytes (not a link to
+    the old ones), and the first keeps the bytes it was read with."""
+    src = os.path.join(work, "src")
+    first = h.write(src, "a", b"old " * 1000)
+    for i in range(14):
+        h.write(src, f"f{i:02}", b"%d" % i)
+    os.link(first, os.path.join(src, "z"))
+    # I/O threads hand files over in chunks of 8: "a" is in the first, "z" last in the second.
+    # Test-only switch: every file read waits 0.2 s, so the progress call that changes the file
+    # (once "a" is written) comes well before "z" is read. packds reads PACKDS_FAULT once per
+    # process: the pack runs in a child process.
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path[:0] = [{tests!r}]; from test_tree_fidelity import _pack_while_a_link_changes as f; f(*sys.argv[1:])"
+    r = subprocess.run([sys.executable, "-c", code, src, os.path.join(work, "o.pds")], capture_output=True, timeout=120,
+                       env={**os.environ, "PACKDS_FAULT": "pack-slow-us:200000"})
+    assert r.returncode == 0, h.show(r)
+
+
+def _pack_while_a_link_changes(src, out):
+    changed = []
+
+    def cb(phase, done, total, nbytes):
+        if not changed and phase == 1 and done >= 1:
+            with open(os.path.join(src, "a"), "r+b") as f:
+                f.write(b"new " * 1000)
+            changed.append(done)
+
+    s = packds.pack(src, out, threads=1, progress=cb)
+    assert changed and changed[0] < 15, changed
+    ds = packds.open(out)
+    assert s["hard_links"] == 0 and (ds["a"], ds["z"]) == (b"old " * 1000, b"new " * 1000)
+    assert ds.verify()["problems"] == []
