@@ -266,8 +266,8 @@ def test_a_directory_emptied_by_excludes_is_not_kept(work):
     assert "empty_dirs" not in h.manifest(out)
 
 
-def test_plan_parts_merge_equal_a_single_pack(tree, work):
-    opts = dict(shard_size=12 << 10)
+@pytest.mark.parametrize("opts", [dict(shard_size=12 << 10), dict(shard_size=12 << 10, format="h5", compress="zstd")], ids=["tar", "h5-zstd"])
+def test_plan_parts_merge_equal_a_single_pack(tree, work, opts):
     single = os.path.join(work, "single.pds")
     packds.pack(tree, single, **opts)
     plan = os.path.join(work, "plan")
