@@ -417,3 +417,45 @@ def _pack_while_a_link_changes(src, out):
     ds = packds.open(out)
     assert s["hard_links"] == 0 and (ds["a"], ds["z"]) == (b"old " * 1000, b"new " * 1000)
     assert ds.verify()["problems"] == []
+
+
+def test_append_concat_and_subset_keep_links_and_empty_dirs(tree, work):
+    ds = os.path.join(work, "ds")
+    packds.pack(tree, ds)
+    base = h.manifest(ds)
+    # Append: a new empty directory, a new linked pair, and a file under a directory that was
+    # empty (no longer empty afterwards); the old pairs keep their names.
+    more = os.path.join(work, "more")
+    first = h.write(more, "m/new.bin", _payload(7, 2000))
+    os.link(first, os.path.join(more, "m/new-link.bin"))
+    os.makedirs(os.path.join(more, "m/also-empty"))
+    h.write(more, "top-empty/now-a-file", b"x")
+    s = packds.pack(more, ds, append=True)
+    assert s["added"] == 3
+    m = h.manifest(ds)
+    d = packds.open(ds)
+    keys = list(d.keys())
+    pairs = {(keys[a], keys[o]) for a, o in m["hard_links"]}
+    assert ("m/new-link.bin", "m/new.bin") in pairs and len(pairs) == len(base["hard_links"]) + 1
+    assert all(d.locate(a) == d.locate(o) for a, o in m["hard_links"])
+    assert "m/also-empty" in m["empty_dirs"] and "top-empty" not in m["empty_dirs"] and "a/empty" in m["empty_dirs"]
+    assert d.verify(deep=True)["problems"] == []
+    dest = os.path.join(work, "un")
+    d.unpack(dest)
+    assert _linked(dest, ["m/new.bin", "m/new-link.bin"]) and _linked(dest, LINKS[1])
+    # Concat of the dataset with itself (prefixed): both copies keep their links and directories.
+    cat = os.path.join(work, "cat")
+    packds.concat([ds, ds], cat, prefixes=["x/", "y/"])
+    cm = h.manifest(cat)
+    assert len(cm["hard_links"]) == 2 * len(m["hard_links"]) and "y/a/deep/x/y/z" in cm["empty_dirs"]
+    c = packds.open(cat)
+    assert c.verify(deep=True)["problems"] == [] and cm["format_version"] == 3
+    ck = list(c.keys())
+    assert {(ck[a], ck[o]) for a, o in cm["hard_links"]} >= {("x/data/one.bin", "x/data/two.bin"), ("y/l3/a.bin", "y/l3/c.bin")}
+    # A subset keeps the pairs whose two names it takes, and no empty directories.
+    sub = os.path.join(work, "sub")
+    packds.subset(ds, sub, include=["l3/a.bin", "l3/b.bin", "data/one.bin", "keep.txt"])
+    sm = h.manifest(sub)
+    sk = list(packds.open(sub).keys())
+    assert [(sk[a], sk[o]) for a, o in sm["hard_links"]] == [("l3/a.bin", "l3/b.bin")] and "empty_dirs" not in sm
+    assert packds.open(sub).verify()["problems"] == []
