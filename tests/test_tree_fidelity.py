@@ -459,3 +459,25 @@ def test_append_concat_and_subset_keep_links_and_empty_dirs(tree, work):
     sk = list(packds.open(sub).keys())
     assert [(sk[a], sk[o]) for a, o in sm["hard_links"]] == [("l3/a.bin", "l3/b.bin")] and "empty_dirs" not in sm
     assert packds.open(sub).verify()["problems"] == []
+
+
+def test_remove_source_removes_every_name_of_a_linked_file(work):
+    """With --remove-source, a shard whose members share data (hard links) reads back right, and
+    every name is removed; the empty directory that was there stays (no file was packed from
+    it), and the dataset unpacks to the tree with its links. The file is larger than the 8 MiB
+    reads of the read-back and of verify, so its shared extent spans two of them."""
+    src = os.path.join(work, "src")
+    big = b"0123456789abcdef" * (9 << 16)
+    first = h.write(src, "d/a.bin", big)
+    os.link(first, os.path.join(src, "d/b.bin"))
+    h.write(src, "c.txt", b"c")
+    os.makedirs(os.path.join(src, "empty"))
+    out = os.path.join(work, "ds")
+    s = packds.pack(src, out, remove_source=True)
+    assert s["hard_links"] == 1 and s["removed"]["files"] == 3 and s["removed"]["left"] == []
+    assert h.walk_files(src) == [] and os.path.isdir(os.path.join(src, "empty"))
+    dest = os.path.join(work, "un")
+    packds.open(out).unpack(dest)
+    assert _linked(dest, ["d/a.bin", "d/b.bin"]) and os.path.isdir(os.path.join(dest, "empty"))
+    assert h.read(dest, b"d/b.bin") == big
+    assert packds.open(out).verify(deep=True)["problems"] == []
