@@ -95,7 +95,17 @@ pub fn append(opts: &PackOptions, replace: bool, progress: &Progress) -> Result<
     let lens = crate::plan::stat_all(&files, &walked.roots, &o, o.threads, progress)?;
     let cuts = pack::plan_cuts(lens.iter().copied(), o.shard_size);
     let first_shard = m.shards.len();
-    let sel = Selection { roots: &walked.roots, files: &files, skipped: walked.skipped.clone(), range: 0..files.len(), cuts: &cuts, first_shard };
+    // Empty directories the dataset does not record yet go at the end of the new shards.
+    let new_dirs: Vec<walk::EmptyDir> = walked.empty_dirs.iter().filter(|d| !m.empty_dirs.contains(&d.key)).cloned().collect();
+    let sel = Selection {
+        roots: &walked.roots,
+        files: &files,
+        skipped: walked.skipped.clone(),
+        range: 0..files.len(),
+        cuts: &cuts,
+        first_shard,
+        empty_dirs: &new_dirs,
+    };
     o.output = work.clone();
     o.resume = true; // an append that was killed continues where it stopped
     o.force = false;
@@ -121,9 +131,14 @@ pub fn append(opts: &PackOptions, replace: bool, progress: &Progress) -> Result<
     skipped.extend(packed.skipped.iter().cloned());
     let compression = m.compression.as_ref().map(|c| CompressionRecord { mode: c.mode.clone(), stored_bytes: merged.stored_bytes, zstd_dict: None });
     let unordered = merged_is_unordered(&old, &new, replaced);
-    let nm =
-        Manifest::new(format, m.options.clone(), merged.into(), records).with_skipped(skipped).with_compression(compression).with_version(version, history);
-    let nm = if unordered { nm.with_format_version(2) } else { nm };
+    let format_version = merged.version.max(if unordered { 2 } else { 1 });
+    let (dirs, links, sparse) = merged_tree(&old, &new, &Index::open(&out.join(layout::index_file_name(version)))?)?;
+    let nm = Manifest::new(format, m.options.clone(), merged.into(), records)
+        .with_skipped(skipped)
+        .with_compression(compression)
+        .with_version(version, history)
+        .with_format_version(format_version)
+        .with_tree(dirs, links, sparse);
     let samples = nm.samples;
     drop(new);
     crate::fault::kill_in_append(3);
@@ -228,6 +243,47 @@ fn bytes_differ(path: &Path, e: &Entry, follow: bool) -> Result<bool> {
         }
         crc = crc32c::crc32c_append(crc, &buf[..k]);
     }
+}
+
+/// What the new version records of the tree: the hard links of the old and new samples it keeps
+/// (by key: positions move), the empty directories of both that no sample now lies under, and
+/// the sparse files of both.
+#[allow(clippy::type_complexity)]
+fn merged_tree(old: &Reader, new: &Reader, merged: &Index) -> Result<(Vec<String>, Vec<[u64; 2]>, u64)> {
+    let mut links = Vec::new();
+    for (r, is_old) in [(old, true), (new, false)] {
+        for &[a, o] in &r.manifest().hard_links {
+            let (Ok(ka), Ok(ko)) = (r.key(a as usize), r.key(o as usize)) else { continue };
+            // An old name that was replaced no longer shares the old data.
+            if is_old && (new.find(ka)?.is_some() || new.find(ko)?.is_some()) {
+                continue;
+            }
+            if let (Some(x), Some(y)) = (merged.find(ka)?, merged.find(ko)?) {
+                links.push([x.min(y) as u64, x.max(y) as u64]);
+            }
+        }
+    }
+    links.sort_unstable();
+    let mut dirs: Vec<String> = old.manifest().empty_dirs.iter().chain(&new.manifest().empty_dirs).cloned().collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut keep = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        let under = [d.as_bytes(), b"/"].concat();
+        let (mut lo, mut hi) = (0, merged.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if merged.key(mid)? < &under[..] {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        if lo == merged.len() || !merged.key(lo)?.starts_with(&under) {
+            keep.push(d);
+        }
+    }
+    Ok((keep, links, old.manifest().sparse_files + new.manifest().sparse_files))
 }
 
 /// Is the index of the new version unordered (replaced keys, or new keys among the old ones)?

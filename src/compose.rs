@@ -250,7 +250,7 @@ fn write(
     // The shards that hold a selected sample, numbered in order of (source, shard).
     let mut number: HashMap<(usize, u32), u32> = HashMap::new();
     let mut used: Vec<(usize, u32)> = Vec::new();
-    let mut entries: Vec<(Vec<u8>, Entry, usize)> = Vec::new();
+    let mut entries: Vec<(Vec<u8>, Entry, usize, usize)> = Vec::new();
     let mut total_shards = 0u64;
     for (s, p) in parts.iter().enumerate() {
         total_shards += p.reader.index().shards().len() as u64;
@@ -262,7 +262,7 @@ fn write(
             });
             let key = [&p.prefix[..], p.reader.key(i)?].concat();
             e.shard = k;
-            entries.push((key, e, s));
+            entries.push((key, e, s, i));
         }
     }
     // Shard numbers follow (source, shard) order, whatever order the samples came in.
@@ -295,7 +295,7 @@ fn write(
         shards.push(ShardInfo { name, size: info.size, hash: info.hash });
     }
     fsx::sync_dir(out)?;
-    let ix = index::write_unordered(entries.iter().map(|(k, e, _)| (&k[..], *e)), shards, dict, &out.join(layout::INDEX_FILE))?;
+    let ix = index::write_unordered(entries.iter().map(|(k, e, ..)| (&k[..], *e)), shards, dict, &out.join(layout::INDEX_FILE))?;
     let modes: HashSet<&str> = parts.iter().filter_map(|p| p.reader.manifest().compression.as_ref().map(|c| c.mode.as_str())).collect();
     let mode = if modes.len() == 1 { modes.into_iter().next().unwrap_or_default().to_string() } else { "mixed".into() };
     let compression = dict.map(|d| CompressionRecord {
@@ -303,8 +303,9 @@ fn write(
         stored_bytes: ix.stored_bytes,
         zstd_dict: (!d.is_empty()).then(|| DictRecord { size: d.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(d)) }),
     });
-    let (samples, bytes) = (ix.samples, ix.total_bytes);
-    let m = Manifest::new(format, options, ix.into(), records).with_compression(compression).with_format_version(2);
+    let (samples, bytes, version) = (ix.samples, ix.total_bytes, ix.version.max(2));
+    let (dirs, links, sparse) = tree_of(parts, &entries);
+    let m = Manifest::new(format, options, ix.into(), records).with_compression(compression).with_format_version(version).with_tree(dirs, links, sparse);
     fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
     fsx::sync_dir(out)?;
     Ok(ComposeSummary {
@@ -315,6 +316,33 @@ fn write(
         shards_left_out: total_shards - order.len() as u64,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// What the new dataset records of the sources' trees: their hard links whose two names are both
+/// taken (as positions among `entries`, sorted by key, which hold (key, entry, source, position
+/// in the source)); and of each source taken whole, its empty directories (with its prefix) and
+/// sparse-file count.
+#[allow(clippy::type_complexity)]
+fn tree_of(parts: &[Part], entries: &[(Vec<u8>, Entry, usize, usize)]) -> (Vec<String>, Vec<[u64; 2]>, u64) {
+    let at: HashMap<(usize, usize), u64> = entries.iter().enumerate().map(|(n, x)| ((x.2, x.3), n as u64)).collect();
+    let (mut dirs, mut links, mut sparse) = (Vec::new(), Vec::new(), 0u64);
+    for (s, p) in parts.iter().enumerate() {
+        let m = p.reader.manifest();
+        for &[a, o] in &m.hard_links {
+            if let (Some(&x), Some(&y)) = (at.get(&(s, a as usize)), at.get(&(s, o as usize))) {
+                links.push([x.min(y), x.max(y)]);
+            }
+        }
+        if p.take.len() == p.reader.len() {
+            let prefix = String::from_utf8_lossy(&p.prefix);
+            dirs.extend(m.empty_dirs.iter().map(|d| format!("{prefix}{d}")));
+            sparse += m.sparse_files;
+        }
+    }
+    links.sort_unstable();
+    dirs.sort();
+    dirs.dedup();
+    (dirs, links, sparse)
 }
 
 /// Makes `dst` refer to the source shard `src` (its final target, if `src` is itself a link).

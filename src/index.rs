@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"PACKDSIX";
 /// The newest index format version this library reads and writes (1: no codec section, as
-/// written for uncompressed datasets; 2: with a codec section).
-pub const VERSION: u32 = 2;
+/// written for uncompressed datasets; 2: with a codec section, or unordered; 3: with entries
+/// that share their data, [`FLAG_SHARED`]).
+pub const VERSION: u32 = 3;
 pub const HEADER_SIZE: usize = 128;
 pub const ENTRY_SIZE: usize = 32;
 pub const SHARD_SIZE: usize = 32;
@@ -63,6 +64,11 @@ pub const FLAG_CODEC: u64 = 1;
 /// the shards (an index of existing tar files, `packds index`). Access checks bounds only;
 /// `validate_all` sorts the extents once and refuses overlaps.
 pub const FLAG_UNORDERED: u64 = 2;
+/// Header flag (format version 3): an entry may have exactly the data of an earlier entry of
+/// the same shard (hard links stored once). Access checks that an entry follows the previous
+/// one, lies wholly before it, or is the same extent; `validate_all` sorts the extents once and
+/// refuses any overlap other than identical extents with identical CRC32C, sizes and codec.
+pub const FLAG_SHARED: u64 = 4;
 const RAW_MASK: u64 = (1 << 56) - 1;
 
 /// Per-sample columns of an [`IndexBuilder`]'s entries, little-endian arrays (u64 offsets,
@@ -118,6 +124,8 @@ pub struct IndexBuilder {
     total_bytes: u64,
     /// Entries in key order whose data is in no particular order ([`FLAG_UNORDERED`]).
     unordered: bool,
+    /// Some entries share their data with an earlier one ([`FLAG_SHARED`]).
+    shared: bool,
 }
 
 impl IndexBuilder {
@@ -165,6 +173,14 @@ impl IndexBuilder {
             Some(c) => c.extend_from_slice(&codec_word(raw, codec).to_le_bytes()),
             None => assert!(codec == codec::RAW && raw == size, "a compressed sample needs IndexBuilder::new_coded"),
         }
+    }
+
+    /// Another name for the data of an earlier entry `target` (a hard link stored once): an entry
+    /// with its offset, sizes, codec and CRC32C ([`FLAG_SHARED`]).
+    pub fn push_shared(&mut self, key: &[u8], target: usize) {
+        let t = self.entry_at(target);
+        self.shared = true;
+        self.push_coded(key, t.shard, t.offset, t.size, t.raw, t.codec, t.crc);
     }
 
     /// The keys pushed so far, back to back.
@@ -240,6 +256,7 @@ impl IndexBuilder {
             shards_crc,
             codec: None,
             unordered: self.unordered,
+            shared: self.shared,
         };
         if let Some(c) = &self.codecs {
             let end = names_off + names.len();
@@ -315,6 +332,18 @@ struct Layout {
     shards_crc: u32,
     codec: Option<CodecLayout>,
     unordered: bool,
+    shared: bool,
+}
+
+/// The format version an index of this layout has: the oldest that reads it.
+fn layout_version(l: &Layout) -> u32 {
+    if l.shared {
+        3
+    } else if l.codec.is_some() || l.unordered {
+        2
+    } else {
+        1
+    }
 }
 
 fn write_header(l: &Layout) -> [u8; HEADER_SIZE] {
@@ -322,7 +351,7 @@ fn write_header(l: &Layout) -> [u8; HEADER_SIZE] {
     {
         let h = &mut h[..];
         h[0..8].copy_from_slice(MAGIC);
-        let version = if l.codec.is_some() || l.unordered { 2u32 } else { 1 };
+        let version = layout_version(l);
         h[8..12].copy_from_slice(&version.to_le_bytes());
         h[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
         h[16..24].copy_from_slice(&l.n.to_le_bytes());
@@ -335,7 +364,7 @@ fn write_header(l: &Layout) -> [u8; HEADER_SIZE] {
         h[72..80].copy_from_slice(&(l.names_len as u64).to_le_bytes());
         h[80..84].copy_from_slice(&l.body_crc.to_le_bytes());
         h[84..88].copy_from_slice(&l.shards_crc.to_le_bytes());
-        let flags = if l.codec.is_some() { FLAG_CODEC } else { 0 } | if l.unordered { FLAG_UNORDERED } else { 0 };
+        let flags = if l.codec.is_some() { FLAG_CODEC } else { 0 } | if l.unordered { FLAG_UNORDERED } else { 0 } | if l.shared { FLAG_SHARED } else { 0 };
         h[88..96].copy_from_slice(&flags.to_le_bytes());
         if let Some(c) = &l.codec {
             h[96..104].copy_from_slice(&(c.off as u64).to_le_bytes());
@@ -359,6 +388,8 @@ pub struct ConcatSummary {
     pub stored_bytes: u64,
     pub file_size: u64,
     pub xxh3_128: u128,
+    /// The index's format version (what the manifest records).
+    pub version: u32,
 }
 
 /// The entry table of `parts` one after another (key offsets and shard numbers renumbered),
@@ -434,6 +465,7 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
         shards_crc: crc32c::crc32c(&tail),
         codec: None,
         unordered: false,
+        shared: parts.iter().any(|p| p.shared),
     };
     let mut file_size = names_end;
     if let Some(d) = dict {
@@ -448,6 +480,7 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
         file_size = off + n as usize * 8 + d.len();
     }
     let header = write_header(&l);
+    let version = layout_version(&l);
     let tmp = crate::fsx::tmp_name(out);
     let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).ctx("create", &tmp)?);
     let mut hash = xxhash_rust::xxh3::Xxh3::new();
@@ -464,7 +497,7 @@ pub fn concat(parts: &[Index], out: &Path, dict: Option<&[u8]>) -> Result<Concat
     drop(f);
     std::fs::rename(&tmp, out).ctx("rename", out)?;
     crate::fsx::sync_parent(out)?;
-    Ok(ConcatSummary { samples: n, total_bytes: raw_total, stored_bytes: stored_total, file_size: file_size as u64, xxh3_128: hash.digest128() })
+    Ok(ConcatSummary { samples: n, total_bytes: raw_total, stored_bytes: stored_total, file_size: file_size as u64, xxh3_128: hash.digest128(), version })
 }
 
 /// Writes to `out` (atomically) one index of `parts` whose keys are in no particular order
@@ -499,9 +532,14 @@ pub fn write_unordered<'k>(entries: impl Iterator<Item = (&'k [u8], Entry)>, sha
     };
     b.unordered = true;
     let (mut n, mut stored) = (0u64, 0u64);
+    // Two entries with one extent (hard links stored once) make the index shared (FLAG_SHARED).
+    let mut extents = std::collections::HashSet::new();
     for (k, e) in entries {
         if dict.is_none() && e.codec != codec::RAW {
             return Err(Error::format(out, format!("sample {:?} is compressed but the index has no codec section", String::from_utf8_lossy(k))));
+        }
+        if e.size > 0 && !extents.insert((e.shard, e.offset, e.size)) {
+            b.shared = true;
         }
         b.push_coded(k, e.shard, e.offset, e.size, e.raw, e.codec, e.crc);
         n += 1;
@@ -518,6 +556,7 @@ pub fn write_unordered<'k>(entries: impl Iterator<Item = (&'k [u8], Entry)>, sha
         stored_bytes: stored,
         file_size: bytes.len() as u64,
         xxh3_128: xxhash_rust::xxh3::xxh3_128(&bytes),
+        version: rd_u32(&bytes, 8),
     })
 }
 
@@ -553,6 +592,8 @@ pub struct Index {
     version: u32,
     /// [`FLAG_UNORDERED`]: data in no particular order.
     unordered: bool,
+    /// [`FLAG_SHARED`]: entries may share data (hard links).
+    shared: bool,
 }
 
 fn rd_u64(b: &[u8], at: usize) -> u64 {
@@ -591,7 +632,7 @@ fn check_header(b: &[u8]) -> std::result::Result<(u32, u64), String> {
         return Err("not a packds index (bad magic)".into());
     }
     let version = rd_u32(b, 8);
-    if version != 1 && version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(format!("index format version {version} is not supported by packds {} (which reads version {VERSION}); upgrade packds", crate::VERSION));
     }
     if rd_u32(b, 124) != crc32c::crc32c(&b[..124]) {
@@ -601,7 +642,8 @@ fn check_header(b: &[u8]) -> std::result::Result<(u32, u64), String> {
     let coded = flags & FLAG_CODEC != 0;
     let flags_ok = match version {
         1 => flags == 0 && b[96..124].iter().all(|&x| x == 0),
-        _ => flags != 0 && flags & !(FLAG_CODEC | FLAG_UNORDERED) == 0 && (coded || b[96..124].iter().all(|&x| x == 0)),
+        2 => flags != 0 && flags & !(FLAG_CODEC | FLAG_UNORDERED) == 0 && (coded || b[96..124].iter().all(|&x| x == 0)),
+        _ => flags & FLAG_SHARED != 0 && flags & !(FLAG_CODEC | FLAG_UNORDERED | FLAG_SHARED) == 0 && (coded || b[96..124].iter().all(|&x| x == 0)),
     };
     if rd_u32(b, 12) as usize != HEADER_SIZE || !flags_ok {
         return Err("index header has unknown fields or flags".into());
@@ -729,6 +771,7 @@ impl Index {
             codec,
             version,
             unordered: flags & FLAG_UNORDERED != 0,
+            shared: flags & FLAG_SHARED != 0,
         })
     }
 
@@ -745,6 +788,11 @@ impl Index {
     /// Is the data in no particular order ([`FLAG_UNORDERED`]: an index of existing tars)?
     pub fn is_unordered(&self) -> bool {
         self.unordered
+    }
+
+    /// May entries share their data ([`FLAG_SHARED`]: hard links stored once)?
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// The zstd dictionary stored in the index, if any.
@@ -813,7 +861,10 @@ impl Index {
         if i > 0 && !self.unordered {
             let p = self.raw_entry(i - 1);
             let ordered = p.shard < e.shard || (p.shard == e.shard && p.offset.checked_add(p.size).is_some_and(|end| end <= e.offset));
-            if !ordered {
+            // A shared entry (a hard link) names data written earlier: wholly before the
+            // previous entry's, or the same.
+            let back = self.shared && p.shard == e.shard && (e.offset + e.size <= p.offset || (e.offset, e.size) == (p.offset, p.size));
+            if !ordered && !back {
                 return Err(self.corrupt(i, "overlaps the previous sample"));
             }
         }
@@ -867,8 +918,9 @@ impl Index {
             }
             prev = Some(k);
         }
-        if self.unordered {
-            // Data in no particular order: sort the extents once, then no two may overlap.
+        if self.unordered || self.shared {
+            // Data in no particular order, or shared: sort the extents once, then no two may
+            // overlap (shared: but for the same extent with the same sample).
             let mut ext: Vec<(u32, u64, u64, usize)> = (0..self.n)
                 .map(|i| {
                     let e = self.raw_entry(i);
@@ -878,6 +930,10 @@ impl Index {
             ext.sort_unstable();
             for w in ext.windows(2) {
                 let (p, c) = (w[0], w[1]);
+                let same = |a: Entry, b: Entry| (a.size, a.raw, a.codec, a.crc) == (b.size, b.raw, b.codec, b.crc);
+                if self.shared && (p.0, p.1, p.2) == (c.0, c.1, c.2) && p.2 > 0 && same(self.raw_entry(p.3), self.raw_entry(c.3)) {
+                    continue;
+                }
                 // Bounds were checked by `entry` above: no overflow here.
                 if p.0 == c.0 && p.1 + p.2 > c.1 {
                     return Err(self.corrupt(c.3, "overlaps another sample"));
@@ -1048,6 +1104,44 @@ mod tests {
                 assert!(ix.validate_all().is_err(), "flip at byte {byte} went unnoticed");
             }
         }
+    }
+
+    #[test]
+    fn shared_entries_are_version_3_and_only_exact_sharing_passes() {
+        let mk = |dup: (u64, u64)| {
+            let mut b = IndexBuilder::new_coded(b"");
+            b.push_coded(b"a", 0, 512, 10, 10, codec::RAW, 1);
+            b.push_coded(b"b", 0, 1536, 20, 90, codec::ZSTD, 2);
+            b.push_shared(b"c", 0); // another name of "a"
+            b.push_coded(b"d", 0, dup.0, dup.1, dup.1, codec::RAW, 3);
+            b.push_shard(ShardInfo { name: "shard-00000.tar".into(), size: 4096, hash: 0 });
+            b.to_bytes()
+        };
+        let bytes = mk((2048, 5));
+        assert_eq!((rd_u32(&bytes, 8), rd_u64(&bytes, 88)), (3, FLAG_CODEC | FLAG_SHARED));
+        let ix = open_bytes(&bytes).unwrap();
+        assert!(ix.is_shared() && ix.version() == 3);
+        assert_eq!(ix.entry(2).unwrap().offset, 512);
+        ix.validate_all().unwrap();
+        // "d" overlapping "b" without being its extent: refused, at access or by validate_all.
+        let ix = open_bytes(&mk((1540, 5))).unwrap();
+        assert!(ix.entry(3).is_err() || ix.validate_all().is_err());
+        let ix = open_bytes(&mk((100, 500))).unwrap();
+        assert!(ix.validate_all().unwrap_err().to_string().contains("overlaps"));
+        // Every bit flip is still caught.
+        for byte in 0..bytes.len() {
+            let mut m = bytes.clone();
+            m[byte] ^= 0x10;
+            if let Ok(ix) = open_bytes(&m) {
+                assert!(ix.validate_all().is_err(), "flip at byte {byte} went unnoticed");
+            }
+        }
+        // concat keeps the flag and the version.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p");
+        std::fs::write(&p, &bytes).unwrap();
+        let s = concat(&[Index::open(&p).unwrap()], &d.path().join("o"), Some(b"")).unwrap();
+        assert_eq!((s.version, std::fs::read(d.path().join("o")).unwrap()), (3, bytes));
     }
 
     #[test]

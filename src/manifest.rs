@@ -9,8 +9,9 @@ use std::path::Path;
 pub use crate::layout::{INDEX_FILE, MANIFEST_FILE as FILE};
 pub const FORMAT_NAME: &str = "packds";
 /// The newest format version this library reads (1: samples stored raw; 2: per-sample
-/// compression, a codec section in the index). It writes 1 whenever it can.
-pub const FORMAT_VERSION: u32 = 2;
+/// compression, a codec section in the index; 3: hard links stored once, index entries that
+/// share data). It writes the oldest that can hold the dataset: the index's version.
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShardRecord {
@@ -53,6 +54,23 @@ pub struct Manifest {
     /// What each `pack --append` added, oldest first (absent: nothing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<serde_json::Value>,
+    /// Directories that were empty in the source (keys, `/`-separated, sorted); `unpack`
+    /// recreates them. Absent (older datasets): none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub empty_dirs: Vec<String>,
+    /// Hard links stored once: pairs `[first, other]` of sample positions (`first < other`, same
+    /// shard) where `other` is another name of `first`'s file and its index entry shares
+    /// `first`'s data. `unpack` makes `other` a hard link of `first`. Absent: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hard_links: Vec<[u64; 2]>,
+    /// Files that were sparse in the source (fewer blocks allocated than their size), stored at
+    /// full size. Absent: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sparse_files: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn first_version() -> u64 {
@@ -119,6 +137,9 @@ impl Manifest {
             compression: None,
             version: 1,
             history: Vec::new(),
+            empty_dirs: Vec::new(),
+            hard_links: Vec::new(),
+            sparse_files: 0,
         }
     }
 
@@ -128,6 +149,14 @@ impl Manifest {
         self.version = version;
         self.index.file = crate::layout::index_file_name(version);
         self.history = history;
+        self
+    }
+
+    /// The tree's other facts: empty directories, hard links (sample positions) and sparse files.
+    pub fn with_tree(mut self, empty_dirs: Vec<String>, hard_links: Vec<[u64; 2]>, sparse_files: u64) -> Manifest {
+        self.empty_dirs = empty_dirs;
+        self.hard_links = hard_links;
+        self.sparse_files = sparse_files;
         self
     }
 

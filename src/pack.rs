@@ -17,7 +17,7 @@ use crate::index::Index;
 use crate::layout::{self, state_index_name as shard_state_name, Mode, OutputDir, Prepared};
 use crate::manifest::{self, hex128, Manifest, ShardRecord};
 use crate::tar::{self, Meta};
-use crate::walk::{self, FileList, OnError, Skipped, SourceRoot, WalkOptions};
+use crate::walk::{self, EmptyDir, FileList, OnError, Skipped, SourceRoot, WalkOptions};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -115,6 +115,8 @@ pub struct Selection<'a> {
     pub range: std::ops::Range<usize>,
     pub cuts: &'a [u64],
     pub first_shard: usize,
+    /// The empty directories: given to the part that writes the last shard.
+    pub empty_dirs: &'a [EmptyDir],
 }
 
 /// The bytes a file takes in a shard before compression: what `--shard-size` counts. Shard
@@ -225,6 +227,32 @@ pub struct PackSummary {
     pub already_complete: bool,
     /// `--remove-source`: what was removed (or, with `--dry-run`, would be).
     pub removed: Option<RemoveSummary>,
+    /// Empty directories kept.
+    pub empty_dirs: u64,
+    /// Names stored as hard links of another name (their bytes stored once).
+    pub hard_links: u64,
+    /// Sparse files, stored at full size.
+    pub sparse_files: u64,
+}
+
+impl PackSummary {
+    /// The summary of the dataset `m` in `output`: what it holds, and how long it took.
+    pub fn of(output: &Path, m: &Manifest, resumed_shards: u64, t0: Instant, already_complete: bool) -> PackSummary {
+        PackSummary {
+            output: output.to_path_buf(),
+            files: m.samples,
+            bytes: m.total_bytes,
+            shards: m.shards.len() as u64,
+            resumed_shards,
+            skipped: m.skipped.clone(),
+            seconds: t0.elapsed().as_secs_f64(),
+            already_complete,
+            empty_dirs: m.empty_dirs.len() as u64,
+            hard_links: m.hard_links.len() as u64,
+            sparse_files: m.sparse_files,
+            removed: None,
+        }
+    }
 }
 
 pub(crate) fn globset(pats: &[String], what: &str) -> Result<Option<GlobSet>> {
@@ -303,17 +331,7 @@ pub fn pack_selected(opts: &PackOptions, progress: &Progress, sel: Option<&Selec
         Prepared::Open(dir) => dir,
         Prepared::Complete(m) => {
             progress.phase.store(3, Relaxed);
-            return Ok(PackSummary {
-                output: out.clone(),
-                files: m.samples,
-                bytes: m.total_bytes,
-                shards: m.shards.len() as u64,
-                resumed_shards: m.shards.len() as u64,
-                skipped: m.skipped,
-                seconds: t0.elapsed().as_secs_f64(),
-                already_complete: true,
-                removed: opts.remove_source.then(RemoveSummary::default),
-            });
+            return Ok(PackSummary { removed: opts.remove_source.then(RemoveSummary::default), ..PackSummary::of(out, &m, m.shards.len() as u64, t0, true) });
         }
     };
     let res = pack_locked(opts, progress, t0, sel);
@@ -336,6 +354,7 @@ struct Scope<'a> {
     /// The files come from the list a `--remove-source` pack recorded (a resume), not a walk of
     /// `sources` (nor a plan).
     recorded: bool,
+    empty_dirs: &'a [EmptyDir],
 }
 
 fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option<&Selection>) -> Result<PackSummary> {
@@ -361,18 +380,37 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
             cuts: Some(sel.cuts),
             first_shard: sel.first_shard,
             recorded: false,
+            empty_dirs: sel.empty_dirs,
         },
         // A resumed --remove-source pack: the list the interrupted one walked (the files of its
         // completed shards may be gone).
         None if opts.remove_source && opts.resume && out.join(STATE_DIR).join(STATE_OPTIONS).is_file() && state_files.is_file() => {
             stored = crate::plan::read_plan(&state_files)?;
             let n = stored.files.len();
-            Scope { roots: &stored.roots, files: &stored.files, skipped: stored.skipped.clone(), range: 0..n, cuts: None, first_shard: 0, recorded: true }
+            Scope {
+                roots: &stored.roots,
+                files: &stored.files,
+                skipped: stored.skipped.clone(),
+                range: 0..n,
+                cuts: None,
+                first_shard: 0,
+                empty_dirs: &stored.empty_dirs,
+                recorded: true,
+            }
         }
         None => {
             walked = walk::walk(&opts.sources, &walk_options(opts)?, &progress.cancel)?;
             let n = walked.files.len();
-            Scope { roots: &walked.roots, files: &walked.files, skipped: walked.skipped.clone(), range: 0..n, cuts: None, first_shard: 0, recorded: false }
+            Scope {
+                roots: &walked.roots,
+                files: &walked.files,
+                skipped: walked.skipped.clone(),
+                range: 0..n,
+                cuts: None,
+                first_shard: 0,
+                empty_dirs: &walked.empty_dirs,
+                recorded: false,
+            }
         }
     };
     if scope.files.is_empty() {
@@ -410,29 +448,18 @@ fn pack_locked(opts: &PackOptions, progress: &Progress, t0: Instant, sel: Option
         first_shard: scope.first_shard + done.records.len(),
         cuts: scope.cuts,
     };
-    Pipeline { opts, progress, roots: scope.roots, files: scope.files, dict: &dict, range, remover: remover.as_ref() }.run(
-        &mut done.parts,
-        &mut done.records,
-        &mut skipped,
-    )?;
+    let completed = Completed { parts: &mut done.parts, records: &mut done.records, extras: &mut done.extras };
+    let pipe = Pipeline { opts, progress, roots: scope.roots, files: scope.files, dict: &dict, range, remover: remover.as_ref(), empty_dirs: scope.empty_dirs };
+    pipe.run(completed, &mut skipped)?;
 
     progress.phase.store(2, Relaxed);
     let removed = remover.map(|rm| rm.summary(rm.remove_dirs()));
     fault::kill_before_manifest();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let m = finish(opts, done.parts, &dict, done.records, skipped)?;
+    let tree = Tree::of(&done.parts, &done.extras, scope.empty_dirs);
+    let m = finish(opts, done.parts, &dict, done.records, skipped, tree)?;
     progress.phase.store(3, Relaxed);
-    Ok(PackSummary {
-        output: out.clone(),
-        files: m.samples,
-        bytes: m.total_bytes,
-        shards: m.shards.len() as u64,
-        resumed_shards: resumed,
-        skipped: m.skipped,
-        seconds: t0.elapsed().as_secs_f64(),
-        already_complete: false,
-        removed,
-    })
+    Ok(PackSummary { removed, ..PackSummary::of(out, &m, resumed, t0, false) })
 }
 
 /// The walk's options: filters, threads, and the output directory pruned from the walk (when
@@ -516,6 +543,9 @@ fn dry_run(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
         seconds: t0.elapsed().as_secs_f64(),
         already_complete: false,
         removed: Some(RemoveSummary { dry_run: true, would_remove, ..RemoveSummary::default() }),
+        empty_dirs: 0,
+        hard_links: 0,
+        sparse_files: 0,
     })
 }
 
@@ -525,6 +555,8 @@ fn dry_run(opts: &PackOptions, progress: &Progress) -> Result<PackSummary> {
 struct Done {
     parts: Vec<Index>,
     records: Vec<ShardRecord>,
+    /// Each completed shard's hard links and sparse count.
+    extras: Vec<ShardExtra>,
     next_file: usize,
     /// `--remove-source`: the source files of each completed shard as they were read.
     sources: Vec<Vec<stamp::Stamp>>,
@@ -591,13 +623,14 @@ fn new_state(opts: &PackOptions, scope: &Scope, walked: bool) -> Result<Done> {
             bytes: 0,
             hash: 0,
             parts: None,
+            empty_dirs: scope.empty_dirs.to_vec(),
         };
         crate::plan::write_plan(&list, &state.join(STATE_FILES))?;
     }
     let options_path = state.join(STATE_OPTIONS);
     fsx::write_atomic(&options_path, &manifest::json_bytes(&state_options(opts, scope), false, &options_path)?)?;
     fsx::sync_dir(&opts.output)?;
-    Ok(Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start, sources: Vec::new() })
+    Ok(Done { parts: Vec::new(), records: Vec::new(), extras: Vec::new(), next_file: scope.range.start, sources: Vec::new() })
 }
 
 /// `--resume`: checks the interrupted pack used the same sources and options, then takes every
@@ -607,7 +640,7 @@ fn new_state(opts: &PackOptions, scope: &Scope, walked: bool) -> Result<Done> {
 fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Result<Done> {
     let (out, state) = (&opts.output, opts.output.join(STATE_DIR));
     check_same_options(opts, &manifest::read_json(&state.join(STATE_OPTIONS))?, &state_options(opts, scope))?;
-    let mut done = Done { parts: Vec::new(), records: Vec::new(), next_file: scope.range.start, sources: Vec::new() };
+    let mut done = Done { parts: Vec::new(), records: Vec::new(), extras: Vec::new(), next_file: scope.range.start, sources: Vec::new() };
     let mut stamps = Vec::new();
     let mut k = scope.first_shard;
     while let Some(ix) = completed_shard(opts, k)? {
@@ -617,7 +650,7 @@ fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Resul
             return Err(Error::usage(format!("the source tree changed since the pack into {} was interrupted", out.display()), START_OVER));
         }
         let sp = state.join(layout::state_stamps_name(k));
-        let Some(st) = stamp::read_records(&sp, n)? else {
+        let Some((st, extra)) = stamp::read_records(&sp, n)? else {
             return Err(old_state(out, &format!("{} has no record of the files of {}", STATE_DIR, shard_name(k, opts.format))));
         };
         stamps.extend(st);
@@ -628,6 +661,7 @@ fn resume_state(opts: &PackOptions, scope: &Scope, progress: &Progress) -> Resul
             };
             done.sources.push(src);
         }
+        done.extras.push(extra);
         let info = &ix.shards()[0];
         done.records.push(ShardRecord { file: shard_name(k, opts.format), size: info.size, samples: n as u64, xxh3_128: hex128(info.hash) });
         done.next_file += n;
@@ -812,14 +846,36 @@ fn dictionary(opts: &PackOptions, scope: &Scope) -> Result<Vec<u8>> {
     }
 }
 
+/// What the manifest records of the tree beyond its files (see [`Manifest::with_tree`]).
+#[derive(Debug, Default)]
+pub(crate) struct Tree {
+    empty_dirs: Vec<String>,
+    hard_links: Vec<[u64; 2]>,
+    sparse_files: u64,
+}
+
+impl Tree {
+    /// The empty directories, and the completed shards' hard links (as positions in the whole
+    /// dataset: each shard's after the samples of the shards before it) and sparse files.
+    fn of(parts: &[Index], extras: &[ShardExtra], empty_dirs: &[EmptyDir]) -> Tree {
+        let (mut hard_links, mut base, mut sparse_files) = (Vec::new(), 0u64, 0u64);
+        for (p, e) in parts.iter().zip(extras) {
+            hard_links.extend(e.links.iter().map(|&(a, o)| [base + u64::from(a), base + u64::from(o)]));
+            base += p.len() as u64;
+            sparse_files += e.sparse;
+        }
+        Tree { empty_dirs: empty_dirs.iter().map(|d| d.key.clone()).collect(), hard_links, sparse_files }
+    }
+}
+
 /// The final index (streamed from the per-shard `parts`), then the manifest (last: its presence
 /// marks the dataset complete), then the state directory goes.
-fn finish(opts: &PackOptions, parts: Vec<Index>, dict: &[u8], shards: Vec<ShardRecord>, skipped: Vec<Skipped>) -> Result<Manifest> {
+fn finish(opts: &PackOptions, parts: Vec<Index>, dict: &[u8], shards: Vec<ShardRecord>, skipped: Vec<Skipped>, tree: Tree) -> Result<Manifest> {
     let out = &opts.output;
     let coded = !opts.compress.is_none();
     let ix = crate::index::concat(&parts, &out.join(layout::INDEX_FILE), coded.then_some(dict))?;
     drop(parts);
-    write_manifest(opts, ix, dict, shards, skipped, 1)
+    write_manifest(opts, ix, dict, shards, skipped, 1, tree)
 }
 
 /// The manifest of a dataset whose shards and index (`ix`) are written; written last, then the
@@ -832,16 +888,21 @@ fn write_manifest(
     shards: Vec<ShardRecord>,
     skipped: Vec<Skipped>,
     min_version: u32,
+    tree: Tree,
 ) -> Result<Manifest> {
     let out = &opts.output;
     let coded = !opts.compress.is_none();
+    let version = ix.version.max(min_version);
     let compression = coded.then(|| manifest::CompressionRecord {
         mode: opts.compress.name(),
         stored_bytes: ix.stored_bytes,
         zstd_dict: (!dict.is_empty()).then(|| manifest::DictRecord { size: dict.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(dict)) }),
     });
-    let m = Manifest::new(opts.format, opts.options_json.clone(), ix.into(), shards).with_skipped(skipped).with_compression(compression);
-    let m = if m.format_version < min_version { m.with_format_version(min_version) } else { m };
+    let m = Manifest::new(opts.format, opts.options_json.clone(), ix.into(), shards)
+        .with_skipped(skipped)
+        .with_compression(compression)
+        .with_format_version(version)
+        .with_tree(tree.empty_dirs, tree.hard_links, tree.sparse_files);
     fsx::write_atomic(&out.join(layout::MANIFEST_FILE), &m.to_json()?)?;
     let state = out.join(STATE_DIR);
     fs::remove_dir_all(&state).ctx("remove", &state)?;
@@ -864,6 +925,8 @@ use dict::train_dict;
 use pipeline::{PipeRange, Pipeline};
 pub use remove::RemoveSummary;
 pub use samples::{SampleWriter, WriterSummary};
+use stamp::ShardExtra;
+use writer::Completed;
 
 #[cfg(test)]
 mod tests {

@@ -24,7 +24,7 @@ use crate::layout::{self, ShardFormat};
 use crate::manifest::{self, hex128, CompressionRecord, Manifest};
 use crate::pack::{self, planned_len, PackOptions, PackSummary, Progress, Selection};
 use crate::tar::Meta;
-use crate::walk::{self, FileList, Skipped, SourceRoot, WalkOptions};
+use crate::walk::{self, EmptyDir, FileList, Skipped, SourceRoot, WalkOptions};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -87,6 +87,9 @@ struct Header {
     /// `plan --parts N`: the number of parts (array tasks) the plan is made for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     parts: Option<u32>,
+    /// The empty directories (a plan made before they were kept has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    empty_dirs: Vec<EmptyDir>,
 }
 
 /// The file list and shard boundaries of a pack, fixed once.
@@ -102,6 +105,8 @@ pub struct Plan {
     pub hash: u128,
     /// `plan --parts N`: the number of parts the plan is made for (`pack --part I` takes it).
     pub parts: Option<u32>,
+    /// The empty directories, written by the part that packs the last shard.
+    pub empty_dirs: Vec<EmptyDir>,
 }
 
 /// Walks `opts.sources`, stats every file (in parallel) and computes the shard boundaries.
@@ -149,6 +154,7 @@ pub fn make_plan(opts: &PackOptions, progress: &Progress, prune: Option<&Path>) 
         bytes,
         hash: 0,
         parts: opts.plan_parts,
+        empty_dirs: walked.empty_dirs,
     };
     plan.hash = xxhash_rust::xxh3::xxh3_128(&to_bytes(&plan)?);
     Ok(plan)
@@ -208,6 +214,7 @@ fn to_bytes(plan: &Plan) -> Result<Vec<u8>> {
         bytes: plan.bytes,
         skipped: plan.skipped.clone(),
         parts: plan.parts,
+        empty_dirs: plan.empty_dirs.clone(),
     };
     let json = manifest::json_bytes(&header, false, Path::new("plan"))?;
     let mut b = Vec::with_capacity(64 + json.len() + plan.files.len() * 40);
@@ -346,6 +353,7 @@ pub fn read_plan(path: &Path) -> Result<Plan> {
         bytes: header.bytes,
         hash: xxhash_rust::xxh3::xxh3_128(&b),
         parts: header.parts,
+        empty_dirs: header.empty_dirs,
     })
 }
 
@@ -423,6 +431,7 @@ pub fn pack_part(opts: &PackOptions, progress: &Progress) -> Result<PackSummary>
         range: first_file as usize..end_file as usize,
         cuts: &plan.cuts[a as usize..b as usize],
         first_shard: a as usize,
+        empty_dirs: if b == plan.cuts.len() as u64 { &plan.empty_dirs } else { &[] },
     };
     let mut s = pack::pack_selected(&o, progress, Some(&sel))?;
     fsx::write_atomic(&pj, &manifest::json_bytes(&info, true, &pj)?)?;
@@ -477,17 +486,22 @@ fn parts_of(p: u32, given: Option<u32>, planned: Option<u32>) -> Result<u32> {
 }
 
 fn summary_of(dir: &Path, t0: Instant, already: bool) -> PackSummary {
-    let m = Manifest::load(dir).ok();
-    PackSummary {
-        output: dir.to_path_buf(),
-        files: m.as_ref().map_or(0, |m| m.samples),
-        bytes: m.as_ref().map_or(0, |m| m.total_bytes),
-        shards: m.as_ref().map_or(0, |m| m.shards.len() as u64),
-        resumed_shards: 0,
-        skipped: m.map(|m| m.skipped).unwrap_or_default(),
-        seconds: t0.elapsed().as_secs_f64(),
-        already_complete: already,
-        removed: None,
+    match Manifest::load(dir) {
+        Ok(m) => PackSummary::of(dir, &m, 0, t0, already),
+        Err(_) => PackSummary {
+            output: dir.to_path_buf(),
+            files: 0,
+            bytes: 0,
+            shards: 0,
+            resumed_shards: 0,
+            skipped: Vec::new(),
+            seconds: t0.elapsed().as_secs_f64(),
+            already_complete: already,
+            empty_dirs: 0,
+            hard_links: 0,
+            sparse_files: 0,
+            removed: None,
+        },
     }
 }
 
@@ -706,7 +720,21 @@ fn merged_manifest(
         ShardFormat::from_ext(&m0.shard_format).ok_or_else(|| Error::format(out, format!("the parts name an unknown shard format {:?}", m0.shard_format)))?;
     let compression =
         m0.compression.as_ref().map(|c| CompressionRecord { mode: c.mode.clone(), stored_bytes: ix.stored_bytes, zstd_dict: c.zstd_dict.clone() });
-    Ok(Manifest::new(format, options, ix.into(), records).with_skipped(skipped).with_compression(compression).with_format_version(m0.format_version))
+    // Each part's hard links are positions in the part: after the samples of the parts before.
+    let (mut links, mut base) = (Vec::new(), 0u64);
+    for m in manifests {
+        links.extend(m.hard_links.iter().map(|&[a, o]| [base + a, base + o]));
+        base += m.samples;
+    }
+    let mut dirs: Vec<String> = manifests.iter().flat_map(|m| m.empty_dirs.iter().cloned()).collect();
+    dirs.sort();
+    let sparse = manifests.iter().map(|m| m.sparse_files).sum();
+    let version = ix.version;
+    Ok(Manifest::new(format, options, ix.into(), records)
+        .with_skipped(skipped)
+        .with_compression(compression)
+        .with_format_version(version)
+        .with_tree(dirs, links, sparse))
 }
 
 fn list_parts(out: &Path) -> Result<Vec<(u32, PathBuf)>> {

@@ -11,7 +11,7 @@ use memmap2::{Mmap, MmapOptions};
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
@@ -585,11 +585,12 @@ impl Reader {
             let e = self.index.entry(i)?;
             per[e.shard as usize].push((i, e.offset, e.size, e.crc, e.codec));
         }
-        if self.index.is_unordered() {
-            // Entries are in key order, the data is not: stream each shard once, in offset
-            // order (validate_all above refused overlaps).
+        if self.index.is_unordered() || self.index.is_shared() {
+            // Entries are in key order, the data is not (or is shared by hard links): stream
+            // each shard once, in offset order (validate_all above refused overlaps other than
+            // shared extents).
             for p in &mut per {
-                p.sort_unstable_by_key(|s| (s.1, s.2));
+                p.sort_by_key(|s| (s.1, s.2));
             }
         }
         progress.start(1, self.index.len() as u64, self.index.shards().iter().map(|s| s.size).sum());
@@ -616,7 +617,22 @@ impl Reader {
             rep.bytes += self.index.shards()[s].size;
             rep.samples += per[s].len() as u64;
         }
+        rep.problems.extend(self.check_hard_links());
         Ok(rep)
+    }
+
+    /// The manifest's `hard_links` pairs that are not two samples sharing their data, as
+    /// problems (`unpack` does not link those).
+    fn check_hard_links(&self) -> Vec<String> {
+        let path = self.dir.join(crate::layout::MANIFEST_FILE);
+        let mut problems = Vec::new();
+        for &[a, o] in &self.manifest.hard_links {
+            let ok = a < o && o < self.len() as u64 && self.same_data(a as usize, o as usize);
+            if !ok {
+                problems.push(format!("{}: hard_links pair [{a}, {o}] is not two samples that share their data", path.display()));
+            }
+        }
+        problems
     }
 
     fn verify_shard(&self, s: usize, samples: &[ShardSample], deep: bool, progress: &Progress) -> ShardCheck {
@@ -629,8 +645,17 @@ impl Reader {
         let mut buf = vec![0u8; 8 << 20];
         let mut h = Xxh3::new();
         let mut pos = 0u64;
-        let mut crcs: Vec<u32> = vec![0; samples.len()];
-        let mut first = 0usize; // first sample not yet complete
+        // The distinct extents (names of one file share theirs), and each sample's extent.
+        let mut ext: Vec<(u64, u64)> = Vec::with_capacity(samples.len());
+        let mut ext_of: Vec<usize> = Vec::with_capacity(samples.len());
+        for &(_, off, size, _, _) in samples {
+            if ext.last() != Some(&(off, size)) {
+                ext.push((off, size));
+            }
+            ext_of.push(ext.len() - 1);
+        }
+        let mut crcs: Vec<u32> = vec![0; ext.len()];
+        let mut first = 0usize; // first extent not yet complete
         loop {
             progress.check()?;
             let got = f.read(&mut buf).ctx("read", &path)?;
@@ -642,8 +667,8 @@ impl Reader {
             let before = first;
             let end = pos + got as u64;
             let mut j = first;
-            while j < samples.len() && samples[j].1 < end {
-                let (_, off, size, _, _) = samples[j];
+            while j < ext.len() && ext[j].0 < end {
+                let (off, size) = ext[j];
                 let a = off.max(pos);
                 let b = (off + size).min(end);
                 if a < b {
@@ -672,7 +697,7 @@ impl Reader {
         let mut decoded = 0u64;
         for (j, &(i, _, _, want, codec)) in samples.iter().enumerate() {
             if codec == codec::RAW {
-                if crcs[j] != want {
+                if crcs[ext_of[j]] != want {
                     problems.push(self.checksum_error(i, s as u32).to_string());
                 }
             } else if deep && problems.is_empty() {
@@ -688,7 +713,10 @@ impl Reader {
 
     /// Extracts every sample into `dest` (created if needed), refusing keys that are absolute,
     /// contain `..`, or would pass through a symlink; never overwrites an existing file.
-    /// Restores mode and mtime from the tar header. Returns the number of files written.
+    /// Restores mode and mtime from the tar header, the hard links the dataset records (as
+    /// links, where the filesystem allows; else as copies), the empty directories, and leaves
+    /// runs of zeros of at least [`MIN_HOLE`] bytes as holes (a sparse file is sparse again).
+    /// Returns the number of files written (hard links included).
     pub fn unpack(&self, dest: &Path) -> Result<u64> {
         self.unpack_progress(dest, &Progress::default())
     }
@@ -699,62 +727,83 @@ impl Reader {
     pub fn unpack_progress(&self, dest: &Path, progress: &Progress) -> Result<u64> {
         fs::create_dir_all(dest).ctx("create directory", dest)?;
         let mut made: HashSet<Vec<u8>> = HashSet::new();
+        // Hard links: each other name, by position, to its first name's.
+        let mut link_to: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+        for &[a, o] in &self.manifest.hard_links {
+            if let (Ok(a), Ok(o)) = (usize::try_from(a), usize::try_from(o)) {
+                link_to.insert(o, a);
+            }
+        }
+        let firsts: HashSet<usize> = link_to.values().copied().collect();
+        let mut written: std::collections::HashMap<usize, PathBuf> = std::collections::HashMap::new();
         let mut n = 0u64;
         progress.start(1, self.len() as u64, self.manifest.total_bytes);
+        let mut prev: Option<Entry> = None; // the last sample stored in its own member
         for i in 0..self.len() {
             progress.check()?;
             let key = self.key(i)?;
             let comps = safe_components(key)?;
-            let mut rel: Vec<u8> = Vec::new();
-            for c in &comps[..comps.len() - 1] {
-                if !rel.is_empty() {
-                    rel.push(b'/');
-                }
-                rel.extend_from_slice(c);
-                if made.contains(&rel) {
-                    continue;
-                }
-                let p = dest.join(std::ffi::OsStr::from_bytes(&rel));
-                match fs::symlink_metadata(&p) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        return Err(Error::Escape {
-                            member: String::from_utf8_lossy(key).into_owned(),
-                            why: "a path component exists and is not a directory (symlink?)",
-                        })
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir(&p).ctx("create directory", &p)?,
-                    Err(e) => return Err(Error::io("stat", &p, e)),
-                }
-                made.insert(rel.clone());
-            }
+            make_dirs(dest, key, &comps[..comps.len() - 1], &mut made)?;
             let p = dest.join(std::ffi::OsStr::from_bytes(key));
-            let data = self.get_checked(i)?;
-            let meta = self.header_meta(i);
-            // Permission bits only: setuid, setgid and sticky bits are never restored.
-            let mode = meta.map_or(0o644, |m| m.0 & 0o777);
-            let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&p).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::usage(format!("{} already exists", p.display()), "unpack into an empty directory")
-                } else {
-                    Error::io("create", &p, e)
+            let e = self.index.entry(i)?;
+            match link_to.get(&i).filter(|&&a| self.same_data(a, i)) {
+                Some(a) => match written.get(a).map(|fp| fs::hard_link(fp, &p)) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(exists(&p)),
+                    // No hard links here (a filesystem without them): a copy.
+                    _ => self.write_file(i, &p, self.header_meta(i, None))?,
+                },
+                None => {
+                    let meta = self.header_meta(i, prev.filter(|p| p.shard == e.shard));
+                    prev = Some(e);
+                    self.write_file(i, &p, meta)?;
+                    if firsts.contains(&i) {
+                        written.insert(i, p);
+                    }
                 }
-            })?;
-            f.write_all(&data).ctx("write", &p)?;
-            f.set_permissions(fs::Permissions::from_mode(mode)).ctx("chmod", &p)?;
-            if let Some((_, mtime)) = meta {
-                let ts = [libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 }; 2];
-                // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
-                unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) };
             }
-            progress.add(1, data.len() as u64);
+            progress.add(1, e.raw);
             n += 1;
+        }
+        for d in &self.manifest.empty_dirs {
+            make_dirs(dest, d.as_bytes(), &safe_components(d.as_bytes())?, &mut made)?;
         }
         Ok(n)
     }
 
-    /// Mode and mtime from the ustar header right before sample `i`'s data.
-    fn header_meta(&self, i: usize) -> Option<(u32, i64)> {
+    /// Do samples `a` and `b` share their data (as the names of one file do)?
+    fn same_data(&self, a: usize, b: usize) -> bool {
+        match (self.index.entry(a), self.index.entry(b)) {
+            (Ok(x), Ok(y)) => (x.shard, x.offset, x.size, x.crc, x.codec) == (y.shard, y.offset, y.size, y.crc, y.codec),
+            _ => false,
+        }
+    }
+
+    /// Writes sample `i` (checked) to the new file `p` with `meta`'s permission bits and mtime.
+    fn write_file(&self, i: usize, p: &Path, meta: Option<(u32, i64)>) -> Result<()> {
+        let data = self.get_checked(i)?;
+        // Permission bits only: setuid, setgid and sticky bits are never restored.
+        let mode = meta.map_or(0o644, |m| m.0 & 0o777);
+        let f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                exists(p)
+            } else {
+                Error::io("create", p, e)
+            }
+        })?;
+        write_with_holes(&f, p, &data)?;
+        f.set_permissions(fs::Permissions::from_mode(mode)).ctx("chmod", p)?;
+        if let Some((_, mtime)) = meta {
+            let ts = [libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 }; 2];
+            // SAFETY: valid fd and a 2-element timespec array, as futimens requires.
+            unsafe { libc::futimens(f.as_raw_fd(), ts.as_ptr()) };
+        }
+        Ok(())
+    }
+
+    /// Mode and mtime from the ustar header right before sample `i`'s data; `prev` is the sample
+    /// of the same shard whose member comes before (None: the first, or unknown).
+    fn header_meta(&self, i: usize, prev: Option<Entry>) -> Option<(u32, i64)> {
         let e = self.index.entry(i).ok()?;
         if !self.index.shards()[e.shard as usize].name.ends_with(".tar") {
             return None;
@@ -768,8 +817,9 @@ impl Reader {
             let b = e.offset.checked_sub(tar::BLOCK)?;
             return tar::parse_mode_mtime(&region(b, b + tar::BLOCK)?).map(|(mode, mtime)| (mode & 0o777, mtime));
         }
-        // Members are contiguous: this one's headers start where the previous member ends.
-        let start = match i.checked_sub(1).and_then(|p| self.index.entry(p).ok()) {
+        // Members are contiguous: this one's headers start where the previous member ends
+        // (hard link members, which have no data, may lie between).
+        let start = match prev {
             Some(p) if p.shard == e.shard => p.offset + p.size + tar::padding(p.size),
             _ => 0,
         };
@@ -779,6 +829,65 @@ impl Reader {
             tar::parse_mode_mtime(&region(b, b + tar::BLOCK)?)
         })
     }
+}
+
+/// The error of an unpack that would overwrite `p`.
+fn exists(p: &Path) -> Error {
+    Error::usage(format!("{} already exists", p.display()), "unpack into an empty directory")
+}
+
+/// Creates the directories `comps` (path components of `key`) under `dest`, one level at a time,
+/// refusing a component that exists and is not a directory (a symlink); `made` remembers them.
+fn make_dirs(dest: &Path, key: &[u8], comps: &[&[u8]], made: &mut HashSet<Vec<u8>>) -> Result<()> {
+    let mut rel: Vec<u8> = Vec::new();
+    for c in comps {
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(c);
+        if made.contains(&rel) {
+            continue;
+        }
+        let p = dest.join(std::ffi::OsStr::from_bytes(&rel));
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Escape {
+                    member: String::from_utf8_lossy(key).into_owned(),
+                    why: "a path component exists and is not a directory (symlink?)",
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir(&p).ctx("create directory", &p)?,
+            Err(e) => return Err(Error::io("stat", &p, e)),
+        }
+        made.insert(rel.clone());
+    }
+    Ok(())
+}
+
+/// `unpack` leaves runs of zeros of at least this many bytes (whole 4 KiB blocks) as holes.
+pub const MIN_HOLE: usize = 64 << 10;
+const HOLE_BLOCK: usize = 4096;
+
+/// Writes `data` to the new, empty file `f` (at `p`): runs of zero bytes of at least
+/// [`MIN_HOLE`] bytes, in whole 4 KiB blocks, are skipped (left as holes), then the length is set.
+fn write_with_holes(f: &File, p: &Path, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    let (mut at, mut i) = (0usize, 0usize); // `at`: start of what is not written yet
+    while data.len() >= MIN_HOLE && i < data.len() {
+        let mut j = i;
+        while j + HOLE_BLOCK <= data.len() && zero(&data[j..j + HOLE_BLOCK]) {
+            j += HOLE_BLOCK;
+        }
+        if j - i >= MIN_HOLE {
+            f.write_all_at(&data[at..i], at as u64).ctx("write", p)?;
+            at = j;
+        }
+        i = j + HOLE_BLOCK; // the block at j is not all zeros (or is the short tail)
+    }
+    f.write_all_at(&data[at..], at as u64).ctx("write", p)?;
+    f.set_len(data.len() as u64).ctx("truncate", p)
 }
 
 /// Position `i` in a sequence of `len` items, as a Python sequence takes it: `0..len` as is, a
@@ -961,6 +1070,24 @@ mod tests {
         }
         assert_eq!(sequence_position(0, 0), None);
         assert_eq!(sequence_position(-1, usize::MAX), None);
+    }
+
+    #[test]
+    fn long_zero_runs_are_written_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 4 << 20];
+        data[100] = 1; // a block with data, then a long run of zeros
+        data[(2 << 20) + 5] = 2;
+        let short = [&[7u8; 5000][..], &[0u8; MIN_HOLE - 4096][..], &[9u8; 3]].concat(); // its zero run is too short
+        for (name, bytes) in [("sparse", &data), ("short", &short), ("tail", &[&[1u8][..], &[0u8; 1 << 20][..]].concat())] {
+            let p = d.path().join(name);
+            let f = File::options().write(true).create_new(true).open(&p).unwrap();
+            write_with_holes(&f, &p, bytes).unwrap();
+            assert_eq!(&fs::read(&p).unwrap(), bytes, "{name}");
+        }
+        let md = fs::metadata(d.path().join("sparse")).unwrap();
+        assert!(md.blocks() * 512 < md.len() / 4, "{} blocks for {} bytes", md.blocks(), md.len());
     }
 
     #[test]

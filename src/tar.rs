@@ -53,10 +53,12 @@ fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
     out.push(b'\n');
 }
 
-fn ustar(out: &mut Vec<u8>, name: &[u8], meta: &Meta, typeflag: u8, size: u64) {
+fn ustar(out: &mut Vec<u8>, name: &[u8], meta: &Meta, typeflag: u8, size: u64, link: &[u8]) {
     let mut h = [0u8; 512];
     let n = name.len().min(100);
     h[..n].copy_from_slice(&name[..n]);
+    let l = link.len().min(100);
+    h[157..157 + l].copy_from_slice(&link[..l]);
     octal(&mut h[100..108], u64::from(meta.mode & 0o7777));
     octal(&mut h[108..116], u64::from(meta.uid).min(MAX_OCTAL_7));
     octal(&mut h[116..124], u64::from(meta.gid).min(MAX_OCTAL_7));
@@ -84,13 +86,39 @@ pub fn header_len(name: &[u8], meta: &Meta) -> u64 {
 /// Appends the header(s) for a regular file `name` to `out`. The member's data must follow
 /// immediately, then `padding(meta.size)` zero bytes. Returns the number of header bytes.
 pub fn write_header(out: &mut Vec<u8>, name: &[u8], meta: &Meta) -> usize {
+    write_typed(out, name, meta, b'0', b"")
+}
+
+/// Appends a hard link member (typeflag `1`, no data): `name` is another name of the member
+/// `target` (an earlier member of the same shard). Returns the number of bytes.
+pub fn write_link_header(out: &mut Vec<u8>, name: &[u8], target: &[u8], meta: &Meta) -> usize {
+    write_typed(out, name, &Meta { size: 0, ..*meta }, b'1', target)
+}
+
+/// Appends a directory member (typeflag `5`, no data) named `name` plus a trailing `/`.
+/// Returns the number of bytes.
+pub fn write_dir_header(out: &mut Vec<u8>, name: &[u8], meta: &Meta) -> usize {
+    let mut n = name.to_vec();
+    n.push(b'/');
+    write_typed(out, &n, &Meta { size: 0, ..*meta }, b'5', b"")
+}
+
+/// A name that ustar cannot hold (longer than 100 bytes or not plain ASCII) goes in a pax record.
+fn needs_pax(name: &[u8]) -> bool {
+    name.len() > 100 || !name.is_ascii()
+}
+
+fn write_typed(out: &mut Vec<u8>, name: &[u8], meta: &Meta, typeflag: u8, link: &[u8]) -> usize {
     let start = out.len();
     let mut rec = Vec::new();
-    if name.len() > 100 || !name.is_ascii() {
-        if std::str::from_utf8(name).is_err() {
-            pax_record(&mut rec, "hdrcharset", b"BINARY");
-        }
+    if (needs_pax(name) && std::str::from_utf8(name).is_err()) || (needs_pax(link) && std::str::from_utf8(link).is_err()) {
+        pax_record(&mut rec, "hdrcharset", b"BINARY");
+    }
+    if needs_pax(name) {
         pax_record(&mut rec, "path", name);
+    }
+    if needs_pax(link) {
+        pax_record(&mut rec, "linkpath", link);
     }
     if meta.size > MAX_OCTAL_11 {
         pax_record(&mut rec, "size", meta.size.to_string().as_bytes());
@@ -106,11 +134,11 @@ pub fn write_header(out: &mut Vec<u8>, name: &[u8], meta: &Meta) -> usize {
     }
     if !rec.is_empty() {
         let pm = Meta { size: rec.len() as u64, mode: 0o644, mtime: 0, uid: 0, gid: 0 };
-        ustar(out, b"././@PaxHeader", &pm, b'x', rec.len() as u64);
+        ustar(out, b"././@PaxHeader", &pm, b'x', rec.len() as u64, b"");
         out.extend_from_slice(&rec);
         out.resize(out.len() + padding(rec.len() as u64) as usize, 0);
     }
-    ustar(out, name, meta, b'0', meta.size);
+    ustar(out, name, meta, typeflag, meta.size, link);
     out.len() - start
 }
 
@@ -139,35 +167,62 @@ pub fn parse_mode_mtime(h: &[u8]) -> Option<(u32, i64)> {
     Some((mode, mtime))
 }
 
-/// Mode and mtime of a member from its header bytes (`hdrs` = everything from the start of the
-/// member to the start of its data: an optional pax header with its records, then the ustar
-/// header). A pax `mtime` record wins over the ustar field (times before 1970 or after 2242).
+/// Mode and mtime of a member from its header bytes (`hdrs` = everything from the end of the
+/// previous member's data to the start of this member's data: an optional pax header with its
+/// records, then the ustar header; before them there may be members without data, hard links
+/// and directories, which are passed over). A pax `mtime` record wins over the ustar field
+/// (times before 1970 or after 2242).
 pub fn parse_member_meta(hdrs: &[u8]) -> Option<(u32, i64)> {
     let n = hdrs.len();
     if n < 512 || n % 512 != 0 {
         return None;
     }
-    let (mode, mut mtime) = parse_mode_mtime(&hdrs[n - 512..])?;
-    if n >= 1024 && hdrs[156] == b'x' && parse_mode_mtime(&hdrs[..512]).is_some() {
-        let size = usize::try_from(parse_octal(&hdrs[124..136])?).ok()?;
-        let mut rest = hdrs.get(512..512usize.checked_add(size)?)?;
-        // Records are "<len> key=value\n", where len counts the whole record: values may hold
-        // newlines (a path can), so records are cut by their length, never at newlines.
-        while !rest.is_empty() {
-            let sp = rest.iter().position(|&b| b == b' ')?;
-            let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-            if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+    let (mode, ustar_mtime) = parse_mode_mtime(&hdrs[n - 512..])?;
+    // Walk the headers from the start; the last group (pax header + ustar header) is this member's.
+    let (mut at, mut pax_mtime) = (0usize, None);
+    while at + 512 < n {
+        let h = &hdrs[at..at + 512];
+        parse_mode_mtime(h)?;
+        let size = usize::try_from(parse_octal(&h[124..136])?).ok()?;
+        if h[156] == b'x' {
+            let recs = hdrs.get(at + 512..(at + 512).checked_add(size)?)?;
+            pax_mtime = Some(pax_mtime_of(recs)?);
+            at += 512 + size.div_ceil(512) * 512;
+        } else {
+            // A member without data before this one (a link or a directory): its pax records
+            // were its own.
+            if size != 0 {
                 return None;
             }
-            if let Some(v) = rest[sp + 1..len - 1].strip_prefix(b"mtime=") {
-                let v = std::str::from_utf8(v).ok()?;
-                let whole = v.split('.').next().unwrap_or(v);
-                mtime = whole.parse().ok()?;
-            }
-            rest = &rest[len..];
+            pax_mtime = None;
+            at += 512;
         }
     }
-    Some((mode, mtime))
+    if at != n - 512 {
+        return None;
+    }
+    Some((mode, pax_mtime.flatten().unwrap_or(ustar_mtime)))
+}
+
+/// The `mtime` record of a pax record set, if any (None inside when there is none).
+fn pax_mtime_of(mut rest: &[u8]) -> Option<Option<i64>> {
+    let mut mtime = None;
+    // Records are "<len> key=value\n", where len counts the whole record: values may hold
+    // newlines (a path can), so records are cut by their length, never at newlines.
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+            return None;
+        }
+        if let Some(v) = rest[sp + 1..len - 1].strip_prefix(b"mtime=") {
+            let v = std::str::from_utf8(v).ok()?;
+            let whole = v.split('.').next().unwrap_or(v);
+            mtime = Some(whole.parse().ok()?);
+        }
+        rest = &rest[len..];
+    }
+    Some(mtime)
 }
 
 #[cfg(test)]
@@ -206,6 +261,29 @@ mod tests {
             write_header(&mut v, &[b'n'; 150], &m);
             assert_eq!(parse_member_meta(&v), Some((0o600, mtime)), "{mtime}");
         }
+    }
+
+    #[test]
+    fn link_and_directory_members_and_the_member_after_them() {
+        let m = Meta { size: 77, mode: 0o640, mtime: 1_700_000_000, uid: 1, gid: 2 };
+        let mut v = Vec::new();
+        assert_eq!(write_link_header(&mut v, b"b", b"dir/a", &m), 512);
+        assert_eq!((v[156], &v[157..162], parse_octal(&v[124..136])), (b'1', &b"dir/a"[..], Some(0)));
+        let long = vec![b'n'; 150];
+        let n = write_link_header(&mut v, b"c", &long, &m);
+        let recs = String::from_utf8_lossy(&v[1024..512 + n - 512]).into_owned();
+        assert!(recs.contains(&format!("linkpath={}", "n".repeat(150))), "{recs}");
+        let at = v.len();
+        assert_eq!(write_dir_header(&mut v, b"e/f", &m), 512);
+        assert_eq!((v[at + 156], &v[at..at + 5]), (b'5', &b"e/f/\0"[..]));
+        // The headers of a member after link and directory members: its own pax mtime counts.
+        let mt = Meta { mtime: -5, ..m };
+        write_header(&mut v, &long, &mt);
+        assert_eq!(parse_member_meta(&v), Some((0o640, -5)));
+        let mut w = Vec::new();
+        write_link_header(&mut w, &long, b"x", &mt); // a pax mtime of the link's own
+        write_header(&mut w, b"short", &m);
+        assert_eq!(parse_member_meta(&w), Some((0o640, 1_700_000_000)));
     }
 
     #[test]

@@ -152,6 +152,23 @@ pub struct WalkResult {
     pub roots: Vec<SourceRoot>,
     pub files: FileList,
     pub skipped: Vec<Skipped>,
+    /// Directories with nothing in them (see [`EmptyDir`]), sorted by key.
+    pub empty_dirs: Vec<EmptyDir>,
+}
+
+/// A directory that is empty in the source (no entry at all), not excluded, and matched by an
+/// `--include` pattern when there are any. A directory whose entries were all excluded or
+/// skipped is not one: it was not empty. Kept so that `unpack` (and `tar -x` of a tar shard)
+/// recreates it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EmptyDir {
+    /// Its path relative to its source root, `/`-separated (UTF-8: a name that is not is
+    /// listed as skipped instead, as `manifest.json` cannot record it).
+    pub key: String,
+    pub mode: u32,
+    pub mtime: i64,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 struct Ancestors {
@@ -177,6 +194,8 @@ struct DirJob {
     rel: Vec<u8>,
     abs: PathBuf,
     ancestors: Arc<Ancestors>,
+    /// Recorded as an [`EmptyDir`] when it has no entries (None: a source root, or filtered out).
+    keep_empty: Option<EmptyDir>,
 }
 
 struct Queue {
@@ -185,6 +204,9 @@ struct Queue {
     failed: bool,
 }
 
+/// What the walk's threads found: files, skipped entries, the first error, empty directories.
+type Found = (FileList, Vec<Skipped>, Option<Error>, Vec<EmptyDir>);
+
 struct Shared<'a> {
     opts: &'a WalkOptions,
     /// Set by the caller to stop the walk (Ctrl-C, SIGTERM): checked before every directory
@@ -192,7 +214,7 @@ struct Shared<'a> {
     cancel: &'a AtomicBool,
     queue: Mutex<Queue>,
     cv: Condvar,
-    out: Mutex<(FileList, Vec<Skipped>, Option<Error>)>,
+    out: Mutex<Found>,
 }
 
 fn lossy(p: &Path) -> String {
@@ -220,7 +242,8 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions, cancel: &AtomicBool) -> Res
             files.push(name.as_bytes(), root);
         } else if md.is_dir() {
             roots.push(SourceRoot { path: src.clone(), is_file: false });
-            jobs.push_back(DirJob { root, rel: Vec::new(), abs: src.clone(), ancestors: Arc::new(Ancestors { dev_ino: (md.dev(), md.ino()), parent: None }) });
+            let ancestors = Arc::new(Ancestors { dev_ino: (md.dev(), md.ino()), parent: None });
+            jobs.push_back(DirJob { root, rel: Vec::new(), abs: src.clone(), ancestors, keep_empty: None });
         } else {
             return Err(Error::usage(format!("source {} is neither a regular file nor a directory", src.display()), "name a directory or regular files"));
         }
@@ -230,13 +253,13 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions, cancel: &AtomicBool) -> Res
         cancel,
         queue: Mutex::new(Queue { jobs, active: 0, failed: false }),
         cv: Condvar::new(),
-        out: Mutex::new((FileList::default(), Vec::new(), None)),
+        out: Mutex::new((FileList::default(), Vec::new(), None, Vec::new())),
     };
     let nthreads = opts.threads.clamp(1, 256);
     if crate::pool::scoped_workers(nthreads, "packds-walk", &|| worker(&shared)) == 0 {
         worker(&shared); // no thread could be started (ulimit -u): walk on this one
     }
-    let (f, mut sk, err) = shared.out.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (f, mut sk, err, empty_dirs) = shared.out.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = err {
         return Err(e);
     }
@@ -254,7 +277,53 @@ pub fn walk(sources: &[PathBuf], opts: &WalkOptions, cancel: &AtomicBool) -> Res
         }
     }
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(WalkResult { roots, files, skipped })
+    let empty_dirs = empty_in_all(empty_dirs, &files, &roots, sources)?;
+    Ok(WalkResult { roots, files, skipped, empty_dirs })
+}
+
+/// The directories empty in their source that stay empty once every source is packed, sorted:
+/// one that another source has a file in, or another empty directory in, is not (that source
+/// makes it). A file of one source with the name of an empty directory of another is refused,
+/// as two files with one key are.
+fn empty_in_all(mut dirs: Vec<EmptyDir>, files: &FileList, roots: &[SourceRoot], sources: &[PathBuf]) -> Result<Vec<EmptyDir>> {
+    dirs.sort_by(|a, b| a.key.cmp(&b.key));
+    dirs.dedup_by(|a, b| a.key == b.key); // the same empty directory under two sources
+    if sources.len() < 2 {
+        return Ok(dirs);
+    }
+    // First file whose key is at least `k`.
+    let first_at = |k: &[u8]| {
+        let (mut lo, mut hi) = (0, files.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if files.key(mid) < k {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    };
+    let mut keep = Vec::with_capacity(dirs.len());
+    for d in &dirs {
+        let k = d.key.as_bytes();
+        let i = first_at(k);
+        if i < files.len() && files.key(i) == k {
+            return Err(Error::usage(
+                format!("one source has a file {:?} ({}), another an empty directory of that name", d.key, files.path(i, roots).display()),
+                "keys are paths relative to each source; pack these sources separately or rename one",
+            ));
+        }
+        let under = [k, b"/"].concat();
+        let i = first_at(&under);
+        let has_file = i < files.len() && files.key(i).starts_with(&under);
+        let p = dirs.partition_point(|e| e.key.as_bytes() < &under[..]);
+        let has_dir = dirs.get(p).is_some_and(|e| e.key.as_bytes().starts_with(&under));
+        if !has_file && !has_dir {
+            keep.push(d.clone());
+        }
+    }
+    Ok(keep)
 }
 
 fn worker(sh: &Shared) {
@@ -284,6 +353,9 @@ fn worker(sh: &Shared) {
             let mut out = sh.out.lock().unwrap_or_else(|p| p.into_inner());
             out.0.append(files);
             out.1.append(&mut skipped);
+            if let (Ok(true), Some(d)) = (&res, job.keep_empty) {
+                out.3.push(d);
+            }
             if let Err(e) = res {
                 if out.2.is_none() {
                     out.2 = Some(e);
@@ -347,7 +419,15 @@ fn kind_of(opts: &WalkOptions, job: &DirJob, abs: &Path, ft: fs::FileType) -> Ki
     }
 }
 
-fn list_dir(opts: &WalkOptions, cancel: &AtomicBool, job: &DirJob, files: &mut FileList, skipped: &mut Vec<Skipped>, subdirs: &mut Vec<DirJob>) -> Result<()> {
+/// Lists one directory; returns whether it had no entries at all.
+fn list_dir(
+    opts: &WalkOptions,
+    cancel: &AtomicBool,
+    job: &DirJob,
+    files: &mut FileList,
+    skipped: &mut Vec<Skipped>,
+    subdirs: &mut Vec<DirJob>,
+) -> Result<bool> {
     let skip_or_fail = |skipped: &mut Vec<Skipped>, path: &Path, err: std::io::Error, op: &'static str| -> Result<()> {
         match opts.on_error {
             OnError::Fail => Err(Error::io(op, path, err)),
@@ -359,15 +439,17 @@ fn list_dir(opts: &WalkOptions, cancel: &AtomicBool, job: &DirJob, files: &mut F
     };
     let rd = match fs::read_dir(&job.abs) {
         Ok(rd) => rd,
-        Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory"),
+        Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory").map(|()| false),
     };
+    let mut empty = true;
     for ent in rd {
+        empty = false;
         if cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
         let ent = match ent {
             Ok(e) => e,
-            Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory"),
+            Err(e) => return skip_or_fail(skipped, &job.abs, e, "list directory").map(|()| false),
         };
         let key = child_key(&job.rel, ent.file_name().as_bytes());
         let abs = ent.path();
@@ -396,7 +478,9 @@ fn list_dir(opts: &WalkOptions, cancel: &AtomicBool, job: &DirJob, files: &mut F
                     skipped.push(Skipped { path: lossy(&abs), reason: "the output directory (never packed into itself)".into() });
                     continue;
                 }
-                subdirs.push(DirJob { root: job.root, rel: key, abs, ancestors: Arc::new(Ancestors { dev_ino: id, parent: Some(job.ancestors.clone()) }) });
+                let keep_empty = empty_dir_record(opts, &key, &abs, &md, skipped);
+                let ancestors = Arc::new(Ancestors { dev_ino: id, parent: Some(job.ancestors.clone()) });
+                subdirs.push(DirJob { root: job.root, rel: key, abs, ancestors, keep_empty });
             }
             Kind::File => {
                 if !matches(&opts.exclude, &key) && (opts.include.is_none() || matches(&opts.include, &key)) {
@@ -405,7 +489,23 @@ fn list_dir(opts: &WalkOptions, cancel: &AtomicBool, job: &DirJob, files: &mut F
             }
         }
     }
-    Ok(())
+    Ok(empty)
+}
+
+/// What directory `key` is recorded as if it turns out empty: None when `--include` patterns are
+/// given and none matches it, or when its name is not UTF-8 (listed in `skipped` when it is
+/// empty: `manifest.json` cannot record the name).
+fn empty_dir_record(opts: &WalkOptions, key: &[u8], abs: &Path, md: &fs::Metadata, skipped: &mut Vec<Skipped>) -> Option<EmptyDir> {
+    if opts.include.is_some() && !matches(&opts.include, key) {
+        return None;
+    }
+    let Ok(k) = std::str::from_utf8(key) else {
+        if fs::read_dir(abs).is_ok_and(|mut rd| rd.next().is_none()) {
+            skipped.push(Skipped { path: lossy(abs), reason: "empty directory whose name is not UTF-8 (manifest.json cannot record it)".into() });
+        }
+        return None;
+    };
+    Some(EmptyDir { key: k.to_string(), mode: md.mode() & 0o7777, mtime: md.mtime(), uid: md.uid(), gid: md.gid() })
 }
 
 #[cfg(test)]
@@ -446,6 +546,43 @@ mod tests {
         let keys: Vec<_> = (0..res.files.len()).map(|i| String::from_utf8_lossy(res.files.key(i)).into_owned()).collect();
         assert_eq!(keys, vec!["d/f", "d/g"]);
         assert!(res.skipped.iter().any(|s| s.reason == "symlink loop"));
+    }
+
+    #[test]
+    fn empty_directories_are_found_and_filtered() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for p in ["a/e1", "a/b/e2.jpg", "x/e3", "f"] {
+            fs::create_dir_all(r.join(p)).unwrap();
+        }
+        fs::write(r.join("f/k.jpg"), b"1").unwrap();
+        fs::create_dir(r.join("g")).unwrap();
+        fs::write(r.join("g/gone.tmp"), b"2").unwrap();
+        let dirs =
+            |o: &WalkOptions| -> Vec<String> { walk(&[r.to_path_buf()], o, &AtomicBool::new(false)).unwrap().empty_dirs.into_iter().map(|d| d.key).collect() };
+        assert_eq!(dirs(&opts()), ["a/b/e2.jpg", "a/e1", "x/e3"]);
+        let mut o = opts();
+        o.exclude = crate::pack::globset(&["x".into(), "*.tmp".into()], "exclude").unwrap();
+        assert_eq!(dirs(&o), ["a/b/e2.jpg", "a/e1"]); // "g" held only an excluded file: not empty
+        o.include = crate::pack::globset(&["*.jpg".into()], "include").unwrap();
+        assert_eq!(dirs(&o), ["a/b/e2.jpg"]);
+        // Two sources: a directory empty in one but not in the other is not empty; a file of
+        // one named like an empty directory of the other is refused; a name that is not UTF-8
+        // is listed as skipped.
+        let s2 = tempfile::tempdir().unwrap();
+        for p in ["x/e3/sub", "a", "f"] {
+            fs::create_dir_all(s2.path().join(p)).unwrap();
+        }
+        fs::write(s2.path().join("a/e1"), b"3").unwrap();
+        let both = [r.to_path_buf(), s2.path().to_path_buf()];
+        let e = walk(&both, &opts(), &AtomicBool::new(false)).err().unwrap().to_string();
+        assert!(e.contains("an empty directory of that name") && e.contains("a/e1"), "{e}");
+        fs::remove_file(s2.path().join("a/e1")).unwrap();
+        fs::create_dir(s2.path().join(OsStr::from_bytes(b"bad\xff"))).unwrap();
+        let res = walk(&both, &opts(), &AtomicBool::new(false)).unwrap();
+        let got: Vec<_> = res.empty_dirs.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(got, ["a/b/e2.jpg", "a/e1", "x/e3/sub"]);
+        assert!(res.skipped.iter().any(|s| s.reason.contains("not UTF-8")), "{:?}", res.skipped);
     }
 
     #[test]

@@ -23,8 +23,10 @@ def zstd_dict_of(ds_dir) -> bytes | None:
 
 
 def tar_samples(ds_dir) -> list[tuple[bytes, bytes]]:
-    """(key, original bytes) of every member of every tar shard, in order; in a compressed
-    dataset, members named ``KEY.zst`` are decompressed (with its dictionary when it has one)."""
+    """(key, original bytes) of every member of every tar shard, in order (a hard link member
+    reads as its target; directory members, of empty directories, are not samples); in a
+    compressed dataset, members named ``KEY.zst`` are decompressed (with its dictionary when it
+    has one)."""
     import json
 
     compressed = "compression" in json.load(open(os.path.join(ds_dir, "manifest.json")))
@@ -33,6 +35,8 @@ def tar_samples(ds_dir) -> list[tuple[bytes, bytes]]:
     for name in sorted(n for n in os.listdir(ds_dir) if n.endswith(".tar")):
         with tarfile.open(os.path.join(ds_dir, name), encoding="utf-8", errors="surrogateescape") as tf:
             for m in tf:
+                if m.isdir():
+                    continue
                 key, data = os.fsencode(m.name), tf.extractfile(m).read()
                 if compressed and key.endswith(b".zst"):
                     key, data = key[:-4], d.decompress(data)

@@ -337,13 +337,13 @@ def test_truncated_manifest(small_ds):
         open_fails(small_ds, names=p)
 
 
-@pytest.mark.parametrize("field,value", [("format_version", 3), ("format_version", 0), ("format", "webdataset"), ("format_version", "1")])
+@pytest.mark.parametrize("field,value", [("format_version", 4), ("format_version", 0), ("format", "webdataset"), ("format_version", "1")])
 def test_wrong_format_or_version_in_manifest(small_ds, field, value):
     m = load_manifest(small_ds)
     m[field] = value
     save_manifest(small_ds, m)
     e = open_fails(small_ds, names=os.path.join(small_ds, "manifest.json"))
-    if field == "format_version" and value == 3:
+    if field == "format_version" and value == 4:
         assert "upgrade" in str(e)
 
 

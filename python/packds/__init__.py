@@ -259,7 +259,9 @@ def pack(sources, output, **options) -> dict:
     directories left empty; never a source root) and ``dry_run`` (with ``remove_source``: pack
     nothing, list the files that would be removed).
     Returns a summary dict (files, bytes, shards, seconds, skipped, ...); ``skipped`` is a list
-    of :class:`Skipped` ``(path, reason)`` named tuples, as ``manifest.json`` lists them.
+    of :class:`Skipped` ``(path, reason)`` named tuples, as ``manifest.json`` lists them;
+    ``empty_dirs``: the empty directories kept, ``hard_links``: names stored as hard links of
+    another name, ``sparse_files``: sparse files stored at full size.
     ``removed`` is None without ``remove_source``, else ``{files, directories, already_gone,
     left, dry_run}`` (``left``: :class:`Skipped` tuples of the files left in place; a dry run
     adds ``would_remove``, a list of paths).

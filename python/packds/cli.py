@@ -194,7 +194,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
             print(
                 f"packds: packed {s['files']} file{'s' if s['files'] != 1 else ''}, {human(s['bytes'])} into {s['shards']} shard(s){resumed} "
                 f"in {secs:.2f} s ({s['files'] / secs:,.0f} files/s, {s['bytes'] / secs / 1e6:,.1f} MB/s), "
-                f"{len(s['skipped'])} skipped -> {a.output}; {_file_count(s['files'], s['shards'])}",
+                f"{len(s['skipped'])} skipped{_tree_note(s)} -> {a.output}; {_file_count(s['files'], s['shards'])}",
                 file=sys.stderr,
             )
     if removed is not None and not s["already_complete"]:
@@ -234,6 +234,22 @@ def _dry_run_report(a: argparse.Namespace, s: dict) -> int:
         print(f"packds: --dry-run: would remove {n} source file{'s' if n != 1 else ''} (and the directories they leave empty); "
               f"nothing packed, nothing removed, {len(s['skipped'])} skipped", file=sys.stderr)
     return 0
+
+
+def _tree_note(s: dict) -> str:
+    """What a pack summary line says of the tree beyond its files: the empty directories kept,
+    the hard links stored once and the sparse files stored at full size (only those there are)."""
+    def n(k: int, one: str, many: str) -> str:
+        return f"{k:,} {one if k == 1 else many}"
+
+    parts = []
+    if s.get("empty_dirs"):
+        parts.append(n(s["empty_dirs"], "empty directory", "empty directories") + " kept")
+    if s.get("hard_links"):
+        parts.append(n(s["hard_links"], "hard link", "hard links") + " stored once")
+    if s.get("sparse_files"):
+        parts.append(n(s["sparse_files"], "sparse file", "sparse files") + " stored at full size")
+    return "".join(", " + p for p in parts)
 
 
 def _json_summary(s: dict, dataset=None) -> dict:
@@ -392,6 +408,9 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(f"  {s['file']}  {human(s['size']):>10}  {s['samples']:>10,} samples  xxh3-128 {s['xxh3_128']}")
     print(f"files:    {_file_count(m['samples'], len(m['shards']))}")
     print(f"skipped:  {len(m['skipped'])}")
+    tree = _tree_note({"empty_dirs": len(m.get("empty_dirs", [])), "hard_links": len(m.get("hard_links", [])), "sparse_files": m.get("sparse_files", 0)})
+    if tree:
+        print(f"tree:     {tree[2:]}")
     print(f"options:  {json.dumps(m['options'])}")
     return 0
 

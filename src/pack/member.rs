@@ -35,6 +35,7 @@ pub(super) struct Small {
     pub stored: u64,
     pub codec: u8,
     pub planned: u64,
+    pub shape: Shape,
 }
 
 /// An open large file, as it was at open (`meta`).
@@ -42,6 +43,25 @@ pub(super) struct Large {
     pub meta: Meta,
     pub file: File,
     pub path: PathBuf,
+    pub shape: Shape,
+}
+
+/// What `fstat` says of a file beyond its contents: its number of names (hard links) and
+/// whether it is sparse.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Shape {
+    pub nlink: u64,
+    pub sparse: bool,
+}
+
+/// A file is counted as sparse from this size on, when fewer bytes are allocated than its size
+/// (smaller ones may be stored inline or compressed by the filesystem).
+pub(super) const SPARSE_MIN: u64 = 64 << 10;
+
+impl Shape {
+    pub fn of(md: &fs::Metadata) -> Shape {
+        Shape { nlink: md.nlink(), sparse: md.len() >= SPARSE_MIN && md.blocks().saturating_mul(512) < md.len() }
+    }
 }
 
 /// Each I/O thread's own compression state and scratch buffers.
@@ -116,7 +136,7 @@ fn read_exact_file(f: &File, path: &Path, buf: &mut Vec<u8>, want: usize) -> Res
 }
 
 /// Opens `path` as a regular file (not through a symlink unless `--follow-symlinks`).
-fn open_regular(path: &Path, follow: bool) -> Result<(File, Meta, Stamp)> {
+fn open_regular(path: &Path, follow: bool) -> Result<(File, Meta, Stamp, Shape)> {
     let mut oo = OpenOptions::new();
     oo.read(true);
     let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
@@ -135,7 +155,7 @@ fn open_regular(path: &Path, follow: bool) -> Result<(File, Meta, Stamp)> {
     if !md.is_file() {
         return Err(Error::Changed { path: path.to_path_buf(), what: "it is no longer a regular file".into() });
     }
-    Ok((f, meta_of(&md), Stamp::of(&md)))
+    Ok((f, meta_of(&md), Stamp::of(&md), Shape::of(&md)))
 }
 
 /// Reads the file of `key` at `path`: a [`Large`] one is left open for the writer, a small one
@@ -145,12 +165,12 @@ pub(super) fn read_one(opts: &PackOptions, path: &Path, key: &[u8], small_max: u
     let mut member = buf;
     let mut attempt = 0;
     loop {
-        let (f, meta, stamp) = open_regular(path, opts.follow_symlinks)?;
+        let (f, meta, stamp, shape) = open_regular(path, opts.follow_symlinks)?;
         if meta.size > small_max {
-            return Ok(Item::Large(Large { meta, file: f, path: path.to_path_buf() }));
+            return Ok(Item::Large(Large { meta, file: f, path: path.to_path_buf(), shape }));
         }
         match read_small(opts, &f, path, key, meta, &stamp, &mut member, ws) {
-            Ok(m) => return Ok(Item::Small(Small { member, ..m })),
+            Ok(m) => return Ok(Item::Small(Small { member, shape, ..m })),
             Err(Error::Changed { .. }) if attempt + 1 < READ_TRIES => {
                 attempt += 1;
                 stamp::backoff(attempt);
@@ -181,7 +201,7 @@ fn read_small(opts: &PackOptions, f: &File, path: &Path, key: &[u8], meta: Meta,
             member.resize(member.len() + tar::padding(stored.len() as u64) as usize, 0);
         }
         let planned = planned_len(format, key, &meta);
-        Small { meta, stamp: *stamp, member: Vec::new(), hlen, crc, stored: stored.len() as u64, codec, planned }
+        Small { meta, stamp: *stamp, member: Vec::new(), hlen, crc, stored: stored.len() as u64, codec, planned, shape: Shape::default() }
     } else {
         // The whole member is built here, in parallel: header, data, padding. The writer then
         // only appends it.
@@ -194,7 +214,7 @@ fn read_small(opts: &PackOptions, f: &File, path: &Path, key: &[u8], meta: Meta,
         }
         // Uncompressed, the member is exactly what the shard-size rule counts.
         let planned = if tar { member.len() as u64 } else { meta.size };
-        Small { meta, stamp: *stamp, member: Vec::new(), hlen, crc, stored: meta.size, codec: codec::RAW, planned }
+        Small { meta, stamp: *stamp, member: Vec::new(), hlen, crc, stored: meta.size, codec: codec::RAW, planned, shape: Shape::default() }
     };
     stamp.check(&Stamp::now(f, path)?, path)?;
     if stamp.recent() {

@@ -8,14 +8,12 @@
 use super::member::{read_one, Item, WorkerState};
 use super::remove::Remover;
 use super::window::Window;
-use super::writer::ShardWriter;
+use super::writer::{Completed, ShardWriter};
 use super::{PackOptions, Progress, INFLIGHT_BYTES};
 use crate::error::{Error, Result};
 use crate::fault;
-use crate::index::Index;
-use crate::manifest::ShardRecord;
 use crate::pool;
-use crate::walk::{FileList, OnError, Skipped, SourceRoot};
+use crate::walk::{EmptyDir, FileList, OnError, Skipped, SourceRoot};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
@@ -45,6 +43,8 @@ pub(super) struct Pipeline<'a> {
     pub range: PipeRange<'a>,
     /// `--remove-source`.
     pub remover: Option<&'a Remover<'a>>,
+    /// Written at the end of the last shard (tar): given only to the pack that writes it.
+    pub empty_dirs: &'a [EmptyDir],
 }
 
 /// Member buffers go back from the writer to the I/O threads: no allocation, no fresh pages to
@@ -68,9 +68,9 @@ impl Buffers {
 }
 
 impl Pipeline<'_> {
-    /// Packs the range: completed shards go to `parts` (their per-shard indexes) and `records`,
-    /// files passed over to `skipped`. Returns how many files were written.
-    pub fn run(&self, parts: &mut Vec<Index>, records: &mut Vec<ShardRecord>, skipped: &mut Vec<Skipped>) -> Result<u64> {
+    /// Packs the range: completed shards go to `done`, files passed over to `skipped`. Returns
+    /// how many files were written.
+    pub fn run(&self, done: Completed, skipped: &mut Vec<Skipped>) -> Result<u64> {
         let threads = self.opts.threads.clamp(1, 256);
         let n = self.range.end - self.range.start;
         let slots = (threads * 2 + 4).min(1024);
@@ -79,7 +79,8 @@ impl Pipeline<'_> {
         let bufs = Buffers { free: Mutex::new(Vec::new()), cap: slots * CHUNK };
         let worker = || self.read_chunks(&window, &bufs, small_max);
         pool::with_some_workers(threads.min(n).max(1), "packds-io", "I/O", "lower --threads", &worker, || {
-            let writer = ShardWriter::new(self.opts, self.dict, self.range.cuts.is_none(), self.range.first_shard, parts, records).with_remover(self.remover);
+            let writer =
+                ShardWriter::new(self.opts, self.dict, self.range.cuts.is_none(), self.range.first_shard, self.empty_dirs, done).with_remover(self.remover);
             let r = self.write_all(&window, &bufs, writer, skipped);
             window.stop();
             r

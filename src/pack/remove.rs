@@ -337,7 +337,12 @@ impl<'a> Remover<'a> {
         };
         let n = ix.len();
         let entries = (0..n).map(|i| ix.entry(i)).collect::<Result<Vec<_>>>()?;
-        let mut crcs = vec![0u32; n];
+        // The stored members' extents in offset order, each once (the names of a hard-linked
+        // file share one, see `ShardOut::link`).
+        let mut ext: Vec<(u64, u64)> = entries.iter().filter(|e| e.codec == codec::RAW).map(|e| (e.offset, e.size)).collect();
+        ext.sort_unstable();
+        ext.dedup();
+        let mut crcs = vec![0u32; ext.len()];
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut buf = vec![0u8; 8 << 20];
         let (mut pos, mut first) = (0u64, 0usize);
@@ -351,13 +356,13 @@ impl<'a> Remover<'a> {
             h.update(chunk);
             let end = pos + got as u64;
             let mut j = first;
-            while j < n && entries[j].offset < end {
-                let e = &entries[j];
-                let (a, b) = (e.offset.max(pos), (e.offset + e.size).min(end));
-                if a < b && e.codec == codec::RAW {
+            while j < ext.len() && ext[j].0 < end {
+                let (off, size) = ext[j];
+                let (a, b) = (off.max(pos), (off + size).min(end));
+                if a < b {
                     crcs[j] = crc32c::crc32c_append(crcs[j], &chunk[(a - pos) as usize..(b - pos) as usize]);
                 }
-                if e.offset + e.size > end {
+                if off + size > end {
                     break;
                 }
                 if j == first {
@@ -374,7 +379,10 @@ impl<'a> Remover<'a> {
             return Err(bad("XXH3-128 differs".into()));
         }
         for (i, e) in entries.iter().enumerate() {
-            let crc = if e.codec == codec::RAW { crcs[i] } else { self.decoded_crc(&f, &path, e)? };
+            let crc = match ext.binary_search(&(e.offset, e.size)) {
+                Ok(x) if e.codec == codec::RAW => crcs[x],
+                _ => self.decoded_crc(&f, &path, e)?,
+            };
             if crc != e.crc {
                 return Err(bad(format!("CRC32C of {:?} differs", String::from_utf8_lossy(ix.key(i)?))));
             }

@@ -10,9 +10,9 @@
 //! Until the manifest is written the directory holds a pack state, and `open` refuses it; an
 //! abort (or an error) removes what was written.
 
-use super::member::{force_compress, member_name, meta_of, Large, Small};
+use super::member::{force_compress, member_name, meta_of, Large, Shape, Small};
 use super::stamp::Stamp;
-use super::writer::ShardWriter;
+use super::writer::{Completed, ShardWriter};
 use super::{planned_len, state_options_for, PackOptions, ShardFormat, StateOptions, STATE_DIR, STATE_OPTIONS};
 use crate::codec::{self, Encoder};
 use crate::error::{Error, IoContext, Result};
@@ -245,6 +245,7 @@ impl SampleWriter {
             stored: stored.len() as u64,
             codec,
             planned: planned_len(format, key, &meta),
+            shape: Shape::default(),
         };
         self.samples += 1;
         self.bytes += data.len() as u64;
@@ -263,7 +264,7 @@ impl SampleWriter {
         }
         self.samples += 1;
         self.bytes += md.len();
-        self.send(Msg::Large(key.to_vec(), Large { meta: meta_of(&md), file, path: path.to_path_buf() }, self.mark))
+        self.send(Msg::Large(key.to_vec(), Large { meta: meta_of(&md), file, path: path.to_path_buf(), shape: Shape::default() }, self.mark))
     }
 
     fn send(&mut self, m: Msg) -> Result<()> {
@@ -294,7 +295,11 @@ impl SampleWriter {
         if parts.is_empty() {
             return Err(Error::usage(format!("no samples were added to {}", self.opts.output.display()), "add at least one sample before closing"));
         }
-        let m = if self.ordered { super::finish(&self.opts, parts, &[], records, Vec::new())? } else { finish_unordered(&self.opts, parts, records)? };
+        let m = if self.ordered {
+            super::finish(&self.opts, parts, &[], records, Vec::new(), super::Tree::default())?
+        } else {
+            finish_unordered(&self.opts, parts, records)?
+        };
         self.dir = None; // complete: dropping the writer no longer removes it
         let stored = m.compression.as_ref().map_or(m.total_bytes, |c| c.stored_bytes);
         Ok(WriterSummary {
@@ -330,8 +335,8 @@ impl Drop for SampleWriter {
 /// the completed shards' indexes and records. Each completed shard's mark (that of its last
 /// sample) is recorded in the state directory after its per-shard index.
 fn write_shards(opts: &PackOptions, rx: Receiver<Msg>, first: usize) -> Result<Written> {
-    let (mut parts, mut records) = (Vec::new(), Vec::new());
-    let mut w = ShardWriter::new(opts, &[], true, first, &mut parts, &mut records);
+    let (mut parts, mut records, mut extras) = (Vec::new(), Vec::new(), Vec::new());
+    let mut w = ShardWriter::new(opts, &[], true, first, &[], Completed { parts: &mut parts, records: &mut records, extras: &mut extras });
     let mut prev_mark = 0u64;
     for m in rx {
         let before = w.completed();
@@ -392,7 +397,7 @@ fn finish_unordered(opts: &PackOptions, parts: Vec<Index>, records: Vec<ShardRec
     let ix = crate::index::merge_unordered(&parts, &out.join(layout::INDEX_FILE), !opts.compress.is_none())?;
     drop(parts);
     // An unordered index is format version 2, even with every sample stored raw.
-    super::write_manifest(opts, ix, &[], records, Vec::new(), 2)
+    super::write_manifest(opts, ix, &[], records, Vec::new(), 2, super::Tree::default())
 }
 
 #[cfg(test)]

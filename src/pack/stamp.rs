@@ -157,7 +157,21 @@ pub(super) fn confirm(f: &File, path: &Path, before: &Stamp, crc: u32, scratch: 
 
 /// Bytes per file in a shard's stamp record: size, then mtime in ns (little-endian).
 pub(super) const STAMP_LEN: usize = 16;
+/// A file's record in a shard's stamps: size, mtime in ns.
+pub(super) type SizeMtime = (u64, i64);
+
+/// Stamps only (a state written before hard links and sparse files were recorded).
 const MAGIC: &[u8; 8] = b"PDSSTMP1";
+/// Stamps, then the shard's [`ShardExtra`]: u64 sparse files, u64 links, (u32, u32) per link.
+const MAGIC2: &[u8; 8] = b"PDSSTMP2";
+
+/// What a completed shard holds besides its samples: its hard links (pairs of positions in
+/// the shard: the first name, another name sharing its data) and how many sparse files it has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ShardExtra {
+    pub links: Vec<(u32, u32)>,
+    pub sparse: u64,
+}
 
 /// Appends one file's record (see [`STAMP_LEN`]).
 pub(super) fn push_record(out: &mut Vec<u8>, s: &Stamp) {
@@ -165,26 +179,34 @@ pub(super) fn push_record(out: &mut Vec<u8>, s: &Stamp) {
     out.extend_from_slice(&s.mtime_ns.to_le_bytes());
 }
 
-/// Writes a shard's records (`records`: [`STAMP_LEN`] bytes a file) to `path`, atomically.
-pub(super) fn write_records(path: &Path, records: &[u8]) -> Result<()> {
-    let mut b = Vec::with_capacity(records.len() + 24);
-    b.extend_from_slice(MAGIC);
+/// Writes a shard's records (`records`: [`STAMP_LEN`] bytes a file) and `extra` to `path`,
+/// atomically.
+pub(super) fn write_records(path: &Path, records: &[u8], extra: &ShardExtra) -> Result<()> {
+    let mut b = Vec::with_capacity(records.len() + 40 + extra.links.len() * 8);
+    b.extend_from_slice(MAGIC2);
     b.extend_from_slice(&((records.len() / STAMP_LEN) as u64).to_le_bytes());
     b.extend_from_slice(records);
+    b.extend_from_slice(&extra.sparse.to_le_bytes());
+    b.extend_from_slice(&(extra.links.len() as u64).to_le_bytes());
+    for &(a, o) in &extra.links {
+        b.extend_from_slice(&a.to_le_bytes());
+        b.extend_from_slice(&o.to_le_bytes());
+    }
     let h = xxhash_rust::xxh3::xxh3_64(&b);
     b.extend_from_slice(&h.to_le_bytes());
     fsx::write_atomic(path, &b)
 }
 
-/// A shard's records as written by [`write_records`]; None when the file is not there.
-pub(super) fn read_records(path: &Path, files: usize) -> Result<Option<Vec<(u64, i64)>>> {
+/// A shard's records and extra as written by [`write_records`] (a state of an older packds has
+/// no extra: none); None when the file is not there.
+pub(super) fn read_records(path: &Path, files: usize) -> Result<Option<(Vec<SizeMtime>, ShardExtra)>> {
     let b = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("read", path, e)),
     };
     let bad = || Error::format(path, "damaged record of the packed files");
-    if b.len() < 24 || &b[..8] != MAGIC {
+    if b.len() < 24 || (&b[..8] != MAGIC && &b[..8] != MAGIC2) {
         return Err(bad());
     }
     let (body, tail) = b.split_at(b.len() - 8);
@@ -192,12 +214,29 @@ pub(super) fn read_records(path: &Path, files: usize) -> Result<Option<Vec<(u64,
         return Err(bad());
     }
     let n = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
-    let recs = &body[16..];
-    if n != files as u64 || recs.len() != files * STAMP_LEN {
+    let le = |x: &[u8]| u64::from_le_bytes(x.try_into().expect("8 bytes"));
+    let recs_end = files.checked_mul(STAMP_LEN).and_then(|l| l.checked_add(16)).filter(|&e| e <= body.len()).ok_or_else(bad)?;
+    let (recs, rest) = (&body[16..recs_end], &body[recs_end..]);
+    let mut extra = ShardExtra::default();
+    if &b[..8] == MAGIC2 {
+        if rest.len() < 16 {
+            return Err(bad());
+        }
+        extra.sparse = le(&rest[..8]);
+        let nl = le(&rest[8..16]);
+        let links = &rest[16..];
+        if nl.checked_mul(8) != Some(links.len() as u64) {
+            return Err(bad());
+        }
+        let u = |x: &[u8]| u32::from_le_bytes(x.try_into().expect("4 bytes"));
+        extra.links = links.chunks_exact(8).map(|l| (u(&l[..4]), u(&l[4..]))).collect();
+    } else if !rest.is_empty() {
         return Err(bad());
     }
-    let le = |x: &[u8]| u64::from_le_bytes(x.try_into().expect("8 bytes"));
-    Ok(Some(recs.chunks_exact(STAMP_LEN).map(|r| (le(&r[..8]), le(&r[8..]) as i64)).collect()))
+    if n != files as u64 {
+        return Err(bad());
+    }
+    Ok(Some((recs.chunks_exact(STAMP_LEN).map(|r| (le(&r[..8]), le(&r[8..]) as i64)).collect(), extra)))
 }
 
 /// Files of a resumed pack that are no longer as they were packed: how many, and the first few
@@ -261,14 +300,23 @@ mod tests {
         let s = Stamp { size: 7, mtime_ns: -3, ctime_ns: 0, ino: 1, dev: 2 };
         push_record(&mut r, &s);
         push_record(&mut r, &Stamp { size: 1 << 40, mtime_ns: 1_700_000_000_123_456_789, ..s });
-        write_records(&p, &r).unwrap();
-        assert_eq!(read_records(&p, 2).unwrap().unwrap(), vec![(7, -3), (1 << 40, 1_700_000_000_123_456_789)]);
+        let extra = ShardExtra { links: vec![(0, 1)], sparse: 1 };
+        write_records(&p, &r, &extra).unwrap();
+        assert_eq!(read_records(&p, 2).unwrap().unwrap(), (vec![(7, -3), (1 << 40, 1_700_000_000_123_456_789)], extra));
         assert!(read_records(&p, 3).is_err(), "another count");
         let mut b = fs::read(&p).unwrap();
         b[20] ^= 1;
         fs::write(&p, &b).unwrap();
         assert!(read_records(&p, 2).is_err(), "a flipped bit");
         assert!(read_records(&d.path().join("none"), 2).unwrap().is_none());
+        // A state written before the extra was recorded: stamps only, no links, no sparse files.
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&1u64.to_le_bytes());
+        old.extend_from_slice(&r[..STAMP_LEN]);
+        let h = xxhash_rust::xxh3::xxh3_64(&old);
+        old.extend_from_slice(&h.to_le_bytes());
+        fs::write(&p, &old).unwrap();
+        assert_eq!(read_records(&p, 1).unwrap().unwrap(), (vec![(7, -3)], ShardExtra::default()));
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! The shard writer: appends members to the open shard in key order, cuts shards (by
 //! `--shard-size`, or where the pipeline says: a plan's boundaries), and completes each shard:
 //! tar end blocks (or the HDF5 file), fsync, rename, then its per-shard index in the state
-//! directory (what `--resume` trusts).
+//! directory (what `--resume` trusts). A later name of a file already stored in the open shard
+//! (a hard link) becomes a tar hard link member and an index entry sharing the first name's
+//! data; the empty directories go at the end of the last shard.
 
 use super::h5::finish_h5;
 use super::large::{write_large_coded, write_large_raw};
-use super::member::{meta_of, Large, Small};
+use super::member::{member_name, meta_of, Large, Shape, Small};
 use super::remove::{self, Remover};
-use super::stamp::{self, Stamp, READ_TRIES};
+use super::stamp::{self, ShardExtra, Stamp, READ_TRIES};
 use super::{planned_len, shard_name, shard_state_name, PackOptions, ShardFormat, SHARD_END, STATE_DIR, WRITEBACK_EVERY};
 use crate::codec;
 use crate::error::{Error, IoContext, Result};
@@ -17,7 +19,8 @@ use crate::index::{Index, IndexBuilder, ShardInfo};
 use crate::layout;
 use crate::manifest::{hex128, ShardRecord};
 use crate::tar;
-use crate::walk::{OnError, Skipped};
+use crate::walk::{EmptyDir, OnError, Skipped};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::io::AsRawFd;
@@ -40,6 +43,23 @@ pub(super) struct ShardOut {
     /// The same, whole (identity and ctime too), for `--remove-source`.
     sources: Vec<Stamp>,
     flushed_at: u64,
+    /// Files with more than one name, by (device, inode): the first name stored in this shard,
+    /// which later names in the shard link to.
+    firsts: HashMap<(u64, u64), First>,
+    /// The shard's hard links and sparse files.
+    extra: ShardExtra,
+}
+
+/// The first name in a shard of a file with several names (hard links).
+struct First {
+    /// Its position in the shard's index.
+    pos: u32,
+    /// Its member name (the key, plus `.zst` when stored compressed).
+    name: Vec<u8>,
+    codec: u8,
+    /// The file as it was read, and the CRC32C of its bytes.
+    stamp: Stamp,
+    crc: u32,
 }
 
 impl ShardOut {
@@ -47,7 +67,61 @@ impl ShardOut {
         let tmp = opts.output.join(layout::tmp_file_name(&shard_name(k, opts.format)));
         let w = File::create(&tmp).ctx("create", &tmp)?;
         let index = if opts.compress.is_none() { IndexBuilder::new() } else { IndexBuilder::new_coded(dict) };
-        Ok(ShardOut { k, tmp, w, pos: 0, raw: 0, hash: Xxh3::new(), index, stamps: Vec::new(), sources: Vec::new(), flushed_at: 0 })
+        Ok(ShardOut {
+            k,
+            tmp,
+            w,
+            pos: 0,
+            raw: 0,
+            hash: Xxh3::new(),
+            index,
+            stamps: Vec::new(),
+            sources: Vec::new(),
+            flushed_at: 0,
+            firsts: HashMap::new(),
+            extra: ShardExtra::default(),
+        })
+    }
+
+    /// Stores `key` as another name of a file already stored in this shard, when it is one
+    /// (same device and inode, more than one name) and is as it was when that name was read
+    /// (the same stamp, and the same CRC32C when `crc` is known): a tar hard link member
+    /// (nothing in an HDF5 shard) and an index entry sharing the first name's data. Returns
+    /// whether it did. The caller adds the planned length: shard boundaries never depend on
+    /// which names are links.
+    #[allow(clippy::too_many_arguments)]
+    fn link(&mut self, tar: bool, key: &[u8], meta: &tar::Meta, stamp: &Stamp, shape: Shape, crc: Option<u32>, hdr: &mut Vec<u8>) -> Result<bool> {
+        if shape.nlink < 2 {
+            return Ok(false);
+        }
+        let Some(f) = self.firsts.get(&(stamp.dev, stamp.ino)) else { return Ok(false) };
+        if f.stamp != *stamp || crc.is_some_and(|c| c != f.crc) {
+            return Ok(false); // changed since its first name was read: stored again
+        }
+        let target = f.pos;
+        if tar {
+            hdr.clear();
+            tar::write_link_header(hdr, &member_name(key, f.codec), &f.name, meta);
+            self.put(hdr)?;
+        }
+        let pos = self.index.len() as u32;
+        self.index.push_shared(key, target as usize);
+        stamp::push_record(&mut self.stamps, stamp);
+        self.sources.push(*stamp);
+        self.extra.links.push((target, pos));
+        Ok(true)
+    }
+
+    /// Notes a member just stored at index position `pos`: a sparse file is counted, a file
+    /// with several names remembered for [`ShardOut::link`].
+    fn stored(&mut self, key: &[u8], pos: usize, codec: u8, stamp: &Stamp, crc: u32, shape: Shape) {
+        if shape.sparse {
+            self.extra.sparse += 1;
+        }
+        if shape.nlink > 1 {
+            let name = member_name(key, codec).into_owned();
+            self.firsts.entry((stamp.dev, stamp.ino)).or_insert(First { pos: pos as u32, name, codec, stamp: *stamp, crc });
+        }
     }
 
     pub fn put(&mut self, b: &[u8]) -> Result<()> {
@@ -102,15 +176,41 @@ pub(super) struct ShardWriter<'a> {
     hdr: Vec<u8>,
     /// Scratch for the second read of a recently changed large file.
     check: Vec<u8>,
+    /// Written as directory members at the end of the last shard (tar).
+    dirs: &'a [EmptyDir],
     parts: &'a mut Vec<Index>,
     records: &'a mut Vec<ShardRecord>,
+    extras: &'a mut Vec<ShardExtra>,
     /// `--remove-source`: removes the sources of each completed shard.
     remover: Option<&'a Remover<'a>>,
 }
 
+/// Where a [`ShardWriter`] puts what it completes: per-shard indexes, manifest records, and
+/// each shard's hard links and sparse count.
+pub(super) struct Completed<'a> {
+    pub parts: &'a mut Vec<Index>,
+    pub records: &'a mut Vec<ShardRecord>,
+    pub extras: &'a mut Vec<ShardExtra>,
+}
+
 impl<'a> ShardWriter<'a> {
-    pub fn new(opts: &'a PackOptions, dict: &'a [u8], by_size: bool, first: usize, parts: &'a mut Vec<Index>, records: &'a mut Vec<ShardRecord>) -> Self {
-        ShardWriter { opts, dict, by_size, cur: None, k: first, first, hdr: Vec::with_capacity(2048), check: Vec::new(), parts, records, remover: None }
+    pub fn new(opts: &'a PackOptions, dict: &'a [u8], by_size: bool, first: usize, dirs: &'a [EmptyDir], done: Completed<'a>) -> Self {
+        let Completed { parts, records, extras } = done;
+        ShardWriter {
+            opts,
+            dict,
+            by_size,
+            cur: None,
+            k: first,
+            first,
+            hdr: Vec::with_capacity(2048),
+            check: Vec::new(),
+            dirs,
+            parts,
+            records,
+            extras,
+            remover: None,
+        }
     }
 
     /// Removes the sources of every shard once it is complete (see [`super::remove`]).
@@ -119,15 +219,23 @@ impl<'a> ShardWriter<'a> {
         self
     }
 
-    /// Appends a member read whole by an I/O thread (its buffer stays with the caller).
+    /// Appends a member read whole by an I/O thread (its buffer stays with the caller), or a
+    /// hard link to an earlier name of its file in the shard.
     pub fn accept_small(&mut self, key: &[u8], m: &Small) -> Result<()> {
-        let s = self.room_for(m.planned)?;
+        let tar = self.opts.format == ShardFormat::Tar;
+        self.room_for(m.planned)?;
+        let (s, hdr) = (self.cur.as_mut().expect("opened by room_for"), &mut self.hdr);
+        s.raw += m.planned;
+        if s.link(tar, key, &m.meta, &m.stamp, m.shape, Some(m.crc), hdr)? {
+            return Ok(());
+        }
         let at = s.pos;
         s.put(&m.member)?;
+        let pos = s.index.len();
         s.index.push_coded(key, 0, at + m.hlen as u64, m.stored, m.meta.size, m.codec, m.crc);
         stamp::push_record(&mut s.stamps, &m.stamp);
         s.sources.push(m.stamp);
-        s.raw += m.planned;
+        s.stored(key, pos, m.codec, &m.stamp, m.crc, m.shape);
         Ok(())
     }
 
@@ -135,11 +243,15 @@ impl<'a> ShardWriter<'a> {
     /// the shard and copied again (see [`stamp`]); if it keeps changing it fails the pack, or
     /// with `--on-error skip` is returned as skipped.
     pub fn accept_large(&mut self, key: &[u8], l: Large) -> Result<Option<Skipped>> {
-        let Large { mut meta, mut file, path } = l;
+        let Large { mut meta, mut file, path, shape } = l;
         let planned = planned_len(self.opts.format, key, &meta);
         let (opts, dict) = (self.opts, self.dict);
         self.room_for(planned)?;
         let (s, hdr, check) = (self.cur.as_mut().expect("opened by room_for"), &mut self.hdr, &mut self.check);
+        if shape.nlink > 1 && s.link(opts.format == ShardFormat::Tar, key, &meta, &Stamp::now(&file, &path)?, shape, None, hdr)? {
+            s.raw += planned;
+            return Ok(None);
+        }
         let (at, hash_before) = (s.pos, s.hash.clone());
         let mut attempt = 0;
         let r = loop {
@@ -155,10 +267,12 @@ impl<'a> ShardWriter<'a> {
         };
         match r {
             Ok((off, stored, codec, crc, st)) => {
+                let pos = s.index.len();
                 s.index.push_coded(key, 0, off, stored, meta.size, codec, crc);
                 stamp::push_record(&mut s.stamps, &st);
                 s.sources.push(st);
                 s.raw += planned;
+                s.stored(key, pos, codec, &st, crc, shape);
                 Ok(None)
             }
             Err(e @ Error::Changed { .. }) if opts.on_error == OnError::Skip => {
@@ -197,10 +311,20 @@ impl<'a> ShardWriter<'a> {
         self.k - self.first
     }
 
-    /// Completes the last shard.
+    /// Completes the last shard; in a tar shard, the empty directories go at its end, after
+    /// every sample (not counted against `--shard-size`).
     pub fn close(mut self) -> Result<()> {
         match self.cur.take() {
-            Some(s) => self.close_shard(s),
+            Some(mut s) => {
+                if self.opts.format == ShardFormat::Tar {
+                    for d in self.dirs {
+                        self.hdr.clear();
+                        tar::write_dir_header(&mut self.hdr, d.key.as_bytes(), &tar::Meta { size: 0, mode: d.mode, mtime: d.mtime, uid: d.uid, gid: d.gid });
+                        s.put(&self.hdr)?;
+                    }
+                }
+                self.close_shard(s)
+            }
             None => Ok(()),
         }
     }
@@ -215,7 +339,7 @@ impl<'a> ShardWriter<'a> {
         }
         s.index.push_shard(info.clone());
         // The record of the source files first: a per-shard index is never without it.
-        stamp::write_records(&opts.output.join(STATE_DIR).join(layout::state_stamps_name(s.k)), &s.stamps)?;
+        stamp::write_records(&opts.output.join(STATE_DIR).join(layout::state_stamps_name(s.k)), &s.stamps, &s.extra)?;
         if self.remover.is_some() {
             remove::write_sources(&opts.output.join(STATE_DIR).join(layout::state_sources_name(s.k)), &s.sources)?;
         }
@@ -229,6 +353,7 @@ impl<'a> ShardWriter<'a> {
         }
         self.records.push(ShardRecord { file: name, size: info.size, samples: ix.len() as u64, xxh3_128: hex128(info.hash) });
         self.parts.push(ix);
+        self.extras.push(std::mem::take(&mut s.extra));
         Ok(())
     }
 }

@@ -163,6 +163,9 @@ pub fn pack<'py>(
         }
     };
     d.set_item("removed", removed)?;
+    d.set_item("empty_dirs", s.empty_dirs)?;
+    d.set_item("hard_links", s.hard_links)?;
+    d.set_item("sparse_files", s.sparse_files)?;
     Ok(d)
 }
 

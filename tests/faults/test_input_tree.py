@@ -162,8 +162,9 @@ def test_a14_name_of_255_bytes_in_a_long_path(work):
         assert tf.getnames() == [key.decode()]
 
 
-def test_a19_hard_links_are_separate_regular_members(work):
-    """A19: three names of one inode -> three regular members (no LNKTYPE), each with the data."""
+def test_a19_hard_links_are_stored_once_as_link_members(work):
+    """A19: three names of one inode in one shard -> one regular member and two LNKTYPE members
+    naming it; all three samples read the data (their index entries share it)."""
     src = os.path.join(work, "src")
     a = h.write(src, b"a.bin", b"shared inode" * 100)
     os.link(a, os.path.join(os.fsencode(src), b"b.bin"))
@@ -175,10 +176,12 @@ def test_a19_hard_links_are_separate_regular_members(work):
     ds = packds.open(out)
     assert list(ds.keys()) == ["a.bin", "b.bin", "sub/c.bin"]
     assert all(ds[i] == b"shared inode" * 100 for i in range(3))
+    assert s["hard_links"] == 2 and h.manifest(out)["hard_links"] == [[0, 1], [0, 2]]
+    assert len({ds.locate(i) for i in range(3)}) == 1
     with tarfile.open(os.path.join(out, "shard-00000.tar")) as tf:
         ms = tf.getmembers()
         assert [m.name for m in ms] == ["a.bin", "b.bin", "sub/c.bin"]
-        assert all(m.isreg() and not m.islnk() for m in ms)
+        assert ms[0].isreg() and all(m.islnk() and m.linkname == "a.bin" and m.size == 0 for m in ms[1:])
         assert all(tf.extractfile(m).read() == b"shared inode" * 100 for m in ms)
 
 
