@@ -146,3 +146,50 @@ def test_concat_of_a_changed_source_is_refused_by_open(work):
         with packds.open(c) as ds:
             ds.verify()
             raise packds.FormatError("verify did not notice")  # pragma: no cover
+
+
+def _readme_block(name: str) -> str:
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    return re.search(rf"<!-- snippet: {name} -->\n```bash\n(.*?)```", readme, re.S).group(1)
+
+
+def _run_lines(block: str, cwd: str, replace: dict[str, str]) -> None:
+    for line in block.strip().splitlines():
+        cmd = line.split("#")[0].strip()
+        for a, b in replace.items():
+            cmd = cmd.replace(a, b)
+        assert cmd.startswith("packds "), cmd
+        import shlex
+
+        r = h.cli(*shlex.split(cmd)[1:], cwd=cwd)
+        assert r.returncode == 0, (cmd, h.show(r))
+
+
+def test_readme_append_and_concat_subset_commands_run_as_written(work):
+    """The README's `--append` and concat/subset commands, run line by line (the cluster paths
+    replaced by the test's)."""
+    raw = os.path.join(work, "raw")
+    _tree_keys = [f"n{i % 3:08}/img{i:04}.jpg" for i in range(60)]
+    for k in _tree_keys:
+        h.write(raw, k, k.encode() * 20)
+    train = os.path.join(work, "train.pds")
+    packds.pack(raw, train, shard_size=8 << 10)
+    for k in ("n00000000/new.jpg", "n00000001/new.jpg"):
+        h.write(raw, k, b"new")
+    h.write(raw, _tree_keys[0], b"changed")
+    _run_lines(_readme_block("append"), work, {"/project/def-me/raw": raw, "/project/def-me/train.pds": train})
+    got = _content(train)
+    assert got["n00000000/new.jpg"] == b"new" and got[_tree_keys[0]] == b"changed" and len(got) == 62
+    # concat and subset, in a directory holding imagenet.pds and extra.pds.
+    cs = os.path.join(work, "cs")
+    os.mkdir(cs)
+    _pack(cs, "imagenet", [f"n02084071/{i:03}.jpg" for i in range(40)] + [f"n01440764/{i:03}.jpg" for i in range(40)])
+    _pack(cs, "extra", [f"x/{i:03}.jpg" for i in range(20)])
+    _run_lines(_readme_block("concat-subset"), cs, {})
+    val, tr = _content(os.path.join(cs, "val.pds")), _content(os.path.join(cs, "train.pds"))
+    allds = _content(os.path.join(cs, "all.pds"))
+    assert len(allds) == 100 and "extra/x/000.jpg" in allds and not set(val) & set(tr) and {**val, **tr} == allds
+    dogs = _content(os.path.join(cs, "dogs.pds"))
+    assert set(dogs) == {k for k in allds if k.startswith("imagenet/n02084071/")} and len(dogs) == 40
