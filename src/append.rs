@@ -94,7 +94,8 @@ pub fn append(opts: &PackOptions, replace: bool, progress: &Progress) -> Result<
     }
     let lens = crate::plan::stat_all(&files, &walked.roots, &o, o.threads, progress)?;
     let cuts = pack::plan_cuts(lens.iter().copied(), o.shard_size);
-    let first_shard = m.shards.len();
+    // Numbered after every shard file there (a compaction's retired shards included).
+    let first_shard = pack::next_shard_number(out)?;
     // Empty directories the dataset does not record yet go at the end of the new shards.
     let new_dirs: Vec<walk::EmptyDir> = walked.empty_dirs.iter().filter(|d| !m.empty_dirs.contains(&d.key)).cloned().collect();
     let sel = Selection {
@@ -114,7 +115,7 @@ pub fn append(opts: &PackOptions, replace: bool, progress: &Progress) -> Result<
     let new = Reader::open(&work)?;
     crate::fault::kill_in_append(1);
     let version = m.version + 1;
-    let merged = commit(out, &old, &new, version, format)?;
+    let merged = commit(out, &old, &new, version, format, first_shard)?;
     let added = files.len() as u64 - replaced;
     let mut history = m.history.clone();
     history.push(serde_json::json!({
@@ -147,16 +148,14 @@ pub fn append(opts: &PackOptions, replace: bool, progress: &Progress) -> Result<
     // Committed. The work directory goes, and indexes older than the previous version (a
     // reader that just read the previous manifest may still be opening its index).
     fs::remove_dir_all(&work).ctx("remove", &work)?;
-    for v in 1..m.version {
-        let _ = fs::remove_file(out.join(layout::index_file_name(v)));
-    }
+    pack::retire(out, &m, &nm);
     Ok(AppendSummary {
         output: out.clone(),
         version,
         added,
         replaced,
         unchanged,
-        new_shards: (nm.shards.len() - first_shard) as u64,
+        new_shards: (nm.shards.len() - m.shards.len()) as u64,
         bytes: packed.bytes,
         samples,
         skipped: packed.skipped,
@@ -295,10 +294,10 @@ fn merged_is_unordered(old: &Reader, new: &Reader, replaced: u64) -> bool {
 
 /// Moves the new shards into the dataset and writes the index of `version`: the old entries
 /// (less the replaced keys) and the new ones. Returns what the manifest records of it.
-fn commit(out: &Path, old: &Reader, new: &Reader, version: u64, format: ShardFormat) -> Result<index::ConcatSummary> {
+fn commit(out: &Path, old: &Reader, new: &Reader, version: u64, format: ShardFormat, first_shard: usize) -> Result<index::ConcatSummary> {
     let first = old.index().shards().len();
     for (k, s) in new.index().shards().iter().enumerate() {
-        let want = shard_name(first + k, format);
+        let want = shard_name(first_shard + k, format);
         if s.name != want {
             return Err(Error::format(new.dir(), format!("appended shard {} should be {want}", s.name)));
         }

@@ -910,6 +910,7 @@ fn write_manifest(
     Ok(m)
 }
 
+mod compact;
 mod dict;
 mod h5;
 mod large;
@@ -921,6 +922,8 @@ mod stamp;
 mod window;
 mod writer;
 
+pub use compact::{compact, CompactSummary};
+pub(crate) use compact::{next_shard_number, retire};
 use dict::train_dict;
 use pipeline::{PipeRange, Pipeline};
 pub use remove::RemoveSummary;

@@ -801,6 +801,17 @@ impl Reader {
         Ok(())
     }
 
+    /// Mode and mtime of sample `i`'s tar member, from the ustar header block right before its
+    /// data (None for an HDF5 shard, or a header that does not parse).
+    pub(crate) fn member_mode_mtime(&self, i: usize) -> Option<(u32, i64)> {
+        let e = self.index.entry(i).ok()?;
+        if !self.index.shards()[e.shard as usize].name.ends_with(".tar") {
+            return None;
+        }
+        let b = e.offset.checked_sub(tar::BLOCK)?;
+        tar::parse_mode_mtime(&self.bytes(e.shard, b, tar::BLOCK).ok()?)
+    }
+
     /// Mode and mtime from the ustar header right before sample `i`'s data; `prev` is the sample
     /// of the same shard whose member comes before (None: the first, or unknown).
     fn header_meta(&self, i: usize, prev: Option<Entry>) -> Option<(u32, i64)> {

@@ -154,3 +154,40 @@ def test_restaging_an_appended_dataset_copies_only_the_new_shards(work):
     third = stage_record(ds, to=node)
     assert third["reused_files"] == len(h.manifest(ds)["shards"]) - 2, third
     assert h.cli("verify", third["path"]).returncode == 0
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+def test_compact_drops_replaced_bytes_keeps_clean_shards_and_readers(work, compress):
+    src = os.path.join(work, "src")
+    _tree(src, [f"a{i:03}" for i in range(90)])
+    ds = os.path.join(work, "d.pds")
+    packds.pack(src, ds, shard_size=8 << 10, compress=compress)
+    for i in (3, 4, 70):
+        h.write(src, f"a{i:03}", b"replaced %d" % i)
+    packds.pack(src, ds, append=True, replace=True, shard_size=8 << 10)
+    want = _content(ds)
+    reader = packds.open(ds)
+    clean_before = {f: d for f, d in _files(ds).items()}
+    r = h.cli("compact", ds, "--shard-size", "8K")
+    assert r.returncode == 0, h.show(r)
+    assert b"2 shard(s) rewritten" in r.stderr, r.stderr
+    assert _content(ds) == want and h.cli("verify", ds, "--deep").returncode == 0
+    m = h.manifest(ds)
+    assert m["version"] == 3 and "compacted" in m["history"][-1]
+    named = {s["file"] for s in m["shards"]}
+    for f in m["history"][-1]["compacted"]:
+        assert f not in named
+    for f, d in clean_before.items():
+        if f in named:
+            assert _files(ds)[f] == d, f"{f}: a clean shard was rewritten"
+    # The reader of the previous version still reads it.
+    assert {reader.key(i): reader[i] for i in range(len(reader))} == want
+    assert reader.verify()["problems"] == []
+    reader.close()
+    # Nothing left to do; the retired shards go with the next version.
+    r = h.cli("compact", ds)
+    assert r.returncode == 0 and b"nothing to do" in r.stderr
+    _tree(src, ["z-new"])
+    packds.pack(src, ds, append=True)
+    assert not (set(m["history"][-1]["compacted"]) & set(os.listdir(ds)))
+    assert _content(ds)["z-new"] and h.cli("verify", ds).returncode == 0

@@ -44,6 +44,7 @@ __all__ = [
     "build",
     "concat",
     "subset",
+    "compact",
     "PackdsError",
     "FormatError",
     "ChecksumError",
@@ -401,6 +402,16 @@ def concat(datasets, output, *, prefixes=None, link: str = "symlink", force: boo
     {output, samples, bytes, shards, shards_left_out, seconds}."""
     srcs = [os.fsdecode(d) for d in ([datasets] if isinstance(datasets, (str, bytes, os.PathLike)) else datasets)]
     return _core.concat(srcs, os.fsdecode(output), prefixes=list(prefixes or []), link=link, force=force)
+
+
+def compact(dataset, *, shard_size: int = 1 << 30) -> dict:
+    """Drops the bytes ``pack(..., append=True, replace=True)`` left unreferenced: the live
+    samples of the shards that hold such bytes are written (stored bytes as they are) into new
+    shards, as the next version; the other shards are kept as they are. The manifest is written
+    last (a crash leaves the previous version); readers keep the version they opened; the retired
+    shards are removed by the next compaction or append. Returns {output, version, rewritten,
+    new_shards, freed_bytes, seconds}."""
+    return _core.compact(os.fsdecode(dataset), shard_size=shard_size)
 
 
 def subset(dataset, output, *, include=(), exclude=(), keys=None, fraction: float | None = None, seed: int = 0, complement: bool = False,

@@ -9,6 +9,7 @@ from typing_extensions import disjoint_base
 _Progress = Callable[[int, int, int, int, int], object]
 
 __all__ = [
+    "compact",
     "concat",
     "subset",
     "merge",
@@ -178,6 +179,7 @@ class Writer:
     @property
     def path(self) -> str: ...
 
+def compact(dataset: str, *, shard_size: int = ...) -> dict[str, Any]: ...
 def concat(sources: list[str], output: str, *, prefixes: list[str] = ..., link: str = "symlink", force: bool = False) -> dict[str, Any]: ...
 def subset(
     source: str,

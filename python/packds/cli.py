@@ -378,6 +378,21 @@ def cmd_subset(a: argparse.Namespace) -> int:
     return _composed(a, s, "selected")
 
 
+def cmd_compact(a: argparse.Namespace) -> int:
+    from . import compact
+
+    s = compact(a.dataset, shard_size=a.shard_size)
+    if a.json:
+        print(json.dumps(s, default=str))
+    if not a.quiet:
+        if s["rewritten"]:
+            print(f"packds: compacted {a.dataset}: {s['rewritten']} shard(s) rewritten into {s['new_shards']}, {human(s['freed_bytes'])} no longer needed "
+                  f"(freed when the next version retires them), version {s['version']}", file=sys.stderr)
+        else:
+            print(f"packds: {a.dataset} has no unreferenced bytes; nothing to do", file=sys.stderr)
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from . import open as pds_open
 
@@ -691,6 +706,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_subset)
+
+    s = sub.add_parser("compact", help="rewrite the shards that hold bytes --append --replace left unreferenced",
+                       description="Write the live samples of the shards of DATASET that hold unreferenced bytes into new shards, "
+                       "as a new version (the manifest is switched last); the other shards are kept as they are.")
+    s.add_argument("dataset")
+    s.add_argument("--shard-size", type=parse_size, default=1 << 30, metavar="SIZE", help="size of the new shards (default 1G)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_compact)
 
     s = sub.add_parser("info", help="describe a dataset")
     s.add_argument("dataset")

@@ -50,3 +50,19 @@ pub fn subset<'py>(
     let s = py.detach(|| core::subset(&source, &sel, &output, link, force)).map_err(to_py)?;
     summary(py, s)
 }
+
+/// Rewrites the live samples of the shards of `dataset` that hold unreferenced bytes (after
+/// `pack(append=True, replace=True)`) into new shards, as a new version; returns a summary dict.
+#[pyfunction]
+#[pyo3(signature = (dataset, *, shard_size=crate::pack::DEFAULT_SHARD_SIZE))]
+pub fn compact<'py>(py: Python<'py>, dataset: PathBuf, shard_size: u64) -> PyResult<Bound<'py, PyDict>> {
+    let s = py.detach(|| crate::pack::compact(&dataset, shard_size)).map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("output", s.output)?;
+    d.set_item("version", s.version)?;
+    d.set_item("rewritten", s.rewritten)?;
+    d.set_item("new_shards", s.new_shards)?;
+    d.set_item("freed_bytes", s.freed_bytes)?;
+    d.set_item("seconds", s.seconds)?;
+    Ok(d)
+}

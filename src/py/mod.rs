@@ -19,7 +19,7 @@ pub use reader::PyReader;
 #[pymodule(name = "_core")]
 mod core_module {
     #[pymodule_export]
-    use super::compose::{concat, subset};
+    use super::compose::{compact, concat, subset};
     #[pymodule_export]
     use super::pack::{merge, pack, plan};
     #[pymodule_export]
