@@ -7,7 +7,8 @@ h5py, in one run; ratios, never a lone absolute time.
 
 Sections:
   warm     samples/s through a DataLoader (batch 64, list collate, shuffled), 0 and 2 workers:
-           packds PackedDataset (map-style, __getitems__ → get_many) and StreamingDataset vs
+           packds PackedDataset (map-style, __getitems__ → get_many; and as_tensor=True:
+           get_batch, samples as uint8 views of one buffer) and StreamingDataset vs
            loose files (ImageFolder-like: a list of (path, class) tuples, open+read per sample)
            vs h5py (one file, a vlen uint8 dataset plus a label array, opened per worker).
            Data on tmpfs, warm; persistent workers; one untimed epoch, then one timed epoch per
@@ -143,6 +144,7 @@ def build_methods(root: str, pds: str, h5: str | None, block_size: int) -> dict:
 
     m = {
         "packds map-style": lambda: pt.PackedDataset(pds, target="parent"),
+        "packds map-style, as_tensor + collate_packed": lambda: pt.PackedDataset(pds, target="parent", as_tensor=True),
         "packds streaming": lambda: pt.StreamingDataset(pds, seed=0, target="parent", block_size=block_size),
         "loose files (ImageFolder-like)": lambda: LooseFiles(root),
     }
@@ -155,7 +157,10 @@ def loader(ds, workers: int, persistent: bool, seed: int = 0):
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
-    kw = dict(batch_size=64, num_workers=workers, collate_fn=collate_list, persistent_workers=persistent and workers > 0)
+    import packds.torch as pt
+
+    collate = pt.collate_packed if getattr(ds, "as_tensor", False) else collate_list
+    kw = dict(batch_size=64, num_workers=workers, collate_fn=collate, persistent_workers=persistent and workers > 0)
     if workers:
         kw["multiprocessing_context"] = "fork"
     if not isinstance(ds, IterableDataset):

@@ -49,6 +49,8 @@ pub const LONG_READ_BYTES: u64 = 64 << 10;
 const PARALLEL_DECODE_BYTES: u64 = 16 * LONG_READ_BYTES;
 /// Most threads one batch is decoded with (scoped: none outlives the call, none survives a fork).
 const MAX_DECODE_THREADS: usize = 8;
+/// A batch of raw samples this large is copied by several threads (`get_batch`).
+const PARALLEL_COPY_BYTES: u64 = 8 << 20;
 /// `read_range` reads the whole byte span of a range in one go only if the gaps between its
 /// samples (tar headers, padding) add at most this much to it, plus as much as the samples.
 const SPAN_SLACK: u64 = 1 << 20;
@@ -243,7 +245,43 @@ impl Reader {
     /// Fills `out[k]` with sample `indices[k]` (each buffer of exactly that sample's original
     /// size, see [`Reader::prepare`]). A batch with much to decode is decoded by up to 8 scoped
     /// threads; the first error found is returned.
+    /// Where each of the samples `indices` goes in one buffer, back to back: `len + 1` offsets,
+    /// sample `k` at `offsets[k]..offsets[k + 1]` (its original size).
+    pub fn batch_offsets(&self, indices: &[usize], verify: bool) -> Result<Vec<u64>> {
+        let mut offsets = Vec::with_capacity(indices.len() + 1);
+        let mut at = 0u64;
+        offsets.push(0);
+        for &i in indices {
+            at = at.checked_add(self.prepare(i, verify)?).ok_or_else(|| Error::usage("the batch is too large", "read fewer samples at once"))?;
+            offsets.push(at);
+        }
+        Ok(offsets)
+    }
+
+    /// The samples `indices` into `dst` at `offsets` (from [`Reader::batch_offsets`]): copied,
+    /// or decoded, by several threads when the batch is large.
+    pub fn get_batch_into(&self, indices: &[usize], offsets: &[u64], dst: &mut [u8], verify: bool) -> Result<()> {
+        let need = offsets.last().copied().unwrap_or(0);
+        if offsets.len() != indices.len() + 1 || (dst.len() as u64) < need {
+            return Err(Error::usage("the batch buffer does not fit the batch", "use the offsets batch_offsets gives"));
+        }
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(indices.len());
+        let mut rest = &mut dst[..need as usize];
+        for w in offsets.windows(2) {
+            let (a, b) = rest.split_at_mut((w[1] - w[0]) as usize);
+            bufs.push(a);
+            rest = b;
+        }
+        self.get_many_into_with(indices, &mut bufs, verify, need >= PARALLEL_COPY_BYTES)
+    }
+
     pub fn get_many_into(&self, indices: &[usize], out: &mut [&mut [u8]], verify: bool) -> Result<()> {
+        self.get_many_into_with(indices, out, verify, false)
+    }
+
+    /// [`Reader::get_many_into`]; `big`: copy with several threads even when nothing is
+    /// compressed (a large batch: the copies are bound by page faults and memory bandwidth).
+    fn get_many_into_with(&self, indices: &[usize], out: &mut [&mut [u8]], verify: bool, big: bool) -> Result<()> {
         if indices.len() != out.len() {
             return Err(Error::usage(format!("{} samples but {} buffers", indices.len(), out.len()), "give one buffer per sample"));
         }
@@ -254,7 +292,8 @@ impl Reader {
                 work = work.saturating_add(e.raw);
             }
         }
-        let threads = if work >= PARALLEL_DECODE_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DECODE_THREADS) } else { 1 };
+        let threads =
+            if big || work >= PARALLEL_DECODE_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DECODE_THREADS) } else { 1 };
         if threads <= 1 || indices.len() < 2 {
             return indices.iter().zip(out.iter_mut()).try_for_each(|(&i, b)| self.read_sample_into(i, b, verify));
         }

@@ -155,6 +155,59 @@ def test_packed_dataset_dataloader_epoch(tree_ds, ctx, workers):
     assert [k for k, _ in got] != keys  # shuffled
 
 
+@pytest.mark.parametrize("ctx,workers", [(None, 0), ("fork", 2), ("spawn", 2)])
+def test_as_tensor_batches_are_views_of_one_buffer_and_match_the_bytes(tree_ds, ctx, workers):
+    path, keys = tree_ds
+    raw = packds.open(path)
+    ds = pt.PackedDataset(path, target="parent", as_tensor=True)
+    x, y = ds[3]
+    assert x.dtype == torch.uint8 and bytes(x.numpy()) == raw[3] and y == true_label(keys[3])
+    batch = ds.__getitems__([5, 0, -1])
+    assert [bytes(t.numpy()) for t, _ in batch] == [raw[5], raw[0], raw[N - 1]]
+    assert len({t.untyped_storage().data_ptr() for t, _ in batch}) == 1  # one buffer for the batch
+    dl = DataLoader(ds, batch_size=16, shuffle=True, num_workers=workers, collate_fn=collate_list,
+                    multiprocessing_context=ctx if workers else None, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for b in dl:
+        for t, label in b:
+            data = bytes(t.numpy())
+            k = data.split(b"\0", 1)[0].decode()
+            seen[k] = (data, label)
+    assert sorted(seen) == sorted(keys)
+    assert all(seen[k][0] == raw[raw.index(k)] and seen[k][1] == true_label(k) for k in keys)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_collate_packed_hands_each_batch_over_as_three_tensors(tree_ds, workers):
+    path, keys = tree_ds
+    raw = packds.open(path)
+    ds = pt.PackedDataset(path, target="parent", as_tensor=True)
+    dl = DataLoader(ds, batch_size=16, shuffle=False, num_workers=workers, collate_fn=pt.collate_packed,
+                    multiprocessing_context="fork" if workers else None)
+    got = []
+    for b in dl:
+        assert isinstance(b, pt.PackedBatch) and b.data.dtype == torch.uint8 and len(b.offsets) == len(b) + 1
+        got += [(bytes(b[k].numpy()), int(b.targets[k])) for k in range(len(b))]
+    assert [d for d, _ in got] == [raw[i] for i in range(N)]
+    assert [y for _, y in got] == [true_label(k) for k in keys]
+    unlabelled = pt.collate_packed([torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([], dtype=torch.uint8)])
+    assert unlabelled.targets is None and [list(x) for x in unlabelled] == [[1, 2], []]
+
+
+def test_get_batch_reuses_out_and_gives_offsets(tree_ds):
+    path, keys = tree_ds
+    ds = packds.open(path)
+    buf = bytearray()
+    for idx in ([0, 1, 2], [N - 1, 0, keys[7]], []):
+        got, offs = ds.get_batch(idx, out=buf)
+        assert got is buf and len(offs) == len(idx) + 1 and offs[0] == 0
+        assert [bytes(got[offs[k] : offs[k + 1]]) for k in range(len(idx))] == [ds[i] for i in idx]
+    with pytest.raises(IndexError):
+        ds.get_batch([N])
+    with pytest.raises(KeyError):
+        ds.get_batch(["no/such/key"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming
 

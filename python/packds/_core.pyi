@@ -68,6 +68,7 @@ class Reader:
     def get_many(self, indices: Sequence[SupportsIndex | str | bytes]) -> list[bytes]:
         """Bytes of many samples in one call; GIL released while the bytes are copied and
         decoded (several threads for a large compressed batch)."""
+    def get_batch(self, indices: Sequence[SupportsIndex | str | bytes], out: bytearray | None = None) -> tuple[bytearray, list[int]]: ...
     def read_range(self, start: SupportsIndex, stop: SupportsIndex, out: bytearray | None = None) -> tuple[bytearray, list[int]]:
         """Samples ``[start, stop)`` back to back in one buffer: ``(buffer, offsets)``, sample
         ``start + k`` being ``buffer[offsets[k]:offsets[k + 1]]``. Samples stored raw in one

@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised only without torch
         return None
 
 
-__all__ = ["PackedDataset", "StreamingDataset", "StreamingLoader", "dist_info"]
+__all__ = ["PackedDataset", "PackedBatch", "collate_packed", "StreamingDataset", "StreamingLoader", "dist_info"]
 
 Target = Union[None, str, Callable[[str], Any], Any]
 
@@ -128,16 +128,26 @@ class PackedDataset(_MapBase):
 
     Pickles as its path and options (spawn workers re-open it); forked workers share the parent's
     mappings. With torch >= 2.1 a DataLoader with automatic batching calls ``__getitems__``,
-    which reads the whole batch with a single ``get_many`` (GIL released).
+    which reads the whole batch with a single call (GIL released).
+
+    ``as_tensor=True``: a sample is a 1-D ``torch.uint8`` tensor instead of ``bytes`` (what
+    ``transform`` gets, if given). A batch is then read with ``get_batch`` into one buffer and
+    its samples are views of it: no ``bytes`` object per sample. With
+    ``collate_fn=packds.torch.collate_packed`` a worker hands each batch to the main process as
+    three tensors (data, offsets, labels: a :class:`PackedBatch`) through shared memory instead
+    of pickling one object per sample.
     """
 
-    def __init__(self, path, transform: Optional[Callable[[bytes], Any]] = None, target: Target = None, *,
-                 populate: bool = False, verify: bool = False) -> None:
+    def __init__(self, path, transform: Optional[Callable[[Any], Any]] = None, target: Target = None, *,
+                 populate: bool = False, verify: bool = False, as_tensor: bool = False) -> None:
         self.path = os.fspath(path.path if isinstance(path, packds.Dataset) else path)
         self.transform = transform
         self.target = target
         self.populate = populate
         self.verify = verify
+        self.as_tensor = as_tensor
+        if as_tensor and _torch is None:
+            raise ImportError("as_tensor=True needs torch (pip install torch)")
         self._pid = os.getpid()
         self._ds: Optional[packds.Dataset] = path if isinstance(path, packds.Dataset) else None
         self._labels = _Labels(self.dataset, target)
@@ -176,14 +186,22 @@ class PackedDataset(_MapBase):
             i = int(i)  # numpy / torch integer scalars
         if i < 0:
             i += len(ds)
+        if self.as_tensor:
+            buf, _ = ds.get_batch([i])
+            return self._make(i, _torch.frombuffer(buf, dtype=_torch.uint8) if buf else _torch.empty(0, dtype=_torch.uint8))
         return self._make(i, ds[i])
 
     def __getitems__(self, indices) -> list:
-        """A whole batch in one ``get_many`` call (used by torch >= 2.1 DataLoaders)."""
+        """A whole batch in one call (used by torch >= 2.1 DataLoaders): ``get_many`` for bytes,
+        ``get_batch`` (one buffer, samples as views of it) for tensors."""
         ds = self.dataset
         n = len(ds)
         idx = [int(i) + n if int(i) < 0 else int(i) for i in indices]
-        return [self._make(i, d) for i, d in zip(idx, ds.get_many(idx))]
+        if not self.as_tensor:
+            return [self._make(i, d) for i, d in zip(idx, ds.get_many(idx))]
+        buf, offsets = ds.get_batch(idx)
+        whole = _torch.frombuffer(buf, dtype=_torch.uint8) if buf else _torch.empty(0, dtype=_torch.uint8)
+        return [self._make(i, whole[offsets[k] : offsets[k + 1]]) for k, i in enumerate(idx)]
 
     def __getstate__(self) -> dict:
         st = dict(self.__dict__)
@@ -196,6 +214,52 @@ class PackedDataset(_MapBase):
     def __repr__(self) -> str:
         extra = f", {len(self.classes)} classes" if self.classes else ""
         return f"<packds.torch.PackedDataset {self.path!r}: {len(self)} samples{extra}>"
+
+
+class PackedBatch(tuple):
+    """A batch as :func:`collate_packed` makes it: ``data`` (every sample's bytes back to back,
+    one uint8 tensor), ``offsets`` (int64, ``len + 1``: sample ``k`` is
+    ``data[offsets[k]:offsets[k + 1]]``) and ``targets`` (an int64 tensor of the labels, or
+    None). Three tensors cross from a DataLoader worker to the main process (through shared
+    memory), whatever the batch size. ``batch[k]`` is sample ``k``'s view; ``len(batch)`` the
+    number of samples."""
+
+    __slots__ = ()
+
+    def __new__(cls, data, offsets, targets=None):
+        return super().__new__(cls, (data, offsets, targets))
+
+    data = property(lambda self: tuple.__getitem__(self, 0))
+    offsets = property(lambda self: tuple.__getitem__(self, 1))
+    targets = property(lambda self: tuple.__getitem__(self, 2))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, k):
+        o = self.offsets
+        return self.data[int(o[k]) : int(o[k + 1])]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def __reduce__(self):
+        return (PackedBatch, (self.data, self.offsets, self.targets))
+
+
+def collate_packed(batch: list) -> PackedBatch:
+    """``collate_fn`` for ``PackedDataset(..., as_tensor=True)`` (no transform): joins the
+    batch's samples (uint8 tensors, optionally ``(tensor, label)`` pairs) into one
+    :class:`PackedBatch`. It runs in the DataLoader worker, so the main process receives three
+    tensors per batch instead of one object per sample."""
+    if _torch is None:
+        raise ImportError("collate_packed needs torch (pip install torch)")
+    labelled = bool(batch) and isinstance(batch[0], tuple)
+    xs = [b[0] for b in batch] if labelled else list(batch)
+    sizes = _torch.tensor([0] + [x.numel() for x in xs], dtype=_torch.int64)
+    data = _torch.cat(xs) if xs else _torch.empty(0, dtype=_torch.uint8)
+    targets = _torch.tensor([b[1] for b in batch], dtype=_torch.int64) if labelled else None
+    return PackedBatch(data, _torch.cumsum(sizes, 0), targets)
 
 
 # ---------------------------------------------------------------------------------------------

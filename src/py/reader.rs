@@ -285,6 +285,46 @@ impl PyReader {
         Ok((buf, offsets))
     }
 
+    /// The samples `indices` (positions or keys) back to back in one buffer: returns `(buffer,
+    /// offsets)`, sample `k` being `buffer[offsets[k]:offsets[k + 1]]` (`len(indices) + 1`
+    /// offsets). One allocation for the batch instead of one `bytes` per sample; `out`: a
+    /// bytearray to fill and return (grown when too small, never shrunk: reuse it across calls).
+    /// Copies (and decoding) run with the GIL released, by several threads for a large batch;
+    /// numpy or torch can wrap the buffer without another copy.
+    #[pyo3(signature = (indices, out=None))]
+    fn get_batch<'py>(
+        &self,
+        py: Python<'py>,
+        indices: Vec<Bound<'py, PyAny>>,
+        out: Option<Bound<'py, PyByteArray>>,
+    ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u64>)> {
+        let idx = indices.iter().map(|i| self.at(i)).collect::<PyResult<Vec<usize>>>()?;
+        let (check, r) = (self.check, &*self.r()?);
+        let offsets = r.batch_offsets(&idx, check).map_err(to_py)?;
+        let need = usize::try_from(offsets.last().copied().unwrap_or(0)).map_err(|_| PyValueError::new_err("batch too large for this platform"))?;
+        let buf = match out {
+            Some(o) => {
+                if o.len() < need {
+                    o.resize(need)?;
+                }
+                o
+            }
+            None => PyByteArray::new_with(py, need, |_| Ok(()))?,
+        };
+        // Pinned by a memoryview while the GIL is released (see read_range).
+        let pin = PyMemoryView::from(buf.as_any())?;
+        let (ptr, len) = (buf.data() as usize, buf.len());
+        py.detach(|| {
+            // SAFETY: `ptr` is the bytearray's buffer of `len` bytes, pinned by `pin` and kept
+            // alive by `buf`; nothing of packds touches it meanwhile.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            r.get_batch_into(&idx, &offsets, dst, check)
+        })
+        .map_err(to_py)?;
+        pin.call_method0("release")?;
+        Ok((buf, offsets))
+    }
+
     /// The dataset cut into blocks for sequential reading: `(start, stop)` sample ranges in
     /// order, covering every sample once, each inside one shard and spanning about
     /// `target_bytes` stored bytes. GIL released.
