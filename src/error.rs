@@ -34,6 +34,10 @@ pub enum Error {
     #[error("{} changed while it was read ({what})", path.display())]
     Changed { path: PathBuf, what: String },
 
+    /// A sample key given twice to one writer (Python: `DuplicateKeyError`, a `KeyError` too).
+    #[error("duplicate sample key {key:?}")]
+    DuplicateKey { key: String },
+
     /// An archive member would be written outside the destination.
     #[error("refusing to write {member:?}: {why}")]
     Escape { member: String, why: &'static str },
@@ -103,6 +107,7 @@ impl Error {
                 Some("fix the permissions, or pass --on-error skip to leave such files out".into())
             }
             Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Some("check the path".into()),
+            Error::DuplicateKey { .. } => Some("every key is written once: give each sample its own key".into()),
             Error::Escape { .. } => Some("nothing was written for that member; the dataset may be hostile: inspect it with `packds ls`".into()),
             _ => None,
         }

@@ -132,10 +132,11 @@ def test_fields_paths_and_buffers(work):
 
 def test_bad_keys_and_data_are_clear_errors_and_leave_nothing(work):
     out = os.path.join(work, "w.pds")
-    with pytest.raises(UsageError, match='duplicate sample key "k"'):
+    with pytest.raises(packds.DuplicateKeyError, match='duplicate sample key "k"') as e:
         with packds.Writer(out) as w:
             w.add("k", b"1")
             w.add("k", b"2")
+    assert isinstance(e.value, KeyError) and isinstance(e.value, UsageError) and e.value.key == "k" and e.value.hint
     assert not os.path.exists(out)
     for key in ("/abs", "../up", "a/../b", ""):
         with pytest.raises(UsageError, match="not a relative path"):

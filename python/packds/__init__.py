@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple
 from . import _core
 from .errors import (
     ChecksumError,
+    DuplicateKeyError,
     FormatError,
     NoSpaceError,
     PackdsError,
@@ -52,6 +53,7 @@ __all__ = [
     "UsageError",
     "SourceChangedError",
     "UnsafePathError",
+    "DuplicateKeyError",
     "__version__",
 ]
 

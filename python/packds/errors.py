@@ -15,6 +15,7 @@ __all__ = [
     "UsageError",
     "SourceChangedError",
     "UnsafePathError",
+    "DuplicateKeyError",
 ]
 
 
@@ -49,3 +50,13 @@ class SourceChangedError(PackdsError):
 
 class UnsafePathError(FormatError):
     """An archive member would be written outside the destination (absolute, ``..``, symlink)."""
+
+
+class DuplicateKeyError(UsageError, KeyError):
+    """A sample key given twice to one :class:`packds.Writer` (``.key``); nothing was written
+    for the second one."""
+
+    key: str | None = None
+
+    def __str__(self) -> str:  # a KeyError would quote the whole message
+        return Exception.__str__(self)

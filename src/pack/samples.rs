@@ -203,7 +203,7 @@ impl SampleWriter {
             Error::usage(format!("sample key {:?} is not a relative path", key_str()), "keys are relative paths like dir/name.ext, without `..` or a leading /")
         })?;
         if self.seen.contains(key) {
-            return Err(Error::usage(format!("duplicate sample key {:?}", key_str()), "every key is written once: give each sample its own key"));
+            return Err(Error::DuplicateKey { key: key_str() });
         }
         if self.last.as_deref().is_some_and(|l| l >= key) {
             self.ordered = false;

@@ -12,6 +12,7 @@ pyo3::import_exception!(packds.errors, NoSpaceError);
 pyo3::import_exception!(packds.errors, UsageError);
 pyo3::import_exception!(packds.errors, SourceChangedError);
 pyo3::import_exception!(packds.errors, UnsafePathError);
+pyo3::import_exception!(packds.errors, DuplicateKeyError);
 
 /// Text of an io::Error without std's " (os error N)" suffix.
 fn strerror(e: &std::io::Error) -> String {
@@ -36,11 +37,15 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Usage { .. } => UsageError::new_err(msg.clone()),
         Error::Changed { .. } => SourceChangedError::new_err(msg.clone()),
         Error::Escape { .. } => UnsafePathError::new_err(msg.clone()),
+        Error::DuplicateKey { .. } => DuplicateKeyError::new_err(msg.clone()),
         Error::Cancelled => PyKeyboardInterrupt::new_err("interrupted"),
     };
     Python::attach(|py| {
         let v = err.value(py);
         let _ = v.setattr("hint", hint);
+        if let Error::DuplicateKey { key } = &e {
+            let _ = v.setattr("key", key.as_str());
+        }
         if let Error::Checksum { key, shard } = &e {
             let _ = v.setattr("key", key.as_str());
             let _ = v.setattr("shard", shard.clone().into_os_string());

@@ -82,6 +82,38 @@ pub(crate) fn position_arg(i: &Bound<'_, PyAny>, len: usize) -> PyResult<usize> 
     }
 }
 
+/// `out` (grown to the `offsets`' last, never shrunk) or a new bytearray of that size, filled by
+/// `fill` with the GIL released: a memoryview exports the bytearray's buffer meanwhile, so it
+/// cannot be resized and its storage stays where it is.
+fn fill_bytearray<'py>(
+    py: Python<'py>,
+    out: Option<Bound<'py, PyByteArray>>,
+    offsets: &[u64],
+    fill: impl FnOnce(&mut [u8]) -> crate::Result<()> + Send,
+) -> PyResult<Bound<'py, PyByteArray>> {
+    let need = usize::try_from(offsets.last().copied().unwrap_or(0)).map_err(|_| PyValueError::new_err("too large for this platform"))?;
+    let buf = match out {
+        Some(o) => {
+            if o.len() < need {
+                o.resize(need)?;
+            }
+            o
+        }
+        None => PyByteArray::new_with(py, need, |_| Ok(()))?,
+    };
+    let pin = PyMemoryView::from(buf.as_any())?;
+    let (ptr, len) = (buf.data() as usize, buf.len());
+    py.detach(|| {
+        // SAFETY: `ptr` is the bytearray's buffer of `len` bytes, pinned by `pin` (above) and
+        // kept alive by `buf`; nothing of packds touches it meanwhile.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+        fill(dst)
+    })
+    .map_err(to_py)?;
+    pin.call_method0("release")?;
+    Ok(buf)
+}
+
 /// `str(i)`, or a stand-in where Python refuses (an int of more than 4300 digits).
 fn shown(i: &Bound<'_, PyAny>) -> String {
     i.str().map_or_else(|_| "(an integer too large to print)".into(), |s| s.to_string())
@@ -260,28 +292,7 @@ impl PyReader {
         }
         let (a, b, check, r) = (a as usize, b as usize, self.check, &*self.r()?);
         let offsets = py.detach(|| r.range_offsets(a, b, check)).map_err(to_py)?;
-        let need = offsets.last().copied().unwrap_or(0) as usize;
-        let buf = match out {
-            Some(o) => {
-                if o.len() < need {
-                    o.resize(need)?;
-                }
-                o
-            }
-            None => PyByteArray::new_with(py, need, |_| Ok(()))?,
-        };
-        // A memoryview exports the bytearray's buffer: while it lives the bytearray cannot be
-        // resized, so its storage stays where it is while the GIL is released.
-        let pin = PyMemoryView::from(buf.as_any())?;
-        let (ptr, len) = (buf.data() as usize, buf.len());
-        py.detach(|| {
-            // SAFETY: `ptr` is the bytearray's buffer of `len` bytes, pinned by `pin` (above)
-            // and kept alive by `buf`; nothing of packds touches it meanwhile.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            r.read_range_into(a, b, dst, check)
-        })
-        .map_err(to_py)?;
-        pin.call_method0("release")?;
+        let buf = fill_bytearray(py, out, &offsets, |dst| r.read_range_into(a, b, dst, check))?;
         Ok((buf, offsets))
     }
 
@@ -301,27 +312,7 @@ impl PyReader {
         let idx = indices.iter().map(|i| self.at(i)).collect::<PyResult<Vec<usize>>>()?;
         let (check, r) = (self.check, &*self.r()?);
         let offsets = r.batch_offsets(&idx, check).map_err(to_py)?;
-        let need = usize::try_from(offsets.last().copied().unwrap_or(0)).map_err(|_| PyValueError::new_err("batch too large for this platform"))?;
-        let buf = match out {
-            Some(o) => {
-                if o.len() < need {
-                    o.resize(need)?;
-                }
-                o
-            }
-            None => PyByteArray::new_with(py, need, |_| Ok(()))?,
-        };
-        // Pinned by a memoryview while the GIL is released (see read_range).
-        let pin = PyMemoryView::from(buf.as_any())?;
-        let (ptr, len) = (buf.data() as usize, buf.len());
-        py.detach(|| {
-            // SAFETY: `ptr` is the bytearray's buffer of `len` bytes, pinned by `pin` and kept
-            // alive by `buf`; nothing of packds touches it meanwhile.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            r.get_batch_into(&idx, &offsets, dst, check)
-        })
-        .map_err(to_py)?;
-        pin.call_method0("release")?;
+        let buf = fill_bytearray(py, out, &offsets, |dst| r.get_batch_into(&idx, &offsets, dst, check))?;
         Ok((buf, offsets))
     }
 
