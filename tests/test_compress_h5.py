@@ -10,6 +10,7 @@ import resource
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 import zstandard
@@ -383,3 +384,22 @@ def test_index_claiming_a_large_but_possible_size_allocates_nothing(packed, work
     with pytest.raises(ChecksumError):  # with verify=True a frame that does not decode is a checksum error
         packds.open(ds_dir, verify=True)[i]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 30_000  # KiB
+
+
+def test_hdf5_shards_write_the_data_once(work):
+    """The samples are written straight where h5py puts the data array: the bytes written by
+    the whole pack (write(2) calls: /proc/self/io wchar) are about the data once, not twice."""
+    src = os.path.join(work, "big")
+    for i in range(16):
+        h.write(src, f"f{i:02}.bin", os.urandom(1 << 20))
+    out = os.path.join(work, "o.pds")
+    code = (f"import packds\n"
+            f"before = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines())\n"
+            f"packds.pack({src!r}, {out!r}, format='h5', shard_size=8 << 20)\n"
+            f"after = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines())\n"
+            f"print(int(after['wchar']) - int(before['wchar']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    written = int(r.stdout.strip())
+    assert (16 << 20) <= written < 1.3 * (16 << 20), written
+    ds = packds.open(out)
+    assert ds["f03.bin"] == open(os.path.join(src, "f03.bin"), "rb").read() and ds.verify()["problems"] == []

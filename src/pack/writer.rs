@@ -33,6 +33,9 @@ pub(super) struct ShardOut {
     pub k: usize,
     pub tmp: PathBuf,
     pub w: File,
+    /// Where the data starts in the file (HDF5: the data array's offset; tar: 0); `pos` counts
+    /// from there.
+    pub base: u64,
     pub pos: u64,
     /// Sum of the planned (uncompressed) lengths of the members so far.
     pub raw: u64,
@@ -65,12 +68,20 @@ struct First {
 impl ShardOut {
     fn create(opts: &PackOptions, k: usize, dict: &[u8]) -> Result<ShardOut> {
         let tmp = opts.output.join(layout::tmp_file_name(&shard_name(k, opts.format)));
-        let w = File::create(&tmp).ctx("create", &tmp)?;
+        // Read too: an HDF5 shard is hashed from this file when it is finished.
+        let mut w = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).ctx("create", &tmp)?;
         let index = if opts.compress.is_none() { IndexBuilder::new() } else { IndexBuilder::new_coded(dict) };
+        // HDF5: the samples go where h5py puts the data array (see h5::DATA_OFFSET); the head
+        // is filled in when the shard is finished.
+        let base = if opts.format == ShardFormat::H5 { super::h5::DATA_OFFSET } else { 0 };
+        if base > 0 {
+            w.seek(SeekFrom::Start(base)).ctx("seek", &tmp)?;
+        }
         Ok(ShardOut {
             k,
             tmp,
             w,
+            base,
             pos: 0,
             raw: 0,
             hash: Xxh3::new(),
@@ -140,8 +151,8 @@ impl ShardOut {
 
     /// Rolls the shard back to `pos` (where a member that failed began), with the hash then.
     fn rewind(&mut self, pos: u64, hash: Xxh3) -> Result<()> {
-        self.w.set_len(pos).ctx("truncate", &self.tmp)?;
-        self.w.seek(SeekFrom::Start(pos)).ctx("seek", &self.tmp)?;
+        self.w.set_len(self.base + pos).ctx("truncate", &self.tmp)?;
+        self.w.seek(SeekFrom::Start(self.base + pos)).ctx("seek", &self.tmp)?;
         self.pos = pos;
         self.hash = hash;
         Ok(())
