@@ -27,12 +27,17 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
 
+/// Small members are gathered up to this many bytes before one write.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// The shard being written: `.shard-NNNNN.tar.tmp` (for HDF5: the stored samples back to back,
 /// turned into the HDF5 file when it is complete), hashed as it is written.
 pub(super) struct ShardOut {
     pub k: usize,
     pub tmp: PathBuf,
     pub w: File,
+    /// Bytes `put` but not yet written to `w` (see [`ShardOut::flush`]).
+    pending: Vec<u8>,
     /// Where the data starts in the file (HDF5: the data array's offset; tar: 0); `pos` counts
     /// from there.
     pub base: u64,
@@ -81,6 +86,7 @@ impl ShardOut {
             k,
             tmp,
             w,
+            pending: Vec::with_capacity(WRITE_BUFFER),
             base,
             pos: 0,
             raw: 0,
@@ -135,11 +141,21 @@ impl ShardOut {
         }
     }
 
+    /// Appends `b` to the shard (through a buffer of [`WRITE_BUFFER`] bytes: one system call for
+    /// many small members), hashing it.
     pub fn put(&mut self, b: &[u8]) -> Result<()> {
-        self.w.write_all(b).ctx("write", &self.tmp)?;
         self.hash.update(b);
         self.pos += b.len() as u64;
+        if self.pending.len() + b.len() > WRITE_BUFFER {
+            self.flush()?;
+        }
+        if b.len() >= WRITE_BUFFER {
+            self.w.write_all(b).ctx("write", &self.tmp)?;
+        } else {
+            self.pending.extend_from_slice(b);
+        }
         if self.pos - self.flushed_at >= WRITEBACK_EVERY {
+            self.flush()?;
             // Start writeback of what is written so far (asynchronously), so the fsync at the
             // end of the shard has little left to wait for and the disk works while we read.
             // SAFETY: a hint on a descriptor we own; no memory is involved.
@@ -149,8 +165,18 @@ impl ShardOut {
         Ok(())
     }
 
+    /// Hands the buffered bytes to the kernel.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            self.w.write_all(&self.pending).ctx("write", &self.tmp)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
     /// Rolls the shard back to `pos` (where a member that failed began), with the hash then.
     fn rewind(&mut self, pos: u64, hash: Xxh3) -> Result<()> {
+        self.flush()?;
         self.w.set_len(self.base + pos).ctx("truncate", &self.tmp)?;
         self.w.seek(SeekFrom::Start(self.base + pos)).ctx("seek", &self.tmp)?;
         self.pos = pos;
@@ -163,11 +189,15 @@ impl ShardOut {
         match opts.format {
             ShardFormat::Tar => {
                 self.put(&tar::END)?;
+                self.flush()?;
                 self.w.sync_all().ctx("fsync", &self.tmp)?;
                 fs::rename(&self.tmp, dst).ctx("rename", dst)?;
                 Ok(ShardInfo { name: shard_name(self.k, opts.format), size: self.pos, hash: self.hash.digest128() })
             }
-            ShardFormat::H5 => finish_h5(opts, self, dst, dict),
+            ShardFormat::H5 => {
+                self.flush()?;
+                finish_h5(opts, self, dst, dict)
+            }
         }
     }
 }
