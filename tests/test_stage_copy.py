@@ -32,7 +32,7 @@ def base(fast_base):
 
 @pytest.fixture(scope="module")
 def one_shard(base):
-    """A ~40 MB dataset in ONE shard: five 8 MiB chunks and a bit, so that --jobs N copies
+    """A ~40 MB dataset in ONE shard: many chunks, so that --jobs N copies
     ranges of the same file at once."""
     tree = os.path.join(base, "tree")
     os.makedirs(tree)
