@@ -111,6 +111,8 @@ def main() -> int:
     print(f"  {'method':<22} {'seconds':>8} {'MB/s':>8}  stage throughput / this")
     for k in names:
         print(f"  {k:<22} {med[k]:8.2f} {nbytes / med[k] / 1e6:8.0f}  {med[k] / st:6.2f}x")
+    for a_, b_ in (("stage (job tmp)", "cp -r"), ("stage memory (job tmp)", "cp -r"), ("packds stage", "cp -r + sync")):
+        print(f"  {a_} vs {b_}: {med[b_] / med[a_]:.2f}x the throughput")
     print("  (packds stage verifies every file's XXH3-128; it fsyncs every file before the rename,")
     print("   except into the job's $SLURM_TMPDIR, which does not outlive the node: 'stage (job tmp)';")
     print("   'stage memory' also pulls the copy into the page cache: --policy memory, what auto picks")

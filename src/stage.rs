@@ -2,10 +2,11 @@
 //! file in the same pass as the copy, and make it appear atomically.
 //!
 //! A dataset is copied into a temporary directory next to its final place (the caller names
-//! it, e.g. `DEST/.NAME.staging-PID`): the index and the shards in 8 MiB chunks at their
+//! it, e.g. `DEST/.NAME.staging-PID`): the index and the shards in 512 KiB chunks at their
 //! offsets by `jobs` threads (one reads while another writes; a large shard's ranges in
-//! parallel), each file's hash fed in order; then, for a durable copy, one fsync pass over the
-//! files; then `manifest.json` last, then the directory is fsynced and renamed into place. A copy that was interrupted is therefore never a directory
+//! parallel), each file's hash fed in order; for a durable copy, writeback started as ranges
+//! complete and one fsync pass over the files at the end; then `manifest.json` last, then
+//! the directory is fsynced and renamed into place. A copy that was interrupted is therefore never a directory
 //! that `Reader::open` accepts (no manifest) and never at the final path. Policy, locking and
 //! the up-to-date check live in `python/packds/stage.py`; what a copy holds, in [`crate::layout`].
 
@@ -31,6 +32,9 @@ pub const BUF: usize = 512 << 10;
 /// advised once per range of this size; also how often (in bytes copied) the staging fault
 /// switches are consulted.
 const AHEAD: u64 = 8 << 20;
+
+/// A durable copy starts the writeback of each range this large once all of it is written.
+const WRITEBACK: u64 = 64 << 20;
 
 /// Counters the caller may read while a stage runs (progress), and a cancel switch.
 #[derive(Default)]
@@ -117,7 +121,7 @@ pub fn stage_file(src: &Path, dest: &Path, tmp: &Path, durable: bool, progress: 
     progress.bytes_total.store(md.len(), Relaxed);
     progress.files_total.store(1, Relaxed);
     remove_own_leftover(tmp)?;
-    let r = copy_one(src, tmp, None, md.len(), progress).and_then(|()| {
+    let r = copy_one(src, tmp, None, md.len(), durable, progress).and_then(|()| {
         let f = File::open(tmp).ctx("open", tmp)?;
         if durable {
             f.sync_all().ctx("fsync", tmp)?;
@@ -324,7 +328,7 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
     }
     let copies: Vec<CopyJob> =
         todo.iter().map(|j| CopyJob { src: src.join(&j.name), dst: tmp.join(&j.name), size: j.size, expect: Some((*j).clone()) }).collect();
-    copy_files(&copies, jobs, progress)?;
+    copy_files(&copies, jobs, durable, progress)?;
     if durable {
         sync_files(&copies.iter().map(|c| c.dst.as_path()).collect::<Vec<_>>(), jobs)?;
     }
@@ -359,6 +363,8 @@ struct Copying<'a> {
     job: &'a CopyJob,
     inp: File,
     out: File,
+    /// Start writeback as ranges complete (a durable copy).
+    writeback: bool,
     size: u64,
     chunks: u64,
     /// (next chunk to hash, hasher, a chunk of this file failed)
@@ -378,7 +384,7 @@ struct Cursor<'a> {
 /// them in order: a worker that copied chunk k hashes it once chunk k-1 is hashed (the bytes
 /// are still in its buffer, nothing is read twice). After a file's last chunk its size (one
 /// byte past it must not exist) and digest are checked. Nothing is fsynced here.
-fn copy_files(jobs: &[CopyJob], workers: usize, progress: &StageProgress) -> Result<()> {
+fn copy_files(jobs: &[CopyJob], workers: usize, durable: bool, progress: &StageProgress) -> Result<()> {
     let chunks: u64 = jobs.iter().map(|j| j.size.div_ceil(BUF as u64).max(1)).sum();
     let cursor = Mutex::new(Cursor { next_file: 0, cur: None });
     let stop = AtomicBool::new(false);
@@ -410,7 +416,7 @@ fn copy_files(jobs: &[CopyJob], workers: usize, progress: &StageProgress) -> Res
                     c.cur = None;
                     let Some(job) = jobs.get(c.next_file) else { break None };
                     c.next_file += 1;
-                    match open_copy(job) {
+                    match open_copy(job, durable) {
                         Ok(f) if f.chunks == 0 => {
                             if let Err(e) = finish_copy(&f, progress) {
                                 fail(e);
@@ -442,7 +448,7 @@ fn copy_files(jobs: &[CopyJob], workers: usize, progress: &StageProgress) -> Res
     }
 }
 
-fn open_copy(job: &CopyJob) -> Result<Copying<'_>> {
+fn open_copy(job: &CopyJob, writeback: bool) -> Result<Copying<'_>> {
     let src = &job.src;
     // A regular file only (a FIFO would block, a device never end), opened without blocking.
     let (inp, len) = layout::open_data_file(src, |e| {
@@ -462,7 +468,7 @@ fn open_copy(job: &CopyJob) -> Result<Copying<'_>> {
     // SAFETY: advisory call on a descriptor we own.
     unsafe { libc::posix_fadvise(inp.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&job.dst).ctx("create", &job.dst)?;
-    Ok(Copying { job, inp, out, size, chunks: size.div_ceil(BUF as u64), hash: Mutex::new((0, Xxh3::new(), false)), turn: Condvar::new() })
+    Ok(Copying { job, inp, out, writeback, size, chunks: size.div_ceil(BUF as u64), hash: Mutex::new((0, Xxh3::new(), false)), turn: Condvar::new() })
 }
 
 /// Copies chunk `k` of `f` (read, write at its offset, hash in turn); after the last chunk
@@ -495,6 +501,15 @@ fn copy_chunk(f: &Copying, k: u64, buf: &mut [u8], progress: &StageProgress, sto
         g.1.update(&buf[..len]);
         g.0 = k + 1;
         f.turn.notify_all();
+    }
+    // Chunks 0..=k are written: for a durable copy, start the writeback of each WRITEBACK-sized
+    // range once complete (asynchronous), so the disk writes while the copy goes on and the
+    // fsync pass at the end finds little left to do.
+    let end = off + len as u64;
+    if f.writeback && (end % WRITEBACK == 0 || k + 1 == f.chunks) {
+        let from = (end - 1) / WRITEBACK * WRITEBACK;
+        // SAFETY: plain syscall on a descriptor we own.
+        unsafe { libc::sync_file_range(f.out.as_raw_fd(), from as libc::off64_t, (end - from) as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
     }
     let done = progress.bytes_done.fetch_add(len as u64, Relaxed) + len as u64;
     if done / AHEAD != (done - len as u64) / AHEAD || k + 1 == f.chunks {
@@ -530,9 +545,9 @@ fn shrank(f: &Copying, n: u64) -> Error {
 }
 
 /// Copies one file (two workers: one reads while the other writes); see [`copy_files`].
-fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, size: u64, progress: &StageProgress) -> Result<()> {
+fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, size: u64, durable: bool, progress: &StageProgress) -> Result<()> {
     let job = CopyJob { src: src.to_path_buf(), dst: dst.to_path_buf(), size, expect: expect.cloned() };
-    copy_files(std::slice::from_ref(&job), 2, progress)
+    copy_files(std::slice::from_ref(&job), 2, durable, progress)
 }
 
 /// Reads into `buf` at `off` until it is full or the file ends; the bytes read.
@@ -667,7 +682,7 @@ mod tests {
         assert_eq!(fs::metadata(src).unwrap().len(), 0);
         let j = DataFile { name: "shard-00000.tar".into(), size: 0, xxh3_128: hex128(0) };
         let dst = t.path().join("x");
-        let e = copy_one(src, &dst, Some(&j), 0, &StageProgress::default()).unwrap_err().to_string();
+        let e = copy_one(src, &dst, Some(&j), 0, false, &StageProgress::default()).unwrap_err().to_string();
         assert!(e.contains("is larger than the 0 bytes manifest.json says"), "{e}");
         assert_eq!(fs::metadata(&dst).unwrap().len(), 0);
         let e = stage_file(src, &t.path().join("y"), &t.path().join(".y.tmp"), false, &StageProgress::default()).unwrap_err().to_string();
@@ -688,7 +703,7 @@ mod tests {
         // SAFETY: mkfifo with a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
         let j = DataFile { name: "shard-00000.tar".into(), size: 10, xxh3_128: hex128(0) };
-        let e = copy_one(&fifo, &t.path().join("x"), Some(&j), 10, &StageProgress::default()).unwrap_err().to_string();
+        let e = copy_one(&fifo, &t.path().join("x"), Some(&j), 10, false, &StageProgress::default()).unwrap_err().to_string();
         assert!(e.contains("is a FIFO (named pipe), not a regular file"), "{e}");
         let e = preload(&[fifo], 1, &StageProgress::default()).unwrap_err().to_string();
         assert!(e.contains("FIFO"), "{e}");
@@ -720,20 +735,20 @@ mod tests {
             let dst = t.path().join(format!("copy{workers}"));
             let job = CopyJob { src: a.clone(), dst: dst.clone(), size: j.size, expect: Some(j.clone()) };
             let p = StageProgress::default();
-            copy_files(std::slice::from_ref(&job), workers, &p).unwrap();
+            copy_files(std::slice::from_ref(&job), workers, workers % 2 == 0, &p).unwrap();
             assert!(fs::read(&dst).unwrap() == data, "{workers} workers");
             assert_eq!((p.bytes_done.load(Relaxed), p.bytes_read.load(Relaxed), p.files_done.load(Relaxed)), (j.size, j.size, 1));
         }
         // The hash is of the whole file in order: a wrong digest fails, whatever the workers.
         let bad = DataFile { xxh3_128: hex128(1), ..j.clone() };
         let job = CopyJob { src: a.clone(), dst: t.path().join("bad"), size: j.size, expect: Some(bad) };
-        let e = copy_files(std::slice::from_ref(&job), 4, &StageProgress::default()).unwrap_err();
+        let e = copy_files(std::slice::from_ref(&job), 4, false, &StageProgress::default()).unwrap_err();
         assert!(matches!(&e, Error::Checksum { shard, .. } if shard == &a), "{e}");
         // A file shorter than the manifest says (truncated after the size was checked is the
         // same path: a short read) is refused.
         let short = DataFile { size: j.size + 1, ..j.clone() };
         let job = CopyJob { src: a.clone(), dst: t.path().join("short"), size: short.size, expect: Some(short) };
-        let e = copy_files(std::slice::from_ref(&job), 4, &StageProgress::default()).unwrap_err().to_string();
+        let e = copy_files(std::slice::from_ref(&job), 4, false, &StageProgress::default()).unwrap_err().to_string();
         assert!(e.contains("manifest.json says"), "{e}");
     }
 
