@@ -14,7 +14,7 @@
 //!   `--remove-source`, after every removal and rmdir), before the final index and manifest;
 //! - `kill-in-merge:N`: `merge` is killed right after moving its N-th shard;
 //! - `stage-kill-after-bytes:N`: staging is killed once N bytes were copied;
-//! - `stage-slow-ms:N`: staging sleeps N ms after each buffer (to signal a copy mid-way);
+//! - `stage-slow-ms:N`: staging sleeps N ms after each 8 MiB copied (to signal a copy mid-way);
 //! - `kill-in-append:N`: `pack --append` is killed after its work pack (1), after moving its
 //!   first new shard into the dataset (2), or after writing the new index (3);
 //! - `step-slow-ms:N`: every step of verify, unpack, merge and index (each read, file or shard,
@@ -180,7 +180,7 @@ pub fn slow_step() {
     }
 }
 
-/// Staging copied one buffer; `copied` bytes in all so far.
+/// Staging copied another 8 MiB (or finished a file); `copied` bytes in all so far.
 #[inline(always)]
 pub fn stage_copied(copied: u64) {
     #[cfg(feature = "fault-injection")]

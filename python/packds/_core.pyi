@@ -233,6 +233,10 @@ class StageProgress:
     def files_total(self) -> int: ...
     @property
     def reused(self) -> int: ...
+    @property
+    def bytes_read(self) -> int:
+        """Bytes actually read from the files copied or preloaded (a preload skips what is
+        already in the page cache, e.g. a copy just written)."""
     def cancel(self) -> None:
         """Asks the running copy to stop (it then fails with KeyboardInterrupt, leaving nothing)."""
 

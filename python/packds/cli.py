@@ -769,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest dataset auto keeps in memory (default: min(10G, half the job's memory))")
     s.add_argument("--reserve", type=parse_size, default=None, metavar="SIZE",
                    help="space to leave free on the destination (default: 5%% of it, at least 1G, at most 10%%)")
-    s.add_argument("--jobs", type=int, default=4, metavar="N", help="files copied in parallel (default 4)")
+    s.add_argument("--jobs", type=int, default=4, metavar="N", help="threads copying 8 MiB chunks: files, and the ranges of a large shard, in parallel (default 4; at least 2, so that one reads while another writes)")
     s.add_argument("--lock-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="longest wait for another stager of the same dataset (default 3600)")
     s.add_argument("--dry-run", action="store_true", help="print the decision and the numbers behind it; copy nothing")

@@ -600,12 +600,18 @@ def _run_with_progress(fn, prog, reporter: _Reporter):
 
 def preload(path, *, jobs: int = 4, quiet: bool = True) -> int:
     """Pulls every shard (and the index) of the dataset ``path`` — or the one file ``path`` —
-    into the page cache with large sequential reads, in Rust with the GIL released. Returns the
-    number of bytes read."""
+    into the page cache with large sequential reads, in Rust with the GIL released; what is
+    resident already is not read again. Returns the number of bytes now in the page cache."""
+    return _preload(path, jobs, quiet)[0]
+
+
+def _preload(path, jobs: int, quiet: bool) -> tuple[int, int]:
+    """(bytes now in the page cache, bytes that had to be read for it)."""
     path = os.path.abspath(os.fsdecode(path))
     files = [path] if os.path.isfile(path) else [p for p, _ in _core.dataset_files(path)[0]]
     prog = _core.StageProgress()
-    return _run_with_progress(lambda: _core.preload(files, jobs=jobs, progress=prog), prog, _Reporter("preloading", quiet))
+    n = _run_with_progress(lambda: _core.preload(files, jobs=jobs, progress=prog), prog, _Reporter("preloading", quiet))
+    return n, prog.bytes_read
 
 
 def stage_record(
@@ -663,7 +669,7 @@ def stage_record(
             tmp = os.path.join(dest_dir, f".{name}.staging-{os.getpid()}")
             tc = time.monotonic()
             try:
-                reused = _copy(source, final, tmp, jobs, quiet, previous)
+                reused, read = _copy(source, final, tmp, jobs, quiet, previous)
             except NoSpaceError:
                 _remove_quietly(tmp)
                 _remove_quietly(_record_path(dest_dir, name))
@@ -680,8 +686,10 @@ def stage_record(
             copy_seconds = time.monotonic() - tc
             copied = True
             rec["reused_files"] = reused
+            rec["read_bytes"] = read
         if rec["policy"] == "memory":
-            preload(final, jobs=jobs, quiet=quiet)
+            # A copy just written is in the page cache already: only what was evicted is read.
+            rec["preload_read_bytes"] = _preload(final, jobs, quiet)[1]
     finally:
         lock.release()
     secs = time.monotonic() - t0
@@ -745,9 +753,10 @@ def _in_job_tmpdir(path: str) -> bool:
     return p == jt or p.startswith(jt.rstrip("/") + "/")
 
 
-def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool, previous: str | None = None) -> int:
+def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool, previous: str | None = None) -> tuple[int, int | None]:
     """Copies ``source`` to ``final`` through ``tmp``; returns how many files were taken from
-    ``previous`` (an earlier copy) instead of copied."""
+    ``previous`` (an earlier copy) instead of copied, and how many bytes the copy read from
+    the source (None for a tree packed on the fly)."""
     # fsync only where the copy may outlive a crash: $SLURM_TMPDIR is removed with the job, and
     # an interrupted copy is never renamed into place, so there the page cache is enough.
     durable = not _in_job_tmpdir(os.path.dirname(final))
@@ -755,10 +764,10 @@ def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool, previou
     rep = _Reporter(f"staging {os.path.basename(source.path)}", quiet)
     if source.kind == "dataset":
         _run_with_progress(lambda: _core.stage_dataset(source.path, final, tmp, jobs=jobs, durable=durable, progress=prog, previous=previous), prog, rep)
-        return prog.reused
+        return prog.reused, prog.bytes_read
     elif source.kind == "file":
         _run_with_progress(lambda: _core.stage_file(source.path, final, tmp, durable=durable, progress=prog), prog, rep)
-        return 0
+        return 0, prog.bytes_read
     else:
         # A directory of loose files: packed on the fly into the temporary directory (the node
         # never holds the small files), then renamed into place like a copied dataset.
@@ -783,7 +792,7 @@ def _copy(source: _Source, final: str, tmp: str, jobs: int, quiet: bool, previou
             os.fsync(fd)
         finally:
             os.close(fd)
-    return 0
+    return 0, None
 
 
 def stage(

@@ -52,6 +52,13 @@ impl PyStageProgress {
         self.inner.reused.load(Relaxed)
     }
 
+    /// Bytes actually read from the files copied or preloaded (a preload skips what is
+    /// already in the page cache, e.g. a copy just written).
+    #[getter]
+    fn bytes_read(&self) -> u64 {
+        self.inner.bytes_read.load(Relaxed)
+    }
+
     /// Asks the running copy to stop (it then fails with KeyboardInterrupt, leaving nothing).
     fn cancel(&self) {
         self.inner.cancel.store(true, Relaxed);
