@@ -374,7 +374,11 @@ impl<'a> ShardWriter<'a> {
     fn close_shard(&mut self, mut s: ShardOut) -> Result<()> {
         let opts = self.opts;
         let name = shard_name(s.k, opts.format);
-        let info = s.finish(opts, &opts.output.join(&name), self.dict)?;
+        // A shard that cannot be completed (the disk filled while its last bytes went out) is
+        // removed, as an open one is when the writer is dropped.
+        let info = s.finish(opts, &opts.output.join(&name), self.dict).inspect_err(|_| {
+            let _ = fs::remove_file(&s.tmp);
+        })?;
         if self.remover.is_some() {
             fault::kill_before_remove((s.k - self.first + 1) as u64);
         }
