@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import mmap
 import os
@@ -306,8 +305,10 @@ def _with_skipped(summary: dict) -> dict:
 def _progress_arg(cb):
     """The progress callback as the core calls it, ``(phase, done, total, bytes_done,
     bytes_total)``; one written for the first four arguments only still works."""
-    if cb is None:
-        return None
+    if cb is None or getattr(cb, "takes_bytes_total", False):
+        return cb
+    import inspect  # only here: importing it costs a command's start-up 10-20 ms
+
     try:
         inspect.signature(cb).bind(0, 0, 0, 0, 0)
     except TypeError:

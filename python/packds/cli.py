@@ -35,6 +35,8 @@ class _Log:
     readable with ``less`` and ``grep``. Called as the core's progress callback
     ``(phase, done, total, bytes_done, bytes_total)``; ``phases`` names each phase."""
 
+    takes_bytes_total = True  # the five-argument progress form: no signature to inspect
+
     def __init__(self, command: str, phases: tuple[str, ...], unit: str = "files", every: float = 10.0) -> None:
         self.command, self.phases, self.unit = command, phases, unit
         self.every, self.t0, self.last = every, time.monotonic(), None
@@ -88,6 +90,7 @@ def _progress(a: argparse.Namespace, log: _Log):
     if getattr(a, "quiet", False):
         def quiet(*st) -> None:
             log.state = st
+        quiet.takes_bytes_total = True  # type: ignore[attr-defined]
         return quiet, lambda: None
     if not sys.stderr.isatty():
         return log, lambda: None
@@ -105,6 +108,7 @@ def _progress(a: argparse.Namespace, log: _Log):
         bar.set_postfix_str(human(nbytes) + (f" / {human(bytes_total)}" if bytes_total else ""), refresh=False)
         bar.refresh()
 
+    update.takes_bytes_total = True  # type: ignore[attr-defined]
     return update, bar.close
 
 

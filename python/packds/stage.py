@@ -32,7 +32,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import stat
 import sys
 import threading
@@ -327,7 +326,7 @@ class _Lock:
                 raise _foreign_lock_error(path, st)
             self._wait(fd, quiet, timeout)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
         except BaseException:
             os.close(fd)
             raise
