@@ -572,6 +572,15 @@ def _cancel_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, on_term)
 
 
+def _composed_options(s: argparse.ArgumentParser, out: str) -> None:
+    """The options `concat` and `subset` share: how the new dataset refers to the shards."""
+    s.add_argument("--link", choices=["symlink", "hard", "copy"], default="symlink",
+                   help=f"how {out} refers to the shards: symlink (default), hard (same filesystem), copy (checked copies)")
+    s.add_argument("--force", action="store_true", help=f"replace an existing dataset at {out}")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packds", description="Pack many small files into indexed tar shards; read them back fast.")
     p.add_argument("--version", action="version", version=f"packds {__version__}")
@@ -687,11 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", action="append", default=[], metavar="PREFIX",
                    help="prepend PREFIX to the keys of a dataset: once per dataset, in order ('' for none), e.g. --prefix a/ --prefix b/")
     s.add_argument("--prefix-with-name", action="store_true", help="prefix each dataset's keys with its directory name and '/'")
-    s.add_argument("--link", choices=["symlink", "hard", "copy"], default="symlink",
-                   help="how DATASET refers to the shards: symlink (default), hard (same filesystem), copy (checked copies)")
-    s.add_argument("--force", action="store_true", help="replace an existing dataset at DATASET")
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.add_argument("--json", action="store_true")
+    _composed_options(s, "DATASET")
     s.set_defaults(func=cmd_concat)
 
     s = sub.add_parser("subset", help="a dataset of some of another's samples (train/val split; links, no data copied)",
@@ -705,10 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fraction", type=float, metavar="F", help="about F (0 to 1) of the samples, picked by a hash of the key and --seed")
     s.add_argument("--seed", type=int, default=0, metavar="S", help="seed of --fraction (default 0)")
     s.add_argument("--complement", action="store_true", help="the samples the other options do not pick (the other side of a split)")
-    s.add_argument("--link", choices=["symlink", "hard", "copy"], default="symlink")
-    s.add_argument("--force", action="store_true", help="replace an existing dataset at SUB")
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.add_argument("--json", action="store_true")
+    _composed_options(s, "SUB")
     s.set_defaults(func=cmd_subset)
 
     s = sub.add_parser("compact", help="rewrite the shards that hold bytes --append --replace left unreferenced",
