@@ -28,6 +28,8 @@ from array import array
 from typing import Any, Callable, Iterator, Optional, Union
 
 import packds
+from packds import _cache
+from packds import streams as _streams
 
 try:  # torch stays optional
     import torch as _torch
@@ -44,7 +46,9 @@ except ImportError:  # pragma: no cover - exercised only without torch
         return None
 
 
-__all__ = ["PackedDataset", "PackedBatch", "collate_packed", "StreamingDataset", "StreamingLoader", "dist_info"]
+__all__ = ["PackedDataset", "PackedBatch", "collate_packed", "StreamingDataset", "StreamingLoader", "MixedDataset", "Stream", "dist_info"]
+
+Stream = _streams.Stream
 
 Target = Union[None, str, Callable[[str], Any], Any]
 
@@ -288,12 +292,18 @@ def dist_info() -> tuple[int, int]:
 
 class _Reader:
     """Reads blocks for one iteration: one reusable buffer, and a background thread that reads
-    up to ``ahead`` blocks ahead while the samples of the current one are handed out."""
+    up to ``ahead`` blocks ahead while the samples of the current one are handed out. With a
+    node-local shard cache, a second thread keeps the next ``prefetch`` shards fetched."""
 
     def __init__(self, owner: "StreamingDataset", ranges: list, ahead: int) -> None:
         self.owner, self.ranges, self.ahead = owner, ranges, ahead
         self.buf = bytearray(0)
         self.pool = None
+        self.cache = owner._cache_client()
+        self.prefetcher = None
+        if self.cache is not None and owner.prefetch > 0 and ranges:
+            keys = [owner._shard_key(lo) for lo, _ in ranges]
+            self.prefetcher = _cache.Prefetcher(self.cache, keys, owner.prefetch)
         if ahead > 0:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -314,6 +324,8 @@ class _Reader:
 
     def take(self, k: int) -> list:
         """Samples of block ``k``; starts reading the blocks after it."""
+        if self.prefetcher is not None:
+            self.prefetcher.advance(k)
         if self.pool is None:
             return self._job(*self.ranges[k])
         self.first = max(self.first, k)
@@ -329,6 +341,8 @@ class _Reader:
 
     def start_after(self, k: int) -> None:
         """Resuming: start reading the blocks after block ``k``."""
+        if self.prefetcher is not None:
+            self.prefetcher.advance(k + 1)
         if self.pool is not None:
             self.first = max(self.first, k + 1)
             self.next = max(self.next, k + 1)
@@ -340,6 +354,9 @@ class _Reader:
                 f.cancel()
             self.pool.shutdown(wait=False)
             self.pool = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
 
 
 def _split(total: int, parts: int, k: int) -> tuple[int, int]:
@@ -371,6 +388,44 @@ def _consumed(batches: int, batch_size: int, counts: list[int], drop_last: bool)
     return [min(t * batch_size, m) for t, m in zip(taken, counts)], nxt
 
 
+class _SourceLabels:
+    """Labels over several sources: ``"parent"`` classes are the union of every source's
+    (sorted), a callable gets the key, an array is indexed by position in the sources laid end
+    to end."""
+
+    def __init__(self, datasets: list, offsets: list[int], target: Target) -> None:
+        self.offsets = offsets
+        self.kind = None
+        self.classes: list[str] = []
+        self.class_to_idx: dict[str, int] = {}
+        self.per: list[_Labels] = []
+        self.fn = None
+        if target is None:
+            return
+        if len(datasets) == 1 or (isinstance(target, str) and target == "parent") or callable(target):
+            self.per = [_Labels(ds, target) for ds in datasets]
+            self.kind = self.per[0].kind
+            if self.kind == "parent":
+                self.classes = sorted({c for lab in self.per for c in lab.classes})
+                self.class_to_idx = {c: j for j, c in enumerate(self.classes)}
+                for lab in self.per:
+                    lab.run_label = array("I", (self.class_to_idx[lab.classes[x]] for x in lab.run_label))
+                    lab.classes, lab.class_to_idx = self.classes, self.class_to_idx
+            return
+        total = sum(len(ds) for ds in datasets)
+        if not (hasattr(target, "__getitem__") and hasattr(target, "__len__")):
+            raise TypeError(f"target={target!r}: give 'parent', a callable on the key, or a label array")
+        if len(target) != total:
+            raise ValueError(f"target has {len(target)} labels for {total} samples (all sources, in order)")
+        self.kind, self.fn = "array", target
+
+    def __call__(self, datasets: list, s: int, i: int):
+        """Label of sample ``i`` of source ``s``."""
+        if self.fn is not None:
+            return self.fn[self.offsets[s] + i]
+        return self.per[s](datasets[s], i)
+
+
 class StreamingDataset(_IterBase):
     """Iterable dataset for data left on shared storage: whole blocks, read sequentially.
 
@@ -388,6 +443,27 @@ class StreamingDataset(_IterBase):
     ``drop_last=True`` gives every rank ``floor(n / world_size)`` instead (a few samples, others
     each epoch, are skipped); ``pad=False, drop_last=False`` gives every sample exactly once,
     ranks differing by at most one sample.
+
+    **Several sources** (``path`` a list): paths, datasets, ``(path, weight)`` pairs or
+    :class:`packds.streams.Stream` objects (``proportion``, ``repeat``, ``choose``). Each epoch
+    draws the configured number of samples from each source (``epoch_size`` total, default the
+    weighted sources' combined size; see :func:`packds.streams.epoch_counts`), without
+    replacement below one pass, a new subset every epoch; blocks of all sources are mixed.
+
+    **Node-local shard cache** (``cache_dir``; default ``$SLURM_TMPDIR/packds-cache`` inside a
+    Slurm job, none outside one; ``cache_dir=None`` turns it off): a shard is copied to the
+    cache, verified against the manifest's hash and renamed into place the first time a process
+    on the node needs it; all ranks and workers of the node share the copy, the next ``prefetch``
+    shards of each reader are fetched ahead, and least-recently-used unpinned shards are evicted
+    to stay under ``cache_limit`` (default: the cache's filesystem's free space less the
+    ``stage`` reserve). A shard that cannot be cached is read from shared storage.
+
+    **Partition** (``partition``): ``"global"`` shuffles the whole stream and splits it over
+    all ranks, so each node reads different shards every epoch; ``"node"`` gives every node a
+    fixed share of each source (a contiguous run of shards), shuffled within the node each
+    epoch, so a dataset up to ``nodes × cache_limit`` is read from shared storage about once.
+    ``"auto"`` (default): ``"node"`` when a cache is in use and there are several nodes
+    (``nodes``/``node`` or from Slurm/torchrun, see :func:`packds.streams.node_info`).
 
     ``set_epoch(e)`` picks the epoch's order (call it every epoch, as with DistributedSampler);
     ``state_dict()`` / ``load_state_dict()`` resume mid-epoch (see :class:`StreamingLoader`).
@@ -412,8 +488,21 @@ class StreamingDataset(_IterBase):
         drop_last: bool = False,
         verify: bool = False,
         read_ahead: int = 1,
+        epoch_size: Optional[int] = None,
+        partition: str = "auto",
+        nodes: Optional[int] = None,
+        node: Optional[int] = None,
+        cache_dir: Any = _cache.AUTO,
+        cache_limit: Optional[int] = None,
+        prefetch: int = 2,
     ) -> None:
-        self.path = os.fspath(path.path if isinstance(path, packds.Dataset) else path)
+        streams, several = _streams.as_streams(path)
+        self._streams = streams
+        self._several = several
+        paths = [os.fspath(st.path.path if isinstance(st.path, packds.Dataset) else st.path) for st in streams]
+        self.path: Any = paths if several else paths[0]
+        self.paths = paths
+        self._dss: Optional[list] = [st.path if isinstance(st.path, packds.Dataset) else None for st in streams]
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.shuffle_buffer = max(0, int(shuffle_buffer)) if shuffle else 0
@@ -428,21 +517,55 @@ class StreamingDataset(_IterBase):
         self.pad, self.drop_last = bool(pad), bool(drop_last)
         self.verify = bool(verify)
         self.read_ahead = max(0, int(read_ahead))
-        self._ds: Optional[packds.Dataset] = path if isinstance(path, packds.Dataset) else None
-        self._labels = _Labels(self.dataset, target)
-        self._blocks: Optional[array] = None
+        if partition not in ("auto", "global", "node"):
+            raise ValueError(f"partition={partition!r}: give 'auto', 'global' or 'node'")
+        self.partition_choice = partition
+        if nodes is not None and int(nodes) < 1:
+            raise ValueError(f"nodes={nodes}: must be >= 1")
+        if node is not None and nodes is None:
+            raise ValueError("give nodes= with node=")
+        self._nodes = None if nodes is None else (int(nodes), None if node is None else int(node))
+        self.cache_dir: Optional[str] = _cache.default_cache_dir() if cache_dir == _cache.AUTO else (
+            None if cache_dir in (None, False) else os.fspath(cache_dir))
+        self.cache_limit = None if cache_limit is None else int(cache_limit)
+        if self.cache_limit is not None and self.cache_limit < 0:
+            raise ValueError(f"cache_limit={cache_limit}: must be >= 0")
+        self.prefetch = max(0, int(prefetch))
+        self._client: Optional[_cache.CacheClient] = None
+        self._client_pid = -1
+        dss = self.datasets
+        self.sizes = [len(ds) for ds in dss]
+        self.offsets = [0]
+        for n in self.sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        self.counts = _streams.epoch_counts(self.sizes, streams, epoch_size)
+        self._labels = _SourceLabels(dss, self.offsets, target)
+        self._blocks: Optional[list] = None
         # epoch, then a pending resume: epoch (-1: none), batches, batch_size, num_workers, drop_last.
         # Shared memory, so persistent DataLoader workers see set_epoch / load_state_dict.
         self._shared = multiprocessing.sharedctypes.RawArray("q", [0, -1, 0, 1, 0, 0])
         self._yielded = 0  # samples handed out by iteration in this process (num_workers=0)
+        self._plan_cache: dict = {}
 
     # --- plumbing ------------------------------------------------------------------------
 
     @property
+    def datasets(self) -> list:
+        """The opened sources, in order."""
+        dss = self._dss
+        if dss is None:
+            dss = self._dss = [None] * len(self.paths)
+        for j, ds in enumerate(dss):
+            if ds is None:
+                dss[j] = packds.open(self.paths[j], **({"verify": True} if self.verify else {}))
+        return dss  # type: ignore[return-value]
+
+    @property
     def dataset(self) -> packds.Dataset:
-        if self._ds is None:
-            self._ds = packds.open(self.path, **({"verify": True} if self.verify else {}))
-        return self._ds
+        """The dataset (one source); with several sources use ``datasets``."""
+        if self._several and len(self.paths) > 1:
+            raise AttributeError("this StreamingDataset has several sources: use .datasets")
+        return self.datasets[0]
 
     @property
     def classes(self) -> list[str]:
@@ -460,10 +583,35 @@ class StreamingDataset(_IterBase):
         """(rank, world_size) this dataset splits for."""
         return self._rank_world if self._rank_world is not None else dist_info()
 
+    def topology(self) -> tuple[int, int, int, int]:
+        """(group, groups, position in the group, ranks per group): the ranks that share one
+        partition of the data. One group of all ranks with ``partition="global"``; one per
+        node with ``"node"``."""
+        rank, world = self.rank_world()
+        if self.partition == "global" or world == 1:
+            return 0, 1, rank, world
+        nodes, node = self._nodes if self._nodes is not None else (None, None)
+        return _streams.node_info(world, rank, nodes, node)
+
+    @property
+    def partition(self) -> str:
+        """The partition in effect: "global" or "node" (see the class docs)."""
+        if self.partition_choice != "auto":
+            return self.partition_choice
+        if self.cache_dir is None:
+            return "global"
+        rank, world = self.rank_world()
+        if world == 1:
+            return "global"
+        nodes, node = self._nodes if self._nodes is not None else (None, None)
+        return "node" if _streams.node_info(world, rank, nodes, node)[1] > 1 else "global"
+
     def __getstate__(self) -> dict:
         st = dict(self.__dict__)
-        st["_ds"] = None
+        st["_dss"] = None
         st["_blocks"] = None  # derived from the index: recomputed on first use
+        st["_client"] = None
+        st["_plan_cache"] = {}
         st["_rank_world"] = self.rank_world()  # resolved here, where torch.distributed lives
         if multiprocessing.context.get_spawning_popen() is None:
             st["_shared"] = list(self._shared)  # a plain pickle: a snapshot
@@ -474,76 +622,109 @@ class StreamingDataset(_IterBase):
             st["_shared"] = multiprocessing.sharedctypes.RawArray("q", st["_shared"])
         self.__dict__.update(st)
 
+    def _cache_client(self) -> Optional[_cache.CacheClient]:
+        """This process's view of the node's shard cache (None without a cache)."""
+        if self.cache_dir is None:
+            return None
+        if self._client is None or self._client_pid != os.getpid():
+            self._client = _cache.CacheClient(self.cache_dir, self.cache_limit, self.datasets)
+            self._client_pid = os.getpid()
+        return self._client
+
+    def cache_stats(self) -> Optional[dict]:
+        """This process's cache counters (fetches, hits, evictions, bytes read around the
+        cache), or None without a cache."""
+        c = self._cache_client()
+        return None if c is None else c.stats()
+
     # --- layout ----------------------------------------------------------------------------
 
+    def _source_blocks(self) -> list:
+        if self._blocks is None:
+            self._blocks = [ds.blocks(self.block_size) for ds in self.datasets]
+        return self._blocks
+
     def blocks(self) -> array:
-        """Start positions of the read blocks, plus ``len(ds)`` at the end. A block lies inside
-        one shard and holds about ``block_size`` bytes of samples."""
-        if self._blocks is not None:
-            return self._blocks
-        ds = self.dataset
-        n = len(ds)
-        out = array("q", (a for a, _ in ds.blocks(self.block_size)))
-        out.append(n)
-        self._blocks = out
+        """Start positions of the read blocks, plus the number of samples at the end. A block
+        lies inside one shard and holds about ``block_size`` bytes of samples. Positions count
+        through the sources laid end to end."""
+        out = array("q")
+        for bl, off in zip(self._source_blocks(), self.offsets):
+            out.extend(a + off for a, _ in bl)
+        out.append(self.offsets[-1])
         return out
 
-    def _rank_count(self, n: int, world: int, rank: int) -> tuple[int, int]:
-        """Stream positions [start, stop) of ``rank``; stop may pass n (padding wraps)."""
-        if world == 1:
-            return 0, n
+    def _source_of(self, i: int) -> int:
+        return bisect.bisect_right(self.offsets, i) - 1
+
+    def _shard_key(self, i: int) -> tuple[int, int]:
+        s = self._source_of(i)
+        return s, self.datasets[s].shard_of(i - self.offsets[s])
+
+    def _group_sizes(self, groups: int) -> list[int]:
+        return [sum(_streams.group_count(n, c, groups, g) for n, c in zip(self.sizes, self.counts)) for g in range(groups)]
+
+    def _rank_span(self) -> tuple[int, int, int, int]:
+        """(group, groups, start, stop): stream positions [start, stop) of this rank in its
+        group's stream; stop may pass the group's length (padding wraps)."""
+        g, groups, pos, per_group = self.topology()
+        sizes = self._group_sizes(groups)
+        if per_group == 1 and groups == 1:
+            return g, groups, 0, sizes[0]
         if self.drop_last:
-            per = n // world
-            return rank * per, (rank + 1) * per
+            per = min(e // per_group for e in sizes)
+            return g, groups, pos * per, (pos + 1) * per
         if self.pad:
-            per = -(-n // world)
-            return rank * per, (rank + 1) * per
-        return _split(n, world, rank)
+            per = max(-(-e // per_group) for e in sizes)
+            return g, groups, pos * per, (pos + 1) * per
+        a, b = _split(sizes[g], per_group, pos)
+        return g, groups, a, b
 
     def __len__(self) -> int:
         """Samples this rank gets per epoch."""
-        rank, world = self.rank_world()
-        a, b = self._rank_count(len(self.dataset), world, rank)
+        _, _, a, b = self._rank_span()
         return b - a
 
-    def _epoch_ranges(self, epoch: int, start: int, stop: int) -> list[tuple[int, int]]:
-        """The sample ranges at stream positions [start, stop) of ``epoch``'s block order."""
-        blocks = self.blocks()
-        nb = len(blocks) - 1
-        n = blocks[-1]
-        order = list(range(nb))
-        if self.shuffle:
-            random.Random(f"packds-blocks-{self.seed}-{epoch}").shuffle(order)
-        out: list[tuple[int, int]] = []
-        if n == 0 or start >= stop:
-            return out
-        cum = array("q", [0])  # stream position where each block (in epoch order) starts
-        for b in order:
-            cum.append(cum[-1] + blocks[b + 1] - blocks[b])
-        pos = start
-        while pos < stop:
-            p = pos % n
-            take = min(stop - pos, n - p)
-            j = bisect.bisect_right(cum, p) - 1
-            q = p
-            while q < p + take:
-                b = order[j]
-                lo = blocks[b] + (q - cum[j])
-                hi = blocks[b] + min(cum[j + 1], p + take) - cum[j]
-                out.append((lo, hi))
-                q += hi - lo
-                j += 1
-            pos += take
-        return out
+    def _group_plan(self, epoch: int, g: int, groups: int) -> tuple[list, int]:
+        key = (epoch, g, groups)
+        hit = self._plan_cache.get(key)
+        if hit is None:
+            ranges = _streams.group_ranges(self._source_blocks(), self.sizes, self.offsets, self.counts, self.seed, epoch,
+                                           groups, g, self.shuffle)
+            hit = (ranges, _streams.ranges_length(ranges))
+            self._plan_cache = {key: hit}
+        return hit
+
+    def _epoch_ranges(self, epoch: int, start: int, stop: int, g: int = 0, groups: int = 1) -> list[tuple[int, int]]:
+        """The sample ranges at stream positions [start, stop) of ``epoch``'s order in group ``g``."""
+        ranges, total = self._group_plan(epoch, g, groups)
+        return _streams.cut(ranges, total, start, stop)
 
     def _read(self, a: int, b: int, reader: "_Reader") -> list:
         """Samples a..b-1 (contiguous, one shard) with one ``read_range`` into the reader's
-        reusable buffer: one read of their byte range (through the mapping, or one ``pread``
-        where the shard cannot be mapped; decoded and checked by the reader as needed)."""
-        buf, offsets = self.dataset.read_range(a, b, out=reader.buf)
+        reusable buffer: from the node-local copy of the shard when the cache has one, else one
+        read of their byte range on shared storage (through the mapping, or one ``pread`` where
+        the shard cannot be mapped; decoded and checked by the reader as needed)."""
+        s = self._source_of(a)
+        ds = self.datasets[s]
+        la, lb = a - self.offsets[s], b - self.offsets[s]
+        client = reader.cache
+        local = None
+        if client is not None:
+            local = client.pin(s, ds.shard_of(la))
+        try:
+            if local is not None:
+                buf, offsets = ds.read_range(la, lb, out=reader.buf, local=local)
+            else:
+                buf, offsets = ds.read_range(la, lb, out=reader.buf)
+                if client is not None:
+                    client.note_read_through(offsets[-1])
+        finally:
+            if local is not None:
+                local.close()
         reader.buf = buf
         with memoryview(buf) as view:
-            return [bytes(view[offsets[k] : offsets[k + 1]]) for k in range(b - a)]
+            return [bytes(view[offsets[k] : offsets[k + 1]]) for k in range(lb - la)]
 
     # --- epochs and state ----------------------------------------------------------------
 
@@ -556,29 +737,30 @@ class StreamingDataset(_IterBase):
             sh[1] = -1
         self._yielded = 0
 
+    def _setup(self) -> dict:
+        """What a saved state must agree on."""
+        rank, world = self.rank_world()
+        return {"seed": self.seed, "samples": self.offsets[-1], "rank": rank, "world_size": world, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer, "block_size": self.block_size, "sources": self.sizes,
+                "counts": self.counts, "partition": self.partition, "groups": self.topology()[1]}
+
     def state_dict(self, batches: Optional[int] = None, batch_size: int = 1, num_workers: int = 0, drop_last: bool = False) -> dict:
         """Where the epoch stands. Without arguments: the samples handed out by iteration in this
         process (``num_workers=0``). With DataLoader workers give the loader's position: the
         ``batches`` it yielded this epoch, its ``batch_size``, ``num_workers`` and ``drop_last``
         (:class:`StreamingLoader` does this for you)."""
-        rank, world = self.rank_world()
         if batches is None:
             batches, batch_size, num_workers, drop_last = self._yielded, 1, 0, False
-        return {
+        st = {
             "format": "packds.torch.StreamingDataset/1",
             "epoch": self.epoch,
             "batches": int(batches),
             "batch_size": int(batch_size),
             "num_workers": int(num_workers),
             "drop_last": bool(drop_last),
-            "seed": self.seed,
-            "samples": len(self.dataset),
-            "rank": rank,
-            "world_size": world,
-            "shuffle": self.shuffle,
-            "shuffle_buffer": self.shuffle_buffer,
-            "block_size": self.block_size,
         }
+        st.update(self._setup())
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         """Positions the dataset where ``state`` was taken: its epoch, and the next iteration of
@@ -586,10 +768,10 @@ class StreamingDataset(_IterBase):
         num_workers required). Call ``set_epoch`` with that epoch, or none, before iterating."""
         if state.get("format") != "packds.torch.StreamingDataset/1":
             raise ValueError("not a packds StreamingDataset state")
-        rank, world = self.rank_world()
-        mine = {"seed": self.seed, "samples": len(self.dataset), "rank": rank, "world_size": world, "shuffle": self.shuffle,
-                "shuffle_buffer": self.shuffle_buffer, "block_size": self.block_size}
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        mine = self._setup()
+        # states saved before several sources existed: one source, drawn once, one group
+        old = {"sources": [state.get("samples")], "counts": [state.get("samples")], "partition": "global", "groups": 1}
+        diff = {k: (state.get(k, old.get(k)), v) for k, v in mine.items() if state.get(k, old.get(k)) != v}
         if diff:
             raise ValueError("state is for another setup (saved, now): " + ", ".join(f"{k} {a!r}, {b!r}" for k, (a, b) in diff.items()))
         sh = self._shared
@@ -617,14 +799,13 @@ class StreamingDataset(_IterBase):
     # --- iteration -----------------------------------------------------------------------
 
     def plan(self, epoch: Optional[int] = None, worker: int = 0, num_workers: int = 0) -> list[tuple[int, int]]:
-        """The sample ranges (in stream order) logical ``worker`` of ``num_workers`` reads."""
+        """The sample ranges (in stream order; positions through the sources laid end to end)
+        logical ``worker`` of ``num_workers`` reads."""
         epoch = self.epoch if epoch is None else epoch
-        rank, world = self.rank_world()
-        n = len(self.dataset)
-        a, b = self._rank_count(n, world, rank)
+        g, groups, a, b = self._rank_span()
         k = max(1, num_workers)
         wa, wb = _split(b - a, k, worker)
-        return self._epoch_ranges(epoch, a + wa, a + wb)
+        return self._epoch_ranges(epoch, a + wa, a + wb, g, groups)
 
     def __iter__(self) -> Iterator:
         info = _get_worker_info()
@@ -632,9 +813,8 @@ class StreamingDataset(_IterBase):
         wid = 0 if info is None else info.id
         sh = self._shared
         epoch = int(sh[0])
-        rank, world = self.rank_world()
-        n = len(self.dataset)
-        a, b = self._rank_count(n, world, rank)
+        rank, _ = self.rank_world()
+        g, groups, a, b = self._rank_span()
         kk = max(1, k)
         counts = [_split(b - a, kk, w)[1] - _split(b - a, kk, w)[0] for w in range(kk)]
         skip, rot = [0] * kk, 0
@@ -644,70 +824,114 @@ class StreamingDataset(_IterBase):
             skip, rot = _consumed(int(sh[2]), int(sh[3]), counts, bool(sh[5]))
         w = (wid + rot) % kk  # the logical worker: continues the round robin where it stopped
         wa = _split(b - a, kk, w)[0]
-        ranges = self._epoch_ranges(epoch, a + wa, a + wa + counts[w])
+        ranges = self._epoch_ranges(epoch, a + wa, a + wa + counts[w], g, groups)
         rng = random.Random(f"packds-buffer-{self.seed}-{epoch}-{rank}-{w}")
         if info is None:
             self._yielded = skip[0]
         return self._generate(ranges, rng, skip[w], info is None)
 
+    def _get_many(self, idx: list[int]) -> list[bytes]:
+        """Samples at global positions ``idx`` (sorted), one ``get_many`` per source."""
+        out: list[bytes] = []
+        j = 0
+        while j < len(idx):
+            s = self._source_of(idx[j])
+            end = self.offsets[s + 1]
+            k = j
+            while k < len(idx) and idx[k] < end:
+                k += 1
+            out += self.datasets[s].get_many([i - self.offsets[s] for i in idx[j:k]])
+            j = k
+        return out
+
     def _generate(self, ranges, rng: random.Random, skip: int, count: bool):
-        ds = self.dataset
+        dss = self.datasets
         labels = self._labels
+        offsets = self.offsets
+        several = len(dss) > 1
         transform = self.transform
         W = self.shuffle_buffer
+        # A sample drawn more than once in an epoch (repeat > 1) appears in several ranges:
+        # the buffer holds (position, serial) so each copy is its own entry.
         data: dict[int, bytes] = {}
+        pos_of: dict[int, int] = {}
         buf: list[int] = []
         out = 0
         live = skip == 0
         reader = _Reader(self, ranges, self.read_ahead)
+        serial = 0
 
-        def make(i: int):
-            x = data.pop(i)
+        def label(i: int):
+            if not several:
+                return labels(dss, 0, i)
+            s = bisect.bisect_right(offsets, i) - 1
+            return labels(dss, s, i - offsets[s])
+
+        def make(t: int):
+            x = data.pop(t)
+            i = pos_of.pop(t)
             if transform is not None:
                 x = transform(x)
-            return x if labels.kind is None else (x, labels(ds, i))
+            return x if labels.kind is None else (x, label(i))
 
-        def go_live(k: int, rest: range) -> None:
-            # resuming: the skipped part of the stream is never read; fetch what is still owed
-            if len(rest):
-                data.update(zip(rest, reader.now(rest.start, rest.stop)))
-            reader.start_after(k)
-            need = sorted(buf)
+        def put(items, lo: int) -> None:
+            nonlocal serial
+            for j, x in enumerate(items):
+                data[serial + j] = x
+                pos_of[serial + j] = lo + j
+            serial += len(items)
+
+        def fetch_owed(tickets: list[int]) -> None:
+            # tickets whose bytes were never read (resuming): read them by position
+            need = sorted((pos_of[t], t) for t in tickets if t not in data)
             if need:
-                data.update(zip(need, ds.get_many(need)))
+                for (_, t), x in zip(need, self._get_many([p for p, _ in need])):
+                    data[t] = x
 
         try:
             for k, (lo, hi) in enumerate(ranges):
+                base = serial
                 if live:
-                    data.update(zip(range(lo, hi), reader.take(k)))
-                for i in range(lo, hi):
+                    put(reader.take(k), lo)
+                else:
+                    for j in range(hi - lo):
+                        pos_of[serial + j] = lo + j
+                    serial += hi - lo
+                for t in range(base, base + hi - lo):
                     if len(buf) < W:
-                        buf.append(i)
+                        buf.append(t)
                         continue
                     if W:
                         j = int(rng.random() * W)
-                        o, buf[j] = buf[j], i
+                        o, buf[j] = buf[j], t
                     else:
-                        o = i
+                        o = t
                     if not live:
                         out += 1
+                        pos_of.pop(o, None)
                         if out == skip:
                             live = True
-                            go_live(k, range(i + 1, hi))
+                            # the rest of this block, then what the buffer holds
+                            rest = range(t + 1, base + hi - lo)
+                            if len(rest):
+                                got = reader.now(pos_of[rest.start], pos_of[rest.start] + len(rest))
+                                for tt, x in zip(rest, got):
+                                    data[tt] = x
+                            reader.start_after(k)
+                            fetch_owed(buf)
                         continue
                     if count:
                         self._yielded += 1
                     yield make(o)
             reader.close()
             rng.shuffle(buf)
-            for pos, o in enumerate(buf):
+            for p, o in enumerate(buf):
                 if not live:
                     out += 1
+                    pos_of.pop(o, None)
                     if out == skip:
                         live = True
-                        rest = sorted(buf[pos + 1 :])
-                        if rest:
-                            data.update(zip(rest, ds.get_many(rest)))
+                        fetch_owed(buf[p + 1 :])
                     continue
                 if count:
                     self._yielded += 1
@@ -719,8 +943,152 @@ class StreamingDataset(_IterBase):
 
     def __repr__(self) -> str:
         rank, world = self.rank_world()
-        return (f"<packds.torch.StreamingDataset {self.path!r}: {len(self.dataset)} samples, rank {rank}/{world}, "
+        src = f"{self.path!r}" if not self._several else f"{len(self.paths)} sources"
+        return (f"<packds.torch.StreamingDataset {src}: {self.offsets[-1]} samples, rank {rank}/{world}, "
                 f"epoch {self.epoch}, shuffle={self.shuffle}>")
+
+
+class MixedDataset(_MapBase):
+    """Map-style mix of several datasets: ``len(mix)`` samples per epoch, drawn from each
+    source in the configured amount (``(path, weight)`` pairs, :class:`packds.streams.Stream`
+    objects with ``proportion``/``repeat``/``choose``, or plain paths/datasets:
+    :func:`packds.streams.epoch_counts`). ``mix[j]`` is the epoch's ``j``-th draw,
+    ``transform(bytes)`` or ``(transform(bytes), label)`` with ``target`` as for
+    :class:`StreamingDataset`; the draws are in a random order, so a sequential sampler gives
+    a mixed stream and any sampler (``DistributedSampler`` for an exact split over ranks) works.
+
+    ``replacement=False`` (default): a source drawn less than once is sampled without
+    replacement (a new subset every epoch), more than once every sample ``floor(repeat)`` times
+    plus a subset; ``True``: every draw independent and uniform within its source. The draws
+    depend only on ``seed`` and the epoch (``set_epoch``, seen by persistent workers too);
+    ``state_dict()``/``load_state_dict()`` save and restore the epoch and check the setup.
+    """
+
+    def __init__(self, sources, *, epoch_size: Optional[int] = None, seed: int = 0, replacement: bool = False,
+                 transform: Optional[Callable[[bytes], Any]] = None, target: Target = None, verify: bool = False) -> None:
+        streams, _ = _streams.as_streams(list(sources) if not isinstance(sources, list) else sources)
+        self._streams = streams
+        self.paths = [os.fspath(_path_of(st.path)) for st in streams]
+        self._dss: Optional[list] = [_dataset_of(st.path) for st in streams]
+        self.verify = bool(verify)
+        self.seed, self.replacement = int(seed), bool(replacement)
+        self.transform, self.target = transform, target
+        dss = self.datasets
+        self.sizes = [len(ds) for ds in dss]
+        self.offsets = [0]
+        for n in self.sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        self.counts = _streams.epoch_counts(self.sizes, streams, epoch_size)
+        self._labels = _SourceLabels(dss, self.offsets, target)
+        self._shared = multiprocessing.sharedctypes.RawArray("q", [0])
+        self._table: Optional[array] = None
+        self._table_epoch = -1
+
+    @property
+    def datasets(self) -> list:
+        dss = self._dss
+        if dss is None:
+            dss = self._dss = [None] * len(self.paths)
+        for j, ds in enumerate(dss):
+            if ds is None:
+                dss[j] = packds.open(self.paths[j], **({"verify": True} if self.verify else {}))
+        return dss  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> list[str]:
+        return self._labels.classes
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self._shared[0] = int(epoch)
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def draws(self, epoch: Optional[int] = None) -> array:
+        """The epoch's draws: positions through the sources laid end to end (source ``s``
+        starts at ``offsets[s]``), in the order ``mix[j]`` hands them out."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        if self._table is not None and self._table_epoch == epoch:
+            return self._table
+        out = array("q")
+        for s, (n, c, off) in enumerate(zip(self.sizes, self.counts, self.offsets)):
+            rng = random.Random(f"packds-mix-{self.seed}-{epoch}-{s}")
+            if self.replacement:
+                out.extend(off + rng.randrange(n) for _ in range(c))
+                continue
+            full, rest = divmod(c, n) if n else (0, 0)
+            for _ in range(full):
+                out.extend(range(off, off + n))
+            if rest:
+                out.extend(off + i for i in rng.sample(range(n), rest))
+        order = list(range(len(out)))
+        random.Random(f"packds-mix-order-{self.seed}-{epoch}").shuffle(order)
+        self._table = array("q", (out[j] for j in order))
+        self._table_epoch = epoch
+        return self._table
+
+    def source(self, j: int) -> tuple[int, int]:
+        """(source, sample position in it) of the epoch's ``j``-th draw."""
+        t = self.draws()
+        n = len(t)
+        if not -n <= j < n:
+            raise IndexError(f"draw {j} is out of range (epoch has {n})")
+        g = t[j]
+        s = bisect.bisect_right(self.offsets, g) - 1
+        return s, g - self.offsets[s]
+
+    def __getitem__(self, j):
+        s, i = self.source(int(j))
+        x = self.datasets[s][i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x if self._labels.kind is None else (x, self._labels(self.datasets, s, i))
+
+    def state_dict(self) -> dict:
+        return {"format": "packds.torch.MixedDataset/1", "epoch": self.epoch, "seed": self.seed, "sources": self.sizes,
+                "counts": self.counts, "replacement": self.replacement}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != "packds.torch.MixedDataset/1":
+            raise ValueError("not a packds MixedDataset state")
+        mine = self.state_dict()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "epoch" and state.get(k) != v}
+        if diff:
+            raise ValueError("state is for another setup (saved, now): " + ", ".join(f"{k} {a!r}, {b!r}" for k, (a, b) in diff.items()))
+        self.set_epoch(int(state["epoch"]))
+
+    def __getstate__(self) -> dict:
+        st = dict(self.__dict__)
+        st["_dss"] = None
+        st["_table"], st["_table_epoch"] = None, -1
+        if multiprocessing.context.get_spawning_popen() is None:
+            st["_shared"] = list(self._shared)
+        return st
+
+    def __setstate__(self, st: dict) -> None:
+        if isinstance(st["_shared"], list):
+            st["_shared"] = multiprocessing.sharedctypes.RawArray("q", st["_shared"])
+        self.__dict__.update(st)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{os.path.basename(p)}: {c}" for p, c in zip(self.paths, self.counts))
+        return f"<packds.torch.MixedDataset {len(self)} draws per epoch ({parts}), epoch {self.epoch}>"
+
+
+def _path_of(x):
+    return x.path if isinstance(x, packds.Dataset) else (x.dataset.path if isinstance(x, PackedDataset) else x)
+
+
+def _dataset_of(x):
+    if isinstance(x, packds.Dataset):
+        return x
+    if isinstance(x, PackedDataset):
+        return x.dataset
+    return None
 
 
 if _DataLoader is not None:
