@@ -1,0 +1,215 @@
+"""The node-local shard cache under StreamingDataset: 2 simulated nodes x 2 ranks, each rank a
+process with real DataLoader workers, each node its own cache directory.
+
+Checks: every sample exactly once per epoch, one fetch per shard per node, epoch 2 served from
+the cache, the limit never exceeded while shards are evicted, a killed fetcher leaving nothing
+a later reader uses, and the cache default inside a Slurm job.
+
+Skipped without torch, unless PACKDS_REQUIRE_TORCH=1 (set by .ci/run), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import packds
+from packds import streams
+
+if os.environ.get("PACKDS_REQUIRE_TORCH") == "1":
+    import torch  # noqa: F401  (CI: a missing torch is a failure, not a skip)
+else:
+    torch = pytest.importorskip("torch")
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+import packds.torch as pt  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+N = 600
+SAMPLE = 2000
+
+
+@pytest.fixture(autouse=True)
+def no_job(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NNODES", "SLURM_NODEID", "SLURM_LOCALID",
+                "LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK", "SLURM_TMPDIR", "SLURM_JOB_ID", "PACKDS_FAULT"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def payload(i: int) -> bytes:
+    return f"s/{i:05d}\0".encode() + bytes([(i * 7) % 251]) * SAMPLE
+
+
+def check(x: bytes) -> str:
+    """The sample's name, after checking its bytes are the ones written (a torn or foreign
+    shard would give other bytes)."""
+    name = x.split(b"\0", 1)[0].decode()
+    assert x == payload(int(name[2:])), name
+    return name
+
+
+@pytest.fixture(scope="module")
+def shared_ds(fast_base):
+    src = os.path.join(fast_base, "cache-src")
+    os.makedirs(src, exist_ok=True)
+    for i in range(N):
+        with open(os.path.join(src, f"{i:05d}"), "wb") as f:
+            f.write(payload(i))
+    out = os.path.join(fast_base, "cache.pds")
+    packds.pack(src, out, shard_size=32 << 10)
+    return out
+
+
+def collate_list(b):
+    return b
+
+
+def rank_main(path, cache, rank, barrier, q, limit, workers, epochs):
+    try:
+        s = pt.StreamingDataset(path, seed=3, block_size=8192, shuffle_buffer=16, rank=rank, world_size=4, nodes=2,
+                                cache_dir=cache, cache_limit=limit, pad=False, prefetch=2)
+        assert s.partition == "node"
+        got = {}
+        for epoch in range(epochs):
+            s.set_epoch(epoch)
+            dl = DataLoader(s, batch_size=8, num_workers=workers, collate_fn=collate_list, multiprocessing_context="fork")
+            got[epoch] = [check(x) for b in dl for x in b]
+            barrier.wait(timeout=120)  # every rank of every node finished this epoch
+            got[f"log{epoch}"] = len(packds._core.ShardCache(cache, 1 << 40).fetch_log())
+            barrier.wait(timeout=120)
+        q.put((rank, got, None))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        q.put((rank, None, repr(e)))
+
+
+def run_nodes(path, caches, limit=None, workers=2, epochs=2):
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(4)
+    q = ctx.Queue()
+    procs = [ctx.Process(target=rank_main, args=(path, caches[r // 2], r, barrier, q, limit, workers, epochs)) for r in range(4)]
+    for p in procs:
+        p.start()
+    out = {}
+    for _ in procs:
+        rank, got, err = q.get(timeout=300)
+        assert err is None, f"rank {rank}: {err}"
+        out[rank] = got
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return out
+
+
+def shard_hashes(path, lo, hi) -> set[str]:
+    ds = packds.open(path)
+    recs = ds.manifest["shards"]
+    return {recs[ds.shard_of(i)]["xxh3_128"] for i in range(lo, hi)}
+
+
+def test_two_nodes_one_fetch_per_shard_and_epoch_two_from_cache(shared_ds, work):
+    caches = [os.path.join(work, "node0", "packds-cache"), os.path.join(work, "node1", "packds-cache")]
+    out = run_nodes(shared_ds, caches)
+    for epoch in (0, 1):
+        names = sorted(n for r in range(4) for n in out[r][epoch])
+        assert names == [f"s/{i:05d}" for i in range(N)]  # every sample exactly once
+    for g, cache in enumerate(caches):
+        log = packds._core.ShardCache(cache, 1 << 40).fetch_log()
+        hashes = [h for h, _, _ in log]
+        assert len(hashes) == len(set(hashes))  # one fetch per shard per node
+        a, b = streams.share_bounds(N, 2, g)
+        assert set(hashes) == shard_hashes(shared_ds, a, b)  # exactly the node's share
+        assert out[2 * g]["log1"] == out[2 * g]["log0"]  # epoch 2: no fetch at all
+        pids = {pid for _, _, pid in log}
+        assert len(pids) >= 2  # fetched by several processes of the node, sharing the copies
+
+
+def test_eviction_keeps_the_limit_and_reads_stay_correct(shared_ds, work):
+    caches = [os.path.join(work, "node0", "c"), os.path.join(work, "node1", "c")]
+    shard = max(r["size"] for r in packds.open(shared_ds).manifest["shards"])
+    limit = 6 * shard  # a node's share is ~10 shards: eviction all the time
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for c in caches:
+                total = 0
+                for sub in ("shards", "tmp"):
+                    try:
+                        for e in os.scandir(os.path.join(c, sub)):
+                            try:
+                                total += e.stat().st_size
+                            except FileNotFoundError:
+                                pass
+                    except FileNotFoundError:
+                        pass
+                peak[0] = max(peak[0], total)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        out = run_nodes(shared_ds, caches, limit=limit)
+    finally:
+        stop.set()
+        t.join()
+    for epoch in (0, 1):
+        assert sorted(n for r in range(4) for n in out[r][epoch]) == [f"s/{i:05d}" for i in range(N)]
+    assert 0 < peak[0] <= limit
+    assert any(len(packds._core.ShardCache(c, 1 << 40).fetch_log()) > 0 for c in caches)
+
+
+def test_pinned_shard_survives_eviction_by_readers(shared_ds, work):
+    cache = os.path.join(work, "c")
+    ds = packds.open(shared_ds)
+    recs = ds.manifest["shards"]
+    limit = 3 * max(r["size"] for r in recs)
+    sc = packds._core.ShardCache(cache, limit)
+    held = sc.fetch(os.path.join(shared_ds, recs[0]["file"]), recs[0]["size"], recs[0]["xxh3_128"])
+    assert held is not None
+    s = pt.StreamingDataset(shared_ds, seed=1, block_size=8192, cache_dir=cache, cache_limit=limit)
+    assert sorted(check(x) for x in s) == [f"s/{i:05d}" for i in range(N)]
+    assert os.path.exists(held.path)  # LRU, but pinned: still there
+    buf, offs = ds.read_range(0, 3, local=held)
+    assert bytes(buf[offs[0]:offs[1]]) == payload(0)
+    held.close()
+
+
+@pytest.mark.faults
+def test_killed_fetcher_leaves_nothing_usable(shared_ds, work):
+    cache = os.path.join(work, "c")
+    code = ("import packds.torch as pt, sys\n"
+            "s = pt.StreamingDataset(sys.argv[1], seed=0, block_size=8192, cache_dir=sys.argv[2], prefetch=0)\n"
+            "for x in s: pass\n")
+    env = dict(os.environ, PACKDS_FAULT="cache-kill-after-bytes:4096")
+    r = subprocess.run([sys.executable, "-c", code, shared_ds, cache], env=env, capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    shards = os.listdir(os.path.join(cache, "shards")) if os.path.isdir(os.path.join(cache, "shards")) else []
+    assert shards == []  # the copy in progress was never renamed into place
+    s = pt.StreamingDataset(shared_ds, seed=0, block_size=8192, cache_dir=cache)
+    assert sorted(check(x) for x in s) == [f"s/{i:05d}" for i in range(N)]
+    st = s.cache_stats()
+    assert st["fetches"] > 0 and st["usage"] <= st["limit"]
+    assert os.listdir(os.path.join(cache, "tmp")) == []  # the killed fetcher's leftover was removed
+
+
+def test_cache_default_is_slurm_tmpdir_inside_a_job(shared_ds, work, monkeypatch):
+    assert pt.StreamingDataset(shared_ds).cache_dir is None  # outside a job: off
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_TMPDIR", work)
+    s = pt.StreamingDataset(shared_ds, seed=0, block_size=8192)
+    assert s.cache_dir == os.path.join(work, "packds-cache")
+    assert len([check(x) for x in s]) == N
+    st = s.cache_stats()
+    assert st["fetches"] == len(packds.open(shared_ds).manifest["shards"]) and st["read_through_bytes"] == 0
+    assert 0 < st["limit"]
+    assert pt.StreamingDataset(shared_ds, cache_dir=None).cache_dir is None
