@@ -76,9 +76,10 @@ pub struct ShardCache {
     hits: AtomicU64,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
-    /// Numbers this process's temporary files.
-    seq: AtomicU64,
 }
+
+/// Numbers this process's temporary files (one counter for every [`ShardCache`] of the process).
+static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A pinned, mapped cached shard: its entry is not evicted while this lives.
 pub struct LocalShard {
@@ -185,7 +186,6 @@ impl ShardCache {
             hits: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
         })
     }
 
@@ -357,7 +357,7 @@ impl ShardCache {
         if usage.saturating_add(size) > self.limit {
             return Ok(None);
         }
-        let n = self.seq.fetch_add(1, Relaxed);
+        let n = SEQ.fetch_add(1, Relaxed);
         let tmp = self.dir.join(TMP_DIR).join(format!("{name}.{}.{n}", std::process::id()));
         let out = OpenOptions::new()
             .read(true)

@@ -1156,6 +1156,16 @@ mod tests {
             assert!(matches!(e, Error::Usage { .. }) && e.to_string().contains("lie in shards"), "{e}");
             let e = r.read_range_into_from(n - 1, n, &mut [0u8; 1 << 16], false, Some(&local[s0 as usize])).unwrap_err();
             assert!(matches!(e, Error::Usage { .. }) && e.to_string().contains("is not the one cached"), "{e}");
+            // A cached copy damaged after its fetch: a verified read names the copy.
+            let i = (0..n).rev().find(|&i| r.entry(i).unwrap().size > 100).unwrap();
+            let e = r.entry(i).unwrap();
+            let l = &local[e.shard as usize];
+            let f = fs::OpenOptions::new().write(true).open(l.path()).unwrap();
+            let x = l.bytes()[(e.offset + 50) as usize];
+            std::os::unix::fs::FileExt::write_all_at(&f, &[x ^ 0x55], e.offset + 50).unwrap();
+            let mut buf = vec![0u8; e.raw as usize];
+            let err = r.read_range_into_from(i, i + 1, &mut buf, true, Some(l)).unwrap_err();
+            assert!(matches!(&err, Error::Checksum { shard, .. } if shard == l.path()), "{err}");
         }
     }
 
