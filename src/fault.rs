@@ -15,6 +15,8 @@
 //! - `kill-in-merge:N`: `merge` is killed right after moving its N-th shard;
 //! - `stage-kill-after-bytes:N`: staging is killed once N bytes were copied;
 //! - `stage-slow-ms:N`: staging sleeps N ms after each 8 MiB copied (to signal a copy mid-way);
+//! - `cache-kill-after-bytes:N`: a shard cache fetch (`ShardCache.fetch`) is killed once N bytes
+//!   of the shard were copied into its temporary file (checked after each 512 KiB chunk);
 //! - `kill-in-append:N`: `pack --append` is killed after its work pack (1), after moving its
 //!   first new shard into the dataset (2), or after writing the new index (3);
 //! - `step-slow-ms:N`: every step of verify, unpack, merge and index (each read, file or shard,
@@ -46,6 +48,7 @@ mod on {
         pub stage_slow_ms: Option<u64>,
         pub step_slow_ms: Option<u64>,
         pub kill_in_append: Option<u64>,
+        pub cache_kill_after_bytes: Option<u64>,
     }
 
     pub(super) fn parse(v: &str) -> Faults {
@@ -65,6 +68,7 @@ mod on {
                 "stage-slow-ms" => f.stage_slow_ms = n,
                 "step-slow-ms" => f.step_slow_ms = n,
                 "kill-in-append" => f.kill_in_append = n,
+                "cache-kill-after-bytes" => f.cache_kill_after_bytes = n,
                 _ => {}
             }
         }
@@ -197,6 +201,17 @@ pub fn stage_copied(copied: u64) {
     let _ = copied;
 }
 
+/// A shard cache fetch copied `copied` bytes of its shard so far.
+#[inline(always)]
+pub fn cache_copied(copied: u64) {
+    #[cfg(feature = "fault-injection")]
+    if on::get().cache_kill_after_bytes.is_some_and(|k| copied >= k) {
+        on::kill();
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = copied;
+}
+
 #[cfg(all(test, feature = "fault-injection"))]
 mod tests {
     use super::on::*;
@@ -206,6 +221,7 @@ mod tests {
         assert_eq!(parse("kill-after-shards:3"), Faults { kill_after_shards: Some(3), ..Faults::default() });
         assert_eq!(parse("stage-slow-ms:20"), Faults { stage_slow_ms: Some(20), ..Faults::default() });
         assert_eq!(parse("kill-in-remove:7"), Faults { kill_in_remove: Some(7), ..Faults::default() });
+        assert_eq!(parse("cache-kill-after-bytes:1"), Faults { cache_kill_after_bytes: Some(1), ..Faults::default() });
         assert_eq!(parse("kill-in-merge:x"), Faults::default());
         assert_eq!(parse("nonsense"), Faults::default());
     }

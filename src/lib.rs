@@ -16,6 +16,7 @@
 //! - [`read`]    `Reader`: mapped shards, get / get_many, verify, unpack
 //! - [`sigbus`]  a SIGBUS guard for shards truncated under a reader's mappings
 //! - [`stage`]   copy a dataset to node-local storage, verified in the same pass; preload
+//! - [`cache`]   a node-local shard cache shared by the processes of a node (fetch, pin, evict)
 //! - [`tarindex`] `packds index`: an index over existing tar files (WebDataset shards), in place
 //! - [`compose`] `packds concat` and `packds subset`: datasets made of other datasets' shards
 //! - [`pool`]    scoped worker threads (no pool outlives a call)
@@ -23,6 +24,7 @@
 //! - `py`        the only code that names pyo3 (feature `python`)
 
 pub mod append;
+pub mod cache;
 pub mod codec;
 pub mod compose;
 pub mod error;

@@ -1,6 +1,7 @@
 //! `Reader`: an opened dataset. The index and every shard are memory-mapped read-only; a
 //! sample is a bounds-checked slice of its shard's mapping.
 
+use crate::cache::LocalShard;
 use crate::codec::{self, DecodeError, Decoder};
 use crate::error::{Error, IoContext, Result};
 use crate::index::{Entry, Index, ShardInfo};
@@ -282,6 +283,12 @@ impl Reader {
     /// [`Reader::get_many_into`]; `big`: copy with several threads even when nothing is
     /// compressed (a large batch: the copies are bound by page faults and memory bandwidth).
     fn get_many_into_with(&self, indices: &[usize], out: &mut [&mut [u8]], verify: bool, big: bool) -> Result<()> {
+        self.get_many_into_from(indices, out, verify, big, None)
+    }
+
+    /// [`Reader::get_many_into_with`], the stored bytes taken from `local` (a cached copy of
+    /// the one shard holding every sample of `indices`, see [`Reader::check_local`]) when given.
+    fn get_many_into_from(&self, indices: &[usize], out: &mut [&mut [u8]], verify: bool, big: bool, local: Option<&LocalShard>) -> Result<()> {
         if indices.len() != out.len() {
             return Err(Error::usage(format!("{} samples but {} buffers", indices.len(), out.len()), "give one buffer per sample"));
         }
@@ -295,7 +302,7 @@ impl Reader {
         let threads =
             if big || work >= PARALLEL_DECODE_BYTES { std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DECODE_THREADS) } else { 1 };
         if threads <= 1 || indices.len() < 2 {
-            return indices.iter().zip(out.iter_mut()).try_for_each(|(&i, b)| self.read_sample_into(i, b, verify));
+            return indices.iter().zip(out.iter_mut()).try_for_each(|(&i, b)| self.read_sample_into_from(i, b, verify, local));
         }
         let jobs = std::sync::Mutex::new(indices.iter().zip(out.iter_mut()));
         let stop = std::sync::atomic::AtomicBool::new(false);
@@ -306,7 +313,7 @@ impl Reader {
             }
             let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).next();
             let Some((&i, buf)) = next else { return };
-            if let Err(e) = self.read_sample_into(i, buf, verify) {
+            if let Err(e) = self.read_sample_into_from(i, buf, verify, local) {
                 first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -345,14 +352,25 @@ impl Reader {
     /// `stop - start + 1` offsets from 0 (sample `start + k` is `offsets[k]..offsets[k + 1]`),
     /// after the checks of [`Reader::prepare`].
     pub fn range_offsets(&self, start: usize, stop: usize, verify: bool) -> Result<Vec<u64>> {
+        self.range_offsets_from(start, stop, verify, None)
+    }
+
+    /// [`Reader::range_offsets`]; with `local` (a cached copy of the one shard holding samples
+    /// `[start, stop)`, else a usage error), the checks read the stored bytes from it.
+    pub fn range_offsets_from(&self, start: usize, stop: usize, verify: bool, local: Option<&LocalShard>) -> Result<Vec<u64>> {
         self.check_range(start, stop)?;
+        if let Some(l) = local {
+            self.check_local(start, stop, l)?;
+        }
         let mut out = Vec::with_capacity(stop - start + 1);
         let mut at = 0u64;
         out.push(0);
         for i in start..stop {
-            at = at
-                .checked_add(self.prepare(i, verify)?)
-                .ok_or_else(|| Error::format(&self.dir, format!("samples {start}..{stop} add up to more than 2^64 bytes")))?;
+            let n = match local {
+                Some(l) => self.prepare_local(i, verify, l)?,
+                None => self.prepare(i, verify)?,
+            };
+            at = at.checked_add(n).ok_or_else(|| Error::format(&self.dir, format!("samples {start}..{stop} add up to more than 2^64 bytes")))?;
             out.push(at);
         }
         Ok(out)
@@ -365,7 +383,18 @@ impl Reader {
     /// the kernel to read the span ahead (SIGBUS-guarded either way). Others are decoded (and
     /// checked with `verify`) one by one, by several threads for a large compressed range.
     pub fn read_range_into(&self, start: usize, stop: usize, dst: &mut [u8], verify: bool) -> Result<()> {
+        self.read_range_into_from(start, stop, dst, verify, None)
+    }
+
+    /// [`Reader::read_range_into`]; with `local` (a cached copy of the one shard holding
+    /// samples `[start, stop)`: its size and XXH3-128 must be that shard's, else a usage
+    /// error), the stored bytes are taken from its mapping instead of the dataset's shard: raw
+    /// samples copied, compressed ones decoded (with `verify`, every sample's CRC32C checked).
+    pub fn read_range_into_from(&self, start: usize, stop: usize, dst: &mut [u8], verify: bool, local: Option<&LocalShard>) -> Result<()> {
         self.check_range(start, stop)?;
+        if let Some(l) = local {
+            self.check_local(start, stop, l)?;
+        }
         if start == stop {
             return Ok(());
         }
@@ -392,7 +421,7 @@ impl Reader {
             && entries.windows(2).all(|w| w[1].offset >= w[0].offset + w[0].size);
         let last = entries[entries.len() - 1];
         let span = (last.offset + last.size).saturating_sub(first.offset);
-        if contiguous && span <= total.saturating_mul(2).saturating_add(SPAN_SLACK) {
+        if local.is_none() && contiguous && span <= total.saturating_mul(2).saturating_add(SPAN_SLACK) {
             match &self.maps[first.shard as usize] {
                 ShardData::Unmapped(_) => {
                     // One read of the whole span (headers between samples included), then
@@ -412,7 +441,89 @@ impl Reader {
             }
         }
         let indices: Vec<usize> = (start..stop).collect();
-        self.get_many_into(&indices, &mut bufs, verify)
+        self.get_many_into_from(&indices, &mut bufs, verify, false, local)
+    }
+
+    /// The shard number of sample `i`.
+    pub fn shard_of(&self, i: usize) -> Result<u32> {
+        Ok(self.index.entry(i)?.shard)
+    }
+
+    /// Usage error unless samples `[start, stop)` all lie in one shard of which `local` is a
+    /// copy (same size and XXH3-128).
+    pub fn check_local(&self, start: usize, stop: usize, local: &LocalShard) -> Result<()> {
+        let mismatch = |what: String| {
+            Error::usage(
+                format!("samples {start}..{stop} of {}: {what}, so they cannot be read from the cached copy {}", self.dir.display(), local.path().display()),
+                "give the LocalShard of the shard that holds them (Reader.shard_of(i) and the manifest's shard list), and a range inside one shard",
+            )
+        };
+        let mut shard = None;
+        for i in start..stop {
+            let s = self.index.entry(i)?.shard;
+            match shard {
+                None => shard = Some(s),
+                Some(t) if t != s => return Err(mismatch(format!("samples lie in shards {t} and {s}"))),
+                _ => {}
+            }
+        }
+        if let Some(s) = shard {
+            let info = &self.index.shards()[s as usize];
+            if info.size != local.size() || info.hash != local.hash() {
+                return Err(mismatch(format!("their shard {} is not the one cached ({} bytes, XXH3-128 {})", info.name, local.size(), hex128(local.hash()))));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored bytes of entry `e` in the cached copy `local` of its shard.
+    fn local_stored<'a>(&self, e: &Entry, local: &'a LocalShard) -> Result<&'a [u8]> {
+        let (a, b) = (e.offset as usize, e.offset.saturating_add(e.size) as usize);
+        local.bytes().get(a..b).ok_or_else(|| Error::format(local.path(), format!("cached shard is {} bytes, a sample lies at {a}..{b}", local.size())))
+    }
+
+    /// [`Reader::prepare`] of sample `i` from the cached copy `local` of its shard.
+    fn prepare_local(&self, i: usize, verify: bool, local: &LocalShard) -> Result<u64> {
+        let e = self.index.entry(i)?;
+        if e.codec == codec::RAW && e.size == e.raw {
+            return Ok(e.raw);
+        }
+        let r = self.decoder.check(e.codec, self.local_stored(&e, local)?, e.raw);
+        local.check_intact()?;
+        match r {
+            Ok(()) => Ok(e.raw),
+            Err(_) if verify => Err(self.local_checksum_error(i, local)),
+            Err(d) => Err(self.local_decode_error(i, local, d)),
+        }
+    }
+
+    /// [`Reader::read_sample_into`], the stored bytes from `local` when given.
+    fn read_sample_into_from(&self, i: usize, dst: &mut [u8], verify: bool, local: Option<&LocalShard>) -> Result<()> {
+        let Some(local) = local else { return self.read_sample_into(i, dst, verify) };
+        let e = self.index.entry(i)?;
+        let r = self.decoder.decode_into(e.codec, self.local_stored(&e, local)?, dst);
+        local.check_intact()?;
+        if verify {
+            if r.is_err() || crc32c::crc32c(dst) != e.crc {
+                return Err(self.local_checksum_error(i, local));
+            }
+            return Ok(());
+        }
+        r.map_err(|d| self.local_decode_error(i, local, d))
+    }
+
+    fn local_checksum_error(&self, i: usize, local: &LocalShard) -> Error {
+        let key = self.index.key(i).map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_else(|_| format!("#{i}"));
+        Error::Checksum { key, shard: local.path().to_path_buf() }
+    }
+
+    fn local_decode_error(&self, i: usize, local: &LocalShard, d: DecodeError) -> Error {
+        let key = self.index.key(i).map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_else(|_| format!("#{i}"));
+        Error::format_hint(
+            local.path(),
+            format!("sample {key:?} cannot be decoded: {}", d.0),
+            "the cached copy or the index is damaged; remove the shard cache directory, then run `packds verify --deep` on the dataset",
+        )
     }
 
     /// Samples `[start, stop)` back to back, and their offsets (see [`Reader::read_range_into`]).
@@ -1019,6 +1130,45 @@ mod tests {
     }
 
     /// A packed dataset of `n` samples (keys `cXX/fNNNNN.bin`, sizes 0..6000) and its data.
+    #[test]
+    fn read_range_from_a_cached_copy_gives_the_same_bytes() {
+        for compress in [codec::Compress::None, codec::Compress::Zstd(3)] {
+            let d = tempfile::tempdir().unwrap();
+            let (r, want) = packed(d.path(), 300, compress);
+            assert!(r.index().shards().len() > 2);
+            let cache = crate::cache::ShardCache::open(&d.path().join("cache"), 1 << 30).unwrap();
+            let local: Vec<_> = r.index().shards().iter().map(|s| cache.fetch(&r.dir().join(&s.name), s.size, &hex128(s.hash)).unwrap().unwrap()).collect();
+            for (a, b) in r.blocks(20_000).unwrap() {
+                let l = &local[r.shard_of(a).unwrap() as usize];
+                for verify in [false, true] {
+                    let offs = r.range_offsets_from(a, b, verify, Some(l)).unwrap();
+                    assert_eq!(offs, r.range_offsets(a, b, verify).unwrap());
+                    let mut buf = vec![0u8; *offs.last().unwrap() as usize];
+                    r.read_range_into_from(a, b, &mut buf, verify, Some(l)).unwrap();
+                    assert!(buf == want[a..b].concat(), "{a}..{b}");
+                }
+            }
+            // A range over two shards, or another shard's copy: a usage error.
+            let n = r.len();
+            let (s0, s1) = (r.shard_of(0).unwrap(), r.shard_of(n - 1).unwrap());
+            assert_ne!(s0, s1);
+            let e = r.range_offsets_from(0, n, false, Some(&local[s0 as usize])).unwrap_err();
+            assert!(matches!(e, Error::Usage { .. }) && e.to_string().contains("lie in shards"), "{e}");
+            let e = r.read_range_into_from(n - 1, n, &mut [0u8; 1 << 16], false, Some(&local[s0 as usize])).unwrap_err();
+            assert!(matches!(e, Error::Usage { .. }) && e.to_string().contains("is not the one cached"), "{e}");
+            // A cached copy damaged after its fetch: a verified read names the copy.
+            let i = (0..n).rev().find(|&i| r.entry(i).unwrap().size > 100).unwrap();
+            let e = r.entry(i).unwrap();
+            let l = &local[e.shard as usize];
+            let f = fs::OpenOptions::new().write(true).open(l.path()).unwrap();
+            let x = l.bytes()[(e.offset + 50) as usize];
+            std::os::unix::fs::FileExt::write_all_at(&f, &[x ^ 0x55], e.offset + 50).unwrap();
+            let mut buf = vec![0u8; e.raw as usize];
+            let err = r.read_range_into_from(i, i + 1, &mut buf, true, Some(l)).unwrap_err();
+            assert!(matches!(&err, Error::Checksum { shard, .. } if shard == l.path()), "{err}");
+        }
+    }
+
     fn packed(d: &Path, n: usize, compress: codec::Compress) -> (Reader, Vec<Vec<u8>>) {
         let src = d.join("src");
         let mut want = Vec::new();

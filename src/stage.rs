@@ -327,7 +327,7 @@ fn copy_all(src: &Path, tmp: &Path, list: &[DataFile], jobs: usize, durable: boo
         todo = list.iter().zip(&linked).filter(|(_, l)| !l.load(Relaxed)).map(|(j, _)| j).collect();
     }
     let copies: Vec<CopyJob> =
-        todo.iter().map(|j| CopyJob { src: src.join(&j.name), dst: tmp.join(&j.name), size: j.size, expect: Some((*j).clone()) }).collect();
+        todo.iter().map(|j| CopyJob { expect: Some((*j).clone()), ..CopyJob::new(src.join(&j.name), tmp.join(&j.name), j.size) }).collect();
     copy_files(&copies, jobs, durable, progress)?;
     if durable {
         sync_files(&copies.iter().map(|c| c.dst.as_path()).collect::<Vec<_>>(), jobs)?;
@@ -355,6 +355,26 @@ struct CopyJob {
     /// The size expected (to plan the work; what is copied is checked at open).
     size: u64,
     expect: Option<DataFile>,
+    /// `dst` already created and opened for writing by the caller (else it is created here).
+    out: Option<File>,
+    /// Called after each chunk with the bytes copied so far (a fault switch).
+    per_chunk: Option<fn(u64)>,
+}
+
+impl CopyJob {
+    fn new(src: PathBuf, dst: PathBuf, size: u64) -> CopyJob {
+        CopyJob { src, dst, size, expect: None, out: None, per_chunk: None }
+    }
+}
+
+/// Copies `src` into `out` (the file `dst`, created and opened for writing by the caller) with
+/// `workers` threads in BUF-sized chunks, and checks the copy against `expect` (size and
+/// XXH3-128, computed in the same pass). Nothing is fsynced; `per_chunk(bytes copied)` runs
+/// after each chunk. On error `dst` is left for the caller to remove.
+pub(crate) fn copy_into(src: &Path, dst: &Path, out: &File, expect: &DataFile, workers: usize, per_chunk: Option<fn(u64)>) -> Result<()> {
+    let out = out.try_clone().ctx("open", dst)?;
+    let job = CopyJob { expect: Some(expect.clone()), out: Some(out), per_chunk, ..CopyJob::new(src.to_path_buf(), dst.to_path_buf(), expect.size) };
+    copy_files(std::slice::from_ref(&job), workers, false, &StageProgress::default())
 }
 
 /// A file being copied: both ends open, and the one XXH3-128 hasher, fed chunk by chunk in
@@ -467,7 +487,10 @@ fn open_copy(job: &CopyJob, writeback: bool) -> Result<Copying<'_>> {
     };
     // SAFETY: advisory call on a descriptor we own.
     unsafe { libc::posix_fadvise(inp.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-    let out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&job.dst).ctx("create", &job.dst)?;
+    let out = match &job.out {
+        Some(f) => f.try_clone().ctx("open", &job.dst)?,
+        None => OpenOptions::new().write(true).create_new(true).mode(0o644).open(&job.dst).ctx("create", &job.dst)?,
+    };
     Ok(Copying { job, inp, out, writeback, size, chunks: size.div_ceil(BUF as u64), hash: Mutex::new((0, Xxh3::new(), false)), turn: Condvar::new() })
 }
 
@@ -512,6 +535,9 @@ fn copy_chunk(f: &Copying, k: u64, buf: &mut [u8], progress: &StageProgress, sto
         unsafe { libc::sync_file_range(f.out.as_raw_fd(), from as libc::off64_t, (end - from) as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
     }
     let done = progress.bytes_done.fetch_add(len as u64, Relaxed) + len as u64;
+    if let Some(hook) = f.job.per_chunk {
+        hook(done);
+    }
     if done / AHEAD != (done - len as u64) / AHEAD || k + 1 == f.chunks {
         crate::fault::stage_copied(done);
     }
@@ -546,7 +572,7 @@ fn shrank(f: &Copying, n: u64) -> Error {
 
 /// Copies one file (two workers: one reads while the other writes); see [`copy_files`].
 fn copy_one(src: &Path, dst: &Path, expect: Option<&DataFile>, size: u64, durable: bool, progress: &StageProgress) -> Result<()> {
-    let job = CopyJob { src: src.to_path_buf(), dst: dst.to_path_buf(), size, expect: expect.cloned() };
+    let job = CopyJob { expect: expect.cloned(), ..CopyJob::new(src.to_path_buf(), dst.to_path_buf(), size) };
     copy_files(std::slice::from_ref(&job), 2, durable, progress)
 }
 
@@ -733,7 +759,7 @@ mod tests {
         let j = DataFile { name: "shard-00000.tar".into(), size: data.len() as u64, xxh3_128: hex128(xxhash_rust::xxh3::xxh3_128(&data)) };
         for workers in [1, 2, 4, 7] {
             let dst = t.path().join(format!("copy{workers}"));
-            let job = CopyJob { src: a.clone(), dst: dst.clone(), size: j.size, expect: Some(j.clone()) };
+            let job = CopyJob { expect: Some(j.clone()), ..CopyJob::new(a.clone(), dst.clone(), j.size) };
             let p = StageProgress::default();
             copy_files(std::slice::from_ref(&job), workers, workers % 2 == 0, &p).unwrap();
             assert!(fs::read(&dst).unwrap() == data, "{workers} workers");
@@ -741,13 +767,13 @@ mod tests {
         }
         // The hash is of the whole file in order: a wrong digest fails, whatever the workers.
         let bad = DataFile { xxh3_128: hex128(1), ..j.clone() };
-        let job = CopyJob { src: a.clone(), dst: t.path().join("bad"), size: j.size, expect: Some(bad) };
+        let job = CopyJob { expect: Some(bad), ..CopyJob::new(a.clone(), t.path().join("bad"), j.size) };
         let e = copy_files(std::slice::from_ref(&job), 4, false, &StageProgress::default()).unwrap_err();
         assert!(matches!(&e, Error::Checksum { shard, .. } if shard == &a), "{e}");
         // A file shorter than the manifest says (truncated after the size was checked is the
         // same path: a short read) is refused.
         let short = DataFile { size: j.size + 1, ..j.clone() };
-        let job = CopyJob { src: a.clone(), dst: t.path().join("short"), size: short.size, expect: Some(short) };
+        let job = CopyJob { size: short.size, expect: Some(short), ..CopyJob::new(a.clone(), t.path().join("short"), 0) };
         let e = copy_files(std::slice::from_ref(&job), 4, false, &StageProgress::default()).unwrap_err().to_string();
         assert!(e.contains("manifest.json says"), "{e}");
     }

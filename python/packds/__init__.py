@@ -105,8 +105,9 @@ class Dataset(_core.Reader):
 
     Methods implemented in Rust (see ``_core.pyi``): ``key(i)``, ``key_bytes(i)``,
     ``index(key)``, ``find_key(key)``, ``size(i)``, ``get_many(indices)``, ``get_checked(i)``,
-    ``read_range(start, stop, out=None)`` (samples ``[start, stop)`` back to back in one
-    buffer, with their offsets), ``blocks(target_bytes)`` (shard-contiguous ``(start, stop)``
+    ``read_range(start, stop, out=None, local=None)`` (samples ``[start, stop)`` back to back
+    in one buffer, with their offsets; ``local``: a ``_core.LocalShard`` of their shard, read
+    instead of the dataset's), ``shard_of(i)``, ``blocks(target_bytes)`` (shard-contiguous ``(start, stop)``
     ranges for sequential reading), ``key_range(prefix)``, ``locate(i)``, ``glob(pattern)``,
     ``verify()``, ``unpack(dest)``.
 

@@ -9,6 +9,8 @@ from typing_extensions import disjoint_base
 _Progress = Callable[[int, int, int, int, int], object]
 
 __all__ = [
+    "LocalShard",
+    "ShardCache",
     "compact",
     "concat",
     "subset",
@@ -69,13 +71,19 @@ class Reader:
         """Bytes of many samples in one call; GIL released while the bytes are copied and
         decoded (several threads for a large compressed batch)."""
     def get_batch(self, indices: Sequence[SupportsIndex | str | bytes], out: bytearray | None = None) -> tuple[bytearray, list[int]]: ...
-    def read_range(self, start: SupportsIndex, stop: SupportsIndex, out: bytearray | None = None) -> tuple[bytearray, list[int]]:
+    def read_range(
+        self, start: SupportsIndex, stop: SupportsIndex, out: bytearray | None = None, local: LocalShard | None = None
+    ) -> tuple[bytearray, list[int]]:
         """Samples ``[start, stop)`` back to back in one buffer: ``(buffer, offsets)``, sample
         ``start + k`` being ``buffer[offsets[k]:offsets[k + 1]]``. Samples stored raw in one
         shard are read as one byte span (one ``pread`` where the shard cannot be mapped);
         compressed ones are decoded. ``out``: a bytearray to fill and return (grown when too
-        small, never shrunk); else a new one. GIL released. IndexError outside ``0..len``,
-        ValueError when ``start > stop``."""
+        small, never shrunk); else a new one. ``local``: a pinned copy (``ShardCache.fetch``)
+        of the one shard holding every sample of the range (else UsageError), read instead of
+        the dataset's shard. GIL released. IndexError outside ``0..len``, ValueError when
+        ``start > stop``."""
+    def shard_of(self, i: SupportsIndex) -> int:
+        """The shard number of sample ``i`` (its position in the manifest's ``shards``)."""
     def blocks(self, target_bytes: int) -> list[tuple[int, int]]:
         """``(start, stop)`` ranges covering every sample once, in order, each inside one shard
         and spanning about ``target_bytes`` stored bytes (for sequential reading)."""
@@ -103,6 +111,48 @@ class Reader:
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
+
+@final
+class ShardCache:
+    """A node-local shard cache directory (mode 0700, ours) shared by every process of a node:
+    shards copied in on first use, verified against the manifest's XXH3-128, evicted least
+    recently used first, never while pinned. Thread-safe; per process."""
+
+    def __new__(cls, dir: str | PathLike[str], limit: int) -> ShardCache: ...
+    @property
+    def dir(self) -> str: ...
+    @property
+    def limit(self) -> int: ...
+    def fetch(self, src: str | PathLike[str], size: int, xxh3_128: str) -> LocalShard | None:
+        """The shard ``src`` (``size`` bytes, XXH3-128 ``xxh3_128`` as its manifest says) as a
+        pinned, mapped local copy, copied in first when the cache lacks it (blocking while
+        another process or thread fetches it). None when it cannot be cached (larger than
+        ``limit``, or no room: every cached shard pinned). A copy whose size or hash differs
+        raises FormatError / ChecksumError naming ``src`` and leaves nothing cached. GIL
+        released."""
+    def lookup(self, size: int, xxh3_128: str) -> LocalShard | None:
+        """The pinned copy if the shard is cached, else None; never fetches."""
+    def usage(self) -> int:
+        """Bytes of cached shards and copies in progress."""
+    def stats(self) -> dict[str, int]:
+        """This object's ``fetches``, ``fetched_bytes``, ``hits``, ``evictions``, ``evicted_bytes``."""
+    def fetch_log(self) -> list[tuple[str, int, int]]:
+        """Every fetch recorded in the cache directory by any process: ``(xxh3_128, size, pid)``."""
+
+@final
+class LocalShard:
+    """A cached shard, pinned (never evicted) and mapped until ``close()``."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def close(self) -> None:
+        """Unpins and unmaps; idempotent (also on garbage collection)."""
+    def __enter__(self) -> LocalShard: ...
+    def __exit__(self, *_exc: object) -> None: ...
 
 def pack(
     sources: list[str],

@@ -3,6 +3,7 @@
 //! released where the work is more than a copy, and maps errors to the exceptions defined in
 //! `python/packds/errors.py`.
 
+mod cache;
 mod compose;
 mod convert;
 mod errors;
@@ -18,6 +19,8 @@ pub use reader::PyReader;
 
 #[pymodule(name = "_core")]
 mod core_module {
+    #[pymodule_export]
+    use super::cache::{PyLocalShard, PyShardCache};
     #[pymodule_export]
     use super::compose::{compact, concat, subset};
     #[pymodule_export]

@@ -273,14 +273,17 @@ impl PyReader {
     /// (a block of a packed dataset) are read as one byte span (one `pread` where the shard
     /// cannot be mapped); compressed ones are decoded. `out`: a bytearray to fill and return
     /// (grown when too small, never shrunk: reuse it across calls); else a new bytearray.
-    /// GIL released for the read.
-    #[pyo3(signature = (start, stop, out=None))]
+    /// GIL released for the read. `local`: a `LocalShard` (from a `ShardCache`) of the one shard
+    /// holding every sample of the range (else UsageError): the stored bytes are read from that
+    /// local copy instead of the dataset's shard.
+    #[pyo3(signature = (start, stop, out=None, local=None))]
     fn read_range<'py>(
         &self,
         py: Python<'py>,
         start: &Bound<'py, PyAny>,
         stop: &Bound<'py, PyAny>,
         out: Option<Bound<'py, PyByteArray>>,
+        local: Option<PyRef<'py, super::cache::PyLocalShard>>,
     ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u64>)> {
         let (a, b) = (bound_arg(start)?, bound_arg(stop)?);
         let n = self.r()?.len() as i64;
@@ -291,9 +294,18 @@ impl PyReader {
             return Err(PyIndexError::new_err(format!("sample range {}..{} out of range ({n} samples)", shown(start), shown(stop))));
         }
         let (a, b, check, r) = (a as usize, b as usize, self.check, &*self.r()?);
-        let offsets = py.detach(|| r.range_offsets(a, b, check)).map_err(to_py)?;
-        let buf = fill_bytearray(py, out, &offsets, |dst| r.read_range_into(a, b, dst, check))?;
+        // Held (so pinned and mapped) until the read is done, even if closed meanwhile.
+        let local = local.map(|l| l.shard()).transpose()?;
+        let l = local.as_deref();
+        let offsets = py.detach(|| r.range_offsets_from(a, b, check, l)).map_err(to_py)?;
+        let buf = fill_bytearray(py, out, &offsets, |dst| r.read_range_into_from(a, b, dst, check, l))?;
         Ok((buf, offsets))
+    }
+
+    /// The shard number of sample `i` (its position in the manifest's shard list).
+    fn shard_of(&self, i: &Bound<'_, PyAny>) -> PyResult<u32> {
+        let j = self.norm(i)?;
+        self.r()?.shard_of(j).map_err(to_py)
     }
 
     /// The samples `indices` (positions or keys) back to back in one buffer: returns `(buffer,
