@@ -73,15 +73,16 @@ def collate_list(b):
     return b
 
 
-def rank_main(path, cache, rank, barrier, q, limit, workers, epochs):
+def rank_main(path, cache, rank, barrier, q, limit, workers, epochs, ctx="fork"):
     try:
         s = pt.StreamingDataset(path, seed=3, block_size=8192, shuffle_buffer=16, rank=rank, world_size=4, nodes=2,
                                 cache_dir=cache, cache_limit=limit, pad=False, prefetch=2)
         assert s.partition == "node"
         got = {}
+        dl = DataLoader(s, batch_size=8, num_workers=workers, collate_fn=collate_list, multiprocessing_context=ctx,
+                        persistent_workers=True)
         for epoch in range(epochs):
             s.set_epoch(epoch)
-            dl = DataLoader(s, batch_size=8, num_workers=workers, collate_fn=collate_list, multiprocessing_context="fork")
             got[epoch] = [check(x) for b in dl for x in b]
             barrier.wait(timeout=120)  # every rank of every node finished this epoch
             got[f"log{epoch}"] = len(packds._core.ShardCache(cache, 1 << 40).fetch_log())
@@ -91,11 +92,12 @@ def rank_main(path, cache, rank, barrier, q, limit, workers, epochs):
         q.put((rank, None, repr(e)))
 
 
-def run_nodes(path, caches, limit=None, workers=2, epochs=2):
+def run_nodes(path, caches, limit=None, workers=2, epochs=2, dl_ctx="fork"):
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(4)
     q = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(path, caches[r // 2], r, barrier, q, limit, workers, epochs)) for r in range(4)]
+    procs = [ctx.Process(target=rank_main, args=(path, caches[r // 2], r, barrier, q, limit, workers, epochs, dl_ctx))
+             for r in range(4)]
     for p in procs:
         p.start()
     out = {}
@@ -115,9 +117,10 @@ def shard_hashes(path, lo, hi) -> set[str]:
     return {recs[ds.shard_of(i)]["xxh3_128"] for i in range(lo, hi)}
 
 
-def test_two_nodes_one_fetch_per_shard_and_epoch_two_from_cache(shared_ds, work):
+@pytest.mark.parametrize("dl_ctx", ["fork", "spawn"])
+def test_two_nodes_one_fetch_per_shard_and_epoch_two_from_cache(shared_ds, work, dl_ctx):
     caches = [os.path.join(work, "node0", "packds-cache"), os.path.join(work, "node1", "packds-cache")]
-    out = run_nodes(shared_ds, caches)
+    out = run_nodes(shared_ds, caches, dl_ctx=dl_ctx)
     for epoch in (0, 1):
         names = sorted(n for r in range(4) for n in out[r][epoch])
         assert names == [f"s/{i:05d}" for i in range(N)]  # every sample exactly once
@@ -165,7 +168,8 @@ def test_eviction_keeps_the_limit_and_reads_stay_correct(shared_ds, work):
     for epoch in (0, 1):
         assert sorted(n for r in range(4) for n in out[r][epoch]) == [f"s/{i:05d}" for i in range(N)]
     assert 0 < peak[0] <= limit
-    assert any(len(packds._core.ShardCache(c, 1 << 40).fetch_log()) > 0 for c in caches)
+    logs = [[h for h, _, _ in packds._core.ShardCache(c, 1 << 40).fetch_log()] for c in caches]
+    assert any(len(log) > len(set(log)) for log in logs)  # shards were evicted and fetched again
 
 
 def test_pinned_shard_survives_eviction_by_readers(shared_ds, work):
@@ -213,3 +217,27 @@ def test_cache_default_is_slurm_tmpdir_inside_a_job(shared_ds, work, monkeypatch
     assert st["fetches"] == len(packds.open(shared_ds).manifest["shards"]) and st["read_through_bytes"] == 0
     assert 0 < st["limit"]
     assert pt.StreamingDataset(shared_ds, cache_dir=None).cache_dir is None
+
+
+def test_resume_mid_epoch_with_cache_and_node_partition(shared_ds, work):
+    cache = os.path.join(work, "c")
+
+    def run(rank, stop=None, state=None):
+        s = pt.StreamingDataset(shared_ds, seed=6, block_size=8192, shuffle_buffer=16, rank=rank, world_size=4, nodes=2,
+                                cache_dir=cache)
+        dl = pt.StreamingLoader(s, batch_size=8, num_workers=2, collate_fn=collate_list, multiprocessing_context="fork")
+        if state:
+            dl.load_state_dict(state)
+        out = []
+        for b in dl:
+            out.append([check(x) for x in b])
+            if len(out) == stop:
+                break
+        return out, dl.state_dict()
+
+    for rank in (0, 3):
+        full, _ = run(rank)
+        head, st = run(rank, stop=4)
+        assert st["partition"] == "node" and st["groups"] == 2
+        rest, _ = run(rank, state=st)
+        assert head + rest == full
