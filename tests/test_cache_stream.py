@@ -10,6 +10,7 @@ Skipped without torch, unless PACKDS_REQUIRE_TORCH=1 (set by .ci/run), where tha
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing as mp
 import os
 import signal
@@ -143,19 +144,25 @@ def test_eviction_keeps_the_limit_and_reads_stay_correct(shared_ds, work):
     stop = threading.Event()
 
     def watch():
+        # Holds the cache's room-making lock while it counts, as the cache does: a count taken
+        # across an eviction and the next temporary file would see both.
         while not stop.is_set():
             for c in caches:
-                total = 0
-                for sub in ("shards", "tmp"):
-                    try:
-                        for e in os.scandir(os.path.join(c, sub)):
-                            try:
-                                total += e.stat().st_size
-                            except FileNotFoundError:
-                                pass
-                    except FileNotFoundError:
-                        pass
-                peak[0] = max(peak[0], total)
+                try:
+                    fd = os.open(os.path.join(c, "evict.lock"), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    total = 0
+                    for sub in ("shards", "tmp"):
+                        try:
+                            total += sum(e.stat().st_size for e in os.scandir(os.path.join(c, sub)))
+                        except FileNotFoundError:
+                            pass
+                    peak[0] = max(peak[0], total)
+                finally:
+                    os.close(fd)
             time.sleep(0.002)
 
     t = threading.Thread(target=watch, daemon=True)
