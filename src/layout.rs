@@ -661,12 +661,52 @@ const STICKY: u32 = 0o1000;
 /// writable or sticky.
 pub fn others_can_replace_in(dir: &Path) -> Result<Option<String>> {
     let md = fs::metadata(dir).ctx("stat", dir)?;
-    let me = euid();
+    Ok(dir_open_to_others(dir, &md, euid()))
+}
+
+fn dir_open_to_others(dir: &Path, md: &fs::Metadata, me: u32) -> Option<String> {
     if md.uid() != me && md.uid() != 0 {
-        return Ok(Some(format!("{} is owned by {}", dir.display(), describe_uid(md.uid()))));
+        return Some(format!("{} is owned by {}", dir.display(), describe_uid(md.uid())));
     }
     if md.mode() & OTHERS_WRITE != 0 && md.mode() & STICKY == 0 {
-        return Ok(Some(format!("{} is writable by other users (mode {:o}, not sticky)", dir.display(), md.mode() & 0o7777)));
+        return Some(format!("{} is writable by other users (mode {:o}, not sticky)", dir.display(), md.mode() & 0o7777));
+    }
+    None
+}
+
+/// Can another user than us change what the path `dir` leads to: replace `dir` or any
+/// directory above it, or a symbolic link on the way? Every directory from `/` down to `dir`
+/// (as resolved) must pass [`others_can_replace_in`], except that a sticky directory others can
+/// write (`/tmp`, `/dev/shm`) is fine when the entry below it is ours or root's (in a sticky
+/// directory only an entry's owner can rename or remove it). Every symbolic link on the path as
+/// given must be ours or root's, in a directory that passes the same rule. The reason, or None.
+pub fn others_can_replace_along(dir: &Path) -> Result<Option<String>> {
+    let me = euid();
+    let abs = if dir.is_absolute() { dir.to_path_buf() } else { std::env::current_dir().ctx("getcwd", dir)?.join(dir) };
+    // symbolic links on the path as given
+    let mut at = PathBuf::new();
+    for c in abs.components() {
+        at.push(c);
+        let Ok(md) = fs::symlink_metadata(&at) else { break };
+        if md.file_type().is_symlink() && md.uid() != me && md.uid() != 0 {
+            return Ok(Some(format!("{} is a symbolic link owned by {}", at.display(), describe_uid(md.uid()))));
+        }
+    }
+    let canon = fs::canonicalize(&abs).ctx("resolve", &abs)?;
+    let mut at = PathBuf::new();
+    let mut sticky_shared_parent: Option<PathBuf> = None;
+    for c in canon.components() {
+        at.push(c);
+        let md = fs::metadata(&at).ctx("stat", &at)?;
+        if let Some(p) = &sticky_shared_parent {
+            if md.uid() != me && md.uid() != 0 {
+                return Ok(Some(format!("{} (in the shared directory {}) is owned by {}", at.display(), p.display(), describe_uid(md.uid()))));
+            }
+        }
+        if let Some(w) = dir_open_to_others(&at, &md, me) {
+            return Ok(Some(w));
+        }
+        sticky_shared_parent = (md.mode() & OTHERS_WRITE != 0 && md.mode() & STICKY != 0).then(|| at.clone());
     }
     Ok(None)
 }
@@ -674,7 +714,8 @@ pub fn others_can_replace_in(dir: &Path) -> Result<Option<String>> {
 /// Whether the staged copy at `path` (a dataset directory or one staged file) is provably ours:
 /// `path` and every entry in it (plain files only) owned by the effective user and writable by
 /// nobody else, not a symlink; and whether its directory lets other users replace it
-/// ([`others_can_replace_in`]). Errors reading it count as [`Trust::Foreign`].
+/// or any directory above it ([`others_can_replace_along`]). Errors reading it count as
+/// [`Trust::Foreign`].
 pub fn staged_copy_trust(path: &Path) -> Trust {
     let me = euid();
     let md = match fs::symlink_metadata(path) {
@@ -725,7 +766,7 @@ pub fn staged_copy_trust(path: &Path) -> Trust {
         return Trust::Shared(w);
     }
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    match others_can_replace_in(parent) {
+    match others_can_replace_along(parent) {
         Ok(None) => Trust::Private,
         Ok(Some(w)) => Trust::Shared(w),
         Err(e) => Trust::Shared(e.to_string()),
@@ -884,6 +925,32 @@ mod tests {
         assert_eq!(parse_state_index_name(&state_index_name(7)), Some(7));
         assert_eq!(parse_part_dir_name(&part_dir_name(4)), Some(4));
         assert_eq!(tmp_file_name("index.pdsi"), ".index.pdsi.tmp");
+    }
+
+    #[test]
+    fn paths_others_can_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let mine = t.path().join("mine");
+        fs::create_dir(&mine).unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(&mine, fs::Permissions::from_mode(0o755)).unwrap();
+        // the temporary directory's own ancestors (/tmp: root's, sticky) are fine
+        assert_eq!(others_can_replace_along(&mine).unwrap(), None);
+        // a group-writable directory above the destination, not sticky
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o770)).unwrap();
+        let w = others_can_replace_along(&mine).unwrap().expect("group-writable parent");
+        assert!(w.contains("writable by other users"), "{w}");
+        // sticky: fine, because the entry below it is ours
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(others_can_replace_along(&mine).unwrap(), None);
+        // the destination itself open to others (not sticky) and a symlink of ours on the way
+        fs::set_permissions(&mine, fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&mine, t.path().join("link")).unwrap();
+        assert!(others_can_replace_along(&t.path().join("link")).unwrap().is_some());
+        fs::set_permissions(&mine, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(others_can_replace_along(&t.path().join("link")).unwrap(), None);
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o700)).unwrap();
     }
 
     #[test]

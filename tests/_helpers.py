@@ -105,8 +105,9 @@ def assert_cli_error(r, *needles, exit_code: int = 1, single: bool = True) -> st
     every needle, and a ``hint: ...`` line. Returns the error line."""
     assert r.returncode == exit_code, show(r)
     text = r.stderr.decode("utf-8", errors="surrogateescape")
-    # Progress lines (stderr is not a terminal here) may come before the error: not part of it.
-    lines = [ln for ln in text.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
+    # Progress lines (stderr is not a terminal here) and warnings (e.g. a destination other
+    # users can change) may come before the error: not part of it.
+    lines = [ln for ln in text.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln) and not ln.startswith("packds: warning:")]
     errs = [ln for ln in lines if ln.startswith("packds: error:")]
     assert len(errs) == 1, f"want exactly one error line\n{show(r)}"
     if single:

@@ -295,6 +295,36 @@ def test_h5_copy_of_ours_in_a_dir_others_can_write_is_verified_before_reuse(sour
         same_samples(sources[0], p2)
 
 
+def test_h7_a_directory_above_the_destination_that_another_user_controls(sources, other):
+    _, uid = other
+    with h.reachable_dir() as base:
+        theirs = os.path.join(base, "theirs")
+        os.mkdir(theirs)
+        mine = os.path.join(theirs, "mine")  # ours, but inside a directory another user owns
+        os.mkdir(mine)
+        os.chown(theirs, uid, uid)
+        r = stage_cli(sources[0], mine)
+        path = ok(r)["path"]
+        assert b"warning: " + theirs.encode() + b" is owned by uid 65534" in r.stderr, h.show(r)
+        assert b"another user could replace the staged copy" in r.stderr
+        assert _core.staged_copy_trust(path)[0] == "shared"  # never reused on sizes alone
+        r = h.cli("stage", sources[0], "--to", mine, "--json")
+        assert ok(r)["copied"] is False and b"checking every byte against the source" in r.stderr
+        # the same directory, but another user's symbolic link on the way to it
+        link = os.path.join(base, "link")
+        os.symlink(mine, link)
+        os.lchown(link, uid, uid)
+        os.chown(theirs, 0, 0)
+        r = stage_cli(sources[0], link)
+        ok(r)
+        assert b"is a symbolic link owned by uid 65534" in r.stderr, h.show(r)
+        # a sticky shared directory (like /tmp) above a directory of ours: nothing to warn about
+        os.chmod(theirs, 0o1777)
+        r = stage_cli(sources[0], mine)
+        assert ok(r)["path"] == path and b"warning" not in r.stderr, h.show(r)
+        assert _core.path_open_to_others(mine) is None and _core.staged_copy_trust(path)[0] == "private"
+
+
 def test_h6_two_sources_with_the_same_basename_each_read_their_own_data(sources, work):
     a, b = sources
     dest = os.path.join(work, "dest")

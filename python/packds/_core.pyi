@@ -27,6 +27,7 @@ __all__ = [
     "is_intact_with_options",
     "remove_stale_copy",
     "staged_copy_trust",
+    "path_open_to_others",
     "verify_copy",
     "disambiguated_name",
     "tree_fingerprint",
@@ -324,6 +325,8 @@ def is_intact_with_options(dest: str | PathLike[str], options: str) -> bool: ...
 def remove_stale_copy(path: str | PathLike[str]) -> None: ...
 def staged_copy_trust(path: str | PathLike[str]) -> tuple[str, str]:
     """("missing" | "foreign" | "shared" | "private", why): is the staged copy provably ours?"""
+def path_open_to_others(path: str | PathLike[str]) -> str | None:
+    """Why another user could change what the directory path leads to (it, a directory above it, a symlink on the way), or None."""
 def verify_copy(src: str | PathLike[str] | None, dest: str | PathLike[str], *, file: bool = False) -> None:
     """Reads the whole copy and checks it against ``src``'s manifest (or its own; or, ``file=True``, the file ``src``)."""
 def disambiguated_name(name: str, source: str | PathLike[str]) -> str: ...

@@ -641,6 +641,12 @@ def stage_record(
         e = UsageError(f"cannot stage {source.path} onto itself")
         e.hint = "give --to a different, node-local directory"
         raise e
+    open_why = _core.path_open_to_others(dest_dir)
+    if open_why:
+        # Staged anyway (the copy is checked as it is written), but another user could swap it,
+        # or a directory above it, for a copy of their own after the check.
+        _warn(f"{open_why}: another user could replace the staged copy after it is checked; "
+              "stage into a directory only you can write (e.g. $SLURM_TMPDIR or a 700 directory of yours)")
     lock, name, state, why = _lock_a_name(source, dest_dir, quiet, lock_timeout)
     final = os.path.join(dest_dir, name)
     try:

@@ -27,8 +27,8 @@ mod core_module {
     use super::pack::{merge, pack, plan};
     #[pymodule_export]
     use super::stage::{
-        dataset_files, dataset_kind, disambiguated_name, is_intact_with_options, is_staged_at, preload, remove_stale_copy, stage_dataset, stage_file,
-        staged_copy_trust, tree_fingerprint, verify_copy, PyStageProgress,
+        dataset_files, dataset_kind, disambiguated_name, is_intact_with_options, is_staged_at, path_open_to_others, preload, remove_stale_copy, stage_dataset,
+        stage_file, staged_copy_trust, tree_fingerprint, verify_copy, PyStageProgress,
     };
     #[pymodule_export]
     use super::tarindex::{index_tars, PyGroups};

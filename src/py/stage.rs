@@ -185,6 +185,13 @@ pub fn remove_stale_copy(py: Python<'_>, path: PathBuf) -> PyResult<()> {
     py.detach(|| layout::remove_stale_copy(&path)).map_err(to_py)
 }
 
+/// Why another user could change what the directory path `path` leads to (it, a directory
+/// above it, or a symbolic link on the way), or None. See `layout::others_can_replace_along`.
+#[pyfunction]
+pub fn path_open_to_others(py: Python<'_>, path: PathBuf) -> PyResult<Option<String>> {
+    py.detach(|| layout::others_can_replace_along(&path)).map_err(to_py)
+}
+
 /// Whether the staged copy at `path` is provably ours: ("missing" | "foreign" | "shared" |
 /// "private", why). See `layout::staged_copy_trust`.
 #[pyfunction]
