@@ -248,3 +248,15 @@ def test_resume_mid_epoch_with_cache_and_node_partition(shared_ds, work):
         assert st["partition"] == "node" and st["groups"] == 2
         rest, _ = run(rank, state=st)
         assert head + rest == full
+
+
+def test_cache_below_a_directory_another_user_controls_is_refused(shared_ds, work):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user (65534)")
+    theirs = os.path.join(work, "theirs")
+    os.makedirs(theirs)
+    os.chown(theirs, 65534, 65534)
+    s = pt.StreamingDataset(shared_ds, cache_dir=os.path.join(theirs, "mine", "cache"))
+    with pytest.raises(packds.UsageError, match="owned by uid 65534") as e:
+        next(iter(s))
+    assert "only you can write" in e.value.hint

@@ -60,11 +60,27 @@ def default_limit(cache_dir: str) -> tuple[int, str]:
     return max(0, used + free - reserve), f"{used:,} cached + {free:,} free - {reserve:,} reserve"
 
 
+def _check_private(cache_dir: str) -> None:
+    """Refuses a cache below a directory (or a symbolic link) another user controls: they could
+    swap the cache for one of their own between our checks and our reads."""
+    probe = os.path.abspath(cache_dir)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    why = _core.path_open_to_others(probe if os.path.isdir(probe) else os.path.dirname(probe))
+    if why:
+        from .errors import UsageError
+
+        e = UsageError(f"cannot keep a shard cache in {cache_dir}: {why}")
+        e.hint = "give cache_dir a directory only you can write (inside a job the default, $SLURM_TMPDIR/packds-cache, is)"
+        raise e
+
+
 class CacheClient:
     """The shard cache for one process: which shard file each (source, shard) is, and the
     counters a run reports (``stats()``)."""
 
     def __init__(self, cache_dir: str, limit: Optional[int], datasets: Sequence) -> None:
+        _check_private(cache_dir)
         if limit is None:
             limit, self.limit_rule = default_limit(cache_dir)
         else:
