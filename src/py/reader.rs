@@ -99,7 +99,7 @@ fn fill_bytearray<'py>(
             }
             o
         }
-        None => PyByteArray::new_with(py, need, |_| Ok(()))?,
+        None => fresh_bytearray(py, need)?,
     };
     let pin = PyMemoryView::from(buf.as_any())?;
     let (ptr, len) = (buf.data() as usize, buf.len());
@@ -111,6 +111,30 @@ fn fill_bytearray<'py>(
     })
     .map_err(to_py)?;
     pin.call_method0("release")?;
+    Ok(buf)
+}
+
+/// A new bytearray of `len` bytes for `fill_bytearray` to fill completely. Not zeroed first (a
+/// zeroing pass would touch every page once more before the copy writes it), and a large one is
+/// asked for transparent huge pages, so that its first writes fault once per 2 MiB instead of
+/// once per 4 KiB. Callers write every byte before Python sees the object (or drop it on error).
+fn fresh_bytearray(py: Python<'_>, len: usize) -> PyResult<Bound<'_, PyByteArray>> {
+    let n = isize::try_from(len).map_err(|_| PyValueError::new_err("too large for this platform"))?;
+    // SAFETY: a NULL source makes CPython allocate `len` bytes without copying anything; the
+    // result is a new reference or NULL with an exception set.
+    let obj = unsafe { Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n))? };
+    let buf = obj.cast_into::<PyByteArray>().map_err(PyErr::from)?;
+    const HUGE: usize = 2 << 20;
+    if len >= 2 * HUGE {
+        let start = buf.data() as usize;
+        let a = (start + HUGE - 1) & !(HUGE - 1);
+        let b = (start + len) & !(HUGE - 1);
+        if b > a {
+            // SAFETY: advice on whole pages inside the buffer just allocated; no effect on its
+            // contents. Failure (no THP support) is harmless.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+        }
+    }
     Ok(buf)
 }
 
