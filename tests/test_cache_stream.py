@@ -58,33 +58,47 @@ def check(x: bytes) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def shared_ds(fast_base):
-    src = os.path.join(fast_base, "cache-src")
+def _make(base: str, name: str, first: int) -> str:
+    src = os.path.join(base, name + "-src")
     os.makedirs(src, exist_ok=True)
-    for i in range(N):
+    for i in range(first, first + N):
         with open(os.path.join(src, f"{i:05d}"), "wb") as f:
             f.write(payload(i))
-    out = os.path.join(fast_base, "cache.pds")
+    out = os.path.join(base, name + ".pds")
     packds.pack(src, out, shard_size=32 << 10)
     return out
+
+
+@pytest.fixture(scope="module")
+def shared_ds(fast_base):
+    return _make(fast_base, "cache", 0)
+
+
+@pytest.fixture(scope="module")
+def other_ds(fast_base):
+    """Another dataset (samples s/01000.. : other shard contents, so other cache entries)."""
+    return _make(fast_base, "cache-other", 1000)
 
 
 def collate_list(b):
     return b
 
 
-def rank_main(path, cache, rank, barrier, q, limit, workers, epochs, ctx="fork"):
+def rank_main(paths, cache, rank, barrier, q, limit, workers, epochs, ctx="fork"):
     try:
-        s = pt.StreamingDataset(path, seed=3, block_size=8192, shuffle_buffer=16, rank=rank, world_size=4, nodes=2,
-                                cache_dir=cache, cache_limit=limit, pad=False, prefetch=2)
-        assert s.partition == "node"
+        loaders = []
+        for path in paths if isinstance(paths, list) else [paths]:
+            s = pt.StreamingDataset(path, seed=3, block_size=8192, shuffle_buffer=16, rank=rank, world_size=4, nodes=2,
+                                    cache_dir=cache, cache_limit=limit, pad=False, prefetch=2)
+            assert s.partition == "node"
+            loaders.append((s, DataLoader(s, batch_size=8, num_workers=workers, collate_fn=collate_list,
+                                          multiprocessing_context=ctx, persistent_workers=True)))
         got = {}
-        dl = DataLoader(s, batch_size=8, num_workers=workers, collate_fn=collate_list, multiprocessing_context=ctx,
-                        persistent_workers=True)
         for epoch in range(epochs):
-            s.set_epoch(epoch)
-            got[epoch] = [check(x) for b in dl for x in b]
+            got[epoch] = []
+            for s, dl in loaders:  # several datasets sharing the node's cache, one after the other
+                s.set_epoch(epoch)
+                got[epoch] += [check(x) for b in dl for x in b]
             barrier.wait(timeout=120)  # every rank of every node finished this epoch
             got[f"log{epoch}"] = len(packds._core.ShardCache(cache, 1 << 40).fetch_log())
             barrier.wait(timeout=120)
@@ -136,10 +150,10 @@ def test_two_nodes_one_fetch_per_shard_and_epoch_two_from_cache(shared_ds, work,
         assert len(pids) >= 2  # fetched by several processes of the node, sharing the copies
 
 
-def test_eviction_keeps_the_limit_and_reads_stay_correct(shared_ds, work):
+def test_eviction_keeps_the_limit_and_reads_stay_correct(shared_ds, other_ds, work):
     caches = [os.path.join(work, "node0", "c"), os.path.join(work, "node1", "c")]
     shard = max(r["size"] for r in packds.open(shared_ds).manifest["shards"])
-    limit = 6 * shard  # a node's share is ~10 shards: eviction all the time
+    limit = 6 * shard  # two datasets of ~10 shards per node share it: each evicts the other's
     peak = [0]
     stop = threading.Event()
 
@@ -168,12 +182,13 @@ def test_eviction_keeps_the_limit_and_reads_stay_correct(shared_ds, work):
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     try:
-        out = run_nodes(shared_ds, caches, limit=limit)
+        out = run_nodes([shared_ds, other_ds], caches, limit=limit)
     finally:
         stop.set()
         t.join()
     for epoch in (0, 1):
-        assert sorted(n for r in range(4) for n in out[r][epoch]) == [f"s/{i:05d}" for i in range(N)]
+        want = [f"s/{i:05d}" for i in [*range(N), *range(1000, 1000 + N)]]
+        assert sorted(n for r in range(4) for n in out[r][epoch]) == want
     assert 0 < peak[0] <= limit
     logs = [[h for h, _, _ in packds._core.ShardCache(c, 1 << 40).fetch_log()] for c in caches]
     assert any(len(log) > len(set(log)) for log in logs)  # shards were evicted and fetched again
@@ -260,3 +275,39 @@ def test_cache_below_a_directory_another_user_controls_is_refused(shared_ds, wor
     with pytest.raises(packds.UsageError, match="owned by uid 65534") as e:
         next(iter(s))
     assert "only you can write" in e.value.hint
+
+
+def test_dataset_written_out_of_key_order_streams_through_the_cache(work):
+    path = os.path.join(work, "unordered.pds")
+    order = list(range(N))
+    import random
+
+    random.Random(2).shuffle(order)
+    with packds.Writer(path, shard_size=32 << 10) as w:
+        for i in order:
+            w.add(f"s/{i:05d}", payload(i))
+    s = pt.StreamingDataset(path, seed=0, block_size=8192, cache_dir=os.path.join(work, "c"))
+    for epoch in (0, 1):
+        s.set_epoch(epoch)
+        assert sorted(check(x) for x in s) == [f"s/{i:05d}" for i in range(N)]
+
+
+def test_share_larger_than_the_cache_keeps_a_fixed_subset(shared_ds, work):
+    """LRU over a share larger than the cache would fetch and evict every epoch; a fixed subset
+    stays cached instead, so epoch 2 fetches nothing and reads only the rest in place."""
+    cache = os.path.join(work, "c")
+    recs = packds.open(shared_ds).manifest["shards"]
+    total = sum(r["size"] for r in recs)
+    limit = total // 3
+    s = pt.StreamingDataset(shared_ds, seed=0, block_size=8192, cache_dir=cache, cache_limit=limit)
+    assert sorted(check(x) for x in s) == [f"s/{i:05d}" for i in range(N)]
+    first = s.cache_stats()
+    assert 0 < first["cached_shards"] < len(recs) and first["usage"] <= limit
+    assert first["evictions"] == 0 and first["fetches"] == first["cached_shards"]
+    s.set_epoch(1)
+    assert sorted(check(x) for x in s) == [f"s/{i:05d}" for i in range(N)]
+    second = s.cache_stats()
+    assert second["fetches"] == first["fetches"]  # epoch 2: nothing fetched again
+    cached = sum(recs[k]["size"] for k in range(len(recs)) if (0, k) in s._cache_client().allowed)
+    # epoch 2 read in place only what is not cached (sample bytes; shards add headers)
+    assert second["read_through_bytes"] - first["read_through_bytes"] <= total - cached

@@ -94,6 +94,26 @@ class CacheClient:
         self.read_through = 0  # bytes read from shared storage for shards that were not cached
         self.lock = threading.Lock()
         self.uncacheable: set[tuple[int, int]] = set()
+        self.allowed: Optional[set[tuple[int, int]]] = None  # None: every shard may be cached
+
+    def keep_within_limit(self, keys: Sequence[tuple[int, int]]) -> None:
+        """The shards this process reads, in a fixed order (the same on every process of the
+        node). When they do not all fit under the limit, only the first ones that fit are
+        cached; the others are always read from shared storage. Every epoch reads the shards in
+        a new order, and with least-recently-used eviction a set larger than the cache would be
+        fetched and evicted over and over (each shard copied whole for a few blocks, then gone
+        before the next epoch needs it). A fixed subset instead stays cached: later epochs
+        read only the rest from shared storage."""
+        total, allowed = 0, set()
+        limit = self.limit
+        for key in keys:
+            size = self.shards[key[0]][key[1]][1]
+            if total + size > limit:
+                self.allowed = allowed
+                return
+            total += size
+            allowed.add(key)
+        self.allowed = None
 
     @property
     def limit(self) -> int:
@@ -103,7 +123,7 @@ class CacheClient:
         """A pinned local copy of shard ``shard`` of source ``source`` (close it when done), or
         None if it cannot be cached now."""
         path, size, h = self.shards[source][shard]
-        if size == 0 or size > self.cache.limit:
+        if size == 0 or size > self.cache.limit or (self.allowed is not None and (source, shard) not in self.allowed):
             return None
         loc = self.cache.fetch(path, size, h)
         if loc is None:
@@ -117,7 +137,8 @@ class CacheClient:
 
     def stats(self) -> dict:
         st = dict(self.cache.stats())
-        st.update(read_through_bytes=self.read_through, limit=self.limit, usage=int(self.cache.usage()), dir=self.cache.dir)
+        st.update(read_through_bytes=self.read_through, limit=self.limit, usage=int(self.cache.usage()), dir=self.cache.dir,
+                  cached_shards=None if self.allowed is None else len(self.allowed))
         return st
 
 
@@ -167,7 +188,8 @@ class Prefetcher:
                 for key in want:
                     if self.stopping or self.pos != pos:
                         break
-                    if key in self.held or key in self.client.uncacheable:
+                    if key in self.held or key in self.client.uncacheable or \
+                            (self.client.allowed is not None and key not in self.client.allowed):
                         continue
                     try:
                         loc = self.client.pin(*key)

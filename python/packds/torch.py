@@ -627,9 +627,30 @@ class StreamingDataset(_IterBase):
         if self.cache_dir is None:
             return None
         if self._client is None or self._client_pid != os.getpid():
-            self._client = _cache.CacheClient(self.cache_dir, self.cache_limit, self.datasets)
-            self._client_pid = os.getpid()
+            client = _cache.CacheClient(self.cache_dir, self.cache_limit, self.datasets)
+            client.keep_within_limit(self._share_shards())
+            self._client, self._client_pid = client, os.getpid()
         return self._client
+
+    def _share_shards(self) -> list[tuple[int, int]]:
+        """(source, shard) of every shard this rank's group (its node, or all ranks) reads, in
+        storage order: the same list on every process of the node."""
+        g, groups, _, _ = self._rank_span()
+        out: list[tuple[int, int]] = []
+        seen: set[tuple[int, int]] = set()
+        for s, (bl, n, c) in enumerate(zip(self._source_blocks(), self.sizes, self.counts)):
+            if _streams.group_count(n, c, groups, g) == 0:
+                continue
+            a, b = _streams.share_bounds(n, groups, g)
+            ds = self.datasets[s]
+            for lo, hi in bl:
+                for i in {max(lo, a), min(hi, b) - 1}:
+                    if max(lo, a) < min(hi, b):
+                        key = (s, ds.shard_of(i))
+                        if key not in seen:
+                            seen.add(key)
+                            out.append(key)
+        return sorted(out)
 
     def cache_stats(self) -> Optional[dict]:
         """This process's cache counters (fetches, hits, evictions, bytes read around the
@@ -714,8 +735,14 @@ class StreamingDataset(_IterBase):
             local = client.pin(s, ds.shard_of(la))
         try:
             if local is not None:
-                buf, offsets = ds.read_range(la, lb, out=reader.buf, local=local)
-            else:
+                try:
+                    buf, offsets = ds.read_range(la, lb, out=reader.buf, local=local)
+                except packds.UsageError:
+                    # a block of a dataset whose index does not keep each shard's samples
+                    # together (written out of key order) may span shards: read it in place
+                    local.close()
+                    local = None
+            if local is None:
                 buf, offsets = ds.read_range(la, lb, out=reader.buf)
                 if client is not None:
                     client.note_read_through(offsets[-1])
