@@ -53,7 +53,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MB = 1_000_000
-SHARD = 16 << 20
 BLOCK = 4 << 20
 
 
@@ -80,7 +79,7 @@ def samples(total_bytes: int, median: int, seed: int):
         i += 1
 
 
-def make_pds(tree: str, out: str, total: int, median: int, seed: int) -> None:
+def make_pds(tree: str, out: str, total: int, median: int, seed: int, shard: int) -> None:
     import packds
 
     for i, b in samples(total, median, seed):
@@ -88,14 +87,14 @@ def make_pds(tree: str, out: str, total: int, median: int, seed: int) -> None:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"s{i:07d}.bin"), "wb") as f:
             f.write(b)
-    packds.pack(tree, out, shard_size=SHARD, force=True)
+    packds.pack(tree, out, shard_size=shard, force=True)
     shutil.rmtree(tree)
 
 
-def make_mds(out: str, total: int, median: int, seed: int) -> None:
+def make_mds(out: str, total: int, median: int, seed: int, shard: int) -> None:
     from streaming import MDSWriter
 
-    with MDSWriter(out=out, columns={"x": "bytes"}, size_limit=SHARD) as w:
+    with MDSWriter(out=out, columns={"x": "bytes"}, size_limit=shard) as w:
         for _, b in samples(total, median, seed):
             w.write({"x": b})
 
@@ -214,9 +213,10 @@ def run_row(name: str, kind: str, path: str, py: str, a, work: str, mnt: str, pi
     logdir = os.path.join(work, "logs")
     os.makedirs(logdir, exist_ok=True)
     procs = []
+    holders: list = []
     for r in range(world):
         node = r // ranks
-        cfg = dict(kind=kind, rank=r, world=world, nodes=nodes, path=path, seed=0, batch=a.batch, workers=a.workers,
+        cfg = dict(kind=kind, rank=r, world=world, nodes=nodes, ranks=ranks, path=path, seed=0, batch=a.batch, workers=a.workers,
                    cache_limit=a.cache_mb * MB, prefetch=2, partition="auto", cache_dir=None)
         cfg.update(extra)
         env = dict(os.environ)
@@ -227,7 +227,19 @@ def run_row(name: str, kind: str, path: str, py: str, a, work: str, mnt: str, pi
         elif cfg.get("cache_dir"):
             cfg["cache_dir"] = os.path.join(cfg["cache_dir"], f"node{node}")
         log = open(os.path.join(logdir, f"{name.replace(' ', '_').replace(',', '')}-{r}.log"), "w")
-        p = subprocess.Popen([py, os.path.abspath(__file__), "--rank-cfg", json.dumps(cfg)], stdin=subprocess.PIPE,
+        cmd = [py, os.path.abspath(__file__), "--rank-cfg", json.dumps(cfg)]
+        if kind == "mosaic":
+            # MosaicML keys its shared memory (/dev/shm) and file locks (the temp dir) by the
+            # machine: two nodes on one machine would share both. Each simulated node gets its
+            # own /dev/shm (a mount namespace with a fresh tmpfs there, held by a sleeping
+            # process its ranks enter) and its own TMPDIR.
+            if node == len(holders):
+                holders.append(node_namespace())
+            tmp = os.path.join(work, "mosaic", f"tmp{node}")
+            os.makedirs(tmp, exist_ok=True)
+            env["TMPDIR"] = tmp
+            cmd = ["nsenter", f"--mount=/proc/{holders[node].pid}/ns/mnt", "--"] + cmd
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         procs.append((p, log))
 
@@ -272,7 +284,7 @@ def run_row(name: str, kind: str, path: str, py: str, a, work: str, mnt: str, pi
             say(f"  {name}: epoch {e + 1}: {n:,} samples in {dt:.1f} s = {n / dt:,.0f}/s; shared {got / MB:,.1f} MB"
                 + (f"; {ep['fetches']} fetches ({ep['fetched_bytes'] / MB:,.0f} MB)" if caches else ""))
     finally:
-        for p, log in procs:
+        for p, _log in procs:
             try:
                 p.stdin.close()
             except OSError:
@@ -284,7 +296,27 @@ def run_row(name: str, kind: str, path: str, py: str, a, work: str, mnt: str, pi
                 p.kill()
                 p.wait()
             log.close()
+        for h in holders:
+            h.kill()
+            h.wait()
     return res
+
+
+def node_namespace() -> subprocess.Popen:
+    """A process in a new mount namespace with its own tmpfs on /dev/shm, sleeping."""
+    h = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          "mount -t tmpfs -o size=4g,mode=1777 tmpfs /dev/shm && exec sleep 100000"])
+    for _ in range(300):
+        try:
+            with open(f"/proc/{h.pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"sleep"):
+                    return h
+        except OSError:
+            pass
+        if h.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError("could not make a mount namespace with its own /dev/shm (unshare, root needed)")
 
 
 def mosaic_ok(py: str) -> tuple[bool, str]:
@@ -298,18 +330,19 @@ def build_data(a, back: str, py_mosaic: str | None) -> dict:
     info = {}
     for name, mb in (("small", a.small_mb), ("large", a.large_mb)):
         pds = os.path.join(back, f"{name}.pds")
-        tag = f"{mb}-{a.sample_kb}-{SHARD}"
+        shard = a.shard_mb << 20
+        tag = f"{mb}-{a.sample_kb}-{shard}"
         stamp = os.path.join(back, f"{name}.tag")
         ok = os.path.exists(stamp) and open(stamp).read() == tag
         if not ok:
             for p in (pds, os.path.join(back, f"{name}.mds")):
                 shutil.rmtree(p, ignore_errors=True)
             say(f"writing {name}: {mb} MB")
-            make_pds(os.path.join(back, f"tree-{name}"), pds, mb * MB, a.sample_kb * 1000, seed=len(name))
+            make_pds(os.path.join(back, f"tree-{name}"), pds, mb * MB, a.sample_kb * 1000, len(name), shard)
         mds = os.path.join(back, f"{name}.mds")
         if py_mosaic and not os.path.exists(os.path.join(mds, "index.json")):
             subprocess.run([py_mosaic, os.path.abspath(__file__), "--make-mds", mds, str(mb * MB), str(a.sample_kb * 1000),
-                            str(len(name))], check=True)
+                            str(len(name)), str(shard)], check=True)
         with open(stamp, "w") as f:
             f.write(tag)
         import packds
@@ -338,12 +371,13 @@ def fmt_r(x, pct=False) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank-cfg", help=argparse.SUPPRESS)
-    ap.add_argument("--make-mds", nargs=4, help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="60 / 180 MB datasets, cache 45 MB per node")
+    ap.add_argument("--make-mds", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="60 / 180 MB datasets, 8 MiB shards, cache 45 MB per node")
     ap.add_argument("--small-mb", type=int, default=200)
     ap.add_argument("--large-mb", type=int, default=600)
     ap.add_argument("--cache-mb", type=int, default=150, help="cache limit per node (MB)")
     ap.add_argument("--sample-kb", type=int, default=100)
+    ap.add_argument("--shard-mb", type=int, default=16, help="shard size in MiB (packds and MDS)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
     ap.add_argument("--batch", type=int, default=16)
@@ -357,10 +391,11 @@ def main() -> int:
         rank_main(json.loads(a.rank_cfg))
         return 0
     if a.make_mds:
-        make_mds(a.make_mds[0], int(a.make_mds[1]), int(a.make_mds[2]), int(a.make_mds[3]))
+        make_mds(a.make_mds[0], *(int(x) for x in a.make_mds[1:]))
         return 0
+    a.mosaic_python = os.path.abspath(a.mosaic_python) if os.sep in a.mosaic_python else a.mosaic_python
     if a.quick:
-        a.small_mb, a.large_mb, a.cache_mb = 60, 180, 45
+        a.small_mb, a.large_mb, a.cache_mb, a.shard_mb = 60, 180, 45, 8
 
     sys.path.insert(0, HERE)
     import bench_pack_read as bpr
@@ -439,7 +474,7 @@ def main() -> int:
 
     lines = [
         f"{a.workers} DataLoader worker(s) per rank, batch {a.batch}, 2 nodes x 2 ranks, {a.epochs} epochs, "
-        f"cache limit {a.cache_mb} MB per node, shards 16 MiB, blocks 4 MiB, samples ~{a.sample_kb} KB",
+        f"cache limit {a.cache_mb} MB per node, shards {a.shard_mb} MiB, blocks 4 MiB, samples ~{a.sample_kb} KB",
         "",
         "| dataset | row | epoch 1 shared MB | epoch 2 shared MB | epoch 2 ÷ epoch 1 shared | epoch 1 samples/s | epoch 2 samples/s | "
         "cache fetches e1 / e2 (MB) |",
