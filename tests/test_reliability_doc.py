@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 DOC = os.path.join(ROOT, "docs", "RELIABILITY.md")
 
-CASE = re.compile(r"^[A-J]\d{1,2}$")
+CASE = re.compile(r"^[A-K]\d{1,2}$")
 PY_REF = re.compile(r"^(?:(?P<file>[\w/]+\.py))?::(?P<name>\w+)(?:\[[^\]]*\])?$")
 RUST_REF = re.compile(r"^(?P<module>\w+)::tests::(?P<name>\w+)$")
 # Not h: `test_h5_…` names the shard format, not case H5.
-NAMED_CASES = re.compile(r"^test_((?:[a-gij]\d{1,2}_)+)")
+NAMED_CASES = re.compile(r"^test_((?:[a-gijk]\d{1,2}_)+)")
 
 
 def _rows() -> list[tuple[str, str]]:
