@@ -315,3 +315,41 @@ def test_mixed_dataset_distributed_sampler_exact_split(two, ctx):
     expected = collections.Counter(name_of(m[j]) for j in range(301))
     assert not expected - collections.Counter(every)  # every draw of the epoch came out
     assert sum((collections.Counter(every) - expected).values()) == 1
+
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+def test_mixed_loader_exact_split_and_resume(two, ctx):
+    a, b = two
+
+    def loader(rank):
+        m = pt.MixedDataset([(a, 2), (b, 1)], epoch_size=301, seed=5)
+        return pt.MixedLoader(m, batch_size=8, num_workers=2, collate_fn=collate_list, multiprocessing_context=ctx,
+                              rank=rank, world_size=2, pad=False)
+
+    ref = pt.MixedDataset([(a, 2), (b, 1)], epoch_size=301, seed=5)
+    ref.set_epoch(1)
+    every = []
+    for rank in range(2):
+        dl = loader(rank)
+        dl.dataset.set_epoch(1)
+        full = [[name_of(x) for x in batch] for batch in dl]
+        every += [x for batch in full for x in batch]
+        # stop after 5 batches, save, resume in a fresh loader: the rest is the same
+        dl2 = loader(rank)
+        dl2.dataset.set_epoch(1)
+        head = []
+        for batch in dl2:
+            head.append([name_of(x) for x in batch])
+            if len(head) == 5:
+                break
+        st = dl2.state_dict()
+        assert st["batches"] == 5 and st["epoch"] == 1
+        dl3 = loader(rank)
+        dl3.load_state_dict(st)
+        rest = [[name_of(x) for x in batch] for batch in dl3]
+        assert head + rest == full
+        assert dl3.state_dict()["epoch"] == 2 and dl3.state_dict()["batches"] == 0
+    assert sorted(every) == sorted(name_of(ref[j]) for j in range(301))  # exact: every draw once
+    with pytest.raises(ValueError, match="batch_size"):
+        pt.MixedLoader(pt.MixedDataset([(a, 2), (b, 1)], epoch_size=301, seed=5), batch_size=4, rank=0,
+                       world_size=2).load_state_dict(st)

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - exercised only without torch
         return None
 
 
-__all__ = ["PackedDataset", "PackedBatch", "collate_packed", "StreamingDataset", "StreamingLoader", "MixedDataset", "Stream", "dist_info"]
+__all__ = ["PackedDataset", "PackedBatch", "collate_packed", "StreamingDataset", "StreamingLoader", "MixedDataset", "MixedSampler", "MixedLoader", "Stream", "dist_info"]
 
 Stream = _streams.Stream
 
@@ -1106,6 +1106,47 @@ class MixedDataset(_MapBase):
         return f"<packds.torch.MixedDataset {len(self)} draws per epoch ({parts}), epoch {self.epoch}>"
 
 
+class MixedSampler:
+    """The positions of a :class:`MixedDataset` epoch this rank reads, in order: draws
+    ``rank, rank + world_size, ...`` of the epoch (the draws are already in a random order).
+    Every rank gets the same count: ``pad=True`` (default) repeats the first draws to reach
+    ``ceil(len / world_size)`` (as ``DistributedSampler`` does), ``drop_last=True`` gives
+    ``floor(len / world_size)``. ``skip`` positions are left out at the start (a resume:
+    :class:`MixedLoader` sets it). Ranks from ``rank``/``world_size`` or :func:`dist_info`."""
+
+    def __init__(self, mix: "MixedDataset", rank: Optional[int] = None, world_size: Optional[int] = None,
+                 pad: bool = True, drop_last: bool = False) -> None:
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        self.mix = mix
+        self.rank, self.world_size = (int(rank), int(world_size)) if rank is not None else dist_info()  # type: ignore[arg-type]
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
+        self.pad, self.drop_last = bool(pad), bool(drop_last)
+        self.skip = 0
+
+    def __len__(self) -> int:
+        n, w = len(self.mix), self.world_size
+        if self.drop_last:
+            per = n // w
+        elif self.pad:
+            per = -(-n // w)
+        else:
+            per = len(range(self.rank, n, w))
+        return max(0, per - self.skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.mix.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        n, w = len(self.mix), self.world_size
+        total = len(self) + self.skip
+        start = self.skip
+        self.skip = 0  # a resume position is used once
+        for k in range(start, total):
+            yield (self.rank + k * w) % n if n else 0
+
+
 def _path_of(x):
     return x.path if isinstance(x, packds.Dataset) else (x.dataset.path if isinstance(x, PackedDataset) else x)
 
@@ -1163,8 +1204,59 @@ if _DataLoader is not None:
             self.dataset.load_state_dict(state)  # type: ignore[attr-defined]
             self._pds_batches, self._pds_done = 0, False
 
+    class MixedLoader(_DataLoader):
+        """A ``DataLoader`` over a :class:`MixedDataset` with its rank's :class:`MixedSampler`
+        (``rank``/``world_size``/``pad``/``drop_last`` go to the sampler; ``shuffle`` is not
+        taken: the draws are in a random order already). It counts the batches it yields, so
+        ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with any ``num_workers``
+        (batches come back in sampler order, so the count fixes the position)."""
+
+        def __init__(self, dataset: MixedDataset, *args, rank: Optional[int] = None, world_size: Optional[int] = None,
+                     pad: bool = True, drop_last: bool = False, **kwargs) -> None:
+            if not isinstance(dataset, MixedDataset):
+                raise TypeError("MixedLoader needs a packds.torch.MixedDataset")
+            if "sampler" in kwargs or "batch_sampler" in kwargs or kwargs.get("shuffle"):
+                raise ValueError("MixedLoader makes its own sampler: leave out sampler, batch_sampler and shuffle")
+            self.mixed_sampler = MixedSampler(dataset, rank, world_size, pad=pad, drop_last=drop_last)
+            super().__init__(dataset, *args, sampler=self.mixed_sampler, **kwargs)
+            self._pds_batches, self._pds_done = 0, False
+
+        def __iter__(self):
+            self._pds_done = False
+            # a resume position (load_state_dict) is used by this pass; otherwise from 0
+            self._pds_batches = self.mixed_sampler.skip // max(1, self.batch_size or 1)
+            for batch in super().__iter__():
+                self._pds_batches += 1
+                yield batch
+            self._pds_batches, self._pds_done = 0, True
+
+        def state_dict(self) -> dict:
+            mix: MixedDataset = self.dataset  # type: ignore[assignment]
+            st = mix.state_dict()
+            st.update(batches=self._pds_batches, batch_size=self.batch_size, rank=self.mixed_sampler.rank,
+                      world_size=self.mixed_sampler.world_size)
+            if self._pds_done:
+                st["epoch"], st["batches"] = st["epoch"] + 1, 0
+            return st
+
+        def load_state_dict(self, state: dict) -> None:
+            """Continues after the batches ``state`` says were yielded in its epoch (same
+            batch_size, ranks and setup; checked)."""
+            mix: MixedDataset = self.dataset  # type: ignore[assignment]
+            mine = {"batch_size": self.batch_size, "rank": self.mixed_sampler.rank, "world_size": self.mixed_sampler.world_size}
+            diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+            if diff:
+                raise ValueError("state is for another loader (saved, now): " + ", ".join(f"{k} {a!r}, {b!r}" for k, (a, b) in diff.items()))
+            mix.load_state_dict(state)
+            self.mixed_sampler.skip = int(state.get("batches", 0)) * int(self.batch_size or 1)
+            self._pds_done = False
+
 else:  # pragma: no cover
 
     class StreamingLoader:  # type: ignore[no-redef]
         def __init__(self, *a, **k) -> None:
             raise ImportError("packds.torch.StreamingLoader needs torch: pip install torch (or, from a packds checkout, pip install '.[torch]')")
+
+    class MixedLoader:  # type: ignore[no-redef]
+        def __init__(self, *a, **k) -> None:
+            raise ImportError("packds.torch.MixedLoader needs torch: pip install torch (or, from a packds checkout, pip install '.[torch]')")
