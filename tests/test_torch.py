@@ -194,6 +194,24 @@ def test_collate_packed_hands_each_batch_over_as_three_tensors(tree_ds, workers)
     assert unlabelled.targets is None and [list(x) for x in unlabelled] == [[1, 2], []]
 
 
+def test_packed_batch_crosses_by_pipe_when_small_and_shared_memory_when_large(tree_ds, monkeypatch):
+    path, _ = tree_ds
+    ds = pt.PackedDataset(path, target="parent", as_tensor=True)
+    b = pt.collate_packed(ds.__getitems__(list(range(40))))
+    raw = packds.open(path)
+    assert bytes(b.data.numpy()) == b"".join(raw[i] for i in range(40))  # no copy: the get_batch buffer itself
+    fn, args = b.__reduce__()
+    assert fn is pt._rebuild_batch and isinstance(args[0], bytearray)  # pickled through the pipe
+    back = pickle.loads(pickle.dumps(b))
+    assert [bytes(x.numpy()) for x in back] == [raw[i] for i in range(40)] and back.targets.tolist() == b.targets.tolist()
+    monkeypatch.setattr(pt, "PIPE_BYTES", 1)
+    fn, args = b.__reduce__()
+    assert fn is pt.PackedBatch and isinstance(args[0], torch.Tensor)  # large: tensors, shared memory
+    with_transform = pt.PackedDataset(path, as_tensor=True, transform=lambda t: t[:3])
+    c = pt.collate_packed(with_transform.__getitems__([0, 1]))
+    assert [bytes(x.numpy()) for x in c] == [raw[0][:3], raw[1][:3]]
+
+
 def test_get_batch_reuses_out_and_gives_offsets(tree_ds):
     path, keys = tree_ds
     ds = packds.open(path)

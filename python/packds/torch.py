@@ -138,8 +138,9 @@ class PackedDataset(_MapBase):
     ``transform`` gets, if given). A batch is then read with ``get_batch`` into one buffer and
     its samples are views of it: no ``bytes`` object per sample. With
     ``collate_fn=packds.torch.collate_packed`` a worker hands each batch to the main process as
-    three tensors (data, offsets, labels: a :class:`PackedBatch`) through shared memory instead
-    of pickling one object per sample.
+    three tensors (data, offsets, labels: a :class:`PackedBatch`; the data is the batch's one
+    buffer) instead of pickling one object per sample: through the worker's pipe below
+    ``PIPE_BYTES``, through shared memory above.
     """
 
     def __init__(self, path, transform: Optional[Callable[[Any], Any]] = None, target: Target = None, *,
@@ -205,7 +206,11 @@ class PackedDataset(_MapBase):
             return [self._make(i, d) for i, d in zip(idx, ds.get_many(idx))]
         buf, offsets = ds.get_batch(idx)
         whole = _torch.frombuffer(buf, dtype=_torch.uint8) if buf else _torch.empty(0, dtype=_torch.uint8)
-        return [self._make(i, whole[offsets[k] : offsets[k + 1]]) for k, i in enumerate(idx)]
+        out = _TensorBatch(self._make(i, whole[offsets[k] : offsets[k + 1]]) for k, i in enumerate(idx))
+        if self.transform is None:
+            # collate_packed can then hand the whole buffer on instead of joining the views
+            out.buf, out.whole, out.offsets = buf, whole, offsets
+        return out
 
     def __getstate__(self) -> dict:
         st = dict(self.__dict__)
@@ -220,18 +225,41 @@ class PackedDataset(_MapBase):
         return f"<packds.torch.PackedDataset {self.path!r}: {len(self)} samples{extra}>"
 
 
+class _TensorBatch(list):
+    """What ``PackedDataset(as_tensor=True).__getitems__`` returns: the samples (views of one
+    buffer), plus that buffer and the offsets when no transform changed them."""
+
+    buf: Optional[bytearray] = None
+    whole: Any = None
+    offsets: Optional[list] = None
+
+
+#: A PackedBatch whose data is smaller than this crosses from a DataLoader worker through the
+#: worker's pipe (pickled); a larger one through shared memory, as torch sends tensors. A
+#: shared-memory segment per tensor per batch (create, size, map, fault in, unmap) cost more
+#: than pickling 512 KB through the pipe (0.64-0.74x loose files with 8 KB samples, batch 64).
+PIPE_BYTES = 4 << 20
+
+
+def _rebuild_batch(buf, offsets, targets):
+    data = _torch.frombuffer(buf, dtype=_torch.uint8) if len(buf) else _torch.empty(0, dtype=_torch.uint8)
+    t = None if targets is None else _torch.tensor(targets, dtype=_torch.int64)
+    return PackedBatch(data, _torch.tensor(offsets, dtype=_torch.int64), t, buf)
+
+
 class PackedBatch(tuple):
     """A batch as :func:`collate_packed` makes it: ``data`` (every sample's bytes back to back,
     one uint8 tensor), ``offsets`` (int64, ``len + 1``: sample ``k`` is
     ``data[offsets[k]:offsets[k + 1]]``) and ``targets`` (an int64 tensor of the labels, or
-    None). Three tensors cross from a DataLoader worker to the main process (through shared
-    memory), whatever the batch size. ``batch[k]`` is sample ``k``'s view; ``len(batch)`` the
-    number of samples."""
+    None). A small batch crosses from a DataLoader worker to the main process pickled through
+    the worker's pipe (one buffer), a large one as three tensors through shared memory (see
+    ``PIPE_BYTES``). ``batch[k]`` is sample ``k``'s view; ``len(batch)`` the number of samples."""
 
     __slots__ = ()
 
-    def __new__(cls, data, offsets, targets=None):
-        return super().__new__(cls, (data, offsets, targets))
+    def __new__(cls, data, offsets, targets=None, _buf=None):
+        # _buf: the bytearray ``data`` views, when it is one (a small batch is pickled from it)
+        return super().__new__(cls, (data, offsets, targets, _buf))
 
     data = property(lambda self: tuple.__getitem__(self, 0))
     offsets = property(lambda self: tuple.__getitem__(self, 1))
@@ -248,6 +276,10 @@ class PackedBatch(tuple):
         return (self[k] for k in range(len(self)))
 
     def __reduce__(self):
+        buf = tuple.__getitem__(self, 3)
+        if buf is not None and len(buf) < PIPE_BYTES:
+            t = self.targets
+            return (_rebuild_batch, (buf, self.offsets.tolist(), None if t is None else t.tolist()))
         return (PackedBatch, (self.data, self.offsets, self.targets))
 
 
@@ -259,10 +291,13 @@ def collate_packed(batch: list) -> PackedBatch:
     if _torch is None:
         raise ImportError("collate_packed needs torch (pip install torch)")
     labelled = bool(batch) and isinstance(batch[0], tuple)
+    targets = _torch.tensor([b[1] for b in batch], dtype=_torch.int64) if labelled else None
+    if isinstance(batch, _TensorBatch) and batch.buf is not None:
+        # one get_batch buffer already holds the samples back to back: no copy
+        return PackedBatch(batch.whole, _torch.tensor(batch.offsets, dtype=_torch.int64), targets, batch.buf)
     xs = [b[0] for b in batch] if labelled else list(batch)
     sizes = _torch.tensor([0] + [x.numel() for x in xs], dtype=_torch.int64)
     data = _torch.cat(xs) if xs else _torch.empty(0, dtype=_torch.uint8)
-    targets = _torch.tensor([b[1] for b in batch], dtype=_torch.int64) if labelled else None
     return PackedBatch(data, _torch.cumsum(sizes, 0), targets)
 
 
