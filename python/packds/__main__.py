@@ -1,3 +1,3 @@
-from packds.cli import main
+from packds.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -556,6 +556,7 @@ class _Terminated:
 
     signalled = False
     reported = False  # the command said what was interrupted and what is kept
+    interrupted = False  # main() ended by Ctrl-C or SIGTERM
 
 
 def _cancel_on_sigterm() -> None:
@@ -827,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if not _Terminated.reported:
             print("packds: interrupted", file=sys.stderr)
+        _Terminated.interrupted = True
         # 128 + the signal: 143 for SIGTERM (scancel, a time limit), 130 for Ctrl-C.
         return 143 if _Terminated.signalled else 130
     except BrokenPipeError:
@@ -850,3 +852,23 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def run() -> int:
+    """The `packds` program: ``main()``, then exit with its status. After an interrupt the work
+    is already cancelled and cleaned up, so the process leaves at once with 130 or 143:
+    interpreter shutdown is skipped, where a late signal or the interpreter's own record of a
+    KeyboardInterrupt could otherwise turn the status into a death by SIGINT."""
+    code = main()
+    if _Terminated.interrupted:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
