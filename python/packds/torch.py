@@ -423,6 +423,26 @@ def _consumed(batches: int, batch_size: int, counts: list[int], drop_last: bool)
     return [min(t * batch_size, m) for t, m in zip(taken, counts)], nxt
 
 
+def _open_sources(owner) -> list:
+    """``owner``'s sources opened (once per process: after unpickling they are re-opened),
+    from its ``paths`` and ``verify``."""
+    dss = owner._dss
+    if dss is None:
+        dss = owner._dss = [None] * len(owner.paths)
+    for j, ds in enumerate(dss):
+        if ds is None:
+            dss[j] = packds.open(owner.paths[j], **({"verify": True} if owner.verify else {}))
+    return dss
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Where each source starts when the sources are laid end to end, plus the total."""
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return out
+
+
 class _SourceLabels:
     """Labels over several sources: ``"parent"`` classes are the union of every source's
     (sorted), a callable gets the key, an array is indexed by position in the sources laid end
@@ -570,9 +590,7 @@ class StreamingDataset(_IterBase):
         self._client_pid = -1
         dss = self.datasets
         self.sizes = [len(ds) for ds in dss]
-        self.offsets = [0]
-        for n in self.sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = _starts(self.sizes)
         self.counts = _streams.epoch_counts(self.sizes, streams, epoch_size)
         self._labels = _SourceLabels(dss, self.offsets, target)
         self._blocks: Optional[list] = None
@@ -587,13 +605,7 @@ class StreamingDataset(_IterBase):
     @property
     def datasets(self) -> list:
         """The opened sources, in order."""
-        dss = self._dss
-        if dss is None:
-            dss = self._dss = [None] * len(self.paths)
-        for j, ds in enumerate(dss):
-            if ds is None:
-                dss[j] = packds.open(self.paths[j], **({"verify": True} if self.verify else {}))
-        return dss  # type: ignore[return-value]
+        return _open_sources(self)
 
     @property
     def dataset(self) -> packds.Dataset:
@@ -1037,9 +1049,7 @@ class MixedDataset(_MapBase):
         self.transform, self.target = transform, target
         dss = self.datasets
         self.sizes = [len(ds) for ds in dss]
-        self.offsets = [0]
-        for n in self.sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = _starts(self.sizes)
         self.counts = _streams.epoch_counts(self.sizes, streams, epoch_size)
         self._labels = _SourceLabels(dss, self.offsets, target)
         self._shared = multiprocessing.sharedctypes.RawArray("q", [0])
@@ -1048,13 +1058,7 @@ class MixedDataset(_MapBase):
 
     @property
     def datasets(self) -> list:
-        dss = self._dss
-        if dss is None:
-            dss = self._dss = [None] * len(self.paths)
-        for j, ds in enumerate(dss):
-            if ds is None:
-                dss[j] = packds.open(self.paths[j], **({"verify": True} if self.verify else {}))
-        return dss  # type: ignore[return-value]
+        return _open_sources(self)
 
     @property
     def classes(self) -> list[str]:
