@@ -275,6 +275,30 @@ impl ShardCache {
         Ok(n)
     }
 
+    /// Removes every cached shard that no process has pinned, and the temporary files of
+    /// fetchers that died; under evict.lock, as room-making does. Returns (entries removed,
+    /// bytes freed, entries kept because they are pinned).
+    pub fn clear(&self) -> Result<(u64, u64, u64)> {
+        let _ev = lock_file(&self.dir.join(EVICT_LOCK), libc::LOCK_EX)?;
+        let (mut removed, mut freed, mut kept) = (0u64, 0u64, 0u64);
+        for (p, md) in self.files(TMP_DIR)? {
+            if let Ok(f) = open_nofollow(&p, false) {
+                if try_flock(&f, libc::LOCK_EX).unwrap_or(false) && fs::remove_file(&p).is_ok() {
+                    freed = freed.saturating_add(md.len());
+                }
+            }
+        }
+        for (p, md) in self.files(SHARDS_DIR)? {
+            if evict(&p)? {
+                removed += 1;
+                freed = freed.saturating_add(md.len());
+            } else {
+                kept += 1;
+            }
+        }
+        Ok((removed, freed, kept))
+    }
+
     /// Every fetch recorded in the cache directory, by any process: `(xxh3_128, size, pid)`.
     pub fn fetch_log(&self) -> Result<Vec<(String, u64, u32)>> {
         let p = self.dir.join(FETCH_LOG);
@@ -735,6 +759,25 @@ mod tests {
         assert!(c.fetch(&p, n, &h).unwrap().is_some());
         assert!(!fs::symlink_metadata(&entry).unwrap().file_type().is_symlink());
         assert_eq!(c.stats().fetches, 2);
+    }
+
+    #[test]
+    fn clear_removes_what_is_not_pinned() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        fs::write(&a, vec![1u8; 1000]).unwrap();
+        fs::write(&b, vec![2u8; 2000]).unwrap();
+        let c = ShardCache::open(&t.path().join("cache"), 1 << 20).unwrap();
+        let ha = hex128(crate::fsx::hash_file(&a).unwrap());
+        let hb = hex128(crate::fsx::hash_file(&b).unwrap());
+        let held = c.fetch(&a, 1000, &ha).unwrap().unwrap();
+        drop(c.fetch(&b, 2000, &hb).unwrap().unwrap());
+        assert_eq!(c.clear().unwrap(), (1, 2000, 1));
+        assert_eq!(c.usage().unwrap(), 1000);
+        assert_eq!(held.bytes(), &vec![1u8; 1000][..]);
+        drop(held);
+        assert_eq!(c.clear().unwrap(), (1, 1000, 0));
+        assert_eq!(c.usage().unwrap(), 0);
     }
 
     #[test]

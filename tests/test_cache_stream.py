@@ -311,3 +311,27 @@ def test_share_larger_than_the_cache_keeps_a_fixed_subset(shared_ds, work):
     cached = sum(recs[k]["size"] for k in range(len(recs)) if (0, k) in s._cache_client().allowed)
     # epoch 2 read in place only what is not cached (sample bytes; shards add headers)
     assert second["read_through_bytes"] - first["read_through_bytes"] <= total - cached
+
+
+def test_cache_command_shows_and_clears_what_no_reader_holds(shared_ds, work):
+    import json
+
+    import _helpers as h
+
+    cache = os.path.join(work, "c")
+    s = pt.StreamingDataset(shared_ds, seed=0, block_size=8192, cache_dir=cache)
+    assert len([check(x) for x in s]) == N
+    recs = packds.open(shared_ds).manifest["shards"]
+    r = h.cli("cache", cache, "--json")
+    assert r.returncode == 0, h.show(r)
+    rec = json.loads(r.stdout)
+    assert rec["entries"] == rec["fetches"] == len(recs) and rec["bytes"] == sum(x["size"] for x in recs)
+    held = packds._core.ShardCache(cache, 1 << 40).lookup(recs[0]["size"], recs[0]["xxh3_128"])
+    assert held is not None
+    r = h.cli("cache", cache, "--clear")
+    assert r.returncode == 0 and b"1 kept: in use by a running reader" in r.stdout, h.show(r)
+    assert os.listdir(os.path.join(cache, "shards")) == [os.path.basename(held.path)]
+    held.close()
+    rec = json.loads(h.cli("cache", cache, "--clear", "--json").stdout)
+    assert rec["removed"] == 1 and rec["kept_pinned"] == 0 and os.listdir(os.path.join(cache, "shards")) == []
+    h.assert_cli_error(h.cli("cache", os.path.join(work, "nope")), "does not exist")

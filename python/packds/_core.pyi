@@ -139,6 +139,8 @@ class ShardCache:
         """This object's ``fetches``, ``fetched_bytes``, ``hits``, ``evictions``, ``evicted_bytes``."""
     def fetch_log(self) -> list[tuple[str, int, int]]:
         """Every fetch recorded in the cache directory by any process: ``(xxh3_128, size, pid)``."""
+    def clear(self) -> tuple[int, int, int]:
+        """Removes every cached shard no process has pinned: (entries removed, bytes freed, entries kept)."""
 
 @final
 class LocalShard:

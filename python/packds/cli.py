@@ -397,6 +397,37 @@ def cmd_compact(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(a: argparse.Namespace) -> int:
+    from . import _cache, _core
+
+    d = a.dir or _cache.default_cache_dir()
+    if d is None:
+        raise KeyErrorWithHint("no cache directory: not inside a Slurm job ($SLURM_TMPDIR) and none given",
+                               "give the directory: packds cache DIR (what StreamingDataset(cache_dir=DIR) used)")
+    if not os.path.isdir(d):
+        raise KeyErrorWithHint(f"{d} does not exist", "give the directory StreamingDataset(cache_dir=...) used")
+    _cache._check_private(d)
+    c = _core.ShardCache(d, 1 << 62)
+    log = c.fetch_log()
+    rec = {"dir": d, "bytes": c.usage(), "entries": len(os.listdir(os.path.join(d, "shards"))),
+           "fetches": len(log), "fetched_bytes": sum(n for _, n, _ in log),
+           "processes": len({p for _, _, p in log}), "shards_fetched_more_than_once": len(log) - len({h for h, _, _ in log})}
+    if a.clear:
+        removed, freed, kept = c.clear()
+        rec.update(removed=removed, freed_bytes=freed, kept_pinned=kept)
+    if a.json:
+        print(json.dumps(rec))
+        return 0
+    print(f"cache:    {d}")
+    print(f"holds:    {rec['entries']:,} shard(s), {human(rec['bytes'])}")
+    print(f"fetched:  {rec['fetches']:,} time(s), {human(rec['fetched_bytes'])} from shared storage, by {rec['processes']} process(es)"
+          + (f"; {rec['shards_fetched_more_than_once']} fetch(es) of shards fetched before (evicted, or the cache was too small)"
+             if rec["shards_fetched_more_than_once"] else ""))
+    if a.clear:
+        print(f"cleared:  {removed:,} shard(s), {human(freed)} freed" + (f"; {kept} kept: in use by a running reader" if kept else ""))
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from . import open as pds_open
 
@@ -722,6 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_compact)
+
+    s = sub.add_parser("cache", help="what a node-local shard cache holds and fetched; --clear empties it")
+    s.add_argument("dir", nargs="?", help="the cache directory (default: $SLURM_TMPDIR/packds-cache inside a job)")
+    s.add_argument("--clear", action="store_true", help="remove every cached shard no running reader holds")
+    s.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    s.set_defaults(func=cmd_cache)
 
     s = sub.add_parser("info", help="describe a dataset")
     s.add_argument("dataset")

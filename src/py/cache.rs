@@ -88,6 +88,13 @@ impl PyShardCache {
         Ok(d)
     }
 
+    /// Removes every cached shard no process has pinned (and dead fetchers' temporaries):
+    /// (entries removed, bytes freed, entries kept because pinned). GIL released.
+    fn clear(&self, py: Python<'_>) -> PyResult<(u64, u64, u64)> {
+        let c = &self.inner;
+        py.detach(|| c.clear()).map_err(to_py)
+    }
+
     /// Every fetch recorded in the cache directory by any process: (xxh3_128, size, pid).
     fn fetch_log(&self, py: Python<'_>) -> PyResult<Vec<(String, u64, u32)>> {
         let c = &self.inner;
