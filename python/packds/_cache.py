@@ -28,21 +28,6 @@ def default_cache_dir() -> Optional[str]:
     return None
 
 
-def _du(d: str) -> int:
-    total = 0
-    for sub in ("shards", "tmp"):
-        try:
-            with os.scandir(os.path.join(d, sub)) as it:
-                for e in it:
-                    try:
-                        total += e.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        pass
-        except OSError:
-            pass
-    return total
-
-
 def default_limit(cache_dir: str) -> tuple[int, str]:
     """Bytes the cache may hold: what it holds now plus the free space of its filesystem, less
     the reserve ``stage`` keeps (5 % of the filesystem, at least 1 GiB, at most 10 %)."""
@@ -56,7 +41,7 @@ def default_limit(cache_dir: str) -> tuple[int, str]:
         probe = parent
     free, fs_size = disk_space(probe)
     reserve = reserve_default(fs_size)
-    used = _du(cache_dir)
+    used = int(_core.ShardCache(cache_dir, 0).usage())  # counted as room-making counts it
     return max(0, used + free - reserve), f"{used:,} cached + {free:,} free - {reserve:,} reserve"
 
 

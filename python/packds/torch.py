@@ -683,21 +683,17 @@ class StreamingDataset(_IterBase):
         """(source, shard) of every shard this rank's group (its node, or all ranks) reads, in
         storage order: the same list on every process of the node."""
         g, groups, _, _ = self._rank_span()
-        out: list[tuple[int, int]] = []
-        seen: set[tuple[int, int]] = set()
+        keys: set[tuple[int, int]] = set()
         for s, (bl, n, c) in enumerate(zip(self._source_blocks(), self.sizes, self.counts)):
             if _streams.group_count(n, c, groups, g) == 0:
                 continue
             a, b = _streams.share_bounds(n, groups, g)
-            ds = self.datasets[s]
+            shard_of = self.datasets[s].shard_of
             for lo, hi in bl:
-                for i in {max(lo, a), min(hi, b) - 1}:
-                    if max(lo, a) < min(hi, b):
-                        key = (s, ds.shard_of(i))
-                        if key not in seen:
-                            seen.add(key)
-                            out.append(key)
-        return sorted(out)
+                lo, hi = max(lo, a), min(hi, b)
+                if lo < hi:  # a block's ends (an out-of-order dataset's block may span shards)
+                    keys.update({(s, shard_of(lo)), (s, shard_of(hi - 1))})
+        return sorted(keys)
 
     def cache_stats(self) -> Optional[dict]:
         """This process's cache counters (fetches, hits, evictions, bytes read around the
